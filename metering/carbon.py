@@ -1,0 +1,36 @@
+"""Where the grid carbon intensity comes from. Read on the request path: must not block."""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from metering.report import Intensity
+
+
+class IntensityProvider(Protocol):
+    def current(self) -> Intensity:
+        """The intensity to use now (a cached value; never does I/O)."""
+        ...
+
+
+@runtime_checkable
+class RefreshingIntensity(Protocol):
+    """A provider that keeps its figure fresh in the background (Electricity Maps)."""
+
+    def current(self) -> Intensity: ...
+
+    async def run(self) -> None:
+        """Refresh until cancelled; the app starts it at start-up and cancels it at shutdown."""
+        ...
+
+
+class StaticIntensity:
+    """A fixed figure from config (`--carbon-intensity`), reported as source `static`."""
+
+    def __init__(self, g_per_kwh: float, zone: str = "") -> None:
+        if g_per_kwh < 0:
+            raise ValueError("carbon intensity must be >= 0 gCO2eq/kWh")
+        self._intensity = Intensity(g_per_kwh, "static", zone)
+
+    def current(self) -> Intensity:
+        return self._intensity

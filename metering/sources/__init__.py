@@ -1,0 +1,1 @@
+"""Power sources: one small interface, one module per kind of sensor."""

@@ -1,0 +1,477 @@
+"""NVIDIA GPUs through NVML: `nvml` / `nvml:IDS`, one source per GPU, named `nvml:<index>`.
+
+NVML is reached only through the official binding, nvidia-ml-py (import name `pynvml`),
+which loads `libnvidia-ml.so.1` at the first nvmlInit. Each source picks its method when
+it opens, and keeps it:
+
+nvml-counter (Volta and newer)
+------------------------------
+The GPU's total energy counter (nvmlDeviceGetTotalEnergyConsumption, mJ since the driver
+loaded). energy_j is the counter's growth since the source opened, / 1000.
+
+The counter only moves every 20-100 ms, so a short request read at both ends could see
+0 J. Between moves the source interpolates: it keeps the last counter value and the clock
+time that value was first seen (t_seen). On a read where the counter has not moved it
+reports
+
+    counter + P_latest * min(now - t_seen, 0.1 s)
+
+(0.1 s is one maximum update period, so the estimate can never run far ahead of the
+counter). On a read where the counter has moved it reports max(previous report, new
+counter value): energy never decreases, and since every move snaps back to the counter,
+the estimate never drifts from it over time. A report is never below the last counter
+value seen, and never above it by more than 0.1 s of the highest power sampled so far.
+
+P_latest is the latest power sample, taken on at most one read per 50 ms (field
+NVML_FI_DEV_POWER_INSTANT through nvmlDeviceGetFieldValues, checking the field's own
+nvmlReturn; else nvmlDeviceGetPowerUsage), so a request boundary usually costs one NVML
+call. Should the counter ever go backwards (a driver reload or GPU reset while the proxy
+runs), the source rebases on the new value and adds nothing for the jump.
+
+nvml-power (no energy counter)
+------------------------------
+Power is sampled at every read (field NVML_FI_DEV_POWER_INSTANT, checking each field
+value's own return code; else nvmlDeviceGetPowerUsage, mW) and integrated with the
+trapezoid rule between consecutive reads, starting from a sample taken at open.
+nvmlDeviceGetPowerUsage is a 1-second average on some GPUs (Hopper), which is why the
+counter is preferred wherever it exists.
+
+The instant-power field is tried once at open; a GPU where it fails there (the call is
+NOT_SUPPORTED, or the field value carries an error of its own) uses nvmlDeviceGetPowerUsage
+from then on. A later read whose field value carries an error of its own falls back to
+nvmlDeviceGetPowerUsage for that read.
+
+Errors
+------
+Any NVML error on a read (GPU lost, NVML not answering, ...) raises SourceError and changes
+nothing; the sampler marks the source degraded and keeps serving. The next good read goes
+on as if the failed ones never happened: in counter mode it catches up from the counter (no
+energy is lost); in power mode it integrates one trapezoid from the last good sample to the
+new one. That trapezoid is the only estimate made for the gap: power during an outage is not
+known, and nothing more is invented for it.
+
+A GPU that cannot be opened (lost, or no power reading at all) makes the whole `nvml`
+part SourceUnavailable, naming the GPU, rather than silently reporting fewer GPUs; name the
+good ones with `nvml:IDS` to leave a broken one out.
+
+NVML calls are synchronous and normally take microseconds; a hung driver would block the
+caller (the event loop), which no Python-level timeout can prevent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+from types import TracebackType
+from typing import Any, Final
+
+import pynvml
+
+from metering.sources.base import Domain, PowerSource, Reading, SourceError, SourceUnavailable
+
+# nvmlReturn_t values (nvml.h) this module tells apart.
+NVML_SUCCESS: Final = 0
+NVML_ERROR_INVALID_ARGUMENT: Final = 2
+NVML_ERROR_NOT_SUPPORTED: Final = 3
+NVML_ERROR_NO_PERMISSION: Final = 4
+NVML_ERROR_DRIVER_NOT_LOADED: Final = 9
+NVML_ERROR_LIBRARY_NOT_FOUND: Final = 12
+NVML_ERROR_FUNCTION_NOT_FOUND: Final = 13
+# Field id of the instantaneous power draw, mW (nvml.h, NVML_FI_DEV_POWER_INSTANT).
+NVML_FI_DEV_POWER_INSTANT: Final = 186
+NVML_POWER_SCOPE_GPU: Final = 0
+
+# The longest time the energy counter goes without moving: the interpolation cap.
+COUNTER_MAX_UPDATE_PERIOD_S: Final = 0.1
+# In counter mode, power is sampled on at most one read per this many seconds.
+POWER_SAMPLE_INTERVAL_S: Final = 0.05
+
+_UNSUPPORTED: Final = frozenset({NVML_ERROR_NOT_SUPPORTED, NVML_ERROR_FUNCTION_NOT_FOUND})
+# nvmlValueType_t -> the member of nvmlValue_t holding the value.
+_VALUE_MEMBERS: Final = ("dVal", "uiVal", "ulVal", "ullVal", "sllVal", "siVal", "usVal")
+
+DeviceHandle = object  # an nvmlDevice_t, opaque outside NvmlSession
+
+
+class NvmlError(RuntimeError):
+    """An NVML call failed. `function`: the NVML function; `code`: its nvmlReturn_t."""
+
+    def __init__(self, function: str, code: int, message: str) -> None:
+        super().__init__(f"{function}: {message} (NVML error {code})")
+        self.function = function
+        self.code = code
+
+
+def _init_failure_reason(exc: Any) -> str:
+    code = int(exc.value)
+    if code == NVML_ERROR_LIBRARY_NOT_FOUND:
+        return "NVML library libnvidia-ml.so.1 not found (no NVIDIA driver installed?)"
+    if code == NVML_ERROR_DRIVER_NOT_LOADED:
+        return "the NVIDIA driver is not loaded (no NVIDIA GPU, or the driver is not running)"
+    return f"nvmlInit failed: {exc} (NVML error {code})"
+
+
+class NvmlSession:
+    """nvmlInit/nvmlShutdown, shared by reference count, and typed wrappers of NVML calls.
+
+    The first acquire() initialises NVML, the last release() shuts it down. Every
+    pynvml call goes through here, so nothing else touches the untyped binding; failed
+    calls raise NvmlError.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._refs = 0
+
+    @property
+    def refs(self) -> int:
+        """How many holders the session has (0: NVML not initialised by this session)."""
+        return self._refs
+
+    def acquire(self) -> None:
+        """Take a reference, initialising NVML on the first. Raises SourceUnavailable."""
+        with self._lock:
+            if self._refs == 0:
+                try:
+                    pynvml.nvmlInit()
+                except pynvml.NVMLError as exc:
+                    raise SourceUnavailable(_init_failure_reason(exc)) from exc
+            self._refs += 1
+
+    def release(self) -> None:
+        """Drop a reference, shutting NVML down with the last one."""
+        with self._lock:
+            if self._refs == 0:
+                raise RuntimeError("NvmlSession released more often than acquired")
+            self._refs -= 1
+            if self._refs == 0:
+                # Nothing useful to do if shutdown fails: the process keeps going either way.
+                with contextlib.suppress(pynvml.NVMLError):
+                    pynvml.nvmlShutdown()
+
+    def __enter__(self) -> NvmlSession:
+        self.acquire()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    @staticmethod
+    def _call(function: str, *args: object) -> Any:
+        try:
+            return getattr(pynvml, function)(*args)
+        except pynvml.NVMLError as exc:
+            raise NvmlError(function, int(exc.value), str(exc)) from exc
+
+    def device_count(self) -> int:
+        return int(self._call("nvmlDeviceGetCount"))
+
+    def device_handle(self, index: int) -> DeviceHandle:
+        handle: DeviceHandle = self._call("nvmlDeviceGetHandleByIndex", index)
+        return handle
+
+    def device_name(self, handle: DeviceHandle) -> str:
+        return str(self._call("nvmlDeviceGetName", handle))
+
+    def device_uuid(self, handle: DeviceHandle) -> str:
+        return str(self._call("nvmlDeviceGetUUID", handle))
+
+    def total_energy_mj(self, handle: DeviceHandle) -> int:
+        """The GPU's energy counter, millijoules since the driver loaded."""
+        return int(self._call("nvmlDeviceGetTotalEnergyConsumption", handle))
+
+    def power_usage_mw(self, handle: DeviceHandle) -> int:
+        """nvmlDeviceGetPowerUsage: milliwatts (a 1 s average on some GPUs)."""
+        return int(self._call("nvmlDeviceGetPowerUsage", handle))
+
+    def instant_power_mw(self, handle: DeviceHandle) -> float | None:
+        """Field NVML_FI_DEV_POWER_INSTANT in milliwatts, or None when the field value
+        carries an error of its own (the call itself succeeded)."""
+        # (field, scope) pairs: scope 0 is the GPU itself (NVML_POWER_SCOPE_GPU), and a
+        # pair spares pynvml a TypeError it would otherwise raise and catch per field.
+        values = self._call(
+            "nvmlDeviceGetFieldValues", handle, [(NVML_FI_DEV_POWER_INSTANT, NVML_POWER_SCOPE_GPU)]
+        )
+        value = values[0]
+        if int(value.nvmlReturn) != NVML_SUCCESS:
+            return None
+        value_type = int(value.valueType)
+        if not 0 <= value_type < len(_VALUE_MEMBERS):
+            return None
+        return float(getattr(value.value, _VALUE_MEMBERS[value_type]))
+
+    def power_limit_mw(self, handle: DeviceHandle) -> int:
+        return int(self._call("nvmlDeviceGetPowerManagementLimit", handle))
+
+    def default_power_limit_mw(self, handle: DeviceHandle) -> int:
+        return int(self._call("nvmlDeviceGetPowerManagementDefaultLimit", handle))
+
+    def power_limit_constraints_mw(self, handle: DeviceHandle) -> tuple[int, int]:
+        """(min, max) power limit the GPU accepts, milliwatts."""
+        low, high = self._call("nvmlDeviceGetPowerManagementLimitConstraints", handle)
+        return int(low), int(high)
+
+    def set_power_limit_mw(self, handle: DeviceHandle, limit_mw: int) -> None:
+        self._call("nvmlDeviceSetPowerManagementLimit", handle, limit_mw)
+
+
+class NvmlGpuSource:
+    """One GPU read through NVML; see the module docstring for the two methods.
+
+    energy_j counts from `start_s`, the clock time the source was opened; power_w is the
+    latest power sample in watts.
+    """
+
+    domain: Domain = "gpu"
+
+    def __init__(self, session: NvmlSession, gpu_index: int, start_s: float) -> None:
+        """Open GPU `gpu_index` (NVML's index) on `session`, taking a reference on it.
+
+        Raises SourceUnavailable if NVML cannot be initialised or the GPU cannot be read.
+        """
+        self.gpu_index: int = gpu_index
+        self.name: str = f"nvml:{gpu_index}"
+        self.method: str = "nvml-counter"
+        self.start_s = float(start_s)
+        self.device_name = ""
+        self.uuid = ""
+        self._session = session
+        session.acquire()
+        self._closed = False
+        try:
+            self._open(float(start_s))
+        except NvmlError as exc:
+            self.close()
+            raise SourceUnavailable(f"{self.name}: cannot read GPU {gpu_index}: {exc}") from exc
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, start_s: float) -> None:
+        session = self._session
+        self._handle = session.device_handle(self.gpu_index)
+        self.device_name = session.device_name(self._handle)
+        self.uuid = session.device_uuid(self._handle)
+        try:
+            counter_mj: int | None = session.total_energy_mj(self._handle)
+        except NvmlError as exc:
+            if exc.code not in _UNSUPPORTED:
+                raise
+            counter_mj = None
+        self._use_instant_field = True
+        try:
+            instant_mw = session.instant_power_mw(self._handle)
+        except NvmlError as exc:
+            if exc.code not in _UNSUPPORTED:
+                raise
+            instant_mw = None
+        if instant_mw is None:
+            self._use_instant_field = False
+            instant_mw = float(session.power_usage_mw(self._handle))
+        # The latest power sample (W) and when it was taken.
+        self._power_w = instant_mw / 1000.0
+        self._power_t_s = start_s
+        self._energy_j = 0.0
+        # Counter mode: the counter's growth since open (mJ, exact), the last raw value and
+        # the clock time that value was first seen.
+        self._counter_total_mj = 0
+        self._counter_mj = counter_mj if counter_mj is not None else 0
+        self._counter_seen_s = start_s
+        self.method = "nvml-counter" if counter_mj is not None else "nvml-power"
+
+    @property
+    def counter_mode(self) -> bool:
+        return self.method == "nvml-counter"
+
+    def _sample_power_w(self) -> float:
+        if self._use_instant_field:
+            instant_mw = self._session.instant_power_mw(self._handle)
+            if instant_mw is not None:
+                return instant_mw / 1000.0
+        return self._session.power_usage_mw(self._handle) / 1000.0
+
+    def read(self, now_s: float) -> Reading:
+        """Joules since open and the latest power (W). Raises SourceError on any NVML error
+        (or after close), leaving the state as it was."""
+        if self._closed:
+            raise SourceError(f"{self.name}: read after close")
+        try:
+            if self.method == "nvml-counter":
+                counter_mj = self._session.total_energy_mj(self._handle)
+                if now_s - self._power_t_s >= POWER_SAMPLE_INTERVAL_S:
+                    self._power_w, self._power_t_s = self._sample_power_w(), now_s
+                self._advance_counter(counter_mj, now_s)
+            else:
+                self._integrate_power(self._sample_power_w(), now_s)
+        except NvmlError as exc:
+            raise SourceError(f"{self.name}: {exc}") from exc
+        return Reading(energy_j=self._energy_j, power_w=self._power_w, t_s=now_s)
+
+    def _advance_counter(self, counter_mj: int, now_s: float) -> None:
+        if counter_mj != self._counter_mj:
+            if counter_mj > self._counter_mj:
+                self._counter_total_mj += counter_mj - self._counter_mj
+            # else: the counter went backwards (driver reload, GPU reset): rebase, add nothing.
+            self._counter_mj = counter_mj
+            self._counter_seen_s = now_s
+            estimate_j = self._counter_total_mj / 1000.0
+        else:
+            ahead_s = min(max(0.0, now_s - self._counter_seen_s), COUNTER_MAX_UPDATE_PERIOD_S)
+            estimate_j = self._counter_total_mj / 1000.0 + self._power_w * ahead_s
+        self._energy_j = max(self._energy_j, estimate_j)
+
+    def _integrate_power(self, power_w: float, now_s: float) -> None:
+        dt_s = now_s - self._power_t_s
+        if dt_s > 0.0:
+            self._energy_j += (self._power_w + power_w) / 2.0 * dt_s
+            self._power_t_s = now_s
+        self._power_w = power_w
+
+    def close(self) -> None:
+        """Release the session reference (once; later calls do nothing)."""
+        if not self._closed:
+            self._closed = True
+            self._session.release()
+
+    def _device(self) -> tuple[NvmlSession, DeviceHandle]:
+        if self._closed:
+            raise ValueError(f"{self.name} is closed")
+        return self._session, self._handle
+
+    def __repr__(self) -> str:
+        return (
+            f"NvmlGpuSource(gpu_index={self.gpu_index!r}, method={self.method!r}, "
+            f"device_name={self.device_name!r})"
+        )
+
+
+def parse_gpu_indices(argument: str) -> list[int] | None:
+    """The GPU indices of an `nvml:IDS` argument ("0,1"), or None for "" (every GPU).
+
+    Raises ValueError for anything but distinct non-negative integers separated by commas.
+    """
+    if not argument.strip():
+        return None
+    indices: list[int] = []
+    for part in argument.split(","):
+        text = part.strip()
+        if not text.isdigit():
+            raise ValueError(
+                f"nvml takes GPU indices separated by commas, e.g. nvml:0,1; got {argument!r}"
+            )
+        index = int(text)
+        if index in indices:
+            raise ValueError(f"GPU index {index} is listed twice in {argument!r}")
+        indices.append(index)
+    return indices
+
+
+def nvml_factory(
+    argument: str, start_s: float, *, session: NvmlSession | None = None
+) -> list[PowerSource]:
+    """The `factories["nvml"]` hook of parse_power_spec: one NvmlGpuSource per GPU.
+
+    argument: "" for every GPU NVML sees, or indices such as "0,1" (NVML's numbering,
+    which ignores CUDA_VISIBLE_DEVICES). All the sources share one NvmlSession (a new one
+    unless `session` is given) and open at clock time start_s.
+
+    Raises ValueError for a malformed argument or an index NVML does not have (naming the
+    valid ones), SourceUnavailable when NVML cannot be initialised, sees no GPU, or a GPU
+    cannot be read.
+    """
+    indices = parse_gpu_indices(argument)
+    session = NvmlSession() if session is None else session
+    sources: list[PowerSource] = []
+    with session:
+        try:
+            count = session.device_count()
+        except NvmlError as exc:
+            raise SourceUnavailable(f"NVML cannot count the GPUs: {exc}") from exc
+        if count == 0:
+            raise SourceUnavailable("NVML sees no GPU")
+        if indices is None:
+            indices = list(range(count))
+        missing = [i for i in indices if i >= count]
+        if missing:
+            raise ValueError(
+                f"no GPU with index {', '.join(map(str, missing))}: NVML sees {count} GPU(s), "
+                f"valid indices are {', '.join(map(str, range(count)))}"
+            )
+        try:
+            for index in indices:
+                sources.append(NvmlGpuSource(session, index, start_s))
+        except BaseException:
+            for source in sources:
+                source.close()
+            raise
+    return sources
+
+
+# ---------------------------------------------------------------- power limits (benchmarks)
+
+
+def _limit_error(source: NvmlGpuSource, what: str, exc: NvmlError) -> Exception:
+    if exc.code == NVML_ERROR_NO_PERMISSION:
+        return PermissionError(f"{what} of {source.name} needs root: {exc}")
+    if exc.code == NVML_ERROR_NOT_SUPPORTED:
+        return NvmlError(exc.function, exc.code, f"{what} of {source.name} is not supported")
+    return exc
+
+
+def power_limit_constraints_w(source: NvmlGpuSource) -> tuple[float, float]:
+    """(min, max) power limit, watts, that `source`'s GPU accepts. Raises NvmlError."""
+    session, handle = source._device()
+    try:
+        low_mw, high_mw = session.power_limit_constraints_mw(handle)
+    except NvmlError as exc:
+        raise _limit_error(source, "reading the power limit range", exc) from exc
+    return low_mw / 1000.0, high_mw / 1000.0
+
+
+def get_power_limit_w(source: NvmlGpuSource) -> float:
+    """The GPU's current power limit, watts. Raises NvmlError."""
+    session, handle = source._device()
+    try:
+        return session.power_limit_mw(handle) / 1000.0
+    except NvmlError as exc:
+        raise _limit_error(source, "reading the power limit", exc) from exc
+
+
+def default_power_limit_w(source: NvmlGpuSource) -> float:
+    """The GPU's default power limit, watts (what to restore after a benchmark)."""
+    session, handle = source._device()
+    try:
+        return session.default_power_limit_mw(handle) / 1000.0
+    except NvmlError as exc:
+        raise _limit_error(source, "reading the default power limit", exc) from exc
+
+
+def set_power_limit_w(source: NvmlGpuSource, watts: float) -> None:
+    """Set the GPU's power limit to `watts` (rounded to whole milliwatts).
+
+    Raises ValueError outside power_limit_constraints_w (or not finite), PermissionError
+    when NVML refuses for lack of privilege (setting a power limit needs root), NvmlError
+    for other failures.
+    """
+    if not math.isfinite(watts):
+        raise ValueError(f"power limit must be a finite number of watts, got {watts!r}")
+    low_w, high_w = power_limit_constraints_w(source)
+    limit_mw = round(watts * 1000.0)
+    if not low_w * 1000.0 <= limit_mw <= high_w * 1000.0:
+        raise ValueError(
+            f"power limit {watts:g} W is outside what {source.name} accepts: "
+            f"{low_w:g} W to {high_w:g} W"
+        )
+    session, handle = source._device()
+    try:
+        session.set_power_limit_mw(handle, limit_mw)
+    except NvmlError as exc:
+        if exc.code == NVML_ERROR_INVALID_ARGUMENT:
+            raise ValueError(f"{source.name} refused a power limit of {watts:g} W: {exc}") from exc
+        raise _limit_error(source, "setting the power limit", exc) from exc

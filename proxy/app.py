@@ -1,0 +1,330 @@
+"""The app factory: builds every part from `Settings` and wires them; no global state.
+
+The outermost ASGI callable dispatches by path with one dict lookup: the metered routes
+go to the raw relay (the hot path), everything else to a FastAPI app (health, readiness,
+metrics, model list, energy records), whose lifespan starts and stops the background
+tasks (the sampler's tick, the backends' model refresh).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from backends.registry import Backend, BackendRegistry
+from metering.carbon import IntensityProvider, RefreshingIntensity, StaticIntensity
+from metering.electricitymaps import ElectricityMapsIntensity
+from metering.groups import bind_channels, gpu_share, time_channel
+from metering.sampler import Sampler
+from metering.sci import Embodied
+from metering.sources.base import PowerSource
+from metering.sources.nvml import nvml_factory
+from metering.sources.rapl import rapl_factory
+from metering.sources.spec import parse_power_spec
+from metering.store import RequestStore, StoreError
+from proxy.errors import NotFound, ProxyError, StoreUnavailable, error_body
+from proxy.headers import header_value
+from proxy.metrics import ProxyMetrics
+from proxy.relay import METERED_PATHS, MeteredRoute, Receive, RelayContext, Scope, Send
+from proxy.relay import new_request_id as _new_request_id
+from proxy.requestlog import RequestLog
+from proxy.settings import Settings
+from proxy.upstream import UpstreamClient, make_upstream
+
+log = logging.getLogger("energy_proxy")
+
+
+class _LazyUpstream:
+    """Forwards to the current upstream client, which exists only once the loop runs."""
+
+    def __init__(self, current: Callable[[], UpstreamClient]) -> None:
+        self._current = current
+
+    async def get_json(self, url: str, timeout_s: float) -> object:
+        return await self._current().get_json(url, timeout_s)
+
+
+class EnergyProxyApp:
+    """The ASGI app. `startup()`/`shutdown()` also run through the ASGI lifespan."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        ctx: RelayContext,
+        api: FastAPI,
+        make_client: Callable[[], UpstreamClient] | None,
+        store: RequestStore,
+    ) -> None:
+        self.settings = settings
+        self.ctx = ctx
+        self.api = api
+        self.store = store
+        self._metered = MeteredRoute(ctx)
+        self._make_client = make_client
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            if scope["path"] in METERED_PATHS:
+                await self._metered(scope, receive, send)
+                return
+            rid = header_value(scope["headers"], b"x-request-id") or _new_request_id().encode()
+
+            async def send_with_id(message: Any) -> None:
+                if message["type"] == "http.response.start":
+                    message["headers"] = [*message.get("headers", []), (b"x-request-id", rid)]
+                await send(message)
+
+            await self.api(scope, receive, send_with_id)
+            return
+        await self.api(scope, receive, send)
+
+    async def startup(self) -> None:
+        if self._make_client is not None:
+            self.ctx.upstream = self._make_client()
+        await self.ctx.registry.refresh()
+        self._tasks = [
+            asyncio.create_task(self.ctx.sampler.run(self.settings.sample_hz)),
+            asyncio.create_task(self.ctx.registry.run(self.settings.models_refresh_s)),
+        ]
+        if self.ctx.request_log is not None:
+            self._tasks.append(asyncio.create_task(self.ctx.request_log.run()))
+        if isinstance(self.ctx.intensity, RefreshingIntensity):
+            self._tasks.append(asyncio.create_task(self.ctx.intensity.run()))
+        if self.settings.retention_days > 0:
+            self._tasks.append(asyncio.create_task(self._prune_forever()))
+
+    async def _prune_forever(self, period_s: float = 3600.0) -> None:
+        """Retention: drop records older than --retention-days, now and then hourly."""
+        keep_s = self.settings.retention_days * 86_400.0
+        while True:
+            try:
+                removed = await asyncio.to_thread(self.store.prune, keep_s)
+            except StoreError as exc:
+                log.warning("pruning the request store failed: %s", exc)
+            else:
+                if removed:
+                    log.info(
+                        "pruned %d request records older than %d days",
+                        removed,
+                        self.settings.retention_days,
+                    )
+            await asyncio.sleep(period_s)
+
+    async def shutdown(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._tasks = []
+        # A last reading, so energy drawn up to the end is counted.
+        self.ctx.sampler.read_all()
+        if self.ctx.request_log is not None:
+            self.ctx.request_log.flush()
+        await self.ctx.upstream.aclose()
+        self.ctx.sampler.close()
+        # Every answered request's record reaches the disk before the process exits.
+        await asyncio.to_thread(self.store.close)
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[EnergyProxyApp]:
+        """Start and stop around a block (tests that skip the ASGI lifespan use this)."""
+        await self.startup()
+        try:
+            yield self
+        finally:
+            await self.shutdown()
+
+
+class _Unstarted:
+    """Placeholder upstream until startup creates the real one."""
+
+    async def send(self, *a: Any, **k: Any) -> Any:
+        raise RuntimeError("the app has not been started")
+
+    async def get_json(self, url: str, timeout_s: float) -> object:
+        raise RuntimeError("the app has not been started")
+
+    async def aclose(self) -> None:
+        return None
+
+
+def create_app(
+    settings: Settings,
+    *,
+    upstream: UpstreamClient | None = None,
+    sources: Sequence[PowerSource] | None = None,
+    intensity: IntensityProvider | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    request_log: RequestLog | None = None,
+    store: RequestStore | None = None,
+) -> EnergyProxyApp:
+    """Build the proxy. Inject `upstream`, `sources` or `clock` to test without hardware.
+
+    Raises StoreError when the request store cannot be opened (a clear start-up error).
+    """
+    store = store if store is not None else RequestStore.open(settings.db)
+    if sources is None:
+        sources = parse_power_spec(
+            settings.power_source,
+            start_s=clock(),
+            factories={"nvml": nvml_factory, "rapl": rapl_factory},
+        )
+    backend_gpus = {b.name: b.gpus for b in settings.backends}
+    channels, warnings = bind_channels(sources, backend_gpus)
+    # One time channel per distinct GPU group, for the embodied share (metering/sci.py).
+    time_of = {name: time_channel(chans, sources) for name, chans in channels.items()}
+    sampler = Sampler(
+        sources,
+        idle_watts=settings.idle_watts_fixed,
+        clock=clock,
+        time_channels=sorted(set(time_of.values())),
+    )
+    intensity = intensity or intensity_from(settings)
+    metrics_registry = CollectorRegistry(auto_describe=True)
+    backends = [
+        Backend(
+            name=b.name,
+            url=b.url,
+            kind="openai" if b.kind == "auto" else b.kind,
+            api_key=b.api_key,
+            gpus=b.gpus,
+        )
+        for b in settings.backends
+    ]
+    metrics = ProxyMetrics(metrics_registry, sampler, intensity.current, (b.name for b in backends))
+    for warning in warnings:
+        log.warning("%s", warning)
+    registry = BackendRegistry(backends, _LazyUpstream(lambda: ctx.upstream), clock=clock)
+    ctx = RelayContext(
+        registry=registry,
+        upstream=upstream or _Unstarted(),
+        sampler=sampler,
+        intensity=intensity,
+        metrics=metrics,
+        categories=frozenset(settings.categories),
+        max_body_bytes=settings.max_body_bytes,
+        api_keys=frozenset(settings.api_keys),
+        pue=settings.pue,
+        channels={name: (*chans, time_of[name]) for name, chans in channels.items()},
+        resource_share={name: gpu_share(chans, sources) for name, chans in channels.items()},
+        embodied=Embodied.from_kg_years(settings.embodied_kgco2eq, settings.lifespan_years),
+        attribution=settings.attribution,
+        request_log=request_log,
+        store=store,
+    )
+    make_client = None
+    if upstream is None:
+        kind, timeout_s = settings.upstream_client, settings.backend_timeout
+
+        def make_client() -> UpstreamClient:
+            return make_upstream(kind, timeout_s)
+
+    api = _build_api(ctx, store)
+    app = EnergyProxyApp(settings, ctx, api, make_client, store)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        async with app.running():
+            yield
+
+    api.router.lifespan_context = lifespan
+    return app
+
+
+def intensity_from(settings: Settings) -> IntensityProvider:
+    """Electricity Maps when a place and key are configured, else the static figure."""
+    if not settings.live_carbon:
+        return StaticIntensity(settings.carbon_intensity)
+    assert settings.electricitymaps_api_key is not None  # Settings checks it
+    return ElectricityMapsIntensity(
+        settings.electricitymaps_url,
+        settings.electricitymaps_api_key,
+        zone=settings.carbon_zone,
+        lat=settings.carbon_lat,
+        lon=settings.carbon_lon,
+        static_g_per_kwh=settings.carbon_intensity,
+        refresh_s=settings.carbon_refresh_s,
+        max_backoff_s=min(settings.carbon_refresh_s, 900.0),
+    )
+
+
+def _build_api(ctx: RelayContext, store: RequestStore) -> FastAPI:
+    api = FastAPI(title="energy-proxy", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @api.exception_handler(ProxyError)
+    async def _proxy_error(_: Any, exc: ProxyError) -> Response:
+        return Response(exc.body(), status_code=exc.status, media_type="application/json")
+
+    @api.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Any, exc: StarletteHTTPException) -> Response:
+        body = error_body(str(exc.detail), "invalid_request_error", str(exc.status_code))
+        return Response(body, status_code=exc.status_code, media_type="application/json")
+
+    @api.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/readyz")
+    async def readyz() -> JSONResponse:
+        backends = [b.describe() for b in ctx.registry.backends]
+        sources = [
+            {"name": st.source.name, "method": st.source.method, "ok": st.ok}
+            | ({"error": st.last_error} if not st.ok else {})
+            for st in ctx.sampler.states
+        ]
+        ready = all(b["ready"] for b in backends) and any(s["ok"] for s in sources)
+        # The carbon figure never makes the proxy unready: it degrades to cached/fallback.
+        ci = ctx.intensity.current()
+        carbon: dict[str, Any] = {
+            "g_per_kwh": ci.g_per_kwh,
+            "source": ci.source,
+            "zone": ci.zone or None,
+            "age_s": ci.age_s,
+        }
+        if isinstance(ctx.intensity, ElectricityMapsIntensity) and ctx.intensity.failures:
+            carbon["error"] = ctx.intensity.last_error
+        return JSONResponse(
+            {"ready": ready, "backends": backends, "power_sources": sources, "carbon": carbon},
+            status_code=200 if ready else 503,
+        )
+
+    @api.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(ctx.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @api.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return ctx.registry.merged_models()
+
+    @api.get("/v1/energy/requests/{request_id}")
+    async def energy_of(request_id: str) -> dict[str, Any]:
+        try:
+            found = await asyncio.to_thread(store.get, request_id)
+        except StoreError as exc:
+            raise StoreUnavailable(str(exc)) from None
+        if found is None:
+            raise NotFound(f"no finished request with id {request_id!r}")
+        return found
+
+    @api.get("/v1/energy/summary")
+    async def summary() -> dict[str, Any]:
+        """Per model x category means over the stored successful requests."""
+        try:
+            rows = await asyncio.to_thread(store.summary, 1)
+        except StoreError as exc:
+            raise StoreUnavailable(str(exc)) from None
+        # Energy Score ratings (stars) come with the benchmark work; null until then.
+        return {"rows": [{**row, "stars": None} for row in rows]}
+
+    return api

@@ -1,0 +1,203 @@
+"""`energy-proxy serve | demo`: the command line of INTERFACE.md."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+S = argparse.SUPPRESS  # only flags the user gave reach the settings (flag > env > file)
+
+
+def _serve_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default=S, help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=S, help="port to listen on (default 8080)")
+    p.add_argument("--config", default=S, help="TOML config file")
+    p.add_argument(
+        "--backend",
+        action="append",
+        default=S,
+        metavar="URL|NAME=URL",
+        help="an OpenAI-compatible backend; repeat for several (routed by model name)",
+    )
+    p.add_argument(
+        "--power-source",
+        default=S,
+        metavar="SPEC",
+        help="auto, nvml[:0,1], rapl, cpu-estimate[:tdp=W], constant:W, trace:PATH, A+B",
+    )
+    p.add_argument("--sample-hz", type=float, default=S, help="sampling rate (default 20)")
+    p.add_argument(
+        "--idle-watts", default=S, help="'auto' (learn it, the default) or a fixed draw in W"
+    )
+    p.add_argument(
+        "--carbon-intensity",
+        type=float,
+        default=S,
+        metavar="G_PER_KWH",
+        help="static grid intensity, gCO2eq/kWh (default 480, world average 2023, Ember)",
+    )
+    p.add_argument(
+        "--carbon-zone",
+        default=S,
+        metavar="ZONE",
+        help="Electricity Maps zone for live intensity (needs ELECTRICITYMAPS_API_KEY)",
+    )
+    p.add_argument("--carbon-lat", type=float, default=S, metavar="DEG", help="or a latitude")
+    p.add_argument("--carbon-lon", type=float, default=S, metavar="DEG", help="and a longitude")
+    p.add_argument(
+        "--electricitymaps-url",
+        default=S,
+        metavar="URL",
+        help="Electricity Maps API base (default https://api.electricitymaps.com)",
+    )
+    p.add_argument(
+        "--carbon-refresh-s",
+        type=float,
+        default=S,
+        metavar="S",
+        help="seconds between intensity fetches (default 3600, the API's update period)",
+    )
+    p.add_argument(
+        "--embodied-kgco2eq",
+        type=float,
+        default=S,
+        metavar="KG",
+        help="embodied emissions of the host, kgCO2eq (default 2544: an 8-GPU server)",
+    )
+    p.add_argument(
+        "--lifespan-years",
+        type=float,
+        default=S,
+        metavar="YEARS",
+        help="expected life of the host for SCI's embodied share (default 4)",
+    )
+    p.add_argument(
+        "--db",
+        default=S,
+        metavar="PATH",
+        help="request store, SQLite (default $XDG_STATE_HOME/energy-proxy/requests.db)",
+    )
+    p.add_argument(
+        "--retention-days",
+        type=int,
+        default=S,
+        metavar="N",
+        help="drop request records older than N days (default 30; 0 keeps them forever)",
+    )
+    p.add_argument("--attribution", choices=("tokens", "equal"), default=S)
+    p.add_argument("--pue", type=float, default=S, help="power usage effectiveness (>= 1.0)")
+    p.add_argument("--max-body-bytes", type=int, default=S, metavar="N")
+    p.add_argument(
+        "--backend-timeout",
+        type=float,
+        default=S,
+        metavar="S",
+        help="seconds without a byte from the backend before 504 (default 600)",
+    )
+    p.add_argument(
+        "--api-key",
+        action="append",
+        default=S,
+        help="require this bearer key from clients (repeatable)",
+    )
+    p.add_argument("--categories", default=S, help="comma-separated prompt categories")
+    p.add_argument(
+        "--upstream-client",
+        choices=("aiohttp", "httpx"),
+        default=S,
+        help="HTTP client towards backends (default aiohttp, chosen by bench/overhead.py)",
+    )
+    p.add_argument("--log-level", default=S, choices=("debug", "info", "warning", "error"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="energy-proxy",
+        description="OpenAI-compatible proxy that reports each answer's energy and CO2eq.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the proxy in front of one or more backends")
+    _serve_flags(serve)
+    demo = sub.add_parser(
+        "demo", help="start a bundled CPU backend and the proxy, send prompts, print a table"
+    )
+    demo.add_argument("--backend", default=None, metavar="URL", help="use a running backend")
+    demo.add_argument("--model", default=None, help="model name (default: the backend's first)")
+    demo.add_argument("--port", type=int, default=0, help="proxy port (default: a free one)")
+    demo.add_argument("--power-source", default="auto", metavar="SPEC")
+    demo.add_argument("--max-tokens", type=int, default=48)
+    return parser
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    # Request lines are already JSON; other lines get a short prefix.
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger("energy_proxy")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False
+
+
+def serve(args: dict[str, Any]) -> int:
+    import uvicorn
+
+    from metering.sources.base import SourceUnavailable
+    from metering.store import StoreError
+    from proxy.app import create_app
+    from proxy.settings import ConfigError, load_settings
+
+    try:
+        settings = load_settings(args, os.environ)
+        if not settings.backends:
+            raise ConfigError(
+                "no backend: give --backend URL (or NAME=URL), or set one in --config"
+            )
+        setup_logging(settings.log_level)
+        app = create_app(settings)
+    except (ConfigError, ValueError, OSError, SourceUnavailable, StoreError) as exc:
+        print(f"energy-proxy: {exc}", file=sys.stderr)
+        return 2
+    loop = "uvloop" if _has("uvloop") else "asyncio"
+    http = "httptools" if _has("httptools") else "h11"
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        loop=loop,
+        http=http,
+        access_log=False,
+        proxy_headers=False,  # no client address is used; saves a middleware per request
+        log_level=settings.log_level,
+        lifespan="on",
+        timeout_graceful_shutdown=30,
+    )
+    return 0
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    args = {k: v for k, v in vars(ns).items() if k != "command"}
+    if ns.command == "serve":
+        return serve(args)
+    if ns.command == "demo":
+        from proxy.demo import run_demo
+
+        return run_demo(**args)
+    parser.error(f"unknown command {ns.command}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

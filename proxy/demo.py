@@ -1,0 +1,160 @@
+"""`energy-proxy demo`: a real CPU backend, the proxy in front, a few prompts, one table."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn
+from rich.table import Table
+
+from backends.launch import LaunchError, llama_cpp_python_server, proxy_server
+
+DEMO_PROMPTS: tuple[tuple[str, str, bool], ...] = (
+    ("code", "Write a Python function that returns the reverse of a string.", False),
+    ("sql", "Write an SQL query that counts the orders of each customer.", True),
+    ("math", "What is 17 multiplied by 23? Show the steps.", False),
+    ("translation", "Translate into French: The weather is lovely today.", True),
+    (
+        "summarization",
+        "Summarize in one sentence: Solar panels turn sunlight into electricity. "
+        "They work best in direct sun, need little maintenance and last for decades.",
+        False,
+    ),
+    ("questions", "Why is the sky blue?", True),
+)
+
+
+@dataclass
+class DemoRow:
+    category: str
+    mode: str
+    energy: dict[str, Any]
+
+
+def run_demo(
+    backend: str | None = None,
+    model: str | None = None,
+    port: int = 0,
+    power_source: str = "auto",
+    max_tokens: int = 48,
+) -> int:
+    console = Console()
+    logs = Path(tempfile.mkdtemp(prefix="energy-proxy-demo-"))
+    try:
+        with ExitStack() as stack:
+            if backend is None:
+                console.print(
+                    "[bold]Starting the bundled CPU backend[/] (llama-cpp-python, SmolLM2-135M)"
+                )
+                backend = stack.enter_context(
+                    llama_cpp_python_server(log_path=logs / "backend.log")
+                ).url
+            console.print(f"[bold]Starting energy-proxy[/] in front of {backend}")
+            proxy = stack.enter_context(
+                proxy_server(
+                    backend,
+                    port=port or None,
+                    extra_args=["--power-source", power_source, "--db", str(logs / "requests.db")],
+                    log_path=logs / "proxy.log",
+                )
+            )
+            rows = _send_prompts(console, proxy.url, model, max_tokens)
+            _print_table(console, rows, proxy.url)
+    except LaunchError as exc:
+        console.print(f"[red]energy-proxy demo: {exc}[/] (logs in {logs})")
+        return 1
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted; servers stopped[/]")
+        return 130
+    return 0
+
+
+def _send_prompts(
+    console: Console, proxy_url: str, model: str | None, max_tokens: int
+) -> list[DemoRow]:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=proxy_url + "/v1", api_key="demo", max_retries=0, timeout=300)
+    model = model or client.models.list().data[0].id
+    rows: list[DemoRow] = []
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        console=console,
+        transient=True,
+    ) as progress:
+        task = progress.add_task("sending prompts", total=len(DEMO_PROMPTS))
+        for category, prompt, stream in DEMO_PROMPTS:
+            progress.update(task, description=f"{category} ({'stream' if stream else 'json'})")
+            kwargs: dict[str, Any] = {
+                "model": model,
+                "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                "extra_headers": {"x-prompt-category": category},
+            }
+            if stream:
+                energy: dict[str, Any] = {}
+                for chunk in client.chat.completions.create(stream=True, **kwargs):
+                    extra = chunk.model_extra or {}
+                    if "energy" in extra:
+                        energy = extra["energy"]
+                rows.append(DemoRow(category, "stream", energy))
+            else:
+                resp = client.chat.completions.create(**kwargs)
+                rows.append(DemoRow(category, "json", (resp.model_extra or {})["energy"]))
+            progress.advance(task)
+    return rows
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    return "-" if x is None else f"{x:.{digits}g}"
+
+
+def _print_table(console: Console, rows: list[DemoRow], proxy_url: str) -> None:
+    methods = sorted({r.energy.get("method", "") for r in rows})
+    table = Table(title="Energy per prompt, measured by energy-proxy")
+    for col in ("category", "mode", "tokens in/out", "joules", "J/token", "gCO2eq", "seconds"):
+        left = col in ("category", "mode")
+        table.add_column(col, justify="left" if left else "right", no_wrap=True)
+    for r in rows:
+        e = r.energy
+        prompt = e.get("prompt_tokens")
+        table.add_row(
+            r.category,
+            r.mode,
+            f"{'?' if prompt is None else prompt}/{e.get('completion_tokens')}",
+            _fmt(e.get("joules")),
+            _fmt(e.get("joules_per_token")),
+            _fmt(e.get("co2eq_g")),
+            _fmt(e.get("duration_s")),
+        )
+    console.print(table)
+    intensity = rows[0].energy if rows else {}
+    console.print(
+        f"method: {', '.join(methods)}; grid intensity "
+        f"{intensity.get('carbon_intensity_g_per_kwh')} gCO2eq/kWh "
+        f"({intensity.get('carbon_intensity_source')})"
+    )
+    if any("estimate" in m for m in methods):
+        console.print(
+            "[yellow]cpu-estimate: no power sensor is readable here, so these joules are an "
+            "ESTIMATE from CPU utilisation (see README), not a measurement.[/]"
+        )
+    console.print(
+        "'?' prompt tokens: the backend sent no usage in its stream; the proxy counted the "
+        "completion tokens itself (tokens_source=proxy)."
+    )
+    console.print(f"metrics were at {proxy_url}/metrics while the demo ran")
+
+
+if __name__ == "__main__":
+    sys.exit(run_demo())

@@ -1,0 +1,76 @@
+"""Which headers cross the proxy. Pure functions over ASGI-style `(bytes, bytes)` lists."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+# RFC 9110 section 7.6.1 hop-by-hop headers, plus what the proxy sets itself.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+# Not forwarded upstream: the upstream client sets host and length itself, and the proxy
+# asks for an uncompressed answer so that it can read usage and add the energy object.
+_REQUEST_DROP = HOP_BY_HOP | {b"host", b"content-length", b"accept-encoding", b"expect"}
+# Not copied back: the proxy's server frames the body itself (its length may change).
+_RESPONSE_DROP = HOP_BY_HOP | {b"content-length", b"server", b"date"}
+
+
+def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
+    """Header names listed in `Connection:` are hop-by-hop too (RFC 9110 7.6.1)."""
+    out: set[bytes] = set()
+    for k, v in headers:
+        if k.lower() == b"connection":
+            out.update(t.strip().lower() for t in v.split(b",") if t.strip())
+    return out
+
+
+def upstream_request_headers(
+    headers: Iterable[tuple[bytes, bytes]],
+    *,
+    drop_authorization: bool = False,
+    extra: Iterable[tuple[bytes, bytes]] = (),
+) -> list[tuple[bytes, bytes]]:
+    """The client's request headers as the backend should see them.
+
+    `drop_authorization` when the proxy consumed the client's key itself (the backend's
+    own key, if any, comes in `extra`). Cookies pass through per request and are never
+    stored, so one user's cookie cannot reach another's request.
+    """
+    headers = list(headers)
+    drop = _REQUEST_DROP | _connection_tokens(headers)
+    out = [
+        (k, v)
+        for k, v in headers
+        if (kl := k.lower()) not in drop and not (drop_authorization and kl == b"authorization")
+    ]
+    out.extend(extra)
+    out.append((b"accept-encoding", b"identity"))
+    return out
+
+
+def downstream_response_headers(
+    headers: Iterable[tuple[bytes, bytes]],
+) -> list[tuple[bytes, bytes]]:
+    """The backend's response headers as the client should see them (names lower-cased)."""
+    lowered = [(k.lower(), v) for k, v in headers]
+    drop = _RESPONSE_DROP | _connection_tokens(lowered)
+    return [(k, v) for k, v in lowered if k not in drop]
+
+
+def header_value(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    """The first value of `name` (lower-case), or None."""
+    for k, v in headers:
+        if k.lower() == name:
+            return v
+    return None

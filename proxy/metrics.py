@@ -1,0 +1,166 @@
+"""Prometheus metrics on an explicit registry, names as INTERFACE.md fixes them.
+
+Per-request metrics are observed once when a request finishes. Energy totals and power
+are read from the sampler at scrape time by a collector, so the hot path pays nothing
+for them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from metering.report import EnergyReport, Intensity
+from metering.sampler import Sampler
+
+
+def log_buckets(low: float, high: float, per_decade: int) -> tuple[float, ...]:
+    """Log-spaced histogram bounds from `low` to `high` inclusive."""
+    out: list[float] = []
+    k = 0
+    while True:
+        b = low * 10 ** (k / per_decade)
+        if b > high * 1.000001:
+            break
+        out.append(float(f"{b:.3g}"))
+        k += 1
+    return tuple(out)
+
+
+ENERGY_BUCKETS_J = log_buckets(0.01, 100_000.0, 3)  # 0.01 J .. 100 kJ
+CO2_BUCKETS_G = log_buckets(1e-6, 100.0, 2)  # 1 ug .. 100 g
+DURATION_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+LABELS = ("model", "category", "backend")
+
+
+class _SamplerCollector(Collector):
+    def __init__(self, sampler: Sampler, intensity: Callable[[], Intensity]) -> None:
+        self._sampler = sampler
+        self._intensity = intensity
+
+    def collect(self) -> Iterator[Metric]:
+        energy = CounterMetricFamily(
+            "energy_proxy_energy_joules",
+            "Energy measured, by source; scope=attributed went to requests, idle to none.",
+            labels=("source", "scope"),
+        )
+        power = GaugeMetricFamily(
+            "energy_proxy_power_watts", "Latest power reading by source.", labels=("source",)
+        )
+        up = GaugeMetricFamily(
+            "energy_proxy_power_source_up",
+            "1 while the power source reads, 0 while it is degraded.",
+            labels=("source", "method"),
+        )
+        for st in self._sampler.states:
+            ch = self._sampler.ledger.channels[st.source.name]
+            energy.add_metric((st.source.name, "attributed"), ch.attributed_j)
+            energy.add_metric((st.source.name, "idle"), ch.idle_j)
+            power.add_metric((st.source.name,), st.last_power_w)
+            up.add_metric((st.source.name, st.source.method), 1.0 if st.ok else 0.0)
+        intensity = self._intensity()
+        ci = GaugeMetricFamily(
+            "energy_proxy_carbon_intensity_grams_per_kwh",
+            "Grid carbon intensity in use, gCO2eq/kWh.",
+            labels=("zone", "source"),
+        )
+        ci.add_metric((intensity.zone, intensity.source), intensity.g_per_kwh)
+        yield from (energy, power, up, ci)
+        if intensity.age_s is not None:
+            age = GaugeMetricFamily(
+                "energy_proxy_carbon_intensity_age_seconds",
+                "Seconds since the live carbon intensity in use was fetched.",
+                labels=("zone",),
+            )
+            age.add_metric((intensity.zone,), intensity.age_s)
+            yield age
+
+
+class ProxyMetrics:
+    """Every metric of the proxy, registered on `registry`."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        sampler: Sampler,
+        intensity: Callable[[], Intensity],
+        backends: Iterable[str],
+    ) -> None:
+        self.registry = registry
+        self._children: dict[tuple[str, str, str, int], tuple[Any, ...]] = {}
+        self.requests = Counter(
+            "energy_proxy_requests",
+            "Requests answered, by final status (499: the client hung up).",
+            (*LABELS, "status"),
+            registry=registry,
+        )
+        self.energy = Histogram(
+            "energy_proxy_request_energy_joules",
+            "Energy attributed per request, joules.",
+            LABELS,
+            buckets=ENERGY_BUCKETS_J,
+            registry=registry,
+        )
+        self.co2 = Histogram(
+            "energy_proxy_request_co2eq_grams",
+            "Operational emissions per request, grams CO2eq.",
+            LABELS,
+            buckets=CO2_BUCKETS_G,
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "energy_proxy_request_duration_seconds",
+            "Request duration through the proxy, seconds.",
+            LABELS,
+            buckets=DURATION_BUCKETS_S,
+            registry=registry,
+        )
+        self.tokens = Counter(
+            "energy_proxy_tokens",
+            "Tokens processed, by type (prompt/completion).",
+            (*LABELS, "type"),
+            registry=registry,
+        )
+        self.inflight = Gauge(
+            "energy_proxy_inflight_requests",
+            "Requests in flight through the proxy.",
+            ("backend",),
+            registry=registry,
+        )
+        for b in backends:
+            self.inflight.labels(b)
+        registry.register(_SamplerCollector(sampler, intensity))
+
+    def observe(self, report: EnergyReport, backend: str, status: int, model_label: str) -> None:
+        key = (model_label, report.category, backend, status)
+        children = self._children.get(key)
+        if children is None:
+            # Label sets are bounded (listed models, configured categories and backends),
+            # so this cache is too; it saves four label lookups per request.
+            labels = key[:3]
+            children = self._children[key] = (
+                self.requests.labels(*labels, str(status)),
+                self.energy.labels(*labels),
+                self.co2.labels(*labels),
+                self.duration.labels(*labels),
+                self.tokens.labels(*labels, "prompt"),
+                self.tokens.labels(*labels, "completion"),
+            )
+        requests, energy, co2, duration, prompt, completion = children
+        requests.inc()
+        energy.observe(report.energy_j)
+        co2.observe(report.co2eq_g)
+        duration.observe(report.duration_s)
+        if report.tokens.prompt:
+            prompt.inc(report.tokens.prompt)
+        if report.tokens.completion:
+            completion.inc(report.tokens.completion)
+
+    def count_rejected(self, model_label: str, category: str, backend: str, status: int) -> None:
+        """A request refused before it reached a backend (no energy to attribute)."""
+        self.requests.labels(model_label, category, backend, str(status)).inc()

@@ -1,0 +1,512 @@
+"""The metered routes: forward one request, stream its answer back, attach its energy.
+
+A raw ASGI handler rather than a framework route: it sits on the hot path, and it needs
+to see the client hang up while it waits on the backend (uvicorn drops writes to a
+closed connection silently, so only `receive()` tells). For each request:
+
+1. read the body (bounded by --max-body-bytes), find `model`, pick the backend;
+2. open the request in the ledger (reading every power source at this instant);
+3. send upstream; relay the answer: a stream event by event as it arrives, a JSON body
+   whole (it is one document, and its headers must carry the energy);
+4. close the request in the ledger (reading every source again) and render the energy
+   as headers + body field, or as the final SSE event before `data: [DONE]`.
+
+Step 4 runs in a `finally`, so a client that hangs up, a backend that dies mid-stream
+or a timeout still settles the energy drawn so far, and it is counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from backends.registry import Backend, BackendRegistry
+from metering.carbon import IntensityProvider
+from metering.ledger import Ticket
+from metering.report import EnergyReport, Tokens, build_report
+from metering.sampler import Sampler
+from metering.sci import (
+    DEFAULT_EMBODIED_KGCO2EQ,
+    DEFAULT_LIFESPAN_YEARS,
+    Embodied,
+    embodied_g,
+)
+from metering.store import RequestRecord, RequestStore
+from metering.weights import DECODE_WEIGHT, initial_weight
+from proxy.errors import (
+    BadRequest,
+    BodyTooLarge,
+    ProxyError,
+    Unauthorized,
+    UnknownModel,
+    UpstreamError,
+    error_body,
+)
+from proxy.headers import downstream_response_headers, header_value, upstream_request_headers
+from proxy.metrics import ProxyMetrics
+from proxy.requestlog import RequestLog
+from proxy.sse import SseSplitter, StreamInspector, done_event, energy_event
+from proxy.upstream import UpstreamClient, UpstreamResponse
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+log = logging.getLogger("energy_proxy.requests")
+
+METERED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+STREAMABLE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+CLIENT_CLOSED = 499  # nginx's convention for "the client closed the connection"
+
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+def new_request_id() -> str:
+    return "req-" + os.urandom(12).hex()
+
+
+@dataclass(slots=True)
+class RelayContext:
+    """What the metered routes need; built by `create_app`, never global."""
+
+    registry: BackendRegistry
+    upstream: UpstreamClient
+    sampler: Sampler
+    intensity: IntensityProvider
+    metrics: ProxyMetrics
+    categories: frozenset[str]
+    max_body_bytes: int
+    api_keys: frozenset[str]
+    pue: float
+    # source names each backend's requests draw from (device groups); all if absent
+    channels: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # the fraction of the host's GPUs each backend runs on (SCI's RR/ToR)
+    resource_share: dict[str, float] = field(default_factory=dict)
+    embodied: Embodied = field(
+        default_factory=lambda: Embodied.from_kg_years(
+            DEFAULT_EMBODIED_KGCO2EQ, DEFAULT_LIFESPAN_YEARS
+        )
+    )
+    attribution: str = "tokens"
+    request_log: RequestLog | None = None
+    store: RequestStore | None = None
+
+
+class _Exchange:
+    """State of one request while it is in flight."""
+
+    __slots__ = (
+        "backend",
+        "cancellable",
+        "category",
+        "channels",
+        "client_gone",
+        "energy",
+        "inspector",
+        "model",
+        "report",
+        "response_done",
+        "started",
+        "status",
+        "t0",
+        "ticket",
+        "weight",
+    )
+
+    def __init__(
+        self,
+        model: str,
+        category: str,
+        backend: Backend,
+        channels: tuple[str, ...],
+        weight: float,
+        ticket: Ticket,
+        t0: float,
+    ) -> None:
+        self.channels = channels
+        self.weight = weight
+        self.model = model
+        self.category = category
+        self.backend = backend
+        self.ticket = ticket
+        self.t0 = t0
+        self.client_gone = False
+        self.cancellable = False  # the watcher may cancel the task only inside the try body
+        self.inspector: StreamInspector | None = None
+        self.response_done = False
+        self.started = False  # response headers sent
+        self.status = 0
+        self.report: EnergyReport | None = None
+        self.energy: dict[str, Any] = {}
+
+
+class MeteredRoute:
+    def __init__(self, ctx: RelayContext) -> None:
+        self.ctx = ctx
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        rid_bytes = header_value(headers, b"x-request-id")
+        request_id = rid_bytes.decode("latin-1") if rid_bytes else new_request_id()
+        rid_header = (b"x-request-id", request_id.encode("latin-1"))
+        ctx = self.ctx
+        try:
+            if scope["method"] != "POST":
+                raise BadRequest(f"{scope['path']} takes POST", code="method_not_allowed")
+            self._check_key(headers)
+            body = await _read_body(receive, ctx.max_body_bytes)
+            if body is None:
+                return  # the client left before sending its request
+            payload = _parse_payload(body)
+            model = payload["model"]
+            category = self._category(headers)
+            backend = await ctx.registry.route(model)
+            if backend is None:
+                known = ", ".join(sorted(ctx.registry.known_models())) or "none listed yet"
+                raise UnknownModel(f"model {model!r} is not served here (models: {known})")
+        except ProxyError as exc:
+            ctx.metrics.count_rejected("other", "other", "none", exc.status)
+            await _send_error(send, exc, rid_header)
+            return
+
+        stream = scope["path"] in STREAMABLE_PATHS and payload.get("stream") is True
+        client_wants_usage = False
+        if stream:
+            body, client_wants_usage = _ask_for_usage(payload, body)
+
+        channels = ctx.channels.get(backend.name) or tuple(ctx.sampler.by_name)
+        weight = initial_weight(
+            ctx.attribution, payload, stream=stream, embeddings=scope["path"] == "/v1/embeddings"
+        )
+        ticket, t0 = ctx.sampler.start(weight, channels)
+        ex = _Exchange(model, category, backend, channels, weight, ticket, t0)
+        ctx.metrics.inflight.labels(backend.name).inc()
+        task = asyncio.current_task()
+        assert task is not None
+        watcher = asyncio.ensure_future(_watch_disconnect(receive, task, ex))
+        resp: UpstreamResponse | None = None
+        ex.cancellable = True
+        try:
+            up_headers = upstream_request_headers(
+                headers,
+                drop_authorization=bool(ctx.api_keys) or backend.api_key is not None,
+                extra=_backend_auth(backend),
+            )
+            try:
+                resp = await ctx.upstream.send(
+                    "POST", backend.url + scope["path"], up_headers, body
+                )
+            except UpstreamError as exc:
+                ex.status = exc.status
+                await _send_error(send, exc, rid_header, ex)
+                return
+            ex.status = resp.status
+            ctype = header_value(resp.headers, b"content-type") or b""
+            if resp.status != 200:
+                await self._relay_raw(resp, send, rid_header, ex)
+            elif stream and ctype.startswith(b"text/event-stream"):
+                await self._relay_stream(resp, send, rid_header, ex, request_id, client_wants_usage)
+            elif ctype.startswith(b"application/json"):
+                await self._relay_json(resp, send, rid_header, ex, request_id)
+            else:
+                await self._relay_raw(resp, send, rid_header, ex)
+        except asyncio.CancelledError:
+            if not ex.client_gone:
+                raise
+            task.uncancel()  # our own watcher cancelled us: the client hung up
+        except UpstreamError as exc:
+            # Mid-response: headers are out, so the status cannot change any more.
+            ex.status = exc.status
+            log.warning("request %s: backend failed mid-response: %s", request_id, exc.message)
+        finally:
+            ex.cancellable = False
+            watcher.cancel()
+            if ex.client_gone:
+                ex.status = CLIENT_CLOSED
+            partial = ex.inspector
+            self._settle(
+                ex,
+                request_id,
+                _tokens_from_usage(partial.usage, partial.counted_tokens) if partial else None,
+            )
+            ctx.metrics.inflight.labels(backend.name).dec()
+            if resp is not None:
+                await resp.close()
+
+    # --- answers -------------------------------------------------------------------------
+
+    async def _relay_json(
+        self,
+        resp: UpstreamResponse,
+        send: Send,
+        rid_header: tuple[bytes, bytes],
+        ex: _Exchange,
+        request_id: str,
+    ) -> None:
+        data = await resp.read()
+        try:
+            doc = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            doc = None
+        usage = doc.get("usage") if isinstance(doc, dict) else None
+        report = self._settle(ex, request_id, _tokens_from_usage(usage, None))
+        if isinstance(doc, dict) and doc and data.rstrip().endswith(b"}"):
+            # Splice the energy object in without re-encoding the backend's document.
+            data = data.rstrip()[:-1] + b',"energy":' + orjson.dumps(ex.energy) + b"}"
+        out = downstream_response_headers(resp.headers)
+        out.append(rid_header)
+        out.extend(report.headers())
+        out.append((b"content-length", str(len(data)).encode()))
+        ex.started = True
+        await send({"type": "http.response.start", "status": resp.status, "headers": out})
+        ex.response_done = True
+        await send({"type": "http.response.body", "body": data, "more_body": False})
+
+    async def _relay_stream(
+        self,
+        resp: UpstreamResponse,
+        send: Send,
+        rid_header: tuple[bytes, bytes],
+        ex: _Exchange,
+        request_id: str,
+        client_wants_usage: bool,
+    ) -> None:
+        out = downstream_response_headers(resp.headers)
+        out.append(rid_header)
+        out.append((b"x-prompt-category", ex.category.encode()))
+        ex.started = True
+        await send({"type": "http.response.start", "status": resp.status, "headers": out})
+        splitter = SseSplitter()
+        inspector = ex.inspector = StreamInspector(client_wants_usage)
+        failure: UpstreamError | None = None
+        try:
+            async for chunk in resp.chunks():
+                forward = [e for e in map(inspector.process, splitter.feed(chunk)) if e is not None]
+                if ex.weight != DECODE_WEIGHT and inspector.counted_tokens:
+                    # First token out: prefill is over, the request now decodes.
+                    self.ctx.sampler.reweigh(ex.ticket, DECODE_WEIGHT)
+                    ex.weight = DECODE_WEIGHT
+                if forward:
+                    await send(
+                        {"type": "http.response.body", "body": b"".join(forward), "more_body": True}
+                    )
+        except UpstreamError as exc:
+            failure = exc
+        tail = splitter.rest()
+        if tail.strip():
+            kept = inspector.process(tail + splitter.separator)
+            if kept is not None:
+                await send({"type": "http.response.body", "body": kept, "more_body": True})
+        tokens = _tokens_from_usage(inspector.usage, inspector.counted_tokens)
+        self._settle(ex, request_id, tokens)
+        sep = splitter.separator
+        final = b""
+        if failure is not None:
+            ex.status = failure.status
+            final += b"data: " + error_body(failure.message, failure.type, failure.code) + sep
+        final += energy_event(inspector.template, ex.energy, sep)
+        if inspector.done:
+            final += done_event(sep)
+        ex.response_done = True
+        await send({"type": "http.response.body", "body": final, "more_body": False})
+
+    async def _relay_raw(
+        self,
+        resp: UpstreamResponse,
+        send: Send,
+        rid_header: tuple[bytes, bytes],
+        ex: _Exchange,
+    ) -> None:
+        """Status, headers and body exactly as the backend sent them (plus x-request-id)."""
+        out = downstream_response_headers(resp.headers)
+        out.append(rid_header)
+        ex.started = True
+        await send({"type": "http.response.start", "status": resp.status, "headers": out})
+        async for chunk in resp.chunks():
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        ex.response_done = True
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    # --- accounting ------------------------------------------------------------------------
+
+    def _settle(self, ex: _Exchange, request_id: str, tokens: Tokens | None) -> EnergyReport:
+        """Close the request in the ledger once; later calls return the same report."""
+        if ex.report is not None:
+            return ex.report
+        ctx = self.ctx
+        shares, t1 = ctx.sampler.finish(ex.ticket)
+        sampler = ctx.sampler
+        # Shares of a time channel are the request's share of busy seconds (metering/sci.py).
+        busy_s = sum(s.energy_j for s in shares if s.name.startswith("time:"))
+        embodied = embodied_g(
+            ctx.embodied, busy_s, ctx.resource_share.get(ex.backend.name, 1.0), 1.0
+        )
+        domains = sampler.domains
+        report = build_report(
+            request_id=request_id,
+            model=ex.model,
+            category=ex.category,
+            duration_s=t1 - ex.t0,
+            tokens=tokens or Tokens(None, 0, "proxy"),
+            shares=shares,
+            domains=domains,
+            methods=sampler.methods_for([c for c in ex.channels if c in sampler.domains]),
+            intensity=ctx.intensity.current(),
+            pue=ctx.pue,
+            embodied_g=embodied,
+        )
+        ex.report = report
+        ex.energy = report.to_dict()
+        status = ex.status or 200
+        model_label = ex.model if ex.model in ctx.registry.known_models() else "other"
+        ctx.metrics.observe(report, ex.backend.name, status, model_label)
+        if ctx.store is not None:
+            ctx.store.add(
+                RequestRecord.from_report(
+                    report,
+                    backend=ex.backend.name,
+                    status=status,
+                    finished_at=time.time(),
+                    joules_by_source={s.name: s.energy_j for s in shares if s.name in domains},
+                    energy=ex.energy,
+                )
+            )
+        if ctx.request_log is not None:
+            ctx.request_log.write(
+                {
+                    "ts": time.time(),
+                    "request_id": request_id,
+                    "model": ex.model,
+                    "backend": ex.backend.name,
+                    "category": ex.category,
+                    "status": status,
+                    "joules": round(report.energy_j, 6),
+                    "duration_s": round(report.duration_s, 6),
+                    "completion_tokens": report.tokens.completion,
+                }
+            )
+        return report
+
+    # --- checks --------------------------------------------------------------------------
+
+    def _check_key(self, headers: list[tuple[bytes, bytes]]) -> None:
+        if not self.ctx.api_keys:
+            return
+        auth = header_value(headers, b"authorization") or b""
+        scheme, _, key = auth.decode("latin-1").partition(" ")
+        if scheme.lower() != "bearer" or key.strip() not in self.ctx.api_keys:
+            raise Unauthorized("missing or invalid API key for this proxy")
+
+    def _category(self, headers: list[tuple[bytes, bytes]]) -> str:
+        raw = header_value(headers, b"x-prompt-category")
+        if raw is None:
+            return "other"
+        value = raw.decode("latin-1").strip().lower()
+        if value not in self.ctx.categories:
+            allowed = ", ".join(sorted(self.ctx.categories))
+            raise BadRequest(
+                f"x-prompt-category {value!r} is not one of: {allowed}", code="invalid_category"
+            )
+        return value
+
+
+# --- helpers (pure, or plain ASGI) -------------------------------------------------------
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes | None:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            return None
+        chunk = msg.get("body", b"")
+        if chunk:
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge(f"request body is over the limit of {limit} bytes")
+            chunks.append(chunk)
+        if not msg.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _parse_payload(body: bytes) -> dict[str, Any]:
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(payload, dict):
+        raise BadRequest("request body must be a JSON object", code="invalid_json")
+    model = payload.get("model")
+    if not isinstance(model, str) or not model:
+        raise BadRequest("request body has no 'model' (a non-empty string)", code="missing_model")
+    return payload
+
+
+def _ask_for_usage(payload: dict[str, Any], body: bytes) -> tuple[bytes, bool]:
+    """Make the backend send a usage chunk; returns the body to send and whether the
+    client itself asked for usage (then its chunk is forwarded, else kept back)."""
+    opts = payload.get("stream_options")
+    if isinstance(opts, dict) and opts.get("include_usage") is True:
+        return body, True
+    new_opts = dict(opts) if isinstance(opts, dict) else {}
+    new_opts["include_usage"] = True
+    return orjson.dumps({**payload, "stream_options": new_opts}), False
+
+
+def _tokens_from_usage(usage: Any, counted: int | None) -> Tokens:
+    if isinstance(usage, dict):
+        prompt = usage.get("prompt_tokens")
+        completion = usage.get("completion_tokens")
+        if isinstance(prompt, int) and isinstance(completion, int | None):
+            return Tokens(prompt, completion or 0, "backend")
+    return Tokens(None, counted or 0, "proxy")
+
+
+def _backend_auth(backend: Backend) -> list[tuple[bytes, bytes]]:
+    if backend.api_key is None:
+        return []
+    return [(b"authorization", b"Bearer " + backend.api_key.encode("latin-1"))]
+
+
+async def _watch_disconnect(receive: Receive, task: asyncio.Task[Any], ex: _Exchange) -> None:
+    """Cancel the request's task if the client hangs up before the answer is complete."""
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            if ex.cancellable and not ex.response_done:
+                ex.client_gone = True
+                task.cancel()
+            return
+
+
+async def _send_error(
+    send: Send,
+    exc: ProxyError,
+    rid_header: tuple[bytes, bytes],
+    ex: _Exchange | None = None,
+) -> None:
+    body = exc.body()
+    if ex is not None:
+        ex.started = True
+        ex.response_done = True
+    await send(
+        {
+            "type": "http.response.start",
+            "status": exc.status,
+            "headers": [
+                *_JSON_HEADERS,
+                rid_header,
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body, "more_body": False})

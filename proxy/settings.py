@@ -1,0 +1,249 @@
+"""Settings: one pydantic model, filled from flags, the environment and a TOML file.
+
+Precedence is flag > environment (`ENERGY_PROXY_<FLAG>`) > config file > default, as
+INTERFACE.md fixes. Every default that is a number about the world says where it is from.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from metering.sci import DEFAULT_EMBODIED_KGCO2EQ, DEFAULT_LIFESPAN_YEARS
+
+DEFAULT_CATEGORIES = ("code", "sql", "math", "translation", "summarization", "questions", "other")
+
+# World average carbon intensity of electricity generation in 2023: 480 gCO2eq/kWh
+# (Ember, "Global Electricity Review 2024"). Used until a zone is configured.
+DEFAULT_CARBON_INTENSITY_G_PER_KWH = 480.0
+
+
+def default_db_path(env: Mapping[str, str] | None = None) -> str:
+    """`$XDG_STATE_HOME/energy-proxy/requests.db`, by default `~/.local/state/...`
+    (the XDG Base Directory place for state that should survive restarts)."""
+    env = os.environ if env is None else env
+    state = env.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return str(Path(state) / "energy-proxy" / "requests.db")
+
+
+class ConfigError(ValueError):
+    """Settings that cannot be used; the message says which and why."""
+
+
+class BackendConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    url: str
+    kind: str = "auto"
+    api_key: str | None = Field(default=None, repr=False)
+    gpus: list[int] | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError(f"backend url must start with http:// or https://, got {v!r}")
+        return v.rstrip("/")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not v or not all(c.isalnum() or c in "-_." for c in v):
+            raise ValueError(f"backend name must be letters, digits, '-', '_' or '.', got {v!r}")
+        return v
+
+
+def parse_backend_specs(specs: list[Any]) -> list[BackendConfig]:
+    """`URL`, `NAME=URL`, or a dict from the config file -> named backends."""
+    out: list[BackendConfig] = []
+    for i, spec in enumerate(specs):
+        if isinstance(spec, BackendConfig):
+            out.append(spec)
+        elif isinstance(spec, dict):
+            out.append(BackendConfig.model_validate(spec))
+        elif isinstance(spec, str):
+            name, sep, url = spec.partition("=")
+            if not sep:
+                name, url = ("default" if i == 0 else f"backend-{i + 1}"), spec
+            out.append(BackendConfig(name=name.strip(), url=url.strip()))
+        else:
+            raise ValueError(f"cannot read backend {spec!r}")
+    names = [b.name for b in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"backend names must be unique, got {names}")
+    return out
+
+
+class Settings(BaseModel):
+    """Everything `energy-proxy serve` can be told."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    backends: list[BackendConfig] = Field(default_factory=list)
+    power_source: str = "auto"
+    sample_hz: float = Field(default=20.0, gt=0.0, le=1000.0)
+    # "auto" learns the idle draw per source (a low percentile of power while nothing is
+    # in flight); a number fixes it in watts for every source.
+    idle_watts: float | Literal["auto"] = "auto"
+    carbon_intensity: float = Field(default=DEFAULT_CARBON_INTENSITY_G_PER_KWH, ge=0.0)
+    # Electricity Maps: a zone (e.g. "DE"), or a latitude and longitude, plus the API key
+    # from ELECTRICITYMAPS_API_KEY. Without them the static figure above is used.
+    carbon_zone: str | None = None
+    carbon_lat: float | None = Field(default=None, ge=-90.0, le=90.0)
+    carbon_lon: float | None = Field(default=None, ge=-180.0, le=180.0)
+    electricitymaps_url: str = "https://api.electricitymaps.com"
+    # The API's `latest` figure is updated hourly.
+    carbon_refresh_s: float = Field(default=3600.0, gt=0.0)
+    electricitymaps_api_key: str | None = Field(default=None, repr=False)
+    db: str = Field(default_factory=lambda: default_db_path())
+    # 0 keeps records forever
+    retention_days: int = Field(default=30, ge=0)
+    attribution: Literal["tokens", "equal"] = "tokens"
+    pue: float = Field(default=1.0, ge=1.0)
+    # Embodied emissions of the host and its lifespan, for SCI's M; sources in metering/sci.py
+    embodied_kgco2eq: float = Field(default=DEFAULT_EMBODIED_KGCO2EQ, ge=0.0)
+    lifespan_years: float = Field(default=DEFAULT_LIFESPAN_YEARS, gt=0.0)
+    max_body_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
+    backend_timeout: float = Field(default=600.0, gt=0.0)
+    categories: list[str] = Field(default_factory=lambda: list(DEFAULT_CATEGORIES))
+    api_keys: list[str] = Field(default_factory=list, repr=False)
+    upstream_client: Literal["aiohttp", "httpx"] = "aiohttp"
+    models_refresh_s: float = Field(default=30.0, gt=0.0)
+    log_level: str = "info"
+
+    @field_validator("backends", mode="before")
+    @classmethod
+    def _backends(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [p for p in v.replace(",", " ").split() if p]
+        if isinstance(v, list):
+            return parse_backend_specs(v)
+        return v
+
+    @field_validator("categories", "api_keys", mode="before")
+    @classmethod
+    def _csv_list(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [p.strip() for p in v.split(",") if p.strip()]
+        return v
+
+    @field_validator("idle_watts", mode="before")
+    @classmethod
+    def _idle(cls, v: Any) -> Any:
+        if isinstance(v, str) and v.strip().lower() == "auto":
+            return "auto"
+        if isinstance(v, str):
+            try:
+                return float(v)
+            except ValueError:
+                raise ValueError(f"--idle-watts takes 'auto' or watts, got {v!r}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if isinstance(self.idle_watts, float) and self.idle_watts < 0:
+            raise ValueError("--idle-watts must be >= 0")
+        if self.carbon_zone is not None and not self.carbon_zone.strip():
+            raise ValueError("--carbon-zone must not be empty")
+        if (self.carbon_lat is None) != (self.carbon_lon is None):
+            raise ValueError("--carbon-lat and --carbon-lon go together")
+        if self.carbon_zone is not None and self.carbon_lat is not None:
+            raise ValueError("give --carbon-zone or --carbon-lat/--carbon-lon, not both")
+        if self.live_carbon and not self.electricitymaps_api_key:
+            raise ValueError(
+                "live carbon intensity (--carbon-zone or --carbon-lat/--carbon-lon) needs an "
+                "Electricity Maps API key in ELECTRICITYMAPS_API_KEY"
+            )
+        if "other" not in self.categories:
+            raise ValueError("the category set must include 'other' (the fallback)")
+        return self
+
+    @property
+    def live_carbon(self) -> bool:
+        """True when a place is configured for Electricity Maps."""
+        return self.carbon_zone is not None or self.carbon_lat is not None
+
+    @property
+    def idle_watts_fixed(self) -> float | None:
+        return None if self.idle_watts == "auto" else float(self.idle_watts)
+
+
+FIELDS = tuple(Settings.model_fields)
+# Flags whose name differs from the field (`--backend` is repeatable and fills `backends`).
+FLAG_ALIASES = {"backend": "backends", "api_key": "api_keys"}
+
+
+def _normalise_keys(d: Mapping[str, Any], where: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = FLAG_ALIASES.get(k.replace("-", "_"), k.replace("-", "_"))
+        if key not in FIELDS:
+            raise ConfigError(f"{where}: unknown setting {k!r}")
+        out[key] = v
+    return out
+
+
+def env_values(env: Mapping[str, str]) -> dict[str, Any]:
+    """`ENERGY_PROXY_<FLAG>` variables (plus ELECTRICITYMAPS_API_KEY elsewhere)."""
+    out: dict[str, Any] = {}
+    names = set(FIELDS) | set(FLAG_ALIASES)
+    for name in names:
+        val = env.get("ENERGY_PROXY_" + name.upper())
+        if val is not None:
+            out[FLAG_ALIASES.get(name, name)] = val
+    return out
+
+
+def file_values(path: str | os.PathLike[str]) -> dict[str, Any]:
+    p = Path(path)
+    try:
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {p} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {p} is not valid TOML: {exc}") from None
+    return _normalise_keys(raw, str(p))
+
+
+def load_settings(flags: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
+    """Merge flag > env > file > default. `flags` holds only the flags the user gave."""
+    given = dict(flags)
+    config_path = given.pop("config", None) or env.get("ENERGY_PROXY_CONFIG")
+    given = _normalise_keys(given, "flags")
+    merged: dict[str, Any] = {}
+    if config_path:
+        merged.update(file_values(config_path))
+    merged.update(env_values(env))
+    merged.update(given)
+    # The key comes from its own variable only (never a flag: flags show in `ps`).
+    if env.get("ELECTRICITYMAPS_API_KEY"):
+        merged["electricitymaps_api_key"] = env["ELECTRICITYMAPS_API_KEY"]
+    try:
+        return Settings.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(describe_errors(exc)) from None
+
+
+def describe_errors(exc: ValidationError) -> str:
+    """One line per problem, naming the flag but never echoing a value (keys are values)."""
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"--{where.replace('_', '-')}: {msg}" if where else msg)
+    return "invalid settings: " + "; ".join(lines)

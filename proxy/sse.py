@@ -1,0 +1,134 @@
+"""Server-sent events as they pass through the proxy. Pure: bytes in, bytes out.
+
+The relay forwards every event of the backend's stream as soon as it is complete, with
+three exceptions: the backend's usage chunk is kept back unless the client asked for
+usage, `data: [DONE]` is held until the energy event has gone out before it, and a
+`"usage": null` field the proxy caused (by asking for usage) is removed again.
+Events are not re-encoded: the bytes the backend sent are the bytes the client gets.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import orjson
+
+# An event ends with a blank line; servers differ in line endings (sse-starlette: CRLF).
+_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+_USAGE_NULL = (b',"usage":null', b', "usage": null', b'"usage":null,', b'"usage": null, ')
+
+
+class SseSplitter:
+    """Cuts a byte stream into complete events, each with its terminating blank line."""
+
+    __slots__ = ("_buf", "separator")
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self.separator = b"\n\n"
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        buf = self._buf + chunk if self._buf else chunk
+        m = _EVENT_END.search(buf)
+        if m is None:
+            self._buf = buf
+            return []
+        self.separator = m.group()
+        if m.end() == len(buf):  # the common case: one whole event per chunk
+            self._buf = b""
+            return [buf]
+        events = [buf[: m.end()]]
+        pos = m.end()
+        while (m := _EVENT_END.search(buf, pos)) is not None:
+            events.append(buf[pos : m.end()])
+            pos = m.end()
+        self._buf = buf[pos:]
+        return events
+
+    def rest(self) -> bytes:
+        """Whatever is left unterminated when the stream ends."""
+        rest, self._buf = self._buf, b""
+        return rest
+
+
+def event_data(event: bytes) -> bytes | None:
+    """The `data:` payload of one event (lines joined by newline), or None if it has none."""
+    if event.startswith(b"data:") and event.count(b"\n") <= 2:
+        return event[5:].strip()  # one data line: the usual shape, without a split
+    parts = [
+        line[5:].removeprefix(b" ") for line in event.splitlines() if line.startswith(b"data:")
+    ]
+    if not parts:
+        return None
+    return b"\n".join(parts)
+
+
+# Generated output in a chunk: a key whose value is a non-empty string. JSON escapes quotes
+# inside strings, so these patterns cannot match text the model wrote.
+_OUTPUT = re.compile(rb'"(?:content|text|reasoning_content|arguments)"\s*:\s*"(?!")')
+_USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
+
+
+class StreamInspector:
+    """Watches a chat/completions stream: usage, tokens, the end marker, a chunk template.
+
+    Per event it runs two byte searches and parses JSON only where it must (the first
+    chunk, for the template of the final event; a chunk carrying a usage object).
+    Tokens counted by the proxy are the output-carrying choices of the chunks, which is
+    one per token for the servers that send no usage (llama.cpp's servers, some TGI).
+    """
+
+    __slots__ = ("client_wants_usage", "counted_tokens", "done", "template", "usage")
+
+    def __init__(self, client_wants_usage: bool) -> None:
+        self.client_wants_usage = client_wants_usage
+        self.usage: dict[str, Any] | None = None
+        self.counted_tokens = 0
+        self.done = False
+        self.template: dict[str, Any] | None = None
+
+    def process(self, event: bytes) -> bytes | None:
+        """What to forward for this event (None: hold it back)."""
+        data = event_data(event)
+        if data is None:
+            return event  # comments and keep-alives pass as they are
+        if data == b"[DONE]":
+            self.done = True
+            return None
+        self.counted_tokens += len(_OUTPUT.findall(data))
+        has_usage = _USAGE_OBJECT.search(data) is not None
+        if self.template is None or has_usage:
+            try:
+                obj = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                return event
+            if not isinstance(obj, dict):
+                return event
+            if self.template is None and obj.get("id"):
+                self.template = {
+                    k: obj[k] for k in ("id", "object", "created", "model") if k in obj
+                }
+            usage = obj.get("usage")
+            if isinstance(usage, dict):
+                self.usage = usage
+                if not obj.get("choices") and not self.client_wants_usage:
+                    return None
+                return event
+        if not self.client_wants_usage and b'"usage"' in data:
+            for pattern in _USAGE_NULL:
+                if pattern in event:
+                    return event.replace(pattern, b"", 1)
+        return event
+
+
+def energy_event(template: dict[str, Any] | None, energy: dict[str, Any], sep: bytes) -> bytes:
+    """The proxy's final event: a chunk with no choices and the `"energy"` object."""
+    chunk: dict[str, Any] = dict(template or {})
+    chunk["choices"] = []
+    chunk["energy"] = energy
+    return b"data: " + orjson.dumps(chunk) + sep
+
+
+def done_event(sep: bytes) -> bytes:
+    return b"data: [DONE]" + sep

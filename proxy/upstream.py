@@ -1,0 +1,218 @@
+"""The client that talks to backends: one `send`, two implementations.
+
+`AiohttpUpstream` is the default because it was measured (bench/overhead.py, DESIGN.md):
+httpx's connection pool reached 0.07x direct throughput at 64 concurrent requests on
+this kind of machine, aiohttp 0.8x. `HttpxUpstream` stays for tests over
+`httpx.ASGITransport` (no sockets) and as `--upstream-client httpx`.
+
+Both map their library's errors to the proxy's tree in one place each:
+connection failures -> BackendUnreachable (502), timeouts -> BackendTimeout (504).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+import aiohttp
+import httpx
+
+from proxy.errors import BackendTimeout, BackendUnreachable
+
+
+class UpstreamResponse(Protocol):
+    status: int
+    headers: list[tuple[bytes, bytes]]
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        """The body as the backend sends it, chunk by chunk, without buffering."""
+        ...
+
+    async def read(self) -> bytes:
+        """The whole body (for non-streaming answers, which are one JSON document)."""
+        ...
+
+    async def close(self) -> None:
+        """Stop reading and drop the connection if the body was not read to the end."""
+        ...
+
+
+class UpstreamClient(Protocol):
+    async def send(
+        self, method: str, url: str, headers: list[tuple[bytes, bytes]], body: bytes
+    ) -> UpstreamResponse:
+        """Send a request; returns once the response headers have arrived."""
+        ...
+
+    async def get_json(self, url: str, timeout_s: float) -> object:
+        """A small GET for discovery and health (not on the request path)."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+# --- aiohttp -------------------------------------------------------------------------
+
+
+class _AiohttpResponse:
+    __slots__ = ("_resp", "headers", "status")
+
+    def __init__(self, resp: aiohttp.ClientResponse) -> None:
+        self._resp = resp
+        self.status = resp.status
+        self.headers = list(resp.raw_headers)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._resp.content.iter_any():
+                yield chunk
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            raise BackendTimeout("the backend stopped sending within the timeout") from exc
+        except aiohttp.ClientError as exc:
+            raise BackendUnreachable(f"the backend broke off the response: {exc}") from exc
+
+    async def read(self) -> bytes:
+        try:
+            return await self._resp.read()
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            raise BackendTimeout("the backend did not finish within the timeout") from exc
+        except aiohttp.ClientError as exc:
+            raise BackendUnreachable(f"the backend broke off the response: {exc}") from exc
+
+    async def close(self) -> None:
+        # close() (not release()) so an unfinished stream's connection is dropped and
+        # the backend sees the disconnect and stops generating.
+        if not self._resp.content.at_eof():
+            self._resp.close()
+        else:
+            self._resp.release()
+
+
+class AiohttpUpstream:
+    """aiohttp `ClientSession` with a keep-alive pool; no cookie jar, no decompression."""
+
+    def __init__(self, timeout_s: float, *, pool_size: int = 0) -> None:
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=min(timeout_s, 30.0), sock_read=timeout_s
+        )
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=pool_size, ttl_dns_cache=300),
+            timeout=self._timeout,
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+        )
+
+    async def send(
+        self, method: str, url: str, headers: list[tuple[bytes, bytes]], body: bytes
+    ) -> _AiohttpResponse:
+        hdrs = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers]
+        try:
+            resp = await self._session.request(
+                method, url, data=body, headers=hdrs, allow_redirects=False
+            )
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            raise BackendTimeout("the backend did not answer within the timeout") from exc
+        except aiohttp.ClientError as exc:
+            raise BackendUnreachable(f"cannot reach the backend: {exc}") from exc
+        return _AiohttpResponse(resp)
+
+    async def get_json(self, url: str, timeout_s: float) -> object:
+        try:
+            async with self._session.get(
+                url, timeout=aiohttp.ClientTimeout(total=timeout_s)
+            ) as resp:
+                if resp.status != 200:
+                    raise BackendUnreachable(f"GET {url} answered {resp.status}")
+                return await resp.json(content_type=None)
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            raise BackendTimeout(f"GET {url} timed out") from exc
+        except (aiohttp.ClientError, ValueError) as exc:
+            raise BackendUnreachable(f"GET {url} failed: {exc}") from exc
+
+    async def aclose(self) -> None:
+        await self._session.close()
+
+
+# --- httpx ---------------------------------------------------------------------------
+
+
+class _HttpxResponse:
+    __slots__ = ("_resp", "headers", "status")
+
+    def __init__(self, resp: httpx.Response) -> None:
+        self._resp = resp
+        self.status = resp.status_code
+        self.headers = list(resp.headers.raw)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._resp.aiter_raw():
+                yield chunk
+        except httpx.TimeoutException as exc:
+            raise BackendTimeout("the backend stopped sending within the timeout") from exc
+        except httpx.HTTPError as exc:
+            raise BackendUnreachable(f"the backend broke off the response: {exc}") from exc
+
+    async def read(self) -> bytes:
+        return b"".join([c async for c in self.chunks()])
+
+    async def close(self) -> None:
+        await self._resp.aclose()
+
+
+class HttpxUpstream:
+    """httpx `AsyncClient`; give it a `transport` (e.g. `ASGITransport`) in tests."""
+
+    def __init__(
+        self, timeout_s: float, *, transport: httpx.AsyncBaseTransport | None = None
+    ) -> None:
+        self._client = httpx.AsyncClient(
+            transport=transport,
+            timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 30.0)),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
+        )
+
+    async def send(
+        self, method: str, url: str, headers: list[tuple[bytes, bytes]], body: bytes
+    ) -> _HttpxResponse:
+        req = self._client.build_request(method, url, headers=headers, content=body)
+        try:
+            resp = await self._client.send(req, stream=True)
+        except httpx.TimeoutException as exc:
+            raise BackendTimeout("the backend did not answer within the timeout") from exc
+        except httpx.HTTPError as exc:
+            raise BackendUnreachable(f"cannot reach the backend: {exc}") from exc
+        return _HttpxResponse(resp)
+
+    async def get_json(self, url: str, timeout_s: float) -> object:
+        try:
+            resp = await self._client.get(url, timeout=timeout_s)
+        except httpx.TimeoutException as exc:
+            raise BackendTimeout(f"GET {url} timed out") from exc
+        except httpx.HTTPError as exc:
+            raise BackendUnreachable(f"GET {url} failed: {exc}") from exc
+        if resp.status_code != 200:
+            raise BackendUnreachable(f"GET {url} answered {resp.status_code}")
+        try:
+            return resp.json()
+        except ValueError as exc:
+            raise BackendUnreachable(f"GET {url} did not return JSON") from exc
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+def make_upstream(kind: str, timeout_s: float) -> UpstreamClient:
+    if kind == "httpx":
+        return HttpxUpstream(timeout_s)
+    return AiohttpUpstream(timeout_s)
+
+
+__all__ = [
+    "AiohttpUpstream",
+    "HttpxUpstream",
+    "UpstreamClient",
+    "UpstreamResponse",
+    "make_upstream",
+]

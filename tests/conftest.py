@@ -1,0 +1,65 @@
+"""Shared fixtures: a fake backend, and a proxy over it with a constant power source."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from metering.sources.constant import ConstantSource
+from proxy.app import EnergyProxyApp, create_app
+from proxy.settings import Settings
+from proxy.upstream import HttpxUpstream
+from tests.fakes.openai_backend import FakeState, make_fake_backend
+from tests.servers import ServerThread
+
+
+def proxy_settings(tmp_path: Path, **overrides: Any) -> Settings:
+    """Settings for a test proxy; its request store lives in `tmp_path`."""
+    base: dict[str, Any] = {
+        "db": str(tmp_path / "requests.db"),
+        "backends": ["fake=http://fake-backend"],
+        "power_source": "constant:100",
+        "idle_watts": 40.0,
+        "carbon_intensity": 500.0,
+    }
+    base.update(overrides)
+    return Settings.model_validate(base)
+
+
+@pytest.fixture
+def fake() -> tuple[Any, FakeState]:
+    return make_fake_backend()
+
+
+@pytest.fixture
+async def proxy_app(fake: tuple[Any, FakeState], tmp_path: Path) -> AsyncIterator[EnergyProxyApp]:
+    """The proxy, in-process, forwarding to the in-process fake backend (no sockets)."""
+    backend_app, _ = fake
+    upstream = HttpxUpstream(30.0, transport=httpx.ASGITransport(app=backend_app))
+    app = create_app(
+        proxy_settings(tmp_path),
+        upstream=upstream,
+        sources=[ConstantSource(100.0, start_s=0.0)],
+    )
+    async with app.running():
+        yield app
+
+
+@pytest.fixture
+async def client(proxy_app: EnergyProxyApp) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=proxy_app), base_url="http://proxy"
+    ) as c:
+        yield c
+
+
+@pytest.fixture
+def fake_server(fake: tuple[Any, FakeState]) -> Iterator[str]:
+    """The fake backend on a real 127.0.0.1 socket."""
+    backend_app, _ = fake
+    with ServerThread(backend_app) as url:
+        yield url

@@ -1,0 +1,184 @@
+"""A small fake OpenAI-compatible server for the proxy's tests (an ASGI app).
+
+Runs in-process behind `httpx.ASGITransport` or on a real socket under uvicorn.
+Behaviour per request comes from headers the test sets (the proxy forwards them):
+
+    x-fake-delay-s          sleep before answering
+    x-fake-token-delay-s    sleep between streamed tokens
+    x-fake-error            answer with this status and an OpenAI-style error body
+    x-fake-die-after        stream this many tokens, then break the connection
+    x-fake-no-usage         never send usage (like llama-cpp-python's server in streams)
+    x-fake-sep              "crlf" to end events with CRLF CRLF (like sse-starlette)
+
+It records what it received (`requests`) and how many streams the client abandoned
+(`abandoned`), so tests can check what the proxy sent and that it hung up upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+DEFAULT_TOKENS = ("Hello", ",", " energy", " world", "!")
+
+
+@dataclass
+class FakeState:
+    models: list[str] = field(default_factory=lambda: ["fake-model"])
+    tokens: tuple[str, ...] = DEFAULT_TOKENS
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    abandoned: int = 0
+    completed_streams: int = 0
+    models_calls: int = 0
+
+
+def make_fake_backend(state: FakeState | None = None) -> tuple[Starlette, FakeState]:
+    st = state or FakeState()
+
+    async def models(_: Request) -> Response:
+        st.models_calls += 1
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [{"id": m, "object": "model", "owned_by": "fake"} for m in st.models],
+            }
+        )
+
+    async def completions(request: Request) -> Response:
+        raw = await request.body()
+        body = json.loads(raw)
+        st.requests.append(
+            {"path": request.url.path, "body": body, "headers": dict(request.headers)}
+        )
+        h = request.headers
+        if "x-fake-delay-s" in h:
+            await asyncio.sleep(float(h["x-fake-delay-s"]))
+        if "x-fake-error" in h:
+            status = int(h["x-fake-error"])
+            return JSONResponse(
+                {"error": {"message": "fake backend error", "type": "fake", "code": status}},
+                status_code=status,
+            )
+        if body.get("model") not in st.models:
+            return JSONResponse(
+                {"error": {"message": "model not found", "type": "NotFound", "code": 404}},
+                status_code=404,
+            )
+        path = request.url.path
+        prompt_tokens = _prompt_tokens(body)
+        if path == "/v1/embeddings":
+            inputs = body.get("input")
+            n = len(inputs) if isinstance(inputs, list) else 1
+            return JSONResponse(
+                {
+                    "object": "list",
+                    "data": [
+                        {"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]}
+                        for i in range(n)
+                    ],
+                    "model": body["model"],
+                    "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+                }
+            )
+        max_tokens = int(body.get("max_tokens") or len(st.tokens))
+        tokens = [st.tokens[i % len(st.tokens)] for i in range(max_tokens)]
+        chat = path == "/v1/chat/completions"
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": len(tokens),
+            "total_tokens": prompt_tokens + len(tokens),
+        }
+        cid = "cmpl-fake-1"
+        created = int(time.time())
+        if not body.get("stream"):
+            text = "".join(tokens)
+            choice: dict[str, Any] = (
+                {"index": 0, "message": {"role": "assistant", "content": text}}
+                if chat
+                else {"index": 0, "text": text}
+            )
+            choice["finish_reason"] = "length"
+            return JSONResponse(
+                {
+                    "id": cid,
+                    "object": "chat.completion" if chat else "text_completion",
+                    "created": created,
+                    "model": body["model"],
+                    "choices": [choice],
+                    "usage": usage,
+                }
+            )
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        if "x-fake-no-usage" in h:
+            include_usage = False
+        sep = "\r\n\r\n" if h.get("x-fake-sep") == "crlf" else "\n\n"
+        token_delay_s = float(h.get("x-fake-token-delay-s", "0"))
+        die_after = int(h["x-fake-die-after"]) if "x-fake-die-after" in h else None
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(choices: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> str:
+            d: dict[str, Any] = {
+                "id": cid,
+                "object": obj,
+                "created": created,
+                "model": body["model"],
+                "choices": choices,
+            }
+            if include_usage:
+                d["usage"] = None
+            d.update(extra or {})
+            return "data: " + json.dumps(d, separators=(",", ":")) + sep
+
+        async def events() -> AsyncIterator[str]:
+            finished = False
+            try:
+                if chat:
+                    yield chunk([{"index": 0, "delta": {"role": "assistant"}}])
+                for i, tok in enumerate(tokens):
+                    if die_after is not None and i >= die_after:
+                        raise ConnectionError("fake backend dies mid-stream")
+                    if token_delay_s:
+                        await asyncio.sleep(token_delay_s)
+                    piece = {"content": tok} if chat else None
+                    yield chunk(
+                        [{"index": 0, "delta": piece}] if chat else [{"index": 0, "text": tok}]
+                    )
+                yield chunk([{"index": 0, "delta": {}, "finish_reason": "length"}])
+                if include_usage:
+                    yield chunk([], {"usage": usage})
+                yield "data: [DONE]" + sep
+                finished = True
+                st.completed_streams += 1
+            finally:
+                if not finished:
+                    st.abandoned += 1
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    app = Starlette(
+        routes=[
+            Route("/v1/models", models),
+            Route("/v1/chat/completions", completions, methods=["POST"]),
+            Route("/v1/completions", completions, methods=["POST"]),
+            Route("/v1/embeddings", completions, methods=["POST"]),
+        ]
+    )
+    return app, st
+
+
+def _prompt_tokens(body: dict[str, Any]) -> int:
+    """A deterministic stand-in for tokenisation: whitespace-separated words."""
+    if "messages" in body:
+        text = " ".join(str(m.get("content", "")) for m in body["messages"])
+    else:
+        text = str(body.get("prompt") or body.get("input") or "")
+    return max(1, len(text.split()))

@@ -1,0 +1,79 @@
+"""Flag > environment > config file > default, and clear errors for bad settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from proxy.settings import DEFAULT_CARBON_INTENSITY_G_PER_KWH, ConfigError, load_settings
+
+
+def test_defaults() -> None:
+    s = load_settings({}, {})
+    assert s.port == 8080 and s.host == "127.0.0.1"
+    assert s.power_source == "auto" and s.sample_hz == 20.0
+    assert s.idle_watts == "auto" and s.idle_watts_fixed is None
+    assert s.carbon_intensity == DEFAULT_CARBON_INTENSITY_G_PER_KWH
+    assert "other" in s.categories and "sql" in s.categories
+
+
+def test_precedence_flag_env_file(tmp_path: Path) -> None:
+    cfg = tmp_path / "proxy.toml"
+    cfg.write_text(
+        'port = 9000\nsample-hz = 5\npower_source = "constant:10"\n'
+        '[[backends]]\nname = "vllm"\nurl = "http://gpu-host:8000/"\ngpus = [0, 1]\n'
+    )
+    env = {"ENERGY_PROXY_PORT": "9100", "ENERGY_PROXY_SAMPLE_HZ": "10"}
+    s = load_settings({"config": str(cfg), "port": 9200}, env)
+    assert s.port == 9200  # flag beats env and file
+    assert s.sample_hz == 10.0  # env beats file
+    assert s.power_source == "constant:10"  # file beats default
+    assert s.backends[0].name == "vllm" and s.backends[0].url == "http://gpu-host:8000"
+    assert s.backends[0].gpus == [0, 1]
+    # a --backend flag replaces the file's backends
+    s2 = load_settings({"config": str(cfg), "backend": ["a=http://x:1", "http://y:2"]}, {})
+    assert [(b.name, b.url) for b in s2.backends] == [
+        ("a", "http://x:1"),
+        ("backend-2", "http://y:2"),
+    ]
+
+
+def test_env_backend_list_and_config_from_env(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("idle-watts = 55\n")
+    s = load_settings(
+        {}, {"ENERGY_PROXY_BACKEND": "a=http://h:1,b=http://h:2", "ENERGY_PROXY_CONFIG": str(cfg)}
+    )
+    assert [b.name for b in s.backends] == ["a", "b"]
+    assert s.idle_watts_fixed == 55.0
+
+
+@pytest.mark.parametrize(
+    ("flags", "fragment"),
+    [
+        ({"backend": ["ftp://x"]}, "http://"),
+        ({"backend": ["a=http://x:1", "a=http://x:2"]}, "unique"),
+        ({"idle_watts": "lots"}, "idle-watts"),
+        ({"sample_hz": 0}, "sample-hz"),
+        ({"attribution": "random"}, "attribution"),
+        ({"categories": "code,sql"}, "other"),
+        ({"pue": 0.5}, "pue"),
+    ],
+)
+def test_bad_settings_are_clear_errors(flags: dict[str, object], fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment):
+        load_settings(flags, {})
+
+
+def test_bad_config_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings({"config": str(tmp_path / "missing.toml")}, {})
+    bad = tmp_path / "bad.toml"
+    bad.write_text("port = = 3")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings({"config": str(bad)}, {})
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text("colour = 'green'")
+    with pytest.raises(ConfigError, match="unknown setting 'colour'"):
+        load_settings({"config": str(unknown)}, {})
