@@ -149,6 +149,21 @@ def test_same_request_id_replaces(tmp_path: Path) -> None:
         assert got is not None and got["joules"] == 2.0
 
 
+def test_a_batch_over_sqlites_variable_limit_is_split_into_statements(tmp_path: Path) -> None:
+    from metering.store import _COLUMNS, _connect, _insert_batch
+
+    RequestStore.open(tmp_path / "r.db").close()  # creates the schema
+    with closing(_connect(str(tmp_path / "r.db"), 5.0)) as conn:
+        conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 2 * len(_COLUMNS) + 1)
+        # 7 records, 2 per statement; the last one repeats an id and must replace it.
+        batch = [make_record(f"r{i}", joules=float(i)) for i in range(6)]
+        batch.append(make_record("r0", joules=99.0))
+        _insert_batch(conn, batch)
+    with closing(sqlite3.connect(tmp_path / "r.db")) as c:
+        rows = dict(c.execute("SELECT request_id, joules FROM requests").fetchall())
+    assert rows == {"r0": 99.0, "r1": 1.0, "r2": 2.0, "r3": 3.0, "r4": 4.0, "r5": 5.0}
+
+
 def test_wal_mode_and_schema_version(tmp_path: Path) -> None:
     db = tmp_path / "store.db"
     with RequestStore(str(db)):
