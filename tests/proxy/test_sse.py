@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import re
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from proxy.sse import SseSplitter, StreamInspector, energy_event, event_data
 
@@ -14,6 +18,31 @@ def chunk(delta: dict[str, object] | None = None, **extra: object) -> bytes:
     d["choices"] = [] if delta is None else [{"index": 0, "delta": delta}]
     d.update(extra)
     return b"data: " + json.dumps(d).encode() + b"\n\n"
+
+
+def reference_split(stream: bytes) -> tuple[list[bytes], bytes]:
+    """Events of a whole stream at once: everything up to each blank line (any line ending)."""
+    events, pos = [], 0
+    for m in re.finditer(rb"\r\n\r\n|\n\n|\r\r", stream):
+        events.append(stream[pos : m.end()])
+        pos = m.end()
+    return events, stream[pos:]
+
+
+@given(
+    st.lists(st.sampled_from([b"data: x", b"\n", b"\r", b"\r\n", b"yz", b"{}"]), max_size=40),
+    st.lists(st.integers(min_value=0, max_value=200), max_size=8),
+)
+def test_splitter_matches_a_whole_stream_split_however_it_is_cut(
+    parts: list[bytes], cuts: list[int]
+) -> None:
+    stream = b"".join(parts)
+    bounds = sorted({min(c, len(stream)) for c in cuts} | {0, len(stream)})
+    sp = SseSplitter()
+    got: list[bytes] = []
+    for a, b in itertools.pairwise(bounds):
+        got += sp.feed(stream[a:b])
+    assert (got, sp.rest()) == reference_split(stream)
 
 
 def test_splitter_handles_any_cut_and_line_ending() -> None:
