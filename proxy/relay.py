@@ -287,17 +287,20 @@ class MeteredRoute:
         splitter = SseSplitter()
         inspector = ex.inspector = StreamInspector(client_wants_usage)
         failure: UpstreamError | None = None
+        process, feed = inspector.process, splitter.feed
         try:
-            async for chunk in resp.chunks():
-                forward = [e for e in map(inspector.process, splitter.feed(chunk)) if e is not None]
+            while chunk := await resp.next_chunk():
+                events = feed(chunk)
+                if len(events) == 1:  # the usual: one whole event per chunk
+                    body = process(events[0])
+                else:
+                    body = b"".join([e for e in map(process, events) if e is not None])
                 if ex.weight != DECODE_WEIGHT and inspector.counted_tokens:
                     # First token out: prefill is over, the request now decodes.
                     self.ctx.sampler.reweigh(ex.ticket, DECODE_WEIGHT)
                     ex.weight = DECODE_WEIGHT
-                if forward:
-                    await send(
-                        {"type": "http.response.body", "body": b"".join(forward), "more_body": True}
-                    )
+                if body:
+                    await send({"type": "http.response.body", "body": body, "more_body": True})
         except UpstreamError as exc:
             failure = exc
         tail = splitter.rest()

@@ -28,6 +28,11 @@ class UpstreamResponse(Protocol):
         """The body as the backend sends it, chunk by chunk, without buffering."""
         ...
 
+    async def next_chunk(self) -> bytes:
+        """The next piece of the body as it arrives; b"" at its end (the streaming hot
+        path: one await per chunk, no async-iterator layers)."""
+        ...
+
     async def read(self) -> bytes:
         """The whole body (for non-streaming answers, which are one JSON document)."""
         ...
@@ -63,9 +68,12 @@ class _AiohttpResponse:
         self.headers = list(resp.raw_headers)
 
     async def chunks(self) -> AsyncIterator[bytes]:
+        while chunk := await self.next_chunk():
+            yield chunk
+
+    async def next_chunk(self) -> bytes:
         try:
-            async for chunk in self._resp.content.iter_any():
-                yield chunk
+            return await self._resp.content.readany()
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise BackendTimeout("the backend stopped sending within the timeout") from exc
         except aiohttp.ClientError as exc:
@@ -138,21 +146,28 @@ class AiohttpUpstream:
 
 
 class _HttpxResponse:
-    __slots__ = ("_resp", "headers", "status")
+    __slots__ = ("_iter", "_resp", "headers", "status")
 
     def __init__(self, resp: httpx.Response) -> None:
         self._resp = resp
+        self._iter: AsyncIterator[bytes] | None = None
         self.status = resp.status_code
         self.headers = list(resp.headers.raw)
 
     async def chunks(self) -> AsyncIterator[bytes]:
         try:
             async for chunk in self._resp.aiter_raw():
-                yield chunk
+                if chunk:
+                    yield chunk
         except httpx.TimeoutException as exc:
             raise BackendTimeout("the backend stopped sending within the timeout") from exc
         except httpx.HTTPError as exc:
             raise BackendUnreachable(f"the backend broke off the response: {exc}") from exc
+
+    async def next_chunk(self) -> bytes:
+        if self._iter is None:
+            self._iter = aiter(self.chunks())
+        return await anext(self._iter, b"")
 
     async def read(self) -> bytes:
         return b"".join([c async for c in self.chunks()])
