@@ -14,11 +14,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from backends.own_metrics import inflight_from_metrics
+
 log = logging.getLogger("energy_proxy.backends")
 
 
 class JsonGetter(Protocol):
     async def get_json(self, url: str, timeout_s: float) -> object: ...
+
+    async def get_text(self, url: str, timeout_s: float) -> str: ...
 
 
 @dataclass(slots=True)
@@ -32,6 +36,8 @@ class Backend:
     ready: bool = False
     listed: bool = False  # the model list has been fetched at least once
     last_error: str = ""
+    # The backend's own in-flight count from its /metrics; None where it exports none.
+    own_inflight: float | None = None
 
     @property
     def model_ids(self) -> list[str]:
@@ -136,6 +142,24 @@ class BackendRegistry:
         while True:
             await asyncio.sleep(period_s)
             await self.refresh()
+
+    async def scrape_own_metrics(self) -> None:
+        """Read each backend's own in-flight count from its `/metrics` (where it has one)."""
+        await asyncio.gather(*(self._scrape_one(b) for b in self.backends))
+
+    async def _scrape_one(self, b: Backend) -> None:
+        try:
+            text = await self._getter.get_text(f"{b.url}/metrics", self.LIST_TIMEOUT_S)
+        except Exception:  # no /metrics, or down: there is simply no figure to compare
+            b.own_inflight = None
+            return
+        b.own_inflight = inflight_from_metrics(text)
+
+    async def run_own_metrics(self, period_s: float) -> None:
+        """Scrape the backends' own metrics now and every `period_s` seconds (cancel to stop)."""
+        while True:
+            await self.scrape_own_metrics()
+            await asyncio.sleep(period_s)
 
     def merged_models(self) -> dict[str, Any]:
         """`/v1/models`: every backend's entries, first listing of an id wins."""

@@ -52,6 +52,9 @@ class _LazyUpstream:
     async def get_json(self, url: str, timeout_s: float) -> object:
         return await self._current().get_json(url, timeout_s)
 
+    async def get_text(self, url: str, timeout_s: float) -> str:
+        return await self._current().get_text(url, timeout_s)
+
 
 class EnergyProxyApp:
     """The ASGI app. `startup()`/`shutdown()` also run through the ASGI lifespan."""
@@ -95,6 +98,9 @@ class EnergyProxyApp:
         self._tasks = [
             asyncio.create_task(self.ctx.sampler.run(self.settings.sample_hz)),
             asyncio.create_task(self.ctx.registry.run(self.settings.models_refresh_s)),
+            asyncio.create_task(
+                self.ctx.registry.run_own_metrics(self.settings.backend_metrics_s)
+            ),
         ]
         if self.ctx.request_log is not None:
             self._tasks.append(asyncio.create_task(self.ctx.request_log.run()))
@@ -155,6 +161,9 @@ class _Unstarted:
     async def get_json(self, url: str, timeout_s: float) -> object:
         raise RuntimeError("the app has not been started")
 
+    async def get_text(self, url: str, timeout_s: float) -> str:
+        raise RuntimeError("the app has not been started")
+
     async def aclose(self) -> None:
         return None
 
@@ -202,7 +211,7 @@ def create_app(
         )
         for b in settings.backends
     ]
-    metrics = ProxyMetrics(metrics_registry, sampler, intensity.current, (b.name for b in backends))
+    metrics = ProxyMetrics(metrics_registry, sampler, intensity.current, backends)
     for warning in warnings:
         log.warning("%s", warning)
     registry = BackendRegistry(backends, _LazyUpstream(lambda: ctx.upstream), clock=clock)

@@ -7,13 +7,14 @@ for them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from backends.registry import Backend
 from metering.report import EnergyReport, Intensity
 from metering.sampler import Sampler
 
@@ -81,6 +82,24 @@ class _SamplerCollector(Collector):
             yield age
 
 
+class _BackendCollector(Collector):
+    """The backends' own in-flight counts, for those that export one."""
+
+    def __init__(self, backends: Sequence[Backend]) -> None:
+        self._backends = backends
+
+    def collect(self) -> Iterator[Metric]:
+        own = GaugeMetricFamily(
+            "energy_proxy_backend_inflight_requests",
+            "Requests in flight as the backend itself counts them (from its /metrics).",
+            labels=("backend",),
+        )
+        for b in self._backends:
+            if b.own_inflight is not None:
+                own.add_metric((b.name,), b.own_inflight)
+        yield own
+
+
 class ProxyMetrics:
     """Every metric of the proxy, registered on `registry`."""
 
@@ -89,7 +108,7 @@ class ProxyMetrics:
         registry: CollectorRegistry,
         sampler: Sampler,
         intensity: Callable[[], Intensity],
-        backends: Iterable[str],
+        backends: Sequence[Backend],
     ) -> None:
         self.registry = registry
         self._children: dict[tuple[str, str, str, int], tuple[Any, ...]] = {}
@@ -133,8 +152,9 @@ class ProxyMetrics:
             registry=registry,
         )
         for b in backends:
-            self.inflight.labels(b)
+            self.inflight.labels(b.name)
         registry.register(_SamplerCollector(sampler, intensity))
+        registry.register(_BackendCollector(backends))
 
     def observe(self, report: EnergyReport, backend: str, status: int, model_label: str) -> None:
         key = (model_label, report.category, backend, status)

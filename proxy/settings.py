@@ -124,6 +124,8 @@ class Settings(BaseModel):
     api_keys: list[str] = Field(default_factory=list, repr=False)
     upstream_client: Literal["aiohttp", "httpx"] = "aiohttp"
     models_refresh_s: float = Field(default=30.0, gt=0.0)
+    # How often the backends' own /metrics are read (their in-flight counts, the cross-check)
+    backend_metrics_s: float = Field(default=5.0, gt=0.0)
     log_level: str = "info"
 
     @field_validator("backends", mode="before")

@@ -53,6 +53,10 @@ class UpstreamClient(Protocol):
         """A small GET for discovery and health (not on the request path)."""
         ...
 
+    async def get_text(self, url: str, timeout_s: float) -> str:
+        """A small GET of a text document (a backend's /metrics; not on the request path)."""
+        ...
+
     async def aclose(self) -> None: ...
 
 
@@ -138,6 +142,19 @@ class AiohttpUpstream:
         except (aiohttp.ClientError, ValueError) as exc:
             raise BackendUnreachable(f"GET {url} failed: {exc}") from exc
 
+    async def get_text(self, url: str, timeout_s: float) -> str:
+        try:
+            async with self._session.get(
+                url, timeout=aiohttp.ClientTimeout(total=timeout_s)
+            ) as resp:
+                if resp.status != 200:
+                    raise BackendUnreachable(f"GET {url} answered {resp.status}")
+                return await resp.text(errors="replace")
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            raise BackendTimeout(f"GET {url} timed out") from exc
+        except aiohttp.ClientError as exc:
+            raise BackendUnreachable(f"GET {url} failed: {exc}") from exc
+
     async def aclose(self) -> None:
         await self._session.close()
 
@@ -213,6 +230,17 @@ class HttpxUpstream:
             return resp.json()
         except ValueError as exc:
             raise BackendUnreachable(f"GET {url} did not return JSON") from exc
+
+    async def get_text(self, url: str, timeout_s: float) -> str:
+        try:
+            resp = await self._client.get(url, timeout=timeout_s)
+        except httpx.TimeoutException as exc:
+            raise BackendTimeout(f"GET {url} timed out") from exc
+        except httpx.HTTPError as exc:
+            raise BackendUnreachable(f"GET {url} failed: {exc}") from exc
+        if resp.status_code != 200:
+            raise BackendUnreachable(f"GET {url} answered {resp.status_code}")
+        return resp.text
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -39,6 +39,11 @@ class FakeState:
     abandoned: int = 0
     completed_streams: int = 0
     models_calls: int = 0
+    # vLLM-style /metrics: requests running now (those delayed by x-fake-delay-s), plus
+    # `bypass_running` more, as if other clients reached the backend around the proxy.
+    running: int = 0
+    bypass_running: int = 0
+    exports_metrics: bool = True
 
 
 def make_fake_backend(state: FakeState | None = None) -> tuple[Starlette, FakeState]:
@@ -61,7 +66,11 @@ def make_fake_backend(state: FakeState | None = None) -> tuple[Starlette, FakeSt
         )
         h = request.headers
         if "x-fake-delay-s" in h:
-            await asyncio.sleep(float(h["x-fake-delay-s"]))
+            st.running += 1
+            try:
+                await asyncio.sleep(float(h["x-fake-delay-s"]))
+            finally:
+                st.running -= 1
         if "x-fake-error" in h:
             status = int(h["x-fake-error"])
             return JSONResponse(
@@ -164,8 +173,23 @@ def make_fake_backend(state: FakeState | None = None) -> tuple[Starlette, FakeSt
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
+    async def metrics(_: Request) -> Response:
+        if not st.exports_metrics:
+            return Response("not found", status_code=404)
+        running = st.running + st.bypass_running
+        text = (
+            "# HELP vllm:num_requests_running Number of requests currently running on GPU.\n"
+            "# TYPE vllm:num_requests_running gauge\n"
+            + "".join(
+                f'vllm:num_requests_running{{model_name="{m}"}} {running if i == 0 else 0}.0\n'
+                for i, m in enumerate(st.models)
+            )
+        )
+        return Response(text, media_type="text/plain; version=0.0.4")
+
     app = Starlette(
         routes=[
+            Route("/metrics", metrics),
             Route("/v1/models", models),
             Route("/v1/chat/completions", completions, methods=["POST"]),
             Route("/v1/completions", completions, methods=["POST"]),

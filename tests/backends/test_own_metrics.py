@@ -1,0 +1,117 @@
+"""The backends' own in-flight counts: parsing their /metrics, and the exported cross-check."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from backends.own_metrics import inflight_from_metrics
+from metering.sources.constant import ConstantSource
+from proxy.app import create_app
+from tests.conftest import proxy_settings
+from tests.fakes.openai_backend import FakeState
+from tests.servers import ServerThread
+
+VLLM = """# HELP vllm:num_requests_running Number of requests currently running on GPU.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{model_name="a"} 3.0
+vllm:num_requests_running{model_name="b"} 2.0
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{model_name="a"} 7.0
+"""
+TGI = "# TYPE tgi_batch_current_size gauge\ntgi_batch_current_size 4\n"
+LLAMACPP = (
+    "# HELP llamacpp:requests_processing Number of requests processing.\n"
+    "# TYPE llamacpp:requests_processing gauge\nllamacpp:requests_processing 1\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (VLLM, 5.0),  # summed over models; waiting requests are not running
+        (TGI, 4.0),
+        (LLAMACPP, 1.0),
+        ("# TYPE other_metric gauge\nother_metric 9\n", None),
+        ("", None),
+        ("<html>not metrics</html>", None),
+        ("{broken", None),
+    ],
+)
+def test_inflight_from_metrics(text: str, expected: float | None) -> None:
+    assert inflight_from_metrics(text) == expected
+
+
+def gauges(proxy: str) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for fam in text_string_to_metric_families(httpx.get(f"{proxy}/metrics").text):
+        for s in fam.samples:
+            if s.name in (
+                "energy_proxy_inflight_requests",
+                "energy_proxy_backend_inflight_requests",
+            ):
+                out.setdefault(s.name, {})[s.labels["backend"]] = s.value
+    return out
+
+
+def wait_for_gauges(proxy: str, want: dict[str, float], timeout_s: float = 10.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        g = gauges(proxy)
+        got = {k: v.get("fake") for k, v in g.items()}
+        if got == want or time.monotonic() > deadline:
+            return got
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def proxy(fake_server: str, tmp_path: Path) -> Iterator[str]:
+    settings = proxy_settings(tmp_path, backends=[f"fake={fake_server}"], backend_metrics_s=0.05)
+    app = create_app(settings, sources=[ConstantSource(100.0, start_s=time.monotonic())])
+    with ServerThread(app) as url:
+        yield url
+
+
+def test_backend_and_proxy_counts_side_by_side(proxy: str, fake: tuple[Any, FakeState]) -> None:
+    _, state = fake
+    idle = {"energy_proxy_inflight_requests": 0.0, "energy_proxy_backend_inflight_requests": 0.0}
+    assert wait_for_gauges(proxy, idle) == idle
+
+    def slow() -> None:
+        httpx.post(
+            f"{proxy}/v1/chat/completions",
+            json={"model": "fake-model", "messages": [{"role": "user", "content": "x"}]},
+            headers={"x-fake-delay-s": "1.5"},
+            timeout=30,
+        )
+
+    t = threading.Thread(target=slow)
+    t.start()
+    state.bypass_running = 2  # two requests reach the backend without the proxy
+    try:
+        busy = {
+            "energy_proxy_inflight_requests": 1.0,
+            "energy_proxy_backend_inflight_requests": 3.0,
+        }
+        assert wait_for_gauges(proxy, busy) == busy
+    finally:
+        t.join()
+        state.bypass_running = 0
+    assert wait_for_gauges(proxy, idle) == idle
+
+
+def test_a_backend_without_metrics_has_no_series(proxy: str, fake: tuple[Any, FakeState]) -> None:
+    _, state = fake
+    state.exports_metrics = False
+    deadline = time.monotonic() + 10
+    while "energy_proxy_backend_inflight_requests" in gauges(proxy):
+        assert time.monotonic() < deadline, "the series did not go away"
+        time.sleep(0.05)
+    assert gauges(proxy)["energy_proxy_inflight_requests"] == {"fake": 0.0}
