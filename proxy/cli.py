@@ -111,6 +111,13 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
         default=S,
         help="HTTP client towards backends (default aiohttp, chosen by bench/overhead.py)",
     )
+    p.add_argument(
+        "--backend-metrics-s",
+        type=float,
+        default=S,
+        metavar="S",
+        help="seconds between reads of the backends' own /metrics (default 5)",
+    )
     p.add_argument("--log-level", default=S, choices=("debug", "info", "warning", "error"))
 
 
