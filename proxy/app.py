@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from backends.registry import Backend, BackendRegistry
 from metering.carbon import IntensityProvider, RefreshingIntensity, StaticIntensity
+from metering.categories import PromptClassifier
 from metering.electricitymaps import ElectricityMapsIntensity
 from metering.groups import bind_channels, gpu_share, time_channel
 from metering.sampler import Sampler
@@ -98,9 +99,7 @@ class EnergyProxyApp:
         self._tasks = [
             asyncio.create_task(self.ctx.sampler.run(self.settings.sample_hz)),
             asyncio.create_task(self.ctx.registry.run(self.settings.models_refresh_s)),
-            asyncio.create_task(
-                self.ctx.registry.run_own_metrics(self.settings.backend_metrics_s)
-            ),
+            asyncio.create_task(self.ctx.registry.run_own_metrics(self.settings.backend_metrics_s)),
         ]
         if self.ctx.request_log is not None:
             self._tasks.append(asyncio.create_task(self.ctx.request_log.run()))
@@ -222,6 +221,7 @@ def create_app(
         intensity=intensity,
         metrics=metrics,
         categories=frozenset(settings.categories),
+        classifier=PromptClassifier(settings.categories),
         max_body_bytes=settings.max_body_bytes,
         api_keys=frozenset(settings.api_keys),
         pue=settings.pue,

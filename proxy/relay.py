@@ -29,6 +29,7 @@ import orjson
 
 from backends.registry import Backend, BackendRegistry
 from metering.carbon import IntensityProvider
+from metering.categories import PromptClassifier
 from metering.ledger import Ticket
 from metering.report import EnergyReport, Tokens, build_report
 from metering.sampler import Sampler
@@ -96,6 +97,8 @@ class RelayContext:
         )
     )
     attribution: str = "tokens"
+    # decides a request's category when the client sent no x-prompt-category
+    classifier: PromptClassifier = field(default_factory=PromptClassifier)
     request_log: RequestLog | None = None
     store: RequestStore | None = None
 
@@ -167,7 +170,7 @@ class MeteredRoute:
                 return  # the client left before sending its request
             payload = _parse_payload(body)
             model = payload["model"]
-            category = self._category(headers)
+            category = self._category(headers) or ctx.classifier.classify_payload(payload)
             backend = await ctx.registry.route(model)
             if backend is None:
                 known = ", ".join(sorted(ctx.registry.known_models())) or "none listed yet"
@@ -408,10 +411,11 @@ class MeteredRoute:
         if scheme.lower() != "bearer" or key.strip() not in self.ctx.api_keys:
             raise Unauthorized("missing or invalid API key for this proxy")
 
-    def _category(self, headers: list[tuple[bytes, bytes]]) -> str:
+    def _category(self, headers: list[tuple[bytes, bytes]]) -> str | None:
+        """The client's own `x-prompt-category` (400 if outside the set), else None."""
         raw = header_value(headers, b"x-prompt-category")
         if raw is None:
-            return "other"
+            return None
         value = raw.decode("latin-1").strip().lower()
         if value not in self.ctx.categories:
             allowed = ", ".join(sorted(self.ctx.categories))

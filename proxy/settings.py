@@ -21,9 +21,8 @@ from pydantic import (
     model_validator,
 )
 
+from metering.categories import DEFAULT_CATEGORIES
 from metering.sci import DEFAULT_EMBODIED_KGCO2EQ, DEFAULT_LIFESPAN_YEARS
-
-DEFAULT_CATEGORIES = ("code", "sql", "math", "translation", "summarization", "questions", "other")
 
 # World average carbon intensity of electricity generation in 2023: 480 gCO2eq/kWh
 # (Ember, "Global Electricity Review 2024"). Used until a zone is configured.
