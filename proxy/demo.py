@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from openai import APIError, OpenAI
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn
 from rich.table import Table
@@ -35,6 +36,7 @@ class DemoRow:
     category: str
     mode: str
     energy: dict[str, Any]
+    error: str = ""  # why this prompt failed ("" when it did not)
 
 
 def run_demo(
@@ -66,6 +68,9 @@ def run_demo(
             )
             rows = _send_prompts(console, proxy.url, model, max_tokens)
             _print_table(console, rows, proxy.url)
+            if not any(r.energy for r in rows):
+                console.print(f"[red]energy-proxy demo: every prompt failed[/] (logs in {logs})")
+                return 1
     except LaunchError as exc:
         console.print(f"[red]energy-proxy demo: {exc}[/] (logs in {logs})")
         return 1
@@ -78,8 +83,6 @@ def run_demo(
 def _send_prompts(
     console: Console, proxy_url: str, model: str | None, max_tokens: int
 ) -> list[DemoRow]:
-    from openai import OpenAI
-
     client = OpenAI(base_url=proxy_url + "/v1", api_key="demo", max_retries=0, timeout=300)
     model = model or client.models.list().data[0].id
     rows: list[DemoRow] = []
@@ -101,18 +104,25 @@ def _send_prompts(
                 "temperature": 0,
                 "extra_headers": {"x-prompt-category": category},
             }
-            if stream:
-                energy: dict[str, Any] = {}
-                for chunk in client.chat.completions.create(stream=True, **kwargs):
-                    extra = chunk.model_extra or {}
-                    if "energy" in extra:
-                        energy = extra["energy"]
-                rows.append(DemoRow(category, "stream", energy))
-            else:
-                resp = client.chat.completions.create(**kwargs)
-                rows.append(DemoRow(category, "json", (resp.model_extra or {})["energy"]))
+            try:
+                rows.append(_ask(client, category, stream, kwargs))
+            except APIError as exc:
+                # One failed prompt (a backend that broke off, say) is one failed row.
+                rows.append(DemoRow(category, "stream" if stream else "json", {}, str(exc)))
             progress.advance(task)
     return rows
+
+
+def _ask(client: OpenAI, category: str, stream: bool, kwargs: dict[str, Any]) -> DemoRow:
+    if not stream:
+        resp = client.chat.completions.create(**kwargs)
+        return DemoRow(category, "json", (resp.model_extra or {})["energy"])
+    energy: dict[str, Any] = {}
+    for chunk in client.chat.completions.create(stream=True, **kwargs):
+        extra = chunk.model_extra or {}
+        if "energy" in extra:
+            energy = extra["energy"]
+    return DemoRow(category, "stream", energy, "" if energy else "no energy event in the stream")
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:
@@ -120,13 +130,16 @@ def _fmt(x: float | None, digits: int = 3) -> str:
 
 
 def _print_table(console: Console, rows: list[DemoRow], proxy_url: str) -> None:
-    methods = sorted({r.energy.get("method", "") for r in rows})
+    methods = sorted({r.energy["method"] for r in rows if r.energy})
     table = Table(title="Energy per prompt, measured by energy-proxy")
     for col in ("category", "mode", "tokens in/out", "joules", "J/token", "gCO2eq", "seconds"):
         left = col in ("category", "mode")
         table.add_column(col, justify="left" if left else "right", no_wrap=True)
     for r in rows:
         e = r.energy
+        if not e:
+            table.add_row(r.category, r.mode, f"[red]failed: {r.error[:60]}[/]", *["-"] * 4)
+            continue
         prompt = e.get("prompt_tokens")
         table.add_row(
             r.category,
@@ -138,7 +151,7 @@ def _print_table(console: Console, rows: list[DemoRow], proxy_url: str) -> None:
             _fmt(e.get("duration_s")),
         )
     console.print(table)
-    intensity = rows[0].energy if rows else {}
+    intensity = next((r.energy for r in rows if r.energy), {})
     console.print(
         f"method: {', '.join(methods)}; grid intensity "
         f"{intensity.get('carbon_intensity_g_per_kwh')} gCO2eq/kWh "

@@ -158,9 +158,10 @@ def test_concurrent_requests_share_energy_and_metrics_add_up(
     # Conservation through the real stack: what requests were told adds up to what was
     # attributed (nothing is in flight now).
     assert total == pytest.approx(attributed, rel=1e-6)
-    counts = {
-        labels["model"]: v
+    # Summed over categories: the classifier may put these prompts in different ones.
+    answered = sum(
+        v
         for labels, v in metric_samples(proxy.url, "energy_proxy_requests_total")
-        if labels["status"] == "200"
-    }
-    assert counts[BUNDLED_MODEL_ALIAS] >= 3
+        if labels["status"] == "200" and labels["model"] == BUNDLED_MODEL_ALIAS
+    )
+    assert answered >= 3

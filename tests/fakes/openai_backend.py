@@ -44,6 +44,8 @@ class FakeState:
     running: int = 0
     bypass_running: int = 0
     exports_metrics: bool = True
+    # Streams die after this many tokens, for every request (x-fake-die-after: for one).
+    die_after: int | None = None
 
 
 def make_fake_backend(state: FakeState | None = None) -> tuple[Starlette, FakeState]:
@@ -131,7 +133,7 @@ def make_fake_backend(state: FakeState | None = None) -> tuple[Starlette, FakeSt
             include_usage = False
         sep = "\r\n\r\n" if h.get("x-fake-sep") == "crlf" else "\n\n"
         token_delay_s = float(h.get("x-fake-token-delay-s", "0"))
-        die_after = int(h["x-fake-die-after"]) if "x-fake-die-after" in h else None
+        die_after = int(h["x-fake-die-after"]) if "x-fake-die-after" in h else st.die_after
         obj = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(choices: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> str:

@@ -1,0 +1,40 @@
+"""The demo's prompt loop against the proxy and the fake backend on real sockets: a prompt
+whose stream the backend breaks off is one failed row, not the end of the demo."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from metering.sources.constant import ConstantSource
+from proxy.app import create_app
+from proxy.demo import DEMO_PROMPTS, _print_table, _send_prompts
+from tests.conftest import proxy_settings
+from tests.fakes.openai_backend import FakeState
+from tests.servers import ServerThread
+
+
+def test_a_broken_stream_is_one_failed_row(
+    fake_server: str, fake: tuple[Any, FakeState], tmp_path: Path
+) -> None:
+    _, state = fake
+    state.die_after = 1  # every stream breaks after its first token; JSON answers are fine
+    app = create_app(
+        proxy_settings(tmp_path, backends=[f"fake={fake_server}"]),
+        sources=[ConstantSource(100.0, start_s=time.monotonic())],
+    )
+    console = Console(record=True, width=200)
+    with ServerThread(app) as proxy:
+        rows = _send_prompts(console, proxy, "fake-model", 4)
+        _print_table(console, rows, proxy)
+    assert [r.category for r in rows] == [c for c, _, _ in DEMO_PROMPTS]
+    for row, (_, _, stream) in zip(rows, DEMO_PROMPTS, strict=True):
+        if stream:
+            assert not row.energy and row.error
+        else:
+            assert row.energy["joules"] > 0 and not row.error
+    out = console.export_text()
+    assert out.count("failed:") == sum(1 for _, _, s in DEMO_PROMPTS if s)
