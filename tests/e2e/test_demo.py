@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -19,21 +20,38 @@ DEMO = [sys.executable, "-m", "proxy.cli", "demo"]
 ENV = {**os.environ, "COLUMNS": "120", "NO_COLOR": "1"}
 
 
-def children_alive(marker: str) -> list[str]:
-    """Command lines of live processes that mention `marker` (ours: servers we started)."""
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [ln for ln in out.splitlines() if marker in ln and "ps -eo" not in ln]
+def marked_env() -> tuple[dict[str, str], str]:
+    """The demo's environment with a mark of its own, which its servers inherit."""
+    mark = f"ENERGY_PROXY_TEST_MARK={uuid.uuid4().hex}"
+    key, _, value = mark.partition("=")
+    return {**ENV, key: value}, mark
+
+
+def alive_with(mark: str) -> list[str]:
+    """Command lines of live processes whose environment holds `mark`: only the demo and
+    the servers it started, whatever else runs on the machine."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+            if mark.encode() in environ and (proc / "stat").read_text().split()[2] != "Z":
+                found.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return found
 
 
 def test_demo_prints_a_row_per_prompt_and_stops_its_servers() -> None:
-    before = children_alive(BUNDLED_MODEL_FILE)
-    done = subprocess.run(DEMO, capture_output=True, text=True, timeout=600, env=ENV)
+    env, mark = marked_env()
+    done = subprocess.run(DEMO, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
     for category in ("code", "sql", "math", "translation", "summarization", "questions"):
         assert f"│ {category}" in out
     assert "cpu-estimate" in out and "ESTIMATE" in out
-    assert children_alive(BUNDLED_MODEL_FILE) == before
+    assert alive_with(mark) == []
 
 
 def test_demo_against_a_running_backend(tmp_path: Path) -> None:
@@ -51,9 +69,9 @@ def test_demo_against_a_running_backend(tmp_path: Path) -> None:
 
 
 def test_ctrl_c_stops_both_servers(tmp_path: Path) -> None:
-    before = children_alive(BUNDLED_MODEL_FILE)
+    env, mark = marked_env()
     proc = subprocess.Popen(
-        DEMO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV
+        DEMO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
     )
     assert proc.stdout is not None
     seen = ""
@@ -64,8 +82,9 @@ def test_ctrl_c_stops_both_servers(tmp_path: Path) -> None:
             break
         seen += line
     assert "Starting energy-proxy" in seen, seen
+    servers = [c for c in alive_with(mark) if BUNDLED_MODEL_FILE in c]
+    assert servers, "the bundled backend should be running under the demo"
     proc.send_signal(signal.SIGINT)
     rest, _ = proc.communicate(timeout=60)
     assert proc.returncode in (130, 1), seen + rest
-    assert children_alive(BUNDLED_MODEL_FILE) == before
-    assert children_alive("proxy.cli serve") == []
+    assert alive_with(mark) == []
