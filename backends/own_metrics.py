@@ -3,33 +3,100 @@
 The proxy exports the backend's in-flight count beside its own
 (`energy_proxy_backend_inflight_requests` next to `energy_proxy_inflight_requests`): when
 the backend runs more requests than the proxy sent it, other traffic bypasses the proxy
-and the energy those requests draw is attributed to the proxy's requests.
+and the energy those requests draw is attributed to the proxy's requests. The token
+totals serve the same cross-check for tokens (the backend's count against the proxy's).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from prometheus_client.parser import text_string_to_metric_families
 
-# Sample names of the requests a server is running right now, by server kind.
-INFLIGHT_SAMPLES = (
-    "vllm:num_requests_running",  # vLLM, one series per model_name
-    "tgi_batch_current_size",  # TGI
-    "llamacpp:requests_processing",  # llama.cpp's llama-server (--metrics)
+
+@dataclass(frozen=True, slots=True)
+class MetricNames:
+    """Sample names (as the Prometheus text parser reports them) of one server kind."""
+
+    inflight: frozenset[str] = frozenset()
+    prompt_tokens_total: frozenset[str] = frozenset()
+    completion_tokens_total: frozenset[str] = frozenset()
+
+    def __or__(self, other: MetricNames) -> MetricNames:
+        return MetricNames(
+            self.inflight | other.inflight,
+            self.prompt_tokens_total | other.prompt_tokens_total,
+            self.completion_tokens_total | other.completion_tokens_total,
+        )
+
+
+# vLLM (vllm/v1/metrics/loggers.py): gauges and counters labelled model_name (and engine).
+VLLM_METRICS = MetricNames(
+    inflight=frozenset({"vllm:num_requests_running"}),
+    prompt_tokens_total=frozenset({"vllm:prompt_tokens_total"}),
+    completion_tokens_total=frozenset({"vllm:generation_tokens_total"}),
 )
+# TGI (docs reference/metrics): token counts are histograms; their _sum is the running
+# total. Input lengths are recorded at validation, generated tokens when a request ends.
+TGI_METRICS = MetricNames(
+    inflight=frozenset({"tgi_batch_current_size"}),
+    prompt_tokens_total=frozenset({"tgi_request_input_length_sum"}),
+    completion_tokens_total=frozenset({"tgi_request_generated_tokens_sum"}),
+)
+# llama.cpp's llama-server with --metrics (tools/server/README.md).
+LLAMACPP_METRICS = MetricNames(
+    inflight=frozenset({"llamacpp:requests_processing"}),
+    prompt_tokens_total=frozenset({"llamacpp:prompt_tokens_total"}),
+    completion_tokens_total=frozenset({"llamacpp:tokens_predicted_total"}),
+)
+# Any server we know: the names do not collide, so an unknown server is read with all.
+ANY_METRICS = VLLM_METRICS | TGI_METRICS | LLAMACPP_METRICS
+
+# Kept for callers of the first version of this module.
+INFLIGHT_SAMPLES = tuple(sorted(ANY_METRICS.inflight))
 
 
-def inflight_from_metrics(text: str) -> float | None:
-    """The backend's own count of requests in flight, or None when it exports none we know.
+@dataclass(frozen=True, slots=True)
+class OwnMetrics:
+    """A backend's own figures; None where it exports none we know.
 
-    Series of one name are summed (vLLM exports one per model). Text that is not the
-    Prometheus exposition format is None, not an error: the endpoint is optional.
+    `inflight` is requests running now; the totals are tokens since the backend started
+    (counters: they only grow, until the backend restarts).
     """
-    total: float | None = None
+
+    inflight: float | None = None
+    prompt_tokens_total: float | None = None
+    completion_tokens_total: float | None = None
+
+
+NO_METRICS = OwnMetrics()
+
+
+def parse_own_metrics(text: str, names: MetricNames = ANY_METRICS) -> OwnMetrics:
+    """Read the figures named in `names` from Prometheus text.
+
+    Series of one name are summed (vLLM exports one per model and engine). Text that is
+    not the Prometheus exposition format gives all None, not an error: the endpoint is
+    optional and may be something else entirely.
+    """
+    inflight: float | None = None
+    prompt: float | None = None
+    completion: float | None = None
     try:
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
-                if sample.name in INFLIGHT_SAMPLES:
-                    total = (total or 0.0) + float(sample.value)
+                name, value = sample.name, float(sample.value)
+                if name in names.inflight:
+                    inflight = (inflight or 0.0) + value
+                elif name in names.prompt_tokens_total:
+                    prompt = (prompt or 0.0) + value
+                elif name in names.completion_tokens_total:
+                    completion = (completion or 0.0) + value
     except ValueError:
-        return None
-    return total
+        return NO_METRICS
+    return OwnMetrics(inflight, prompt, completion)
+
+
+def inflight_from_metrics(text: str) -> float | None:
+    """The backend's own count of requests in flight, or None when it exports none we know."""
+    return parse_own_metrics(text).inflight

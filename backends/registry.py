@@ -1,8 +1,11 @@
 """The configured backends, the models each one lists, and routing by model name.
 
-Model lists come from each backend's `GET /v1/models`, fetched at start-up, refreshed on
-a period in the background, and re-fetched (at most every few seconds) when a request
-names a model nobody lists, so a model loaded after start-up is found without a restart.
+Model lists come from each backend's model listing (`GET /v1/models`, or what its kind
+offers), fetched at start-up, refreshed on a period in the background, and re-fetched (at
+most every few seconds) when a request names a model nobody lists, so a model loaded after
+start-up is found without a restart. A backend configured with kind `auto` has its kind
+detected on the same refreshes until a probe succeeds; then the kind is kept.
+A backend is ready when its kind's health check passes and its model list was read.
 """
 
 from __future__ import annotations
@@ -12,32 +15,60 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-from backends.own_metrics import inflight_from_metrics
+from backends.adapters import Adapter, ModelListError, adapter_for
+from backends.detect import detect_kind
+from backends.fetch import JsonGetter, JsonPoster
+from backends.kinds import AUTO, OPENAI, Kind, kind_named
+from backends.own_metrics import OwnMetrics
+
+__all__ = ["Backend", "BackendRegistry", "JsonGetter", "JsonPoster", "base_url"]
 
 log = logging.getLogger("energy_proxy.backends")
 
-
-class JsonGetter(Protocol):
-    async def get_json(self, url: str, timeout_s: float) -> object: ...
-
-    async def get_text(self, url: str, timeout_s: float) -> str: ...
+# Where a backend's kind came from (`/readyz` `kind_source`).
+CONFIGURED, DETECTED, UNDETECTED = "configured", "detected", "undetected"
 
 
 @dataclass(slots=True)
 class Backend:
+    """One configured backend. `kind` is one of `KIND_NAMES`; given as "auto", it reads
+    "openai" until detection tells (`kind_source` "undetected", then "detected")."""
+
     name: str
     url: str
-    kind: str = "openai"
+    kind: str = OPENAI
     api_key: str | None = None
     gpus: list[int] | None = None
     models: list[dict[str, Any]] = field(default_factory=list)
     ready: bool = False
     listed: bool = False  # the model list has been fetched at least once
     last_error: str = ""
-    # The backend's own in-flight count from its /metrics; None where it exports none.
-    own_inflight: float | None = None
+    # The backend's own figures from its /metrics; None where its kind exports none.
+    own: OwnMetrics | None = None
+    kind_source: str = CONFIGURED
+    inflight: int = 0  # requests the proxy has in flight to it (kept by the relay)
+
+    def __post_init__(self) -> None:
+        if self.kind == AUTO:
+            self.kind, self.kind_source = OPENAI, UNDETECTED
+        else:
+            kind_named(self.kind)  # ValueError for an unknown kind
+
+    @property
+    def spec(self) -> Kind:
+        """What the backend's kind does and offers (health, usage in streams, ...)."""
+        return kind_named(self.kind)
+
+    @property
+    def adapter(self) -> Adapter:
+        return adapter_for(self.kind)
+
+    @property
+    def own_inflight(self) -> float | None:
+        """The backend's own count of requests in flight, where it exports one."""
+        return self.own.inflight if self.own is not None else None
 
     @property
     def model_ids(self) -> list[str]:
@@ -48,6 +79,7 @@ class Backend:
             "name": self.name,
             "url": self.url,
             "kind": self.kind,
+            "kind_source": self.kind_source,
             "ready": self.ready,
             "models": self.model_ids,
             **({"error": self.last_error} if self.last_error else {}),
@@ -65,6 +97,8 @@ class BackendRegistry:
 
     MISS_REFRESH_S = 2.0
     LIST_TIMEOUT_S = 5.0
+    PROBE_TIMEOUT_S = 2.0  # each detection probe (all run at once)
+    TOKENIZE_TIMEOUT_S = 2.0  # the final event of a stream waits on it
 
     def __init__(
         self,
@@ -79,6 +113,8 @@ class BackendRegistry:
         for b in self.backends:
             b.url = base_url(b.url)
         self._getter = getter
+        # Token counting needs a POST; a getter without one simply counts nothing.
+        self._poster = getter if isinstance(getter, JsonPoster) else None
         self._clock = clock
         self._routes: dict[str, Backend] = {}
         self._last_refresh_s = -1e9
@@ -110,7 +146,10 @@ class BackendRegistry:
     async def refresh(self) -> None:
         async with self._refresh_lock:
             self._last_refresh_s = self._clock()
-            await asyncio.gather(*(self._refresh_one(b) for b in self.backends))
+            # A serial server busy with a request keeps its list until it is idle: asking
+            # it now would cut off the stream it is sending (see Kind.serial).
+            idle = [b for b in self.backends if not (b.spec.serial and b.inflight)]
+            await asyncio.gather(*(self._refresh_one(b) for b in idle))
             routes: dict[str, Backend] = {}
             for b in self.backends:
                 for mid in b.model_ids:
@@ -119,23 +158,38 @@ class BackendRegistry:
             self._routes = routes
 
     async def _refresh_one(self, b: Backend) -> None:
-        try:
-            doc = await self._getter.get_json(f"{b.url}/v1/models", self.LIST_TIMEOUT_S)
-        except Exception as exc:  # any failure: the backend is not ready, the proxy goes on
+        if b.kind_source == UNDETECTED:
+            await self._detect(b)
+        adapter = b.adapter
+        listing, health_problem = await asyncio.gather(
+            self._list(adapter, b), adapter.check_health(self._getter, b.url, self.LIST_TIMEOUT_S)
+        )
+        if isinstance(listing, list):
+            b.models = listing
+            b.listed = True
+        problem = listing if isinstance(listing, str) else health_problem
+        if problem:
             if b.ready or not b.last_error:
-                log.warning("backend %s (%s) not ready: %s", b.name, b.url, exc)
+                log.warning("backend %s (%s) not ready: %s", b.name, b.url, problem)
             b.ready = False
-            b.last_error = str(exc) or type(exc).__name__
+            b.last_error = problem
             return
-        data = doc.get("data") if isinstance(doc, dict) else None
-        if not isinstance(data, list):
-            b.ready = False
-            b.last_error = "GET /v1/models did not return an OpenAI model list"
-            return
-        b.models = [m for m in data if isinstance(m, dict) and "id" in m]
         b.ready = True
-        b.listed = True
         b.last_error = ""
+
+    async def _list(self, adapter: Adapter, b: Backend) -> list[dict[str, Any]] | str:
+        """The model list, or why it could not be read."""
+        try:
+            return await adapter.list_models(self._getter, b.url, self.LIST_TIMEOUT_S)
+        except ModelListError as exc:
+            return str(exc) or "the model list could not be read"
+
+    async def _detect(self, b: Backend) -> None:
+        kind = await detect_kind(self._getter, b.url, self.PROBE_TIMEOUT_S)
+        if kind is None:
+            return  # down or starting: ask again on the next refresh
+        b.kind, b.kind_source = kind, DETECTED
+        log.info("backend %s (%s) is %s", b.name, b.url, kind)
 
     async def run(self, period_s: float) -> None:
         """Refresh forever every `period_s` seconds (cancel to stop)."""
@@ -144,16 +198,24 @@ class BackendRegistry:
             await self.refresh()
 
     async def scrape_own_metrics(self) -> None:
-        """Read each backend's own in-flight count from its `/metrics` (where it has one)."""
+        """Read each backend's own figures from its `/metrics` (kinds that have one)."""
         await asyncio.gather(*(self._scrape_one(b) for b in self.backends))
 
     async def _scrape_one(self, b: Backend) -> None:
-        try:
-            text = await self._getter.get_text(f"{b.url}/metrics", self.LIST_TIMEOUT_S)
-        except Exception:  # no /metrics, or down: there is simply no figure to compare
-            b.own_inflight = None
+        if b.spec.serial and b.inflight:
             return
-        b.own_inflight = inflight_from_metrics(text)
+        b.own = await b.adapter.own_metrics(self._getter, b.url, self.LIST_TIMEOUT_S)
+
+    # --- token counting (after a stream that brought no usage; not on the hot path) -----
+
+    async def count_tokens(self, backend: Backend, model: str, text: str) -> int | None:
+        """Tokens in `text` by the backend's own tokenizer; None where its kind has no
+        tokenize endpoint, the getter cannot POST, or anything fails. Never raises."""
+        if self._poster is None:
+            return None
+        return await backend.adapter.count_tokens(
+            self._poster, backend.url, model, text, self.TOKENIZE_TIMEOUT_S
+        )
 
     async def run_own_metrics(self, period_s: float) -> None:
         """Scrape the backends' own metrics now and every `period_s` seconds (cancel to stop)."""

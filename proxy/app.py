@@ -56,6 +56,9 @@ class _LazyUpstream:
     async def get_text(self, url: str, timeout_s: float) -> str:
         return await self._current().get_text(url, timeout_s)
 
+    async def post_json(self, url: str, body: object, timeout_s: float) -> object:
+        return await self._current().post_json(url, body, timeout_s)
+
 
 class EnergyProxyApp:
     """The ASGI app. `startup()`/`shutdown()` also run through the ASGI lifespan."""
@@ -163,6 +166,9 @@ class _Unstarted:
     async def get_text(self, url: str, timeout_s: float) -> str:
         raise RuntimeError("the app has not been started")
 
+    async def post_json(self, url: str, body: object, timeout_s: float) -> object:
+        raise RuntimeError("the app has not been started")
+
     async def aclose(self) -> None:
         return None
 
@@ -204,7 +210,7 @@ def create_app(
         Backend(
             name=b.name,
             url=b.url,
-            kind="openai" if b.kind == "auto" else b.kind,
+            kind=b.kind,
             api_key=b.api_key,
             gpus=b.gpus,
         )

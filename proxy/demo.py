@@ -162,10 +162,11 @@ def _print_table(console: Console, rows: list[DemoRow], proxy_url: str) -> None:
             "[yellow]cpu-estimate: no power sensor is readable here, so these joules are an "
             "ESTIMATE from CPU utilisation (see README), not a measurement.[/]"
         )
-    console.print(
-        "'?' prompt tokens: the backend sent no usage in its stream; the proxy counted the "
-        "completion tokens itself (tokens_source=proxy)."
-    )
+    if any(r.energy and r.energy.get("prompt_tokens") is None for r in rows):
+        console.print(
+            "'?' prompt tokens: the backend sent no usage in its stream and has no tokenize "
+            "endpoint; the proxy counted the completion tokens itself (tokens_source=proxy)."
+        )
     console.print(f"metrics were at {proxy_url}/metrics while the demo ran")
 
 

@@ -115,6 +115,7 @@ class _Exchange:
         "energy",
         "inspector",
         "model",
+        "payload",
         "report",
         "response_done",
         "started",
@@ -149,6 +150,7 @@ class _Exchange:
         self.status = 0
         self.report: EnergyReport | None = None
         self.energy: dict[str, Any] = {}
+        self.payload: dict[str, Any] = {}
 
 
 class MeteredRoute:
@@ -191,7 +193,9 @@ class MeteredRoute:
         )
         ticket, t0 = ctx.sampler.start(weight, channels)
         ex = _Exchange(model, category, backend, channels, weight, ticket, t0)
+        ex.payload = payload
         ctx.metrics.inflight.labels(backend.name).inc()
+        backend.inflight += 1
         task = asyncio.current_task()
         assert task is not None
         watcher = asyncio.ensure_future(_watch_disconnect(receive, task, ex))
@@ -241,6 +245,7 @@ class MeteredRoute:
                 _tokens_from_usage(partial.usage, partial.counted_tokens) if partial else None,
             )
             ctx.metrics.inflight.labels(backend.name).dec()
+            backend.inflight -= 1
             if resp is not None:
                 await resp.close()
 
@@ -312,6 +317,8 @@ class MeteredRoute:
             if kept is not None:
                 await send({"type": "http.response.body", "body": kept, "more_body": True})
         tokens = _tokens_from_usage(inspector.usage, inspector.counted_tokens)
+        if tokens.prompt is None and failure is None:
+            tokens = Tokens(await self._count_prompt(ex), tokens.completion, tokens.source)
         self._settle(ex, request_id, tokens)
         sep = splitter.separator
         final = b""
@@ -403,6 +410,15 @@ class MeteredRoute:
 
     # --- checks --------------------------------------------------------------------------
 
+    async def _count_prompt(self, ex: _Exchange) -> int | None:
+        """The prompt's tokens by the backend's own tokenizer, for a stream that brought
+        no usage; None where it has none, or a serial server has other work in flight
+        (asking it then would cut off another client's stream)."""
+        b = ex.backend
+        if b.spec.tokenizer is None or (b.spec.serial and b.inflight > 1):
+            return None
+        return await self.ctx.registry.count_tokens(b, ex.model, prompt_text(ex.payload))
+
     def _check_key(self, headers: list[tuple[bytes, bytes]]) -> None:
         if not self.ctx.api_keys:
             return
@@ -467,6 +483,32 @@ def _ask_for_usage(payload: dict[str, Any], body: bytes) -> tuple[bytes, bool]:
     new_opts = dict(opts) if isinstance(opts, dict) else {}
     new_opts["include_usage"] = True
     return orjson.dumps({**payload, "stream_options": new_opts}), False
+
+
+def prompt_text(payload: dict[str, Any]) -> str:
+    """The text a backend tokenizes for this request: chat message contents joined by
+    newlines (text parts only), or the prompt / input. Chat templates add a few tokens
+    this does not see, so a count from it is a slight undercount."""
+    messages = payload.get("messages")
+    if isinstance(messages, list):
+        parts: list[str] = []
+        for m in messages:
+            content = m.get("content") if isinstance(m, dict) else None
+            if isinstance(content, str):
+                parts.append(content)
+            elif isinstance(content, list):
+                parts.extend(
+                    p["text"]
+                    for p in content
+                    if isinstance(p, dict) and isinstance(p.get("text"), str)
+                )
+        return "\n".join(parts)
+    prompt = payload.get("prompt", payload.get("input"))
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
+        return "\n".join(prompt)
+    return ""
 
 
 def _tokens_from_usage(usage: Any, counted: int | None) -> Tokens:

@@ -21,6 +21,7 @@ from pydantic import (
     model_validator,
 )
 
+from backends.kinds import AUTO, KIND_NAMES
 from metering.categories import DEFAULT_CATEGORIES
 from metering.sci import DEFAULT_EMBODIED_KGCO2EQ, DEFAULT_LIFESPAN_YEARS
 
@@ -56,6 +57,13 @@ class BackendConfig(BaseModel):
         if not v.startswith(("http://", "https://")):
             raise ValueError(f"backend url must start with http:// or https://, got {v!r}")
         return v.rstrip("/")
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, v: str) -> str:
+        if v != AUTO and v not in KIND_NAMES:
+            raise ValueError(f"backend kind must be {AUTO!r} or one of {', '.join(KIND_NAMES)}")
+        return v
 
     @field_validator("name")
     @classmethod

@@ -129,7 +129,8 @@ class StreamInspector:
                 return event
             if not isinstance(obj, dict):
                 return event
-            if self.template is None and obj.get("id"):
+            # Keyed on "choices", not "id": TGI sends "id": "" on every chunk.
+            if self.template is None and "choices" in obj:
                 self.template = {
                     k: obj[k] for k in ("id", "object", "created", "model") if k in obj
                 }

@@ -16,6 +16,7 @@ from typing import Protocol
 
 import aiohttp
 import httpx
+import orjson
 
 from proxy.errors import BackendTimeout, BackendUnreachable
 
@@ -55,6 +56,10 @@ class UpstreamClient(Protocol):
 
     async def get_text(self, url: str, timeout_s: float) -> str:
         """A small GET of a text document (a backend's /metrics; not on the request path)."""
+        ...
+
+    async def post_json(self, url: str, body: object, timeout_s: float) -> object:
+        """A small JSON POST (a backend's tokenize endpoint; not on the request path)."""
         ...
 
     async def aclose(self) -> None: ...
@@ -129,31 +134,41 @@ class AiohttpUpstream:
             raise BackendUnreachable(f"cannot reach the backend: {exc}") from exc
         return _AiohttpResponse(resp)
 
-    async def get_json(self, url: str, timeout_s: float) -> object:
+    async def _fetch(
+        self, method: str, url: str, timeout_s: float, json_body: object = None
+    ) -> bytes:
+        """A small request off the request path (discovery, health, metrics, tokenize)."""
         try:
-            async with self._session.get(
-                url, timeout=aiohttp.ClientTimeout(total=timeout_s)
+            # The session skips auto headers (the relay forwards the client's own), so a
+            # JSON body states its content type itself.
+            data, headers = (
+                (None, None)
+                if json_body is None
+                else (orjson.dumps(json_body), {"content-type": "application/json"})
+            )
+            async with self._session.request(
+                method,
+                url,
+                data=data,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=timeout_s),
             ) as resp:
                 if resp.status != 200:
-                    raise BackendUnreachable(f"GET {url} answered {resp.status}")
-                return await resp.json(content_type=None)
+                    raise BackendUnreachable(f"{method} {url} answered {resp.status}")
+                return await resp.read()
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            raise BackendTimeout(f"GET {url} timed out") from exc
-        except (aiohttp.ClientError, ValueError) as exc:
-            raise BackendUnreachable(f"GET {url} failed: {exc}") from exc
+            raise BackendTimeout(f"{method} {url} timed out") from exc
+        except aiohttp.ClientError as exc:
+            raise BackendUnreachable(f"{method} {url} failed: {exc}") from exc
+
+    async def get_json(self, url: str, timeout_s: float) -> object:
+        return _json_of("GET", url, await self._fetch("GET", url, timeout_s))
 
     async def get_text(self, url: str, timeout_s: float) -> str:
-        try:
-            async with self._session.get(
-                url, timeout=aiohttp.ClientTimeout(total=timeout_s)
-            ) as resp:
-                if resp.status != 200:
-                    raise BackendUnreachable(f"GET {url} answered {resp.status}")
-                return await resp.text(errors="replace")
-        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            raise BackendTimeout(f"GET {url} timed out") from exc
-        except aiohttp.ClientError as exc:
-            raise BackendUnreachable(f"GET {url} failed: {exc}") from exc
+        return (await self._fetch("GET", url, timeout_s)).decode("utf-8", "replace")
+
+    async def post_json(self, url: str, body: object, timeout_s: float) -> object:
+        return _json_of("POST", url, await self._fetch("POST", url, timeout_s, body))
 
     async def aclose(self) -> None:
         await self._session.close()
@@ -217,33 +232,38 @@ class HttpxUpstream:
             raise BackendUnreachable(f"cannot reach the backend: {exc}") from exc
         return _HttpxResponse(resp)
 
-    async def get_json(self, url: str, timeout_s: float) -> object:
+    async def _fetch(
+        self, method: str, url: str, timeout_s: float, json_body: object = None
+    ) -> bytes:
         try:
-            resp = await self._client.get(url, timeout=timeout_s)
+            resp = await self._client.request(method, url, json=json_body, timeout=timeout_s)
         except httpx.TimeoutException as exc:
-            raise BackendTimeout(f"GET {url} timed out") from exc
+            raise BackendTimeout(f"{method} {url} timed out") from exc
         except httpx.HTTPError as exc:
-            raise BackendUnreachable(f"GET {url} failed: {exc}") from exc
+            raise BackendUnreachable(f"{method} {url} failed: {exc}") from exc
         if resp.status_code != 200:
-            raise BackendUnreachable(f"GET {url} answered {resp.status_code}")
-        try:
-            return resp.json()
-        except ValueError as exc:
-            raise BackendUnreachable(f"GET {url} did not return JSON") from exc
+            raise BackendUnreachable(f"{method} {url} answered {resp.status_code}")
+        return resp.content
+
+    async def get_json(self, url: str, timeout_s: float) -> object:
+        return _json_of("GET", url, await self._fetch("GET", url, timeout_s))
 
     async def get_text(self, url: str, timeout_s: float) -> str:
-        try:
-            resp = await self._client.get(url, timeout=timeout_s)
-        except httpx.TimeoutException as exc:
-            raise BackendTimeout(f"GET {url} timed out") from exc
-        except httpx.HTTPError as exc:
-            raise BackendUnreachable(f"GET {url} failed: {exc}") from exc
-        if resp.status_code != 200:
-            raise BackendUnreachable(f"GET {url} answered {resp.status_code}")
-        return resp.text
+        return (await self._fetch("GET", url, timeout_s)).decode("utf-8", "replace")
+
+    async def post_json(self, url: str, body: object, timeout_s: float) -> object:
+        return _json_of("POST", url, await self._fetch("POST", url, timeout_s, body))
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+def _json_of(method: str, url: str, body: bytes) -> object:
+    try:
+        doc: object = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BackendUnreachable(f"{method} {url} did not return JSON") from exc
+    return doc
 
 
 def make_upstream(kind: str, timeout_s: float) -> UpstreamClient:

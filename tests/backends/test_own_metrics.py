@@ -12,9 +12,18 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from backends.own_metrics import inflight_from_metrics
+from backends.own_metrics import (
+    LLAMACPP_METRICS,
+    TGI_METRICS,
+    VLLM_METRICS,
+    MetricNames,
+    OwnMetrics,
+    inflight_from_metrics,
+    parse_own_metrics,
+)
 from metering.sources.constant import ConstantSource
 from proxy.app import create_app
+from tests.backends.fake_servers import recorded
 from tests.conftest import proxy_settings
 from tests.fakes.openai_backend import FakeState
 from tests.servers import ServerThread
@@ -115,3 +124,30 @@ def test_a_backend_without_metrics_has_no_series(proxy: str, fake: tuple[Any, Fa
         assert time.monotonic() < deadline, "the series did not go away"
         time.sleep(0.05)
     assert gauges(proxy)["energy_proxy_inflight_requests"] == {"fake": 0.0}
+
+
+@pytest.mark.parametrize(
+    ("kind", "names", "expected"),
+    [
+        ("vllm", VLLM_METRICS, OwnMetrics(3.0, 12345.0, 6789.0)),
+        ("tgi", TGI_METRICS, OwnMetrics(2.0, 2048.0, 1500.0)),
+        ("llamacpp", LLAMACPP_METRICS, OwnMetrics(1.0, 75.0, 31.0)),
+    ],
+)
+def test_recorded_metrics(kind: str, names: MetricNames, expected: OwnMetrics) -> None:
+    text = recorded(kind, "metrics.txt")
+    assert parse_own_metrics(text, names) == expected
+    assert parse_own_metrics(text) == expected  # the names of all kinds never collide
+    assert inflight_from_metrics(text) == expected.inflight
+    # A kind's names do not read another kind's series.
+    other = TGI_METRICS if kind == "vllm" else VLLM_METRICS
+    assert parse_own_metrics(text, other) == OwnMetrics()
+
+
+def test_series_are_summed_over_models_and_engines() -> None:
+    assert parse_own_metrics(VLLM) == OwnMetrics(inflight=5.0)
+
+
+@pytest.mark.parametrize("text", ["", "<html>not metrics</html>", "{broken"])
+def test_not_metrics_is_no_figures(text: str) -> None:
+    assert parse_own_metrics(text) == OwnMetrics(None, None, None)

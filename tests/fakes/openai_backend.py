@@ -44,6 +44,7 @@ class FakeState:
     running: int = 0
     bypass_running: int = 0
     exports_metrics: bool = True
+    tokenize_calls: int = 0
     # Streams die after this many tokens, for every request (x-fake-die-after: for one).
     die_after: int | None = None
 
@@ -189,9 +190,19 @@ def make_fake_backend(state: FakeState | None = None) -> tuple[Starlette, FakeSt
         )
         return Response(text, media_type="text/plain; version=0.0.4")
 
+    async def tokenize(request: Request) -> Response:
+        # llama-cpp-python's shape: POST /extras/tokenize {"input", "model"} -> {"tokens"}
+        if request.headers.get("content-type") != "application/json":
+            return JSONResponse({"detail": "expected a JSON body"}, status_code=422)
+        body = json.loads(await request.body())
+        st.tokenize_calls += 1
+        return JSONResponse({"tokens": list(range(_prompt_tokens({"input": body["input"]})))})
+
     app = Starlette(
         routes=[
+            Route("/extras/tokenize", tokenize, methods=["POST"]),
             Route("/metrics", metrics),
+            Route("/health", lambda _: Response(b"")),
             Route("/v1/models", models),
             Route("/v1/chat/completions", completions, methods=["POST"]),
             Route("/v1/completions", completions, methods=["POST"]),

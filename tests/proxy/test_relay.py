@@ -103,7 +103,7 @@ async def test_stream_usage_forwarded_when_client_asked(client: httpx.AsyncClien
 
 
 async def test_stream_without_backend_usage_is_counted_by_proxy(
-    client: httpx.AsyncClient,
+    client: httpx.AsyncClient, fake: tuple[Any, FakeState]
 ) -> None:
     r = await client.post(
         "/v1/chat/completions",
@@ -116,6 +116,9 @@ async def test_stream_without_backend_usage_is_counted_by_proxy(
     assert energy["completion_tokens"] == 5
     assert energy["prompt_tokens"] is None
     assert r.text.endswith("data: [DONE]\r\n\r\n")
+    # A kind whose streams carry usage (this fake is detected as vLLM) is not asked to
+    # tokenize: its missing usage here is an anomaly the proxy reports as it is.
+    assert fake[1].tokenize_calls == 0
 
 
 async def test_completions_and_embeddings_are_metered(client: httpx.AsyncClient) -> None:
@@ -272,3 +275,39 @@ async def test_sci_and_embodied_in_headers_and_body(client: httpx.AsyncClient) -
     assert energy["sci_g"] == pytest.approx(energy["co2eq_g"] + energy["embodied_g"], rel=1e-12)
     assert float(r.headers["x-sci-grams"]) == energy["sci_g"]
     assert energy["sci_per_token_g"] == pytest.approx(energy["sci_g"] / 4)
+
+
+async def test_a_kind_without_stream_usage_gets_its_prompt_counted_by_its_tokenizer(
+    fake: tuple[Any, FakeState], tmp_path: Path
+) -> None:
+    backend_app, state = fake
+    settings = proxy_settings(
+        tmp_path,
+        backends=[{"name": "fake", "url": "http://fake-backend", "kind": "llama-cpp-python"}],
+    )
+    app = create_app(
+        settings,
+        upstream=HttpxUpstream(30.0, transport=httpx.ASGITransport(app=backend_app)),
+        sources=[ConstantSource(100.0, start_s=0.0)],
+    )
+    chat = {
+        "model": "fake-model",
+        "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "one two three"}]},
+        ],
+        "max_tokens": 4,
+        "stream": True,
+    }
+    async with (
+        app.running(),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://proxy") as c,
+    ):
+        r = await c.post("/v1/chat/completions", json=chat, headers={"x-fake-no-usage": "1"})
+        energy = sse_payloads(r.text)[-2]["energy"]
+        assert energy["tokens_source"] == "proxy"
+        assert energy["completion_tokens"] == 4
+        assert energy["prompt_tokens"] == 5  # "be brief" + "one two three", by its tokenizer
+        assert state.tokenize_calls == 1
+        ready = (await c.get("/readyz")).json()
+        assert ready["backends"][0]["kind"] == "llama-cpp-python"

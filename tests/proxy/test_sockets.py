@@ -16,6 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from metering.sources.constant import ConstantSource
 from proxy.app import create_app
+from proxy.errors import BackendUnreachable
+from proxy.upstream import make_upstream
 from tests.conftest import proxy_settings
 from tests.fakes.openai_backend import FakeState
 from tests.servers import ServerThread
@@ -162,3 +164,21 @@ def test_metrics_parse_and_conserve_energy(proxy_url: str) -> None:
     assert observed == pytest.approx(attributed, rel=1e-9)
     assert metric_value(proxy_url, "energy_proxy_requests_total", status="200") == 3
     assert metric_value(proxy_url, "energy_proxy_power_watts", source="constant") == 100.0
+
+
+@pytest.mark.parametrize("kind", ["aiohttp", "httpx"])
+async def test_small_requests_off_the_request_path(fake_server: str, kind: str) -> None:
+    """get_json / get_text / post_json of both upstream clients, over a real socket."""
+    up = make_upstream(kind, 10.0)
+    try:
+        models = await up.get_json(f"{fake_server}/v1/models", 5.0)
+        assert isinstance(models, dict) and models["data"][0]["id"] == "fake-model"
+        assert "vllm:num_requests_running" in await up.get_text(f"{fake_server}/metrics", 5.0)
+        doc = await up.post_json(
+            f"{fake_server}/extras/tokenize", {"input": "a b c", "model": "fake-model"}, 5.0
+        )
+        assert doc == {"tokens": [0, 1, 2]}
+        with pytest.raises(BackendUnreachable, match="answered 404"):
+            await up.get_json(f"{fake_server}/nowhere", 5.0)
+    finally:
+        await up.aclose()
