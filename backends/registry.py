@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from backends.adapters import Adapter, ModelListError, adapter_for
+from backends.crosscheck import Baseline, TokenTally, rebase, untracked_tokens
 from backends.detect import detect_kind
 from backends.fetch import JsonGetter, JsonPoster
 from backends.kinds import AUTO, OPENAI, Kind, kind_named
@@ -49,6 +50,11 @@ class Backend:
     own: OwnMetrics | None = None
     kind_source: str = CONFIGURED
     inflight: int = 0  # requests the proxy has in flight to it (kept by the relay)
+    # Tokens of the requests the proxy finished for it (kept by the relay), and the
+    # cross-check against the backend's own counters (backends/crosscheck.py).
+    tally: TokenTally = field(default_factory=TokenTally)
+    token_baseline: Baseline | None = None
+    untracked: tuple[float, float] | None = None  # (prompt, completion) tokens
 
     def __post_init__(self) -> None:
         if self.kind == AUTO:
@@ -204,7 +210,13 @@ class BackendRegistry:
     async def _scrape_one(self, b: Backend) -> None:
         if b.spec.serial and b.inflight:
             return
-        b.own = await b.adapter.own_metrics(self._getter, b.url, self.LIST_TIMEOUT_S)
+        b.own = own = await b.adapter.own_metrics(self._getter, b.url, self.LIST_TIMEOUT_S)
+        if own is None or own.prompt_tokens_total is None or own.completion_tokens_total is None:
+            b.untracked = None
+            return
+        p, c = own.prompt_tokens_total, own.completion_tokens_total
+        b.token_baseline = rebase(b.token_baseline, p, c, b.tally)
+        b.untracked = untracked_tokens(b.token_baseline, p, c, b.tally)
 
     # --- token counting (after a stream that brought no usage; not on the hot path) -----
 

@@ -94,10 +94,21 @@ class _BackendCollector(Collector):
             "Requests in flight as the backend itself counts them (from its /metrics).",
             labels=("backend",),
         )
+        gap = GaugeMetricFamily(
+            "energy_proxy_backend_untracked_tokens",
+            "Tokens the backend counted that the proxy did not, since the proxy's first read "
+            "of its counters (positive and growing: traffic bypasses the proxy; meaningful "
+            "when the backend is idle, as in-flight tokens count on its side first).",
+            labels=("backend", "type"),
+        )
         for b in self._backends:
             if b.own_inflight is not None:
                 own.add_metric((b.name,), b.own_inflight)
+            if b.untracked is not None:
+                gap.add_metric((b.name, "prompt"), b.untracked[0])
+                gap.add_metric((b.name, "completion"), b.untracked[1])
         yield own
+        yield gap
 
 
 class ProxyMetrics:

@@ -381,6 +381,9 @@ class MeteredRoute:
         status = ex.status or 200
         model_label = ex.model if ex.model in ctx.registry.known_models() else "other"
         ctx.metrics.observe(report, ex.backend.name, status, model_label)
+        tally = ex.backend.tally
+        tally.prompt += report.tokens.prompt or 0
+        tally.completion += report.tokens.completion
         if ctx.store is not None:
             ctx.store.add(
                 RequestRecord.from_report(

@@ -151,3 +151,47 @@ def test_series_are_summed_over_models_and_engines() -> None:
 @pytest.mark.parametrize("text", ["", "<html>not metrics</html>", "{broken"])
 def test_not_metrics_is_no_figures(text: str) -> None:
     assert parse_own_metrics(text) == OwnMetrics(None, None, None)
+
+
+def untracked(proxy: str) -> dict[str, float]:
+    text = httpx.get(f"{proxy}/metrics").text
+    return {
+        s.labels["type"]: s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+        if s.name == "energy_proxy_backend_untracked_tokens"
+    }
+
+
+def test_untracked_tokens_show_traffic_that_bypasses_the_proxy(
+    proxy: str, fake: tuple[Any, FakeState]
+) -> None:
+    _, state = fake
+    deadline = time.monotonic() + 10
+    while untracked(proxy) != {"prompt": 0.0, "completion": 0.0}:
+        assert time.monotonic() < deadline, untracked(proxy)
+        time.sleep(0.05)
+    for stream in (False, True):
+        r = httpx.post(
+            f"{proxy}/v1/chat/completions",
+            json={
+                "model": "fake-model",
+                "messages": [{"role": "user", "content": "one two three"}],
+                "max_tokens": 4,
+                "stream": stream,
+            },
+        )
+        assert r.status_code == 200
+    time.sleep(0.3)  # a few scrapes; nothing should change
+    assert untracked(proxy) == {"prompt": 0.0, "completion": 0.0}
+    # Someone talks to the backend directly: 5 prompt and 9 completion tokens.
+    state.prompt_tokens_served += 5
+    state.completion_tokens_served += 9
+    while untracked(proxy) != {"prompt": 5.0, "completion": 9.0}:
+        assert time.monotonic() < deadline + 10, untracked(proxy)
+        time.sleep(0.05)
+    # The backend restarts: its counters fall, and the cross-check starts again from there.
+    state.prompt_tokens_served, state.completion_tokens_served = 0, 0
+    while untracked(proxy) != {"prompt": 0.0, "completion": 0.0}:
+        assert time.monotonic() < deadline + 20, untracked(proxy)
+        time.sleep(0.05)

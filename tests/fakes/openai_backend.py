@@ -45,6 +45,9 @@ class FakeState:
     bypass_running: int = 0
     exports_metrics: bool = True
     tokenize_calls: int = 0
+    # vLLM-style token counters: tokens of every answer it served (as vLLM counts them).
+    prompt_tokens_served: int = 0
+    completion_tokens_served: int = 0
     # Streams die after this many tokens, for every request (x-fake-die-after: for one).
     die_after: int | None = None
 
@@ -109,6 +112,8 @@ def make_fake_backend(state: FakeState | None = None) -> tuple[Starlette, FakeSt
             "completion_tokens": len(tokens),
             "total_tokens": prompt_tokens + len(tokens),
         }
+        st.prompt_tokens_served += prompt_tokens
+        st.completion_tokens_served += len(tokens)
         cid = "cmpl-fake-1"
         created = int(time.time())
         if not body.get("stream"):
@@ -187,6 +192,14 @@ def make_fake_backend(state: FakeState | None = None) -> tuple[Starlette, FakeSt
                 f'vllm:num_requests_running{{model_name="{m}"}} {running if i == 0 else 0}.0\n'
                 for i, m in enumerate(st.models)
             )
+        )
+        text += (
+            "# TYPE vllm:prompt_tokens counter\n"
+            f'vllm:prompt_tokens_total{{model_name="{st.models[0]}"}} '
+            f"{st.prompt_tokens_served}.0\n"
+            "# TYPE vllm:generation_tokens counter\n"
+            f'vllm:generation_tokens_total{{model_name="{st.models[0]}"}} '
+            f"{st.completion_tokens_served}.0\n"
         )
         return Response(text, media_type="text/plain; version=0.0.4")
 
