@@ -24,6 +24,8 @@ from backends.registry import Backend, BackendRegistry
 from metering.carbon import IntensityProvider, RefreshingIntensity, StaticIntensity
 from metering.categories import PromptClassifier
 from metering.electricitymaps import ElectricityMapsIntensity
+from metering.energy_label import render_label
+from metering.energy_score import MIN_REQUESTS_FOR_RATING, rate
 from metering.groups import bind_channels, gpu_share, time_channel
 from metering.sampler import Sampler
 from metering.sci import Embodied
@@ -257,6 +259,12 @@ def create_app(
     return app
 
 
+def describe_hardware(sampler: Sampler) -> str:
+    """What the energy was measured on, for labels: the power sources and their methods."""
+    names = ", ".join(f"{st.source.name} ({st.source.method})" for st in sampler.states)
+    return names or "unknown"
+
+
 def intensity_from(settings: Settings) -> IntensityProvider:
     """Electricity Maps when a place and key are configured, else the static figure."""
     if not settings.live_carbon:
@@ -275,6 +283,7 @@ def intensity_from(settings: Settings) -> IntensityProvider:
 
 
 def _build_api(ctx: RelayContext, store: RequestStore) -> FastAPI:
+    hardware = describe_hardware(ctx.sampler)
     api = FastAPI(title="energy-proxy", docs_url=None, redoc_url=None, openapi_url=None)
 
     @api.exception_handler(ProxyError)
@@ -339,7 +348,37 @@ def _build_api(ctx: RelayContext, store: RequestStore) -> FastAPI:
             rows = await asyncio.to_thread(store.summary, 1)
         except StoreError as exc:
             raise StoreUnavailable(str(exc)) from None
-        # Energy Score ratings (stars) come with the benchmark work; null until then.
-        return {"rows": [{**row, "stars": None} for row in rows]}
+        # Energy Score (metering/energy_score.py): stars per category from the rows'
+        # energy per 1,000 queries; null under the minimum count a rating rests on.
+        return {"rows": rate(rows), "min_count_for_rating": MIN_REQUESTS_FOR_RATING}
+
+    @api.get("/v1/energy/label/{model}.svg")
+    async def label(model: str, category: str | None = None) -> Response:
+        """The model's Energy Score label for one category (default: its busiest)."""
+        try:
+            rows = await asyncio.to_thread(store.summary, 1)
+        except StoreError as exc:
+            raise StoreUnavailable(str(exc)) from None
+        rated = rate(rows)
+        mine = [r for r in rated if r["model"] == model]
+        if not mine:
+            raise NotFound(f"no finished requests for model {model!r} in the request store")
+        if category is None:
+            row = max(mine, key=lambda r: r["count"])
+        else:
+            found = [r for r in mine if r["category"] == category]
+            if not found:
+                raise NotFound(f"no finished {category!r} requests for model {model!r}")
+            row = found[0]
+        svg = render_label(
+            model,
+            row["category"],
+            row["stars"],
+            row["wh_per_1000_queries"],
+            hardware,
+            time.strftime("%Y-%m-%d", time.gmtime()),
+            row["count"],
+        )
+        return Response(svg, media_type="image/svg+xml")
 
     return api

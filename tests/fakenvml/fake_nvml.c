@@ -12,7 +12,10 @@
  *
  * Device keys: name, uuid, energy_mj, energy_rate_mw, counter_period_ms, power_mw,
  * instant_mw, counter=0|1, lost=0|1, fail_after=N, limit_mw, min_limit_mw, max_limit_mw,
- * default_limit_mw, set_limit=0|1. See tests/fakenvml/__init__.py for what each means.
+ * default_limit_mw, set_limit=0|1, set_fail_after=N. See tests/fakenvml/__init__.py for what
+ * each means; set_fail_after=N (not listed there yet): after N successful
+ * nvmlDeviceSetPowerManagementLimit calls on the device (counted since the script was loaded),
+ * every further set returns NVML_ERROR_GPU_IS_LOST and changes nothing, while reads still work.
  * One extra export, fakeNvmlInitRefs(), tells tests whether nvmlInit/nvmlShutdown balance.
  *
  * No $FAKE_NVML_SCRIPT at all behaves like a machine whose driver is not loaded
@@ -91,6 +94,8 @@ struct fake_device {
     long long calls_ok;   /* successful energy/power calls since the script was loaded */
     unsigned int limit_mw, min_limit_mw, max_limit_mw, default_limit_mw;
     int set_limit;
+    long long set_fail_after; /* < 0: never */
+    long long sets_ok;        /* successful limit sets since the script was loaded */
 };
 typedef struct fake_device *nvmlDevice_t;
 
@@ -126,6 +131,7 @@ static void device_defaults(struct fake_device *d, unsigned int index) {
     d->max_limit_mw = 400000;
     d->default_limit_mw = 300000;
     d->set_limit = 1;
+    d->set_fail_after = -1;
 }
 
 static int parse_ull(const char *text, unsigned long long *out) {
@@ -160,6 +166,7 @@ static int parse_device_key(struct fake_device *d, const char *key, const char *
     else if (strcmp(key, "min_limit_mw") == 0) d->min_limit_mw = (unsigned int)n;
     else if (strcmp(key, "max_limit_mw") == 0) d->max_limit_mw = (unsigned int)n;
     else if (strcmp(key, "default_limit_mw") == 0) d->default_limit_mw = (unsigned int)n;
+    else if (strcmp(key, "set_fail_after") == 0) d->set_fail_after = (long long)n;
     else return 0;
     return 1;
 }
@@ -512,7 +519,9 @@ static nvmlReturn_t do_set_limit(nvmlDevice_t device, unsigned int limit) {
     if (ret != NVML_SUCCESS) return ret;
     if (!d->set_limit) return NVML_ERROR_NO_PERMISSION;
     if (limit < d->min_limit_mw || limit > d->max_limit_mw) return NVML_ERROR_INVALID_ARGUMENT;
+    if (d->set_fail_after >= 0 && d->sets_ok >= d->set_fail_after) return NVML_ERROR_GPU_IS_LOST;
     d->limit_mw = limit;
+    d->sets_ok++;
     log_path = getenv("FAKE_NVML_LOG");
     if (log_path != NULL && *log_path != '\0') {
         FILE *log = fopen(log_path, "a");

@@ -87,7 +87,10 @@ async def test_summary_means_per_model_and_category(tmp_path: Path) -> None:
         "mean_joules_per_token",
         "mean_co2eq_g",
         "stars",
+        "wh_per_1000_queries",
     }
+    assert math["stars"] is None  # 6 requests: under the minimum a rating rests on
+    assert doc["min_count_for_rating"] == 20
 
 
 def test_sigterm_under_load_loses_nothing_answered(fake_server: str, tmp_path: Path) -> None:
