@@ -1,0 +1,1 @@
+"""Integration tests against real LLM servers whose environment is built on first use."""
