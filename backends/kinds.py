@@ -138,6 +138,9 @@ class Kind:
     # while a stream runs cuts that stream off: llama-cpp-python's `interrupt_requests`,
     # on by default. The proxy then sends it nothing of its own while it serves a request.
     serial: bool = False
+    # Takes the client's x-request-id as it is. llama-cpp-python answers a bare 400 to any
+    # that is not a UUID (starlette-context's RequestIdPlugin), so it is not forwarded there.
+    forwards_request_id: bool = True
 
 
 _OPENAI_LIST = ((MODELS_PATH, openai_models),)
@@ -181,6 +184,7 @@ KINDS: Mapping[str, Kind] = {
             ),
             metrics=None,
             serial=True,
+            forwards_request_id=False,
         ),
         Kind(
             OLLAMA,

@@ -23,7 +23,9 @@ HOP_BY_HOP = frozenset(
 # asks for an uncompressed answer so that it can read usage and add the energy object.
 _REQUEST_DROP = HOP_BY_HOP | {b"host", b"content-length", b"accept-encoding", b"expect"}
 # Not copied back: the proxy's server frames the body itself (its length may change).
-_RESPONSE_DROP = HOP_BY_HOP | {b"content-length", b"server", b"date"}
+# x-request-id: the proxy sets its own (the client's, or one it made); a backend's would
+# make two values (llama-cpp-python makes its own for every answer).
+_RESPONSE_DROP = HOP_BY_HOP | {b"content-length", b"server", b"date", b"x-request-id"}
 
 
 def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
@@ -39,20 +41,25 @@ def upstream_request_headers(
     headers: Iterable[tuple[bytes, bytes]],
     *,
     drop_authorization: bool = False,
+    drop_request_id: bool = False,
     extra: Iterable[tuple[bytes, bytes]] = (),
 ) -> list[tuple[bytes, bytes]]:
     """The client's request headers as the backend should see them.
 
     `drop_authorization` when the proxy consumed the client's key itself (the backend's
-    own key, if any, comes in `extra`). Cookies pass through per request and are never
-    stored, so one user's cookie cannot reach another's request.
+    own key, if any, comes in `extra`). `drop_request_id` for backends that refuse an
+    `x-request-id` of a shape they do not expect (the client still gets its id back).
+    Cookies pass through per request and are never stored, so one user's cookie cannot
+    reach another's request.
     """
     headers = list(headers)
     drop = _REQUEST_DROP | _connection_tokens(headers)
     out = [
         (k, v)
         for k, v in headers
-        if (kl := k.lower()) not in drop and not (drop_authorization and kl == b"authorization")
+        if (kl := k.lower()) not in drop
+        and not (drop_authorization and kl == b"authorization")
+        and not (drop_request_id and kl == b"x-request-id")
     ]
     out.extend(extra)
     out.append((b"accept-encoding", b"identity"))

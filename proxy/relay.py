@@ -205,6 +205,7 @@ class MeteredRoute:
             up_headers = upstream_request_headers(
                 headers,
                 drop_authorization=bool(ctx.api_keys) or backend.api_key is not None,
+                drop_request_id=not backend.spec.forwards_request_id,
                 extra=_backend_auth(backend),
             )
             try:

@@ -169,3 +169,21 @@ def test_concurrent_requests_share_energy_and_metrics_add_up(
         if labels["status"] == "200" and labels["model"] == BUNDLED_MODEL_ALIAS
     )
     assert answered >= 3
+
+
+def test_a_client_request_id_that_is_not_a_uuid_works(proxy: ChildServer) -> None:
+    """llama-cpp-python answers 400 to a non-UUID x-request-id; the proxy keeps the
+    client's id for itself and its answer, and does not pass it on to that backend."""
+    r = httpx.post(
+        f"{proxy.url}/v1/chat/completions",
+        json={
+            "model": BUNDLED_MODEL_ALIAS,
+            "messages": [{"role": "user", "content": "Say hi."}],
+            "max_tokens": 4,
+        },
+        headers={"x-request-id": "my-app-request-42"},
+        timeout=120,
+    )
+    assert r.status_code == 200, r.text
+    assert r.headers["x-request-id"] == "my-app-request-42"
+    assert r.json()["energy"]["request_id"] == "my-app-request-42"
