@@ -1,4 +1,4 @@
-"""`energy-proxy serve | demo`: the command line of INTERFACE.md."""
+"""`energy-proxy serve | demo | bench`: the command line of INTERFACE.md."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 S = argparse.SUPPRESS  # only flags the user gave reach the settings (flag > env > file)
@@ -137,7 +137,93 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=0, help="proxy port (default: a free one)")
     demo.add_argument("--power-source", default="auto", metavar="SPEC")
     demo.add_argument("--max-tokens", type=int, default=48)
+    bench = sub.add_parser(
+        "bench",
+        help="run a prompt set through the proxy and report energy per model and category",
+    )
+    _bench_flags(bench)
     return parser
+
+
+def _count(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}")
+        return value
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return value
+
+
+def _bench_flags(p: argparse.ArgumentParser) -> None:
+    target = p.add_mutually_exclusive_group()
+    target.add_argument(
+        "--proxy", metavar="URL", help="a running energy-proxy (default http://127.0.0.1:8080)"
+    )
+    target.add_argument(
+        "--backend",
+        metavar="URL",
+        help="start `energy-proxy serve --backend URL` for the run, and stop it at the end",
+    )
+    p.add_argument("--models", metavar="A,B", help="models to run (default: all the proxy lists)")
+    p.add_argument(
+        "--prompts",
+        default="builtin:v1",
+        metavar="builtin:v1|FILE.jsonl",
+        help="the prompt set (default builtin:v1)",
+    )
+    p.add_argument(
+        "--per-category", type=_count(1), metavar="N", help="only the first N prompts of each"
+    )
+    p.add_argument(
+        "--warmup", type=_count(0), default=1, metavar="N", help="uncounted requests per model"
+    )
+    p.add_argument(
+        "--repetitions", type=_count(1), default=3, metavar="N", help="passes over the set"
+    )
+    p.add_argument(
+        "--concurrency", type=_count(1), default=1, metavar="N", help="requests in flight"
+    )
+    p.add_argument(
+        "--idle-s",
+        type=_seconds,
+        default=10.0,
+        metavar="S",
+        help="idle power baseline before each model, seconds (0: none; default 10)",
+    )
+    p.add_argument(
+        "--pause-s",
+        type=_seconds,
+        default=10.0,
+        metavar="S",
+        help="pause between models so the hardware cools, seconds (default 10)",
+    )
+    p.add_argument(
+        "--max-tokens", type=_count(1), metavar="N", help="override every prompt's max_tokens"
+    )
+    p.add_argument(
+        "--timeout-s",
+        type=_seconds,
+        default=600.0,
+        metavar="S",
+        help="per request, without a byte from the proxy (default 600)",
+    )
+    p.add_argument(
+        "--power-source", metavar="SPEC", help="with --backend: the started proxy's source"
+    )
+    p.add_argument("--sweep", action="store_true", help="sweep concurrency and recommend settings")
+    p.add_argument("--slo-ttft-ms", type=float, metavar="MS", help="time-to-first-token SLO")
+    p.add_argument("--slo-tpot-ms", type=float, metavar="MS", help="time-per-output-token SLO")
+    p.add_argument(
+        "--out", metavar="DIR", help="output directory (default ./bench-results/<timestamp>)"
+    )
 
 
 def setup_logging(level: str) -> None:
@@ -202,6 +288,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from proxy.demo import run_demo
 
         return run_demo(**args)
+    if ns.command == "bench":
+        from proxy.bench.command import run_bench_command
+
+        return run_bench_command(**args)
     parser.error(f"unknown command {ns.command}")
     return 2
 
