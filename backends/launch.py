@@ -165,9 +165,14 @@ class ChildServer:
 
 
 def llama_cpp_python_server(
-    *, port: int | None = None, n_ctx: int = 2048, log_path: Path | None = None
+    *,
+    port: int | None = None,
+    n_ctx: int = 2048,
+    log_path: Path | None = None,
+    alias: str = BUNDLED_MODEL_ALIAS,
 ) -> ChildServer:
-    """The bundled CPU backend (not started yet: use it as a context manager)."""
+    """The bundled CPU backend (not started yet: use it as a context manager).
+    `alias` is the model name it serves (two servers with two settings need two)."""
     model = bundled_model_path()
     port = port or free_port()
     argv = [
@@ -177,7 +182,7 @@ def llama_cpp_python_server(
         "--model",
         str(model),
         "--model_alias",
-        BUNDLED_MODEL_ALIAS,
+        alias,
         "--host",
         "127.0.0.1",
         "--port",
