@@ -191,6 +191,10 @@ def llama_cpp_python_server(
         str(n_ctx),
         "--n_threads",
         str(max(1, (os.cpu_count() or 2))),
+        # Queue a second request instead of cutting off the stream in progress (the
+        # server's default interrupts it: concurrent clients would get broken streams).
+        "--interrupt_requests",
+        "False",
     ]
     return ChildServer(argv, port, "/v1/models", name="llama-cpp-python server", log_path=log_path)
 
