@@ -304,33 +304,11 @@ def run_bench_command(
         return EXIT_USAGE
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     out_dir = Path(out) if out else Path("bench-results") / stamp
-    proxy_url = (proxy or DEFAULT_PROXY).rstrip("/")
     with ExitStack() as stack:
-        try:
-            if backend:
-                out_dir.mkdir(parents=True, exist_ok=True)
-                tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ep-bench-")))
-                extra = ["--db", str(tmp / "requests.db")]
-                if power_source:
-                    extra += ["--power-source", power_source]
-                console.print(f"[bold]Starting energy-proxy[/] in front of {backend}")
-                server = stack.enter_context(
-                    proxy_server(backend, extra_args=extra, log_path=out_dir / "proxy.log")
-                )
-                proxy_url = server.url
-            model_list = resolve_models(proxy_url, models, api_key)
-        except LaunchError as exc:
-            _error(f"{exc} (log in {out_dir / 'proxy.log'})")
-            return EXIT_FAILED
-        except UsageError as exc:
-            _error(str(exc))
-            return EXIT_USAGE
-        except (httpx.HTTPError, ValueError, KeyError) as exc:
-            _error(f"cannot list models at {proxy_url}: {exc}")
-            return EXIT_FAILED
-        except KeyboardInterrupt:
-            _error("interrupted before any request")
-            return EXIT_INTERRUPTED
+        connected = connect(stack, proxy, backend, power_source, models, api_key, out_dir, console)
+        if isinstance(connected, int):
+            return connected
+        proxy_url, model_list = connected
         config = {
             "proxy": proxy_url,
             "backend": backend,
@@ -360,6 +338,46 @@ def run_bench_command(
             rate=rate,
         )
         return outcome.exit_code
+
+
+def connect(
+    stack: ExitStack,
+    proxy: str | None,
+    backend: str | None,
+    power_source: str | None,
+    models: str | None,
+    api_key: str | None,
+    out_dir: Path,
+    console: Console,
+) -> tuple[str, list[str]] | int:
+    """The proxy to measure through (started on `stack` in front of `backend` if given)
+    and the models to run; or the exit code when that cannot be had."""
+    proxy_url = (proxy or DEFAULT_PROXY).rstrip("/")
+    try:
+        if backend:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ep-bench-")))
+            extra = ["--db", str(tmp / "requests.db")]
+            if power_source:
+                extra += ["--power-source", power_source]
+            console.print(f"[bold]Starting energy-proxy[/] in front of {backend}")
+            server = stack.enter_context(
+                proxy_server(backend, extra_args=extra, log_path=out_dir / "proxy.log")
+            )
+            proxy_url = server.url
+        return proxy_url, resolve_models(proxy_url, models, api_key)
+    except LaunchError as exc:
+        _error(f"{exc} (log in {out_dir / 'proxy.log'})")
+        return EXIT_FAILED
+    except UsageError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    except (httpx.HTTPError, ValueError, KeyError) as exc:
+        _error(f"cannot list models at {proxy_url}: {exc}")
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        _error("interrupted before any request")
+        return EXIT_INTERRUPTED
 
 
 def _run_sweep(args: dict[str, Any]) -> int:

@@ -35,7 +35,6 @@ import csv
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack
@@ -44,11 +43,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, Any, Protocol
 
-import httpx
 from rich.console import Console
 from rich.table import Table
 
-from backends.launch import LaunchError, proxy_server
 from metering.pareto import (
     MeasuredSetting,
     NoRecommendation,
@@ -58,16 +55,14 @@ from metering.pareto import (
 )
 from metering.pareto import outputs_identical as pareto_outputs_identical
 from proxy.bench.command import (
-    DEFAULT_PROXY,
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_USAGE,
-    UsageError,
     _describe,
     _Display,
     _now_iso,
-    resolve_models,
+    connect,
 )
 from proxy.bench.prompts import PromptSetError, categories_of, load_prompts
 from proxy.bench.results import RESULT_FIELDS, RequestResult, mean, percentile, to_csv_row
@@ -423,32 +418,11 @@ def run_sweep_command(
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     out_dir = Path(out) if out else Path("bench-results") / stamp
     out_dir.mkdir(parents=True, exist_ok=True)
-    proxy_url = (proxy or DEFAULT_PROXY).rstrip("/")
     with ExitStack() as stack:
-        try:
-            if backend:
-                tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ep-sweep-")))
-                extra = ["--db", str(tmp / "requests.db")]
-                if power_source:
-                    extra += ["--power-source", power_source]
-                console.print(f"[bold]Starting energy-proxy[/] in front of {backend}")
-                server = stack.enter_context(
-                    proxy_server(backend, extra_args=extra, log_path=out_dir / "proxy.log")
-                )
-                proxy_url = server.url
-            model_list = resolve_models(proxy_url, models, api_key)
-        except LaunchError as exc:
-            _error(f"{exc} (log in {out_dir / 'proxy.log'})")
-            return EXIT_FAILED
-        except UsageError as exc:
-            _error(str(exc))
-            return EXIT_USAGE
-        except (httpx.HTTPError, ValueError, KeyError) as exc:
-            _error(f"cannot list models at {proxy_url}: {exc}")
-            return EXIT_FAILED
-        except KeyboardInterrupt:
-            _error("interrupted before any request")
-            return EXIT_INTERRUPTED
+        connected = connect(stack, proxy, backend, power_source, models, api_key, out_dir, console)
+        if isinstance(connected, int):
+            return connected
+        proxy_url, model_list = connected
         power = plan_power(power_limits or _nvml_power_limits, steps)
         config = {
             "proxy": proxy_url,
