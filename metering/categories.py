@@ -556,7 +556,7 @@ class PromptClassifier:
         self._cues = _CueTable.build(_CUES, index)
         self._chat_cues = _CueTable.build(_CHAT_CUES, index)
         self._patterns: tuple[_Pattern, ...] = tuple(
-            _Pattern(re.compile(p), index[cat], w, cap, gate, lower)
+            _Pattern(re.compile(p), index[cat], w, cap, _any_of(gate), lower)
             for cat, w, cap, gate, lower, p in _PATTERNS
         )
         self._cjk: tuple[tuple[re.Pattern[str], int, float], ...] = tuple(
@@ -678,7 +678,7 @@ class PromptClassifier:
         lower = text.lower()
         for p in self._patterns:
             subject = lower if p.lower else text
-            if not any(g in subject for g in p.gate):
+            if p.gate.search(subject) is None:
                 continue
             n = 0
             for _ in p.regex.finditer(subject):
@@ -749,13 +749,21 @@ def _add(
             scores[cat] += weight * w
 
 
+def _any_of(substrings: tuple[str, ...]) -> re.Pattern[str]:
+    """One C-level scan for "any of these substrings" (a generator of `in` tests costs
+    more than the pattern it guards on a short prompt)."""
+    if not substrings:
+        raise ValueError("a pattern needs at least one gate substring")
+    return re.compile("|".join(re.escape(g) for g in substrings))
+
+
 @dataclass(frozen=True, slots=True)
 class _Pattern:
     regex: re.Pattern[str]
     category: int  # index in PRIORITY
     weight: float
     cap: int  # counted at most this many times
-    gate: tuple[str, ...]  # run only if one of these substrings is in the text
+    gate: re.Pattern[str]  # run only if one of its substrings is in the text
     lower: bool  # run on the lower-cased text
 
 
