@@ -63,16 +63,21 @@ class ResultWriter:
         self.close()
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """Replace `path` whole: a reader (or an interrupted run) never sees half a file."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 
+def write_json(path: Path, doc: Mapping[str, Any]) -> None:
+    write_atomic(path, json.dumps(doc, indent=2, ensure_ascii=False))
+
+
 def write_summary(out_dir: Path, summary: Mapping[str, Any]) -> None:
     """summary.json and report.html, the report rendered from the same document."""
-    _write_atomic(out_dir / SUMMARY_JSON, json.dumps(summary, indent=2, ensure_ascii=False))
-    _write_atomic(out_dir / REPORT_HTML, render_report(summary))
+    write_json(out_dir / SUMMARY_JSON, summary)
+    write_atomic(out_dir / REPORT_HTML, render_report(summary))
 
 
 def read_jsonl(path: Path) -> list[RequestResult]:

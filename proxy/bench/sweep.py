@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import csv
-import json
 import math
 import os
 import time
@@ -64,6 +63,7 @@ from proxy.bench.command import (
     _now_iso,
     connect,
 )
+from proxy.bench.files import write_json
 from proxy.bench.prompts import PromptSetError, categories_of, load_prompts
 from proxy.bench.results import RESULT_FIELDS, RequestResult, mean, percentile, to_csv_row
 from proxy.bench.runner import Hooks, Phase, PromptLike, RunOptions, run_bench
@@ -351,12 +351,6 @@ class _CsvWriter:
         self._file.close()
 
 
-def _write_json(path: Path, doc: Mapping[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _error(message: str) -> None:
     Console(stderr=True).print(f"energy-proxy bench --sweep: {message}", style="red", markup=False)
 
@@ -565,7 +559,7 @@ def _sweep(
         ],
         started_at=started_at,
     )
-    _write_json(out_dir / SWEEP_JSON, doc)
+    write_json(out_dir / SWEEP_JSON, doc)
     print_sweep(console, doc, out_dir)
     return EXIT_FAILED if aborted else EXIT_INTERRUPTED if interrupted else EXIT_OK
 
