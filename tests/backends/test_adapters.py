@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
 
 from backends.adapters import ModelListError, adapter_for
@@ -15,22 +13,9 @@ from tests.backends.fake_servers import (
     TOKENS,
     FakeClient,
     FakeServer,
-    fake_server,
 )
 
 TEXT = "Hello, energy world!"
-
-
-@pytest.fixture
-def servers() -> dict[str, FakeServer]:
-    return {kind: fake_server(kind) for kind in KINDS}
-
-
-@pytest.fixture
-async def client(servers: dict[str, FakeServer]) -> AsyncIterator[FakeClient]:
-    c = FakeClient(servers)
-    yield c
-    await c.aclose()
 
 
 def test_every_kind_has_an_adapter_and_a_fake() -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
 
 from backends.detect import Probes, decide_kind, detect_kind, probe
@@ -11,7 +9,6 @@ from tests.backends.fake_servers import (
     KINDS,
     FakeClient,
     FakeServer,
-    fake_server,
     recorded,
     recorded_json,
 )
@@ -102,18 +99,6 @@ def test_vllm_metrics_outrank_a_model_owner() -> None:
 
 
 # --- over fake servers ---------------------------------------------------------------
-
-
-@pytest.fixture
-def servers() -> dict[str, FakeServer]:
-    return {kind: fake_server(kind) for kind in KINDS}
-
-
-@pytest.fixture
-async def client(servers: dict[str, FakeServer]) -> AsyncIterator[FakeClient]:
-    c = FakeClient(servers)
-    yield c
-    await c.aclose()
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -3,7 +3,7 @@ the kind's own metrics, and token counting."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import pytest
 
@@ -38,18 +38,6 @@ class Recording:
     async def post_json(self, url: str, body: object, timeout_s: float) -> object:
         self.urls.append(url)
         return await self.inner.post_json(url, body, timeout_s)
-
-
-@pytest.fixture
-def servers() -> dict[str, FakeServer]:
-    return {kind: fake_server(kind) for kind in KINDS}
-
-
-@pytest.fixture
-async def client(servers: dict[str, FakeServer]) -> AsyncIterator[FakeClient]:
-    c = FakeClient(servers)
-    yield c
-    await c.aclose()
 
 
 def auto_backends() -> list[Backend]:
