@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,15 @@ def proxy_settings(tmp_path: Path, **overrides: Any) -> Settings:
     }
     base.update(overrides)
     return Settings.model_validate(base)
+
+
+def serve_proxy(tmp_path: Path, backend_url: str, **overrides: Any) -> ServerThread:
+    """The proxy on a real 127.0.0.1 socket (`with serve_proxy(...) as url:`), in front of
+    `backend_url` as backend "fake", drawing a constant 100 W."""
+    settings = proxy_settings(tmp_path, backends=[f"fake={backend_url}"], **overrides)
+    return ServerThread(
+        create_app(settings, sources=[ConstantSource(100.0, start_s=time.monotonic())])
+    )
 
 
 @pytest.fixture

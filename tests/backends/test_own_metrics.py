@@ -21,12 +21,9 @@ from backends.own_metrics import (
     inflight_from_metrics,
     parse_own_metrics,
 )
-from metering.sources.constant import ConstantSource
-from proxy.app import create_app
 from tests.backends.fake_servers import recorded
-from tests.conftest import proxy_settings
+from tests.conftest import serve_proxy
 from tests.fakes.openai_backend import FakeState
-from tests.servers import ServerThread
 
 VLLM = """# HELP vllm:num_requests_running Number of requests currently running on GPU.
 # TYPE vllm:num_requests_running gauge
@@ -82,9 +79,7 @@ def wait_for_gauges(proxy: str, want: dict[str, float], timeout_s: float = 10.0)
 
 @pytest.fixture
 def proxy(fake_server: str, tmp_path: Path) -> Iterator[str]:
-    settings = proxy_settings(tmp_path, backends=[f"fake={fake_server}"], backend_metrics_s=0.05)
-    app = create_app(settings, sources=[ConstantSource(100.0, start_s=time.monotonic())])
-    with ServerThread(app) as url:
+    with serve_proxy(tmp_path, fake_server, backend_metrics_s=0.05) as url:
         yield url
 
 

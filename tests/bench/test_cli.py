@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from metering.sources.constant import ConstantSource
-from proxy.app import create_app
 from proxy.cli import main
-from tests.conftest import proxy_settings
+from tests.conftest import serve_proxy
 from tests.fakes.openai_backend import FakeState, make_fake_backend
 from tests.servers import ServerThread
 
@@ -22,11 +19,8 @@ QUICK = ["--repetitions", "1", "--warmup", "0", "--idle-s", "0", "--pause-s", "0
 @pytest.fixture
 def proxy_url(tmp_path: Path) -> Iterator[str]:
     backend_app, _ = make_fake_backend(FakeState(models=["fake-model", "fake-b"]))
-    with ServerThread(backend_app) as backend_url:
-        settings = proxy_settings(tmp_path, backends=[f"fake={backend_url}"])
-        app = create_app(settings, sources=[ConstantSource(100.0, start_s=time.monotonic())])
-        with ServerThread(app) as url:
-            yield url
+    with ServerThread(backend_app) as backend_url, serve_proxy(tmp_path, backend_url) as url:
+        yield url
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import asyncio
 import hashlib
 import json
 import signal
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,14 +15,12 @@ import httpx
 import pytest
 from rich.console import Console
 
-from metering.sources.constant import ConstantSource
-from proxy.app import create_app
 from proxy.bench.command import bench_to_dir
 from proxy.bench.files import read_csv, read_jsonl
 from proxy.bench.results import STATUS_PARTIAL, RequestResult, summarize
 from proxy.bench.runner import Hooks, Job, Phase, RunOptions, run_bench
 from tests.bench.helpers import Prompt, prompts
-from tests.conftest import proxy_settings
+from tests.conftest import serve_proxy
 from tests.fakes.openai_backend import FakeState, make_fake_backend
 from tests.servers import ServerThread
 
@@ -40,11 +37,8 @@ def state() -> FakeState:
 @pytest.fixture
 def proxy_url(state: FakeState, tmp_path: Path) -> Iterator[str]:
     backend_app, _ = make_fake_backend(state)
-    with ServerThread(backend_app) as backend_url:
-        settings = proxy_settings(tmp_path, backends=[f"fake={backend_url}"])
-        app = create_app(settings, sources=[ConstantSource(100.0, start_s=time.monotonic())])
-        with ServerThread(app) as url:
-            yield url
+    with ServerThread(backend_app) as backend_url, serve_proxy(tmp_path, backend_url) as url:
+        yield url
 
 
 def console() -> Console:

@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
@@ -21,8 +20,6 @@ from rich.console import Console
 from backends.launch import llama_cpp_python_server
 from metering.pareto import MeasuredSetting, advise, pareto_front
 from metering.power_limit import PowerLimitError, PowerLimitPermissionError
-from metering.sources.constant import ConstantSource
-from proxy.app import create_app
 from proxy.bench import sweep
 from proxy.bench.results import STATUS_OK, RequestResult
 from proxy.bench.sweep import (
@@ -35,7 +32,7 @@ from proxy.bench.sweep import (
     run_sweep_command,
 )
 from proxy.cli import main
-from tests.conftest import proxy_settings
+from tests.conftest import serve_proxy
 from tests.fakes.openai_backend import FakeState, make_fake_backend
 from tests.servers import ServerThread
 
@@ -56,11 +53,8 @@ def fake_state() -> FakeState:
 @pytest.fixture
 def proxy_url(tmp_path: Path, fake_state: FakeState) -> Iterator[str]:
     backend_app, _ = make_fake_backend(fake_state)
-    with ServerThread(backend_app) as backend_url:
-        settings = proxy_settings(tmp_path, backends=[f"fake={backend_url}"])
-        app = create_app(settings, sources=[ConstantSource(100.0, start_s=time.monotonic())])
-        with ServerThread(app) as url:
-            yield url
+    with ServerThread(backend_app) as backend_url, serve_proxy(tmp_path, backend_url) as url:
+        yield url
 
 
 @pytest.fixture

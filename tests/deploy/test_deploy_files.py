@@ -30,11 +30,9 @@ import httpx
 import pytest
 import yaml
 
-from metering.sources.constant import ConstantSource
-from proxy.app import create_app
 from proxy.cli import build_parser
 from proxy.settings import Settings, load_settings
-from tests.conftest import proxy_settings
+from tests.conftest import serve_proxy
 from tests.fakes.openai_backend import make_fake_backend
 from tests.servers import ServerThread
 
@@ -262,11 +260,8 @@ def running_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The real proxy on a socket, in front of the fake backend on another socket."""
     backend_app, _ = make_fake_backend()
     tmp_path = tmp_path_factory.mktemp("proxy")
-    with ServerThread(backend_app) as backend_url:
-        settings = proxy_settings(tmp_path, backends=[f"fake={backend_url}"])
-        app = create_app(settings, sources=[ConstantSource(100.0, start_s=time.monotonic())])
-        with ServerThread(app) as url:
-            yield url
+    with ServerThread(backend_app) as backend_url, serve_proxy(tmp_path, backend_url) as url:
+        yield url
 
 
 def get_when_ready(url: str, timeout_s: float = 10.0) -> httpx.Response:

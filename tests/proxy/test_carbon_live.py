@@ -21,7 +21,7 @@ from metering.sci import operational_g
 from metering.sources.constant import ConstantSource
 from proxy.app import create_app
 from proxy.settings import ConfigError, load_settings
-from tests.conftest import proxy_settings
+from tests.conftest import proxy_settings, serve_proxy
 from tests.fakes.electricitymaps import FAKE_API_KEY, FakeGridState, make_fake_electricitymaps
 from tests.servers import ServerThread
 
@@ -43,13 +43,6 @@ def grid() -> Iterator[tuple[FakeGridState, str]]:
     app, state = make_fake_electricitymaps()
     with ServerThread(app) as url:
         yield state, url
-
-
-def serve(tmp_path: Path, backend_url: str, **overrides: Any) -> ServerThread:
-    settings = proxy_settings(tmp_path, backends=[f"fake={backend_url}"], **overrides)
-    return ServerThread(
-        create_app(settings, sources=[ConstantSource(100.0, start_s=time.monotonic())])
-    )
 
 
 def serve_with(
@@ -82,7 +75,7 @@ def test_live_intensity_reaches_headers_body_sse_and_metrics(
     tmp_path: Path, fake_server: str, grid: tuple[FakeGridState, str]
 ) -> None:
     state, em_url = grid
-    with serve(
+    with serve_proxy(
         tmp_path,
         fake_server,
         carbon_zone="FR",
@@ -132,7 +125,7 @@ def test_called_once_per_refresh_period_not_per_request(
     tmp_path: Path, fake_server: str, grid: tuple[FakeGridState, str]
 ) -> None:
     state, em_url = grid
-    with serve(
+    with serve_proxy(
         tmp_path,
         fake_server,
         carbon_lat=52.5,
@@ -212,7 +205,7 @@ def test_no_good_answer_yet_gives_the_static_fallback(
     state, em_url = grid
     for k, v in fault.items():
         setattr(state, k, v)
-    with serve(
+    with serve_proxy(
         tmp_path,
         fake_server,
         carbon_zone="DE",

@@ -3,18 +3,14 @@ whose stream the backend breaks off is one failed row, not the end of the demo."
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
-from metering.sources.constant import ConstantSource
-from proxy.app import create_app
 from proxy.demo import DEMO_PROMPTS, _print_table, _send_prompts
-from tests.conftest import proxy_settings
+from tests.conftest import serve_proxy
 from tests.fakes.openai_backend import FakeState
-from tests.servers import ServerThread
 
 
 def test_a_broken_stream_is_one_failed_row(
@@ -22,12 +18,8 @@ def test_a_broken_stream_is_one_failed_row(
 ) -> None:
     _, state = fake
     state.die_after = 1  # every stream breaks after its first token; JSON answers are fine
-    app = create_app(
-        proxy_settings(tmp_path, backends=[f"fake={fake_server}"]),
-        sources=[ConstantSource(100.0, start_s=time.monotonic())],
-    )
     console = Console(record=True, width=200)
-    with ServerThread(app) as proxy:
+    with serve_proxy(tmp_path, fake_server) as proxy:
         rows = _send_prompts(console, proxy, "fake-model", 4)
         _print_table(console, rows, proxy)
     assert [r.category for r in rows] == [c for c, _, _ in DEMO_PROMPTS]

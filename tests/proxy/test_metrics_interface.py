@@ -12,10 +12,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from metering.sources.constant import ConstantSource
-from proxy.app import create_app
-from tests.conftest import proxy_settings
-from tests.servers import ServerThread
+from tests.conftest import serve_proxy
 
 INTERFACE = Path(__file__).resolve().parents[3] / "shared" / "INTERFACE.md"
 ROW = re.compile(r"^\| `(energy_proxy_\w+)` \| (counter|gauge|histogram) \| ([^|]*)\|", re.M)
@@ -34,9 +31,7 @@ def contract() -> dict[str, tuple[str, frozenset[str]]]:
 
 @pytest.fixture
 def proxy(fake_server: str, tmp_path: Path) -> Iterator[str]:
-    settings = proxy_settings(tmp_path, backends=[f"fake={fake_server}"], backend_metrics_s=0.05)
-    app = create_app(settings, sources=[ConstantSource(100.0, start_s=time.monotonic())])
-    with ServerThread(app) as url:
+    with serve_proxy(tmp_path, fake_server, backend_metrics_s=0.05) as url:
         yield url
 
 

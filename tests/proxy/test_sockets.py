@@ -18,7 +18,7 @@ from metering.sources.constant import ConstantSource
 from proxy.app import create_app
 from proxy.errors import BackendUnreachable
 from proxy.upstream import make_upstream
-from tests.conftest import proxy_settings
+from tests.conftest import proxy_settings, serve_proxy
 from tests.fakes.openai_backend import FakeState
 from tests.servers import ServerThread
 
@@ -53,9 +53,7 @@ def free_port() -> int:
 
 @pytest.fixture
 def proxy_url(fake_server: str, tmp_path: Path) -> Iterator[str]:
-    settings = proxy_settings(tmp_path, backends=[f"fake={fake_server}"], backend_timeout=1.0)
-    app = create_app(settings, sources=[ConstantSource(100.0, start_s=time.monotonic())])
-    with ServerThread(app) as url:
+    with serve_proxy(tmp_path, fake_server, backend_timeout=1.0) as url:
         yield url
 
 
