@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -83,12 +83,19 @@ class _SamplerCollector(Collector):
 
 
 class _BackendCollector(Collector):
-    """The backends' own in-flight counts, for those that export one."""
+    """Requests in flight per backend, as the proxy counts them and as the backend itself
+    does (where it exports a count), and the token cross-check."""
 
     def __init__(self, backends: Sequence[Backend]) -> None:
         self._backends = backends
 
     def collect(self) -> Iterator[Metric]:
+        # The relay keeps Backend.inflight; the gauge is read from it at scrape time.
+        ours = GaugeMetricFamily(
+            "energy_proxy_inflight_requests",
+            "Requests in flight through the proxy.",
+            labels=("backend",),
+        )
         own = GaugeMetricFamily(
             "energy_proxy_backend_inflight_requests",
             "Requests in flight as the backend itself counts them (from its /metrics).",
@@ -102,11 +109,13 @@ class _BackendCollector(Collector):
             labels=("backend", "type"),
         )
         for b in self._backends:
+            ours.add_metric((b.name,), b.inflight)
             if b.own_inflight is not None:
                 own.add_metric((b.name,), b.own_inflight)
             if b.untracked is not None:
                 gap.add_metric((b.name, "prompt"), b.untracked[0])
                 gap.add_metric((b.name, "completion"), b.untracked[1])
+        yield ours
         yield own
         yield gap
 
@@ -156,14 +165,6 @@ class ProxyMetrics:
             (*LABELS, "type"),
             registry=registry,
         )
-        self.inflight = Gauge(
-            "energy_proxy_inflight_requests",
-            "Requests in flight through the proxy.",
-            ("backend",),
-            registry=registry,
-        )
-        for b in backends:
-            self.inflight.labels(b.name)
         registry.register(_SamplerCollector(sampler, intensity))
         registry.register(_BackendCollector(backends))
 

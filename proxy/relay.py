@@ -194,7 +194,6 @@ class MeteredRoute:
         ticket, t0 = ctx.sampler.start(weight, channels)
         ex = _Exchange(model, category, backend, channels, weight, ticket, t0)
         ex.payload = payload
-        ctx.metrics.inflight.labels(backend.name).inc()
         backend.inflight += 1
         task = asyncio.current_task()
         assert task is not None
@@ -245,7 +244,6 @@ class MeteredRoute:
                 request_id,
                 _tokens_from_usage(partial.usage, partial.counted_tokens) if partial else None,
             )
-            ctx.metrics.inflight.labels(backend.name).dec()
             backend.inflight -= 1
             if resp is not None:
                 await resp.close()
