@@ -22,29 +22,41 @@ With `--attribution equal` every request weighs 1 throughout.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 CHARS_PER_TOKEN = 4.0  # OpenAI's rule of thumb for English text; a weight, not a count
 
 
-def _text_len(value: Any) -> int:
+def _texts(value: Any) -> Iterator[str]:
+    """The text pieces of a prompt field: strings, in lists, and chat messages' and
+    content parts' `content` / `text` (images and token ids carry none)."""
     if isinstance(value, str):
-        return len(value)
-    if isinstance(value, list):
-        return sum(_text_len(v) for v in value)
-    if isinstance(value, dict):
+        yield value
+    elif isinstance(value, list):
+        for v in value:
+            yield from _texts(v)
+    elif isinstance(value, dict):
         # chat content parts: {"type": "text", "text": ...}; images etc. count nothing
-        return _text_len(value.get("text")) + _text_len(value.get("content"))
-    return 0
+        yield from _texts(value.get("text"))
+        yield from _texts(value.get("content"))
+
+
+def _prompt_texts(payload: dict[str, Any]) -> Iterator[str]:
+    for key in ("messages", "prompt", "input"):
+        yield from _texts(payload.get(key))
+
+
+def prompt_text(payload: dict[str, Any]) -> str:
+    """The text a backend tokenizes for this request: the messages' contents (text parts
+    only), the prompt or the input, pieces joined by newlines. Chat templates add a few
+    tokens this does not see, so a count from it is a slight undercount."""
+    return "\n".join(_prompt_texts(payload))
 
 
 def prompt_tokens_estimate(payload: dict[str, Any]) -> float:
     """Estimated prompt tokens of a chat, completion or embedding request (>= 1)."""
-    chars = (
-        _text_len(payload.get("messages"))
-        + _text_len(payload.get("prompt"))
-        + _text_len(payload.get("input"))
-    )
+    chars = sum(len(t) for t in _prompt_texts(payload))
     return max(1.0, chars / CHARS_PER_TOKEN)
 
 

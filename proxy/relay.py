@@ -40,7 +40,7 @@ from metering.sci import (
     embodied_g,
 )
 from metering.store import RequestRecord, RequestStore
-from metering.weights import DECODE_WEIGHT, initial_weight
+from metering.weights import DECODE_WEIGHT, initial_weight, prompt_text
 from proxy.errors import (
     BadRequest,
     BodyTooLarge,
@@ -485,32 +485,6 @@ def _ask_for_usage(payload: dict[str, Any], body: bytes) -> tuple[bytes, bool]:
     new_opts = dict(opts) if isinstance(opts, dict) else {}
     new_opts["include_usage"] = True
     return orjson.dumps({**payload, "stream_options": new_opts}), False
-
-
-def prompt_text(payload: dict[str, Any]) -> str:
-    """The text a backend tokenizes for this request: chat message contents joined by
-    newlines (text parts only), or the prompt / input. Chat templates add a few tokens
-    this does not see, so a count from it is a slight undercount."""
-    messages = payload.get("messages")
-    if isinstance(messages, list):
-        parts: list[str] = []
-        for m in messages:
-            content = m.get("content") if isinstance(m, dict) else None
-            if isinstance(content, str):
-                parts.append(content)
-            elif isinstance(content, list):
-                parts.extend(
-                    p["text"]
-                    for p in content
-                    if isinstance(p, dict) and isinstance(p.get("text"), str)
-                )
-        return "\n".join(parts)
-    prompt = payload.get("prompt", payload.get("input"))
-    if isinstance(prompt, str):
-        return prompt
-    if isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
-        return "\n".join(prompt)
-    return ""
 
 
 def _tokens_from_usage(usage: Any, counted: int | None) -> Tokens:
