@@ -664,11 +664,13 @@ def print_sweep(console: Console, doc: Mapping[str, Any], out_dir: Path) -> None
                 f"recommendation for {m['model']}: {rec['label']}: {rec['message']} "
                 f"(now: {m['baseline']})",
                 markup=False,
+                soft_wrap=True,  # one line to read, grep and paste, whatever the width
             )
         else:
             console.print(
                 f"no recommendation for {m['model']}: {m['no_recommendation_reason']}",
                 markup=False,
+                soft_wrap=True,
             )
         outputs = m["outputs"]
         n = len(outputs["compared_settings"])
