@@ -1,0 +1,1 @@
+"""The bundled CPU backend: a portable llama-cpp-python build and the check that it runs."""
