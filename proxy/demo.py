@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 from openai import APIError, OpenAI
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn
 from rich.table import Table
 
-from backends.launch import LaunchError, llama_cpp_python_server, proxy_server
+from backends.exit_status import describe_exit, exit_advice
+from backends.launch import ChildServer, LaunchError, llama_cpp_python_server, proxy_server
 
 DEMO_PROMPTS: tuple[tuple[str, str, bool], ...] = (
     ("code", "Write a Python function that returns the reverse of a string.", False),
@@ -48,15 +54,15 @@ def run_demo(
 ) -> int:
     console = Console()
     logs = Path(tempfile.mkdtemp(prefix="energy-proxy-demo-"))
+    started: ChildServer | None = None  # the bundled backend, when the demo started it
     try:
         with ExitStack() as stack:
             if backend is None:
                 console.print(
                     "[bold]Starting the bundled CPU backend[/] (llama-cpp-python, SmolLM2-135M)"
                 )
-                backend = stack.enter_context(
-                    llama_cpp_python_server(log_path=logs / "backend.log")
-                ).url
+                started = llama_cpp_python_server(log_path=logs / "backend.log")
+                backend = stack.enter_context(started).url
             console.print(f"[bold]Starting energy-proxy[/] in front of {backend}")
             proxy = stack.enter_context(
                 proxy_server(
@@ -66,13 +72,21 @@ def run_demo(
                     log_path=logs / "proxy.log",
                 )
             )
-            rows = _send_prompts(console, proxy.url, model, max_tokens)
-            _print_table(console, rows, proxy.url)
-            if not any(r.energy for r in rows):
-                console.print(f"[red]energy-proxy demo: every prompt failed[/] (logs in {logs})")
+            rows = _send_prompts(
+                console, proxy.url, model, max_tokens, lambda: _died(started, wait_s=1.0)
+            )
+            death = _died(started)
+            answered = any(r.energy for r in rows)
+            if answered or not death:  # a table of failures says nothing a death does not
+                _print_table(console, rows, proxy.url)
+            if death or not answered:
+                _fail(console, death or "every prompt failed")
+                _quote_readyz(console, proxy.url)
+                console.print(f"logs in {logs}", highlight=False)
                 return 1
     except LaunchError as exc:
-        console.print(f"[red]energy-proxy demo: {exc}[/] (logs in {logs})")
+        _fail(console, _died(started) or str(exc))
+        console.print(f"logs in {logs}", highlight=False)
         return 1
     except KeyboardInterrupt:
         console.print("[yellow]interrupted; servers stopped[/]")
@@ -80,8 +94,52 @@ def run_demo(
     return 0
 
 
+def _fail(console: Console, why: str) -> None:
+    console.print(f"[red]energy-proxy demo: {escape(why)}[/]", soft_wrap=True, highlight=False)
+
+
+def _died(server: ChildServer | None, wait_s: float = 0.0) -> str:
+    """Why the backend the demo started is gone ("" while it runs, or when it was not
+    started by the demo). `wait_s`: how long to give a dying process to finish exiting
+    (its sockets close a moment before its exit status can be read)."""
+    if server is None or server.proc is None:
+        return ""
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        server.proc.wait(timeout=wait_s)
+    if server.proc.poll() is None:
+        return ""
+    code = server.proc.returncode
+    advice = exit_advice(code)
+    return (
+        f"the backend exited with {describe_exit(code)}"
+        + (f": {advice}" if advice else "")
+        + (f" (its log: {server.log_path})" if server.log_path else "")
+    )
+
+
+def _quote_readyz(console: Console, proxy_url: str) -> None:
+    """What the proxy itself says of its backends (`/readyz`), for the user to see."""
+    try:
+        doc = httpx.get(proxy_url + "/readyz", timeout=5.0).json()
+    except (httpx.HTTPError, ValueError) as exc:
+        console.print(f"energy-proxy /readyz could not be read: {exc}", markup=False)
+        return
+    for b in doc.get("backends", []):
+        if not b.get("ready"):
+            console.print(
+                f"energy-proxy /readyz: backend {b.get('name')} ({b.get('url')}) not ready: "
+                f"{b.get('error', 'no error recorded')}",
+                markup=False,
+                soft_wrap=True,
+            )
+
+
 def _send_prompts(
-    console: Console, proxy_url: str, model: str | None, max_tokens: int
+    console: Console,
+    proxy_url: str,
+    model: str | None,
+    max_tokens: int,
+    backend_death: Callable[[], str],
 ) -> list[DemoRow]:
     client = OpenAI(base_url=proxy_url + "/v1", api_key="demo", max_retries=0, timeout=300)
     model = model or client.models.list().data[0].id
@@ -107,8 +165,11 @@ def _send_prompts(
             try:
                 rows.append(_ask(client, category, stream, kwargs))
             except APIError as exc:
-                # One failed prompt (a backend that broke off, say) is one failed row.
+                # One failed prompt (a backend that broke off, say) is one failed row;
+                # a backend that died fails every prompt after it, so stop asking.
                 rows.append(DemoRow(category, "stream" if stream else "json", {}, str(exc)))
+                if backend_death():
+                    break
             progress.advance(task)
     return rows
 

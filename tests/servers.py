@@ -12,7 +12,8 @@ import uvicorn
 
 
 class ServerThread:
-    """`with ServerThread(app) as url:` serves `app` under uvicorn on a free port."""
+    """`with ServerThread(app) as url:` serves `app` under uvicorn on a free port (or on
+    `port`, to bring a server back where it was)."""
 
     def __init__(
         self,
@@ -20,11 +21,12 @@ class ServerThread:
         *,
         lifespan: Literal["auto", "on", "off"] = "on",
         http: Literal["auto", "h11", "httptools"] = "httptools",
+        port: int = 0,
     ) -> None:
         config = uvicorn.Config(
             app,
             host="127.0.0.1",
-            port=0,
+            port=port,
             lifespan=lifespan,
             log_level="warning",
             access_log=False,

@@ -20,7 +20,7 @@ def test_a_broken_stream_is_one_failed_row(
     state.die_after = 1  # every stream breaks after its first token; JSON answers are fine
     console = Console(record=True, width=200)
     with serve_proxy(tmp_path, fake_server) as proxy:
-        rows = _send_prompts(console, proxy, "fake-model", 4)
+        rows = _send_prompts(console, proxy, "fake-model", 4, lambda: "")
         _print_table(console, rows, proxy)
     assert [r.category for r in rows] == [c for c, _, _ in DEMO_PROMPTS]
     for row, (_, _, stream) in zip(rows, DEMO_PROMPTS, strict=True):
