@@ -11,6 +11,7 @@ A backend is ready when its kind's health check passes and its model list was re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -102,6 +103,7 @@ class BackendRegistry:
     """Backends by name and a routing table model -> backend, rebuilt on each refresh."""
 
     MISS_REFRESH_S = 2.0
+    DOWN_RECHECK_S = 2.0  # refresh period while a backend is not ready
     LIST_TIMEOUT_S = 5.0
     PROBE_TIMEOUT_S = 2.0  # each detection probe (all run at once)
     TOKENIZE_TIMEOUT_S = 2.0  # the final event of a stream waits on it
@@ -125,6 +127,7 @@ class BackendRegistry:
         self._routes: dict[str, Backend] = {}
         self._last_refresh_s = -1e9
         self._refresh_lock = asyncio.Lock()
+        self._went_down = asyncio.Event()  # a request found a ready backend unreachable
 
     # --- routing (the hot path: one dict lookup) ---------------------------------------
 
@@ -175,11 +178,35 @@ class BackendRegistry:
             b.listed = True
         problem = listing if isinstance(listing, str) else health_problem
         if problem:
-            if b.ready or not b.last_error:
-                log.warning("backend %s (%s) not ready: %s", b.name, b.url, problem)
-            b.ready = False
-            b.last_error = problem
+            self._set_down(b, problem)
             return
+        self._set_up(b)
+
+    # --- what requests tell (the relay reports; no I/O here) -------------------------------
+
+    def note_unreachable(self, b: Backend, error: str) -> None:
+        """A request could not reach `b`, or `b` broke off its answer: it is not ready
+        until it answers again (a request, or the next refresh, which comes sooner while
+        a backend is down: see `run`)."""
+        self._set_down(b, error)
+
+    def note_answered(self, b: Backend) -> None:
+        """`b` answered a request: it is up again if a request had marked it down."""
+        if b.listed and not b.ready:
+            self._set_up(b)
+
+    def _set_down(self, b: Backend, problem: str) -> None:
+        # Logged once per outage: the first failure after it was ready (or the first ever).
+        if b.ready or not b.last_error:
+            log.warning("backend %s (%s) not ready: %s", b.name, b.url, problem)
+        if b.ready:
+            self._went_down.set()  # `run` switches to the faster recheck now
+        b.ready = False
+        b.last_error = problem
+
+    def _set_up(self, b: Backend) -> None:
+        if b.last_error:
+            log.warning("backend %s (%s) is ready again", b.name, b.url)
         b.ready = True
         b.last_error = ""
 
@@ -198,9 +225,15 @@ class BackendRegistry:
         log.info("backend %s (%s) is %s", b.name, b.url, kind)
 
     async def run(self, period_s: float) -> None:
-        """Refresh forever every `period_s` seconds (cancel to stop)."""
+        """Refresh forever every `period_s` seconds, every `DOWN_RECHECK_S` while a backend
+        is not ready, so `/readyz` turns ready soon after it is back (cancel to stop)."""
         while True:
-            await asyncio.sleep(period_s)
+            down = any(not b.ready for b in self.backends)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._went_down.wait(), min(period_s, self.DOWN_RECHECK_S) if down else period_s
+                )
+            self._went_down.clear()
             await self.refresh()
 
     async def scrape_own_metrics(self) -> None:

@@ -42,6 +42,7 @@ from metering.sci import (
 from metering.store import RequestRecord, RequestStore
 from metering.weights import DECODE_WEIGHT, initial_weight, prompt_text
 from proxy.errors import (
+    BackendUnreachable,
     BadRequest,
     BodyTooLarge,
     ProxyError,
@@ -213,8 +214,11 @@ class MeteredRoute:
                 )
             except UpstreamError as exc:
                 ex.status = exc.status
+                self._note_failure(backend, exc)
                 await _send_error(send, exc, rid_header, ex)
                 return
+            if not backend.ready:
+                ctx.registry.note_answered(backend)
             ex.status = resp.status
             ctype = header_value(resp.headers, b"content-type") or b""
             if resp.status != 200:
@@ -232,6 +236,7 @@ class MeteredRoute:
         except UpstreamError as exc:
             # Mid-response: headers are out, so the status cannot change any more.
             ex.status = exc.status
+            self._note_failure(backend, exc)
             log.warning("request %s: backend failed mid-response: %s", request_id, exc.message)
         finally:
             ex.cancellable = False
@@ -323,6 +328,7 @@ class MeteredRoute:
         final = b""
         if failure is not None:
             ex.status = failure.status
+            self._note_failure(ex.backend, failure)
             final += b"data: " + error_body(failure.message, failure.type, failure.code) + sep
         final += energy_event(inspector.template, ex.energy, sep)
         if inspector.done:
@@ -409,6 +415,12 @@ class MeteredRoute:
                 }
             )
         return report
+
+    def _note_failure(self, backend: Backend, exc: UpstreamError) -> None:
+        """A backend that refuses connections or breaks off answers is not ready (a
+        timeout is not: a long generation may just be slow)."""
+        if isinstance(exc, BackendUnreachable):
+            self.ctx.registry.note_unreachable(backend, exc.message)
 
     # --- checks --------------------------------------------------------------------------
 

@@ -219,3 +219,36 @@ async def test_a_busy_serial_server_is_left_alone(client: FakeClient) -> None:
     serial.inflight = 0
     await reg.refresh()
     assert any(u.startswith("http://llama-cpp-python") for u in rec.urls)
+
+
+async def test_what_requests_tell_moves_readiness(
+    client: FakeClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A failed request marks a backend down at once (logged once per outage); a request
+    it answers marks it up again, without waiting for the next refresh."""
+    reg = BackendRegistry([Backend(name="vllm", url="http://vllm", kind="vllm")], client)
+    await reg.refresh()
+    (b,) = reg.backends
+    assert b.ready
+    with caplog.at_level("WARNING", logger="energy_proxy.backends"):
+        reg.note_unreachable(b, "cannot reach the backend: Connection refused")
+        reg.note_unreachable(b, "cannot reach the backend: Connection refused")
+        assert (
+            not b.ready and b.describe()["error"] == "cannot reach the backend: Connection refused"
+        )
+        reg.note_answered(b)
+        assert b.ready and "error" not in b.describe()
+        reg.note_answered(b)  # already up: nothing to say
+    said = [r.getMessage() for r in caplog.records]
+    assert said == [
+        "backend vllm (http://vllm) not ready: cannot reach the backend: Connection refused",
+        "backend vllm (http://vllm) is ready again",
+    ]
+
+
+async def test_a_backend_never_listed_is_not_made_ready_by_an_answer(client: FakeClient) -> None:
+    reg = BackendRegistry([Backend(name="vllm", url="http://vllm", kind="vllm")], client)
+    (b,) = reg.backends
+    reg.note_unreachable(b, "cannot reach the backend")
+    reg.note_answered(b)  # readiness also needs its model list: the refresh decides
+    assert not b.ready
