@@ -141,8 +141,21 @@ def _send_prompts(
     max_tokens: int,
     backend_death: Callable[[], str],
 ) -> list[DemoRow]:
-    client = OpenAI(base_url=proxy_url + "/v1", api_key="demo", max_retries=0, timeout=300)
-    model = model or client.models.list().data[0].id
+    with OpenAI(base_url=proxy_url + "/v1", api_key="demo", max_retries=0, timeout=300) as client:
+        try:
+            model = model or client.models.list().data[0].id
+        except (APIError, IndexError) as exc:
+            return [DemoRow("(models)", "-", {}, f"no model to ask: {exc or 'none listed'}")]
+        return _ask_each(console, client, model, max_tokens, backend_death)
+
+
+def _ask_each(
+    console: Console,
+    client: OpenAI,
+    model: str,
+    max_tokens: int,
+    backend_death: Callable[[], str],
+) -> list[DemoRow]:
     rows: list[DemoRow] = []
     with Progress(
         SpinnerColumn(),
@@ -179,10 +192,11 @@ def _ask(client: OpenAI, category: str, stream: bool, kwargs: dict[str, Any]) ->
         resp = client.chat.completions.create(**kwargs)
         return DemoRow(category, "json", (resp.model_extra or {})["energy"])
     energy: dict[str, Any] = {}
-    for chunk in client.chat.completions.create(stream=True, **kwargs):
-        extra = chunk.model_extra or {}
-        if "energy" in extra:
-            energy = extra["energy"]
+    with client.chat.completions.create(stream=True, **kwargs) as events:
+        for chunk in events:
+            extra = chunk.model_extra or {}
+            if "energy" in extra:
+                energy = extra["energy"]
     return DemoRow(category, "stream", energy, "" if energy else "no energy event in the stream")
 
 

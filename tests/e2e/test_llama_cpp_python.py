@@ -54,8 +54,9 @@ def proxy(backend: ChildServer, tmp_path_factory: pytest.TempPathFactory) -> Ite
 
 
 @pytest.fixture(scope="module")
-def client(proxy: ChildServer) -> OpenAI:
-    return OpenAI(base_url=proxy.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+def client(proxy: ChildServer) -> Iterator[OpenAI]:
+    with OpenAI(base_url=proxy.url + "/v1", api_key="unused", max_retries=0, timeout=120) as c:
+        yield c
 
 
 def metric_samples(url: str, name: str) -> list[tuple[dict[str, str], float]]:

@@ -86,10 +86,10 @@ def test_live_intensity_reaches_headers_body_sse_and_metrics(
         assert wait_for(
             lambda: httpx.get(f"{proxy}/readyz").json()["carbon"]["source"] != "fallback"
         )
-        client = openai.OpenAI(base_url=f"{proxy}/v1", api_key="unused", max_retries=0)
-        raw = client.chat.completions.with_raw_response.create(
-            model="fake-model", messages=[{"role": "user", "content": "hi"}], max_tokens=3
-        )
+        with openai.OpenAI(base_url=f"{proxy}/v1", api_key="unused", max_retries=0) as client:
+            raw = client.chat.completions.with_raw_response.create(
+                model="fake-model", messages=[{"role": "user", "content": "hi"}], max_tokens=3
+            )
         h = raw.headers
         assert h["x-carbon-intensity"] == "50.0"
         assert h["x-carbon-intensity-source"] == "electricitymaps"
