@@ -30,7 +30,7 @@ NATIVE_INFO = (
     "AVX512 = 1 | AVX512_VNNI = 1 | AMX_INT8 = 1 | LLAMAFILE = 1 | OPENMP = 1 | "
 )
 
-_DIE = '''
+_DIE = """
 import os, resource, signal
 
 
@@ -41,9 +41,9 @@ def die_of_sigill():
 
 def mode():
     return os.environ.get("FAKE_LLAMA_MODE", "ok")
-'''
+"""
 
-_INIT = f'''
+_INIT = f"""
 from llama_cpp._die import die_of_sigill, mode
 
 if mode() == "sigill-on-import":
@@ -69,9 +69,9 @@ class Llama:
         n = min(max_tokens, 3)
         return {{"choices": [{{"text": " Paris"}}],
                 "usage": {{"prompt_tokens": 5, "completion_tokens": n, "total_tokens": 5 + n}}}}
-'''
+"""
 
-_SERVER = '''
+_SERVER = """
 import argparse, json
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -115,7 +115,7 @@ class Handler(BaseHTTPRequestHandler):
 
 
 ThreadingHTTPServer((args.host, int(args.port)), Handler).serve_forever()
-'''
+"""
 
 
 def install_fake(root: Path) -> Path:
