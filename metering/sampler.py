@@ -4,6 +4,12 @@ Reading at the boundaries makes each request's window exact (nothing waits for t
 tick); the tick keeps idle learning, the power gauge and long requests' accounting fresh.
 A source whose read fails is marked degraded and skipped; because sources report
 cumulative energy, the next good read catches up and nothing drawn in between is lost.
+
+A read here must cost microseconds: it runs on the event loop, at every request's start,
+first token and end. Sources whose reads block (NVML's energy counter, sysfs, /proc)
+declare `blocking = True` and are read on threads of their own
+(metering/sources/background.py); what the sampler reads from them is their latest
+reading carried forward to now, so no boundary ever waits for a sensor.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from dataclasses import dataclass
 
 from metering.idle import IdlePower
 from metering.ledger import Ledger, SourceShare, Ticket
+from metering.sources.background import in_background
 from metering.sources.base import PowerSource, SourceError
 
 log = logging.getLogger("energy_proxy.sampler")
@@ -41,10 +48,17 @@ class Sampler:
         idle_watts: float | None = None,
         clock: Callable[[], float] = time.monotonic,
         time_channels: Sequence[str] = (),
+        background: bool = True,
+        fast_interval_s: float = 0.05,
     ) -> None:
+        """`background`: read blocking sources on threads of their own (False reads them
+        here, synchronously: for tests that step a fake clock). `fast_interval_s`: how
+        often those threads sample power between full reads."""
         if not sources:
             raise ValueError("at least one power source is needed")
         self.clock = clock
+        if background:
+            sources = in_background(list(sources), fast_interval_s=fast_interval_s, clock=clock)
         self.states = [SourceState(s, IdlePower(idle_watts)) for s in sources]
         self.by_name = {st.source.name: st for st in self.states}
         if len(self.by_name) != len(self.states):

@@ -205,6 +205,7 @@ def create_app(
         idle_watts=settings.idle_watts_fixed,
         clock=clock,
         time_channels=sorted(set(time_of.values())),
+        fast_interval_s=1.0 / settings.sample_hz,
     )
     intensity = intensity or intensity_from(settings)
     metrics_registry = CollectorRegistry(auto_describe=True)

@@ -45,6 +45,7 @@ import os
 from bisect import bisect_right
 
 from metering.sources.base import Domain, Reading, SourceError, SourceUnavailable
+from metering.sources.cpuinfo import cpu_model
 
 # (utilisation as a fraction, power as a fraction of TDP): the Teads curve, see above.
 TEADS_CURVE: tuple[tuple[float, float], ...] = (
@@ -119,6 +120,10 @@ class CpuEstimateSource:
     name: str = "cpu-estimate"
     method: str = "cpu-estimate"
     domain: Domain = "cpu"
+    # Sysfs and /proc reads are usually microseconds but can stall: the sampler reads this
+    # source on a thread of its own (metering/sources/background.py).
+    blocking: bool = True
+    hardware: str = ""  # the CPU's model name, set when opened
 
     def __init__(
         self,
@@ -150,6 +155,7 @@ class CpuEstimateSource:
         self.tdp_w: float = tdp_w
         self.start_s = float(start_s)
         self.proc_stat_path = proc_stat_path
+        self.hardware = cpu_model()
         try:
             read_proc_stat_cpu(proc_stat_path)
         except (OSError, ValueError) as exc:

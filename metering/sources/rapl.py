@@ -66,6 +66,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from metering.sources.base import Domain, PowerSource, Reading, SourceError, SourceUnavailable
+from metering.sources.cpuinfo import cpu_model
 
 DEFAULT_POWERCAP_ROOT = "/sys/class/powercap"
 # Far above any CPU package or DRAM zone; a drop implying more is a counter reset.
@@ -287,6 +288,10 @@ class RaplSource:
     name: str = "rapl"
     method: str = "rapl"
     domain: Domain = "cpu"
+    # Sysfs and /proc reads are usually microseconds but can stall: the sampler reads this
+    # source on a thread of its own (metering/sources/background.py).
+    blocking: bool = True
+    hardware: str = ""  # the CPU's model name, set when opened
 
     def __init__(
         self,
@@ -313,6 +318,7 @@ class RaplSource:
             )
         self.root = root
         self.start_s = float(start_s)
+        self.hardware = cpu_model()
         self.max_zone_power_w = float(max_zone_power_w)
         self.min_power_window_s = float(min_power_window_s)
         self._reader = reader

@@ -27,11 +27,24 @@ Script format (one directive per line, '#' comments), re-read whenever the file 
     fail_after=N        after N successful energy/power calls, GPU_IS_LOST (reset on reload)
     limit_mw, min_limit_mw, max_limit_mw, default_limit_mw  [300000, 100000, 400000, 300000]
     set_limit=0|1       0 -> nvmlDeviceSetPowerManagementLimit is NO_PERMISSION      [1]
+    energy_latency_us   P50[:P99] microseconds each energy counter read takes (also the
+                        energy field 83 of nvmlDeviceGetFieldValues)                  [0]
+    instant_latency_us  the same for nvmlDeviceGetFieldValues without the energy field [0]
+    power_latency_us    the same for nvmlDeviceGetPowerUsage                           [0]
+    latency_mode        spin (burn the caller's CPU, as the real counter read does) or
+                        sleep                                                     [spin]
+    hang_energy=0|1     1 -> energy counter reads block until the script says 0     [0]
+    hang=0|1            1 -> every energy and power read blocks until the script says 0
+
+About 1.5 % of calls take P99, the rest P50 +- 10 %. H100_LATENCY holds the figures
+measured on a real H100 (../shared/gpu/README.md of the project's notes), to paste into a
+device line.
 
 A successful set stores the limit in memory (until the next reload) and appends
 `set <index> <mw>` to the file named by $FAKE_NVML_LOG, if set. No $FAKE_NVML_SCRIPT means
 "driver not loaded"; a malformed script makes every call fail with NVML_ERROR_UNKNOWN.
-The one non-NVML export, fakeNvmlInitRefs(), counts nvmlInit calls not yet shut down.
+Two non-NVML exports: fakeNvmlInitRefs() counts nvmlInit calls not yet shut down, and
+fakeNvmlBlockedCalls() the calls a hang holds right now.
 """
 
 from __future__ import annotations
@@ -46,6 +59,8 @@ from pathlib import Path
 
 FAKE_NVML_SOURCE = Path(__file__).resolve().parent / "fake_nvml.c"
 LIBRARY_NAME = "libnvidia-ml.so.1"
+# What the NVML calls cost on a real H100 (p50:p99, microseconds), as device keys.
+H100_LATENCY = "energy_latency_us=3000:16000 instant_latency_us=3:14 power_latency_us=2:5"
 # NVML return codes the fake produces (nvml.h).
 NVML_SUCCESS = 0
 NVML_ERROR_UNINITIALIZED = 1
@@ -126,6 +141,11 @@ def fake_nvml_env(
 def fake_init_refs(lib: ctypes.CDLL) -> int:
     """How many nvmlInit calls the fake has seen that no nvmlShutdown has matched yet."""
     return int(lib.fakeNvmlInitRefs())
+
+
+def fake_blocked_calls(lib: ctypes.CDLL) -> int:
+    """How many NVML calls a `hang` / `hang_energy` in the script is holding right now."""
+    return int(lib.fakeNvmlBlockedCalls())
 
 
 def preload_fake_nvml(lib_dir: Path) -> ctypes.CDLL:

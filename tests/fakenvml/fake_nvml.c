@@ -12,10 +12,22 @@
  *
  * Device keys: name, uuid, energy_mj, energy_rate_mw, counter_period_ms, power_mw,
  * instant_mw, counter=0|1, lost=0|1, fail_after=N, limit_mw, min_limit_mw, max_limit_mw,
- * default_limit_mw, set_limit=0|1, set_fail_after=N. See tests/fakenvml/__init__.py for what
- * each means; set_fail_after=N (not listed there yet): after N successful
+ * default_limit_mw, set_limit=0|1, set_fail_after=N, energy_latency_us, instant_latency_us,
+ * power_latency_us, latency_mode=spin|sleep, hang_energy=0|1, hang=0|1. See tests/fakenvml/__init__.py
+ * for what each means; set_fail_after=N (not listed there yet): after N successful
  * nvmlDeviceSetPowerManagementLimit calls on the device (counted since the script was loaded),
  * every further set returns NVML_ERROR_GPU_IS_LOST and changes nothing, while reads still work.
+ *
+ * Latency: a real driver takes its time (an H100: the energy counter 2.8-3.1 ms p50 and up to
+ * 16 ms p99, the instant power field 2.5-4.3 us, GetPowerUsage 1.1-1.8 us). A latency knob is
+ * "P50" or "P50:P99" in microseconds; about 1.5 % of calls take P99, the rest P50 +- 10 %
+ * (a deterministic pseudo-random sequence). The delay is spent after the call's work and
+ * outside the library's lock, so concurrent callers do not queue behind one another; with
+ * latency_mode=spin (the default) it burns that much of the calling thread's own CPU time,
+ * as the real counter read does, and with sleep it blocks without using CPU. hang_energy=1
+ * makes every energy counter read (and the energy field) block until the script says 0:
+ * a hung driver, for tests that nothing waits on a read; hang=1 does the same to every power
+ * and energy read of the device. fakeNvmlBlockedCalls() says how many calls wait so now.
  * One extra export, fakeNvmlInitRefs(), tells tests whether nvmlInit/nvmlShutdown balance.
  *
  * No $FAKE_NVML_SCRIPT at all behaves like a machine whose driver is not loaded
@@ -53,6 +65,7 @@ enum {
 
 #define NVML_FI_DEV_POWER_INSTANT 186
 #define NVML_VALUE_TYPE_UNSIGNED_INT 1
+#define NVML_VALUE_TYPE_UNSIGNED_LONG_LONG 3
 
 typedef union {
     double dVal;
@@ -75,6 +88,11 @@ typedef struct {
 } nvmlFieldValue_t;
 
 #define MAX_DEVICES 64
+#define NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION 83
+
+struct latency {
+    unsigned long long p50_us, p99_us; /* 0: no delay */
+};
 #define TEXT_LEN 96
 
 struct fake_device {
@@ -96,6 +114,9 @@ struct fake_device {
     int set_limit;
     long long set_fail_after; /* < 0: never */
     long long sets_ok;        /* successful limit sets since the script was loaded */
+    struct latency energy_latency, instant_latency, power_latency;
+    int latency_spin; /* 1: burn CPU for the delay; 0: sleep */
+    int hang_energy, hang_all;
 };
 typedef struct fake_device *nvmlDevice_t;
 
@@ -132,6 +153,7 @@ static void device_defaults(struct fake_device *d, unsigned int index) {
     d->default_limit_mw = 300000;
     d->set_limit = 1;
     d->set_fail_after = -1;
+    d->latency_spin = 1;
 }
 
 static int parse_ull(const char *text, unsigned long long *out) {
@@ -148,8 +170,34 @@ static int parse_flag(const char *text, int *out) {
     return 0;
 }
 
+/* "P50" or "P50:P99", microseconds. */
+static int parse_latency(const char *text, struct latency *out) {
+    char buf[64];
+    char *colon;
+    if (strlen(text) >= sizeof buf) return 0;
+    snprintf(buf, sizeof buf, "%s", text);
+    colon = strchr(buf, ':');
+    if (colon != NULL) *colon = '\0';
+    if (!parse_ull(buf, &out->p50_us)) return 0;
+    if (colon == NULL) {
+        out->p99_us = out->p50_us;
+        return 1;
+    }
+    return parse_ull(colon + 1, &out->p99_us) && out->p99_us >= out->p50_us;
+}
+
 static int parse_device_key(struct fake_device *d, const char *key, const char *value) {
     unsigned long long n;
+    if (strcmp(key, "energy_latency_us") == 0) return parse_latency(value, &d->energy_latency);
+    if (strcmp(key, "instant_latency_us") == 0) return parse_latency(value, &d->instant_latency);
+    if (strcmp(key, "power_latency_us") == 0) return parse_latency(value, &d->power_latency);
+    if (strcmp(key, "hang_energy") == 0) return parse_flag(value, &d->hang_energy);
+    if (strcmp(key, "hang") == 0) return parse_flag(value, &d->hang_all);
+    if (strcmp(key, "latency_mode") == 0) {
+        if (strcmp(value, "spin") == 0) { d->latency_spin = 1; return 1; }
+        if (strcmp(value, "sleep") == 0) { d->latency_spin = 0; return 1; }
+        return 0;
+    }
     if (strcmp(key, "name") == 0) { snprintf(d->name, sizeof d->name, "%s", value); return 1; }
     if (strcmp(key, "uuid") == 0) { snprintf(d->uuid, sizeof d->uuid, "%s", value); return 1; }
     if (strcmp(key, "counter") == 0) return parse_flag(value, &d->counter);
@@ -300,6 +348,78 @@ static nvmlReturn_t enter_device(nvmlDevice_t handle, struct fake_device **out) 
     return NVML_SUCCESS;
 }
 
+/* The delay a call takes, chosen under the lock (the PRNG is shared), spent outside it. */
+struct delay {
+    unsigned long long us;
+    int spin;
+};
+
+static unsigned long long prng_state = 0x9E3779B97F4A7C15ull;
+
+static unsigned long long prng_next(void) { /* xorshift64*: deterministic, no libc state */
+    prng_state ^= prng_state >> 12;
+    prng_state ^= prng_state << 25;
+    prng_state ^= prng_state >> 27;
+    return prng_state * 2685821657736338717ull;
+}
+
+static struct delay pick_delay(const struct fake_device *d, const struct latency *l) {
+    struct delay out = {0, d->latency_spin};
+    unsigned long long r;
+    if (l->p50_us == 0 && l->p99_us == 0) return out;
+    r = prng_next() % 1000u;
+    if (r < 15u) {
+        out.us = l->p99_us; /* the tail: 1.5 % of calls */
+    } else {
+        /* P50 +- 10 %, evenly spread. */
+        unsigned long long spread = l->p50_us / 5u;
+        out.us = l->p50_us - l->p50_us / 10u + (spread ? prng_next() % (spread + 1u) : 0u);
+    }
+    return out;
+}
+
+static unsigned long long thread_cpu_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return (unsigned long long)ts.tv_sec * 1000000000ull + (unsigned long long)ts.tv_nsec;
+}
+
+static void spend(struct delay delay) {
+    if (delay.us == 0) return;
+    if (delay.spin) {
+        /* Burn this thread's own CPU time: what the caller pays is the same on a busy
+         * machine as on an idle one (wall time stretches instead). */
+        unsigned long long until = thread_cpu_ns() + delay.us * 1000ull;
+        while (thread_cpu_ns() < until) {
+        }
+    } else {
+        struct timespec ts = {(time_t)(delay.us / 1000000ull), (long)(delay.us % 1000000ull) * 1000l};
+        while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
+        }
+    }
+}
+
+static unsigned int blocked_calls; /* calls waiting in wait_while_hung now */
+
+/* Block while the script holds hang=1 (any read) or, for an energy read, hang_energy=1 for
+ * the device; the script is re-read every millisecond. */
+static void wait_while_hung(nvmlDevice_t device, int energy) {
+    int counted = 0;
+    for (;;) {
+        int hung;
+        struct timespec ms = {0, 1000000l};
+        pthread_mutex_lock(&lock);
+        refresh();
+        hung = device->present && (device->hang_all || (energy && device->hang_energy));
+        if (hung && !counted) blocked_calls++;
+        if (!hung && counted) blocked_calls--;
+        pthread_mutex_unlock(&lock);
+        if (!hung) return;
+        counted = 1;
+        nanosleep(&ms, NULL);
+    }
+}
+
 #define LOCKED(expr)                        \
     do {                                    \
         nvmlReturn_t locked_ret;            \
@@ -425,9 +545,24 @@ static nvmlReturn_t do_energy(nvmlDevice_t device, unsigned long long *energy) {
     return NVML_SUCCESS;
 }
 
+/* The handle is checked before it is dereferenced outside the lock. */
+static int valid_handle(nvmlDevice_t handle) {
+    uintptr_t address = (uintptr_t)handle, first = (uintptr_t)devices;
+    return address >= first && address < first + sizeof devices &&
+           (address - first) % sizeof devices[0] == 0;
+}
+
 EXPORT nvmlReturn_t nvmlDeviceGetTotalEnergyConsumption(nvmlDevice_t device,
                                                         unsigned long long *energy) {
-    LOCKED(do_energy(device, energy));
+    nvmlReturn_t ret;
+    struct delay delay = {0, 1};
+    if (valid_handle(device)) wait_while_hung(device, 1);
+    pthread_mutex_lock(&lock);
+    ret = do_energy(device, energy);
+    if (ret == NVML_SUCCESS) delay = pick_delay(device, &device->energy_latency);
+    pthread_mutex_unlock(&lock);
+    spend(delay);
+    return ret;
 }
 
 static nvmlReturn_t do_power(nvmlDevice_t device, unsigned int *power) {
@@ -441,7 +576,15 @@ static nvmlReturn_t do_power(nvmlDevice_t device, unsigned int *power) {
 }
 
 EXPORT nvmlReturn_t nvmlDeviceGetPowerUsage(nvmlDevice_t device, unsigned int *power) {
-    LOCKED(do_power(device, power));
+    nvmlReturn_t ret;
+    struct delay delay = {0, 1};
+    if (valid_handle(device)) wait_while_hung(device, 0);
+    pthread_mutex_lock(&lock);
+    ret = do_power(device, power);
+    if (ret == NVML_SUCCESS) delay = pick_delay(device, &device->power_latency);
+    pthread_mutex_unlock(&lock);
+    spend(delay);
+    return ret;
 }
 
 static nvmlReturn_t do_fields(nvmlDevice_t device, int count, nvmlFieldValue_t *values) {
@@ -461,6 +604,13 @@ static nvmlReturn_t do_fields(nvmlDevice_t device, int count, nvmlFieldValue_t *
             v->valueType = NVML_VALUE_TYPE_UNSIGNED_INT;
             v->nvmlReturn = NVML_SUCCESS;
             v->value.uiVal = d->instant_mw;
+        } else if (v->fieldId == NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION && d->counter) {
+            unsigned long long energy = 0;
+            d->calls_ok--; /* do_energy counts the call; this call is counted once below */
+            do_energy(d, &energy);
+            v->valueType = NVML_VALUE_TYPE_UNSIGNED_LONG_LONG;
+            v->nvmlReturn = NVML_SUCCESS;
+            v->value.ullVal = energy;
         } else {
             v->valueType = NVML_VALUE_TYPE_UNSIGNED_INT;
             v->nvmlReturn = NVML_ERROR_NOT_SUPPORTED;
@@ -470,9 +620,26 @@ static nvmlReturn_t do_fields(nvmlDevice_t device, int count, nvmlFieldValue_t *
     return NVML_SUCCESS;
 }
 
+/* 1 when the request asks for the energy field (as slow as the counter itself). */
+static int asks_energy(int count, const nvmlFieldValue_t *values) {
+    for (int i = 0; values != NULL && i < count; i++)
+        if (values[i].fieldId == NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION) return 1;
+    return 0;
+}
+
 EXPORT nvmlReturn_t nvmlDeviceGetFieldValues(nvmlDevice_t device, int valuesCount,
                                              nvmlFieldValue_t *values) {
-    LOCKED(do_fields(device, valuesCount, values));
+    nvmlReturn_t ret;
+    struct delay delay = {0, 1};
+    int energy = asks_energy(valuesCount, values);
+    if (valid_handle(device)) wait_while_hung(device, energy);
+    pthread_mutex_lock(&lock);
+    ret = do_fields(device, valuesCount, values);
+    if (ret == NVML_SUCCESS)
+        delay = pick_delay(device, energy ? &device->energy_latency : &device->instant_latency);
+    pthread_mutex_unlock(&lock);
+    spend(delay);
+    return ret;
 }
 
 enum limit_kind { LIMIT_CURRENT, LIMIT_DEFAULT };
@@ -535,6 +702,15 @@ static nvmlReturn_t do_set_limit(nvmlDevice_t device, unsigned int limit) {
 
 EXPORT nvmlReturn_t nvmlDeviceSetPowerManagementLimit(nvmlDevice_t device, unsigned int limit) {
     LOCKED(do_set_limit(device, limit));
+}
+
+/* Not NVML: for tests, how many calls are blocked by hang / hang_energy right now. */
+EXPORT unsigned int fakeNvmlBlockedCalls(void) {
+    unsigned int n;
+    pthread_mutex_lock(&lock);
+    n = blocked_calls;
+    pthread_mutex_unlock(&lock);
+    return n;
 }
 
 /* Not NVML: for tests, how many nvmlInit calls are not yet matched by nvmlShutdown. */

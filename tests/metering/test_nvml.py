@@ -13,15 +13,12 @@ real time; where it does (energy_rate_mw), only relations that cannot flake are 
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pynvml
@@ -47,62 +44,15 @@ from tests.fakenvml import (
     NVML_ERROR_GPU_IS_LOST,
     NVML_ERROR_NOT_SUPPORTED,
     NVML_SUCCESS,
-    build_fake_nvml,
-    fake_init_refs,
     fake_nvml_env,
-    preload_fake_nvml,
     write_script,
 )
+from tests.metering.conftest import Fake
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FACTORIES = {"nvml": nvml_factory}
 # Float slack for sums of joules; far below any effect a test looks for.
 EPS_J = 1e-9
-
-
-@pytest.fixture(scope="session")
-def fake_nvml_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_fake_nvml(tmp_path_factory.mktemp("fakenvml"))
-
-
-@pytest.fixture(scope="session")
-def fake_lib(fake_nvml_dir: Path) -> ctypes.CDLL:
-    """The fake, loaded into this process before pynvml loads anything."""
-    loaded = pynvml.nvmlLib
-    if loaded is not None and not hasattr(loaded, "fakeNvmlInitRefs"):
-        pytest.fail("pynvml already loaded a real libnvidia-ml.so.1 in this process")
-    return preload_fake_nvml(fake_nvml_dir)
-
-
-@dataclass
-class Fake:
-    """The in-process fake: its script, its set-limit log and its nvmlInit count."""
-
-    lib: ctypes.CDLL
-    script: Path
-    log: Path
-
-    def write(self, text: str) -> None:
-        write_script(self.script, textwrap.dedent(text))
-
-    @property
-    def init_refs(self) -> int:
-        return fake_init_refs(self.lib)
-
-    def log_lines(self) -> list[str]:
-        return self.log.read_text().splitlines() if self.log.exists() else []
-
-
-@pytest.fixture
-def fake(fake_lib: ctypes.CDLL, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Fake]:
-    """The in-process fake with a fresh script; checks nvmlInit/nvmlShutdown balance."""
-    fake = Fake(fake_lib, tmp_path / "nvml.script", tmp_path / "nvml.log")
-    fake.write("device 0\n")
-    monkeypatch.setenv("FAKE_NVML_SCRIPT", str(fake.script))
-    monkeypatch.setenv("FAKE_NVML_LOG", str(fake.log))
-    assert fake.init_refs == 0
-    yield fake
-    assert fake.init_refs == 0, "a test left NVML initialised (a source not closed?)"
 
 
 def open_one(fake: Fake, script: str, start_s: float = 0.0) -> NvmlGpuSource:
@@ -421,7 +371,9 @@ def test_fail_after_n_calls(fake: Fake) -> None:
 def test_sampler_marks_a_failing_gpu_degraded_and_recovers(fake: Fake) -> None:
     fake.write("device 0 energy_mj=0\n")
     clock_s = [0.0]
-    sampler = Sampler(nvml_factory("", 0.0), idle_watts=0.0, clock=lambda: clock_s[0])
+    sampler = Sampler(
+        nvml_factory("", 0.0), idle_watts=0.0, clock=lambda: clock_s[0], background=False
+    )
     try:
         state = sampler.by_name["nvml:0"]
         fake.write("device 0 lost=1\n")
