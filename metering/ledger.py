@@ -113,6 +113,8 @@ class Ticket:
 
     shares: list[Share] = field(default_factory=list)
     finished: bool = False
+    # The channel names it was opened in (None: all), for the sampler's boundary reads.
+    names: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,6 +27,10 @@ from metering.sources.base import PowerSource, SourceError
 
 log = logging.getLogger("energy_proxy.sampler")
 
+# The event loop's own tick: it only keeps the ledger, the idle estimate and the gauges
+# fresh between requests (sensors are sampled on their threads at --sample-hz).
+LEDGER_TICK_HZ = 2.0
+
 
 @dataclass(slots=True)
 class SourceState:
@@ -68,13 +72,20 @@ class Sampler:
         # seconds its hardware was busy (for the embodied emissions in SCI).
         self.time_channels = tuple(time_channels)
         self.ledger = Ledger([*self.by_name, *self.time_channels])
+        # Per channel set of a boundary: the states and time channels to read.
+        self._plans: dict[tuple[str, ...], tuple[list[SourceState], list[str]]] = {}
         self.read_all()
 
     def read_all(self) -> float:
-        """Read every source once and feed the ledger; returns the clock time used."""
+        """Read every source once and feed the ledger (the tick); returns the clock time."""
+        return self._read(self.states, self.time_channels, observe_idle=True)
+
+    def _read(
+        self, states: Sequence[SourceState], time_names: Sequence[str], *, observe_idle: bool
+    ) -> float:
         now_s = self.clock()
-        ledger = self.ledger
-        for st in self.states:
+        channels = self.ledger.channels
+        for st in states:
             src = st.source
             try:
                 reading = src.read(now_s)
@@ -88,30 +99,48 @@ class Sampler:
             if not st.ok:
                 log.warning("power source %s recovered", src.name)
                 st.ok = True
-            channel = ledger.channels[src.name]
+            channel = channels[src.name]
             was_idle = channel.members == 0
-            ledger.record(src.name, reading.energy_j, reading.t_s, st.idle.watts)
-            st.idle.observe(reading.power_w, idle=was_idle)
+            channel.record(reading.energy_j, reading.t_s, st.idle.watts)
+            if observe_idle:
+                st.idle.observe(reading.power_w, idle=was_idle)
             st.last_power_w = reading.power_w
-        for name in self.time_channels:
-            ledger.record(name, now_s, now_s)
+        for name in time_names:
+            channels[name].record(now_s, now_s, 0.0)
         return now_s
+
+    def _read_for(self, names: tuple[str, ...] | None) -> float:
+        """A boundary: read only the channels whose membership changes. A channel the
+        request is not in keeps its weights, so an extra reading there would split nothing
+        differently (exact either way), and skipping it keeps a boundary cheap."""
+        if names is None:
+            return self._read(self.states, self.time_channels, observe_idle=False)
+        plan = self._plans.get(names)
+        if plan is None:
+            plan = self._plans[names] = (
+                [self.by_name[n] for n in names if n in self.by_name],
+                [n for n in names if n not in self.by_name],
+            )
+        return self._read(plan[0], plan[1], observe_idle=False)
 
     def start(
         self, weight: float = 1.0, names: Sequence[str] | None = None
     ) -> tuple[Ticket, float]:
         """Open a request now in the channels `names` (all by default); returns its ticket
         and the start time."""
-        t_s = self.read_all()
-        return self.ledger.start(weight, names), t_s
+        key = None if names is None else tuple(names)
+        t_s = self._read_for(key)
+        ticket = self.ledger.start(weight, key)
+        ticket.names = key
+        return ticket, t_s
 
     def reweigh(self, ticket: Ticket, weight: float) -> None:
-        self.read_all()
+        self._read_for(ticket.names)
         self.ledger.reweigh(ticket, weight)
 
     def finish(self, ticket: Ticket) -> tuple[list[SourceShare], float]:
         """Close a request now; returns its shares per source and the end time."""
-        t_s = self.read_all()
+        t_s = self._read_for(ticket.names)
         return self.ledger.finish(ticket), t_s
 
     @property
@@ -125,7 +154,9 @@ class Sampler:
         return sorted({by_name[n].source.method for n in names if by_name[n].ok})
 
     async def run(self, hz: float) -> None:
-        """Tick forever at `hz` readings per second (cancel to stop)."""
+        """Tick forever at `hz` readings per second (cancel to stop). The tick only feeds
+        the ledger (idle learning, gauges, idle joules between requests): boundaries read
+        at their own times, and blocking sources sample on their own threads."""
         period_s = 1.0 / hz
         next_s = self.clock()
         while True:

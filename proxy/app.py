@@ -27,7 +27,7 @@ from metering.electricitymaps import ElectricityMapsIntensity
 from metering.energy_label import render_label
 from metering.energy_score import MIN_REQUESTS_FOR_RATING, rate
 from metering.groups import bind_channels, gpu_share, time_channel
-from metering.sampler import Sampler
+from metering.sampler import LEDGER_TICK_HZ, Sampler
 from metering.sci import Embodied
 from metering.sources.base import PowerSource
 from metering.sources.nvml import nvml_factory
@@ -102,7 +102,9 @@ class EnergyProxyApp:
             self.ctx.upstream = self._make_client()
         await self.ctx.registry.refresh()
         self._tasks = [
-            asyncio.create_task(self.ctx.sampler.run(self.settings.sample_hz)),
+            asyncio.create_task(
+                self.ctx.sampler.run(min(self.settings.sample_hz, LEDGER_TICK_HZ))
+            ),
             asyncio.create_task(self.ctx.registry.run(self.settings.models_refresh_s)),
             asyncio.create_task(self.ctx.registry.run_own_metrics(self.settings.backend_metrics_s)),
         ]
@@ -326,6 +328,8 @@ def _build_api(ctx: RelayContext, store: RequestStore) -> FastAPI:
 
     @api.get("/metrics")
     async def metrics() -> Response:
+        # Energy totals and power as of now, not the last tick (a read costs microseconds).
+        ctx.sampler.read_all()
         return Response(generate_latest(ctx.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @api.get("/v1/models")

@@ -23,8 +23,8 @@ estimate that ran ahead is absorbed by later intervals, never added twice.
 The schedule (`ReadSchedule`, pure): read the counter no faster than it moves (its update
 period, learnt per source in the first seconds by reading it quickly and timing its moves),
 and no more often than `budget` of one core allows at the read's measured CPU cost (the
-thread's own CPU time per read). With NVML's 3 ms counter and the default 0.5 % budget,
-that is one counter read per 600 ms; with a counter that costs microseconds, one per update
+thread's own CPU time per read). With NVML's 3 ms counter and the default 0.4 % budget,
+that is one counter read per 750 ms; with a counter that costs microseconds, one per update
 period (100 ms on an H100).
 
 A read that fails publishes its error: the loop's `read()` raises SourceError (the sampler
@@ -50,7 +50,7 @@ log = logging.getLogger("energy_proxy.sampler")
 
 # Share of one core the full reads of one source may use, in steady state and while the
 # counter's period is being learnt (a few seconds at start-up).
-FULL_READ_CPU_BUDGET = 0.005
+FULL_READ_CPU_BUDGET = 0.004
 LEARN_CPU_BUDGET = 0.05
 LEARN_MIN_INTERVAL_S = 0.01
 LEARN_MAX_S = 3.0
@@ -95,36 +95,31 @@ class ReadSchedule:
         self._costs_s: deque[float] = deque(maxlen=COST_WINDOW)
         self._moves_s: list[float] = []
         self.period_s: float | None = None
-
-    @property
-    def cost_s(self) -> float:
-        """Median CPU seconds of a recent full read (0 before the first)."""
-        return statistics.median(self._costs_s) if self._costs_s else 0.0
+        self.cost_s = 0.0  # median CPU seconds of a recent full read
+        self.interval_s = self._interval_s()  # seconds from one full read to the next
 
     def observe(self, t_s: float, cost_s: float, moved: bool | None) -> None:
         """A full read at `t_s` that cost `cost_s` of CPU; `moved`: whether the counter
         showed a new value (None for sources without a counter)."""
         self._costs_s.append(max(0.0, cost_s))
-        if not self.learning:
-            return
-        if self._learn_until_s is None:
-            self._learn_until_s = t_s + LEARN_MAX_S
-        if moved:
-            self._moves_s.append(t_s)
-        if len(self._moves_s) > LEARN_MOVES or t_s >= self._learn_until_s:
-            self.learning = False
-            gaps = [b - a for a, b in zip(self._moves_s[1:], self._moves_s[2:], strict=False)]
-            # The first move seen is where reading began, not a move's true time: skipped.
-            self.period_s = statistics.median(gaps) if gaps else DEFAULT_COUNTER_PERIOD_S
-
-    @property
-    def interval_s(self) -> float:
-        """Seconds from one full read to the next."""
-        cost_s = self.cost_s
+        self.cost_s = statistics.median(self._costs_s)
         if self.learning:
-            return max(LEARN_MIN_INTERVAL_S, cost_s / LEARN_CPU_BUDGET)
+            if self._learn_until_s is None:
+                self._learn_until_s = t_s + LEARN_MAX_S
+            if moved:
+                self._moves_s.append(t_s)
+            if len(self._moves_s) > LEARN_MOVES or t_s >= self._learn_until_s:
+                self.learning = False
+                # The first move seen is where reading began, not a move's time: skipped.
+                gaps = [b - a for a, b in zip(self._moves_s[1:], self._moves_s[2:], strict=False)]
+                self.period_s = statistics.median(gaps) if gaps else DEFAULT_COUNTER_PERIOD_S
+        self.interval_s = self._interval_s()
+
+    def _interval_s(self) -> float:
+        if self.learning:
+            return max(LEARN_MIN_INTERVAL_S, self.cost_s / LEARN_CPU_BUDGET)
         base = self.period_s if self.period_s is not None else self.base_interval_s
-        return max(base, cost_s / self.budget)
+        return max(base, self.cost_s / self.budget)
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -163,6 +158,7 @@ class BackgroundSource:
         self._full_costs_s: deque[float] = deque(maxlen=1024)
         self._fast_costs_s: deque[float] = deque(maxlen=1024)
         self._reported_j = 0.0
+        self._update_limits()
         self._stop = threading.Event()
         # The reading the source made when it opened is the first one published.
         now_s = clock()
@@ -182,17 +178,14 @@ class BackgroundSource:
 
     # --- the loop's side: no sensor is touched ----------------------------------------------
 
-    @property
-    def cap_s(self) -> float:
-        """How far past its reading the loop may carry an estimate: a little over the gap
-        between two published readings."""
-        gap_s = self.fast_interval_s if self._fast is not None else self.schedule.interval_s
-        return 2.0 * gap_s + 0.05
-
-    @property
-    def stale_after_s(self) -> float:
-        """No attempt finished for this long: the source is degraded (a hung read)."""
-        return max(2.0, 4.0 * max(self.schedule.interval_s, self.fast_interval_s))
+    def _update_limits(self) -> None:
+        """`cap_s`: how far past its reading the loop may carry an estimate (a little over
+        the gap between two published readings); `stale_after_s`: no attempt finished for
+        this long means a hung read, and the source is degraded."""
+        interval_s = self.schedule.interval_s
+        gap_s = self.fast_interval_s if self._fast is not None else interval_s
+        self.cap_s = 2.0 * gap_s + 0.05
+        self.stale_after_s = max(2.0, 4.0 * max(interval_s, self.fast_interval_s))
 
     def read(self, now_s: float) -> Reading:
         pub = self._published
@@ -231,6 +224,7 @@ class BackgroundSource:
                 moved = (src.counter_seen_s == now_s) if self._has_counter else None
                 schedule.observe(now_s, cost_s, moved if reading is not None else False)
                 next_full_s = now_s + schedule.interval_s
+                self._update_limits()
                 if self._has_counter:
                     # Between counter reads the source interpolates with its power samples:
                     # allow it to cover the whole gap to the next counter read.

@@ -40,6 +40,7 @@ from metering.sources.nvml import (
     set_power_limit_w,
 )
 from metering.sources.spec import parse_power_spec
+from tests.conftest import Fake
 from tests.fakenvml import (
     NVML_ERROR_GPU_IS_LOST,
     NVML_ERROR_NOT_SUPPORTED,
@@ -47,7 +48,6 @@ from tests.fakenvml import (
     fake_nvml_env,
     write_script,
 )
-from tests.metering.conftest import Fake
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FACTORIES = {"nvml": nvml_factory}
