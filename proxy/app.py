@@ -30,6 +30,7 @@ from metering.groups import bind_channels, gpu_share, time_channel
 from metering.sampler import LEDGER_TICK_HZ, Sampler
 from metering.sci import Embodied
 from metering.sources.base import PowerSource
+from metering.sources.hardware import describe_hardware
 from metering.sources.nvml import nvml_factory
 from metering.sources.rapl import rapl_factory
 from metering.sources.spec import parse_power_spec
@@ -102,9 +103,7 @@ class EnergyProxyApp:
             self.ctx.upstream = self._make_client()
         await self.ctx.registry.refresh()
         self._tasks = [
-            asyncio.create_task(
-                self.ctx.sampler.run(min(self.settings.sample_hz, LEDGER_TICK_HZ))
-            ),
+            asyncio.create_task(self.ctx.sampler.run(min(self.settings.sample_hz, LEDGER_TICK_HZ))),
             asyncio.create_task(self.ctx.registry.run(self.settings.models_refresh_s)),
             asyncio.create_task(self.ctx.registry.run_own_metrics(self.settings.backend_metrics_s)),
         ]
@@ -262,10 +261,12 @@ def create_app(
     return app
 
 
-def describe_hardware(sampler: Sampler) -> str:
-    """What the energy was measured on, for labels: the power sources and their methods."""
-    names = ", ".join(f"{st.source.name} ({st.source.method})" for st in sampler.states)
-    return names or "unknown"
+def describe_sources(sampler: Sampler) -> str:
+    """What the energy was measured on, for labels: the devices and their methods."""
+    return describe_hardware(
+        (st.source.name, str(getattr(st.source, "hardware", "") or ""), st.source.method)
+        for st in sampler.states
+    )
 
 
 def intensity_from(settings: Settings) -> IntensityProvider:
@@ -286,7 +287,7 @@ def intensity_from(settings: Settings) -> IntensityProvider:
 
 
 def _build_api(ctx: RelayContext, store: RequestStore) -> FastAPI:
-    hardware = describe_hardware(ctx.sampler)
+    hardware = describe_sources(ctx.sampler)
     api = FastAPI(title="energy-proxy", docs_url=None, redoc_url=None, openapi_url=None)
 
     @api.exception_handler(ProxyError)
@@ -306,7 +307,12 @@ def _build_api(ctx: RelayContext, store: RequestStore) -> FastAPI:
     async def readyz() -> JSONResponse:
         backends = [b.describe() for b in ctx.registry.backends]
         sources = [
-            {"name": st.source.name, "method": st.source.method, "ok": st.ok}
+            {
+                "name": st.source.name,
+                "method": st.source.method,
+                "ok": st.ok,
+                "hardware": str(getattr(st.source, "hardware", "") or ""),
+            }
             | ({"error": st.last_error} if not st.ok else {})
             for st in ctx.sampler.states
         ]

@@ -1,4 +1,4 @@
-"""`energy-proxy serve | demo | bench`: the command line of INTERFACE.md."""
+"""`energy-proxy serve | demo | doctor | bench`: the command line of INTERFACE.md."""
 
 from __future__ import annotations
 
@@ -137,6 +137,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=0, help="proxy port (default: a free one)")
     demo.add_argument("--power-source", default="auto", metavar="SPEC")
     demo.add_argument("--max-tokens", type=int, default=48)
+    doctor = sub.add_parser(
+        "doctor",
+        help="what this host can measure: each power source, what its reads cost, and "
+        "what the proxy will do with it",
+    )
+    doctor.add_argument(
+        "--power-source", default="auto", metavar="SPEC", help="the sources to check"
+    )
+    doctor.add_argument("--json", dest="json_out", action="store_true", help="print JSON")
+    doctor.add_argument(
+        "--calls", type=int, default=100, help="how many times each call is timed (default 100)"
+    )
     bench = sub.add_parser(
         "bench",
         help="run a prompt set through the proxy and report energy per model and category",
@@ -288,6 +300,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from proxy.demo import run_demo
 
         return run_demo(**args)
+    if ns.command == "doctor":
+        from proxy.doctor import run_doctor
+
+        return run_doctor(**args)
     if ns.command == "bench":
         from proxy.bench.command import run_bench_command
 

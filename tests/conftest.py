@@ -145,5 +145,3 @@ def fake_nvml(
     assert fake.init_refs == 0
     yield fake
     assert fake.init_refs == 0, "a test left NVML initialised (a source not closed?)"
-
-

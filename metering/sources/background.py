@@ -228,8 +228,8 @@ class BackgroundSource:
                 if self._has_counter:
                     # Between counter reads the source interpolates with its power samples:
                     # allow it to cover the whole gap to the next counter read.
-                    src.interpolation_cap_s = (
-                        schedule.interval_s + (schedule.period_s or DEFAULT_COUNTER_PERIOD_S)
+                    src.interpolation_cap_s = schedule.interval_s + (
+                        schedule.period_s or DEFAULT_COUNTER_PERIOD_S
                     )
             else:
                 self._fast_costs_s.append(cost_s)

@@ -45,7 +45,7 @@ import os
 from bisect import bisect_right
 
 from metering.sources.base import Domain, Reading, SourceError, SourceUnavailable
-from metering.sources.cpuinfo import cpu_model
+from metering.sources.hardware import cpu_model
 
 # (utilisation as a fraction, power as a fraction of TDP): the Teads curve, see above.
 TEADS_CURVE: tuple[tuple[float, float], ...] = (

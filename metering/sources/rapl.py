@@ -66,7 +66,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from metering.sources.base import Domain, PowerSource, Reading, SourceError, SourceUnavailable
-from metering.sources.cpuinfo import cpu_model
+from metering.sources.hardware import cpu_model
 
 DEFAULT_POWERCAP_ROOT = "/sys/class/powercap"
 # Far above any CPU package or DRAM zone; a drop implying more is a counter reset.

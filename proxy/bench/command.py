@@ -25,6 +25,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TextColumn
 
 from backends.launch import LaunchError, proxy_server
 from metering.energy_score import MIN_REQUESTS_FOR_RATING, rate
+from metering.sources.hardware import describe_hardware
 from proxy.bench.files import (
     REPORT_HTML,
     REQUESTS_CSV,
@@ -259,6 +260,20 @@ def resolve_models(proxy_url: str, wanted: str | None, api_key: str | None = Non
     return list(dict.fromkeys(names))
 
 
+def proxy_hardware(proxy_url: str) -> str:
+    """What the proxy measures on, by its `/readyz` ("NVIDIA H100 80GB HBM3 (nvml-counter)"),
+    for the report; "" when it cannot be read (the report then simply lacks it)."""
+    try:
+        doc = httpx.get(f"{proxy_url}/readyz", timeout=10.0).json()
+        sources = doc.get("power_sources", [])
+        return describe_hardware(
+            (str(s.get("name", "")), str(s.get("hardware") or ""), str(s.get("method", "")))
+            for s in sources
+        )
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return ""
+
+
 def run_bench_command(
     proxy: str | None = None,
     backend: str | None = None,
@@ -311,6 +326,7 @@ def run_bench_command(
         proxy_url, model_list = connected
         config = {
             "proxy": proxy_url,
+            "hardware": proxy_hardware(proxy_url),
             "backend": backend,
             "models": model_list,
             "prompts": prompts,

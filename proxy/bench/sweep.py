@@ -62,6 +62,7 @@ from proxy.bench.command import (
     _Display,
     _now_iso,
     connect,
+    proxy_hardware,
 )
 from proxy.bench.files import write_json
 from proxy.bench.prompts import PromptSetError, categories_of, load_prompts
@@ -420,6 +421,7 @@ def run_sweep_command(
         power = plan_power(power_limits or _nvml_power_limits, steps)
         config = {
             "proxy": proxy_url,
+            "hardware": proxy_hardware(proxy_url),
             "backend": backend,
             "models": model_list,
             "prompts": prompts,

@@ -57,6 +57,9 @@ def test_bench_command_writes_everything(
     doc = json.loads((out / "summary.json").read_text())
     assert doc["config"]["models"] == ["fake-model", "fake-b"]  # all the proxy lists
     assert doc["config"]["prompt_count"] == 6
+    # What it was measured on, from the proxy's /readyz, in the summary and the report.
+    assert doc["config"]["hardware"] == "constant (constant)"
+    assert "<dt>hardware</dt><dd>constant (constant)</dd>" in (out / "report.html").read_text()
     assert [(r["model"], r["category"], r["count"]) for r in doc["rows"]] == [
         (m, c, 2) for m in ("fake-model", "fake-b") for c in ("code", "math", "questions")
     ]

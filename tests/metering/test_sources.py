@@ -593,3 +593,31 @@ def test_split_power_spec_shapes() -> None:
         ("rapl", None),
         ("constant", "5"),
     ]
+
+
+def test_hardware_is_named_by_model_and_identical_devices_are_counted() -> None:
+    from metering.sources.hardware import describe_hardware
+
+    assert (
+        describe_hardware(
+            [
+                ("nvml:0", "NVIDIA H100 80GB HBM3", "nvml-counter"),
+                ("nvml:1", "NVIDIA H100 80GB HBM3", "nvml-counter"),
+                ("rapl", "AMD EPYC 9654 96-Core Processor", "rapl"),
+            ]
+        )
+        == "2 x NVIDIA H100 80GB HBM3 (nvml-counter), AMD EPYC 9654 96-Core Processor (rapl)"
+    )
+    assert describe_hardware([("constant", "", "constant")]) == "constant (constant)"
+    assert describe_hardware([]) == "unknown"
+
+
+def test_cpu_model_from_cpuinfo(tmp_path: Path) -> None:
+    from metering.sources.hardware import cpu_model
+
+    intel = tmp_path / "cpuinfo"
+    intel.write_text(
+        "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8480+\nflags\t: fpu\n"
+    )
+    assert cpu_model(str(intel)) == "Intel(R) Xeon(R) Platinum 8480+"
+    assert cpu_model(str(tmp_path / "missing")) == ""

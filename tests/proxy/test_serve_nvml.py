@@ -86,6 +86,11 @@ def test_gpu_energy_is_measured_by_the_counter_and_grouped(gpu_proxy: tuple[str,
     assert attributed[(("scope", "idle"), ("source", "nvml:1"))] > 0.0
     power = samples(url, "energy_proxy_power_watts")
     assert power[(("source", "nvml:0"),)] == 300.0
+    # The hardware by name, in /readyz and on the Energy Score label (not "nvml:0").
+    assert {s["hardware"] for s in ready["power_sources"]} == {"FakeGPU"}
+    label = httpx.get(url + "/v1/energy/label/fake-model.svg")
+    assert label.status_code == 200
+    assert "2 x FakeGPU (nvml-counter)" in label.text and "nvml:0" not in label.text
 
 
 def test_lost_gpu_degrades_one_source_and_the_proxy_keeps_serving(
