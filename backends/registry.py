@@ -150,6 +150,10 @@ class BackendRegistry:
     def known_models(self) -> frozenset[str]:
         return frozenset(self._routes)
 
+    def lists(self, model: str) -> bool:
+        """Whether some backend lists `model` (the hot path's label check: no set built)."""
+        return model in self._routes
+
     # --- discovery -----------------------------------------------------------------------
 
     async def refresh(self) -> None:

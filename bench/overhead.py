@@ -353,9 +353,10 @@ def die(message: str) -> NoReturn:
 
 
 def proxy_command(
-    template: str | None, port: int, backend: str, upstream: str | None, workdir: Path
+    template: str | None, backend: str, upstream: str | None, workdir: Path
 ) -> list[str]:
-    """The proxy's command line; --proxy-cmd may use {host} {port} {backend} {python}."""
+    """The proxy's command line, "{port}" still to fill in; --proxy-cmd may use {host}
+    {port} {backend} {python} {workdir}."""
     if template is None:
         exe = Path(sys.executable).parent / "energy-proxy"
         found = str(exe) if exe.exists() else shutil.which("energy-proxy")
@@ -367,7 +368,7 @@ def proxy_command(
             "--host",
             HOST,
             "--port",
-            str(port),
+            "{port}",
             "--backend",
             backend,
             "--power-source",
@@ -376,7 +377,7 @@ def proxy_command(
     else:
         cmd = shlex.split(
             template.format(
-                host=HOST, port=port, backend=backend, python=sys.executable, workdir=workdir
+                host=HOST, port="{port}", backend=backend, python=sys.executable, workdir=workdir
             )
         )
     if upstream:
@@ -396,26 +397,138 @@ def start_proxies(
     if args.direct_vs_direct:
         # Harness self-check: the "proxy" is the backend itself, so the ratio must be ~1.0.
         return [Target("direct(again)", backend_url)]
-    upstreams: list[str | None] = (
-        [u.strip() for u in args.compare_upstreams.split(",") if u.strip()]
-        if args.compare_upstreams
-        else [args.upstream]
-    )
+    launches: list[tuple[str, list[str], dict[str, str], str]] = []
+    if args.compare_upstreams:
+        for upstream in (u.strip() for u in args.compare_upstreams.split(",") if u.strip()):
+            cmd = proxy_command(args.proxy_cmd, backend_url, upstream, workdir)
+            launches.append((f"proxy[{upstream}]", cmd, {}, "/healthz"))
+    else:
+        for name in (t.strip() for t in args.compare.split(",") if t.strip()):
+            launches.append(comparison_target(name, args, backend_url, workdir))
     targets = []
-    for upstream in upstreams:
+    for label, cmd_template, extra_env, health in launches:
         port = free_port()
-        label = f"proxy[{upstream}]" if upstream else "proxy"
-        cmd = proxy_command(args.proxy_cmd, port, backend_url, upstream, workdir)
+        cmd = [c.replace("{port}", str(port)) for c in cmd_template]
+        if cmd_template[:1] == ["nginx"]:
+            cmd = nginx_command(workdir, port, backend_url)
         print(f"  {label}: {shlex.join(cmd)}", file=sys.stderr)
         # Keep the benchmark's request records out of the user's real store (INTERFACE:
         # every flag reads ENERGY_PROXY_<FLAG>); an env var cannot break an older CLI.
-        env = {"ENERGY_PROXY_DB": str(workdir / f"{label}.sqlite")}
+        env = {"ENERGY_PROXY_DB": str(workdir / f"{label}.sqlite"), **extra_env}
         procs.append(start(label, cmd, workdir, env))
-        targets.append(Target(label, f"http://{HOST}:{port}"))
-    for proc, target in zip(procs[-len(targets) :], targets, strict=True):
-        wait_until_up(proc, target.base_url + "/healthz", args.startup_timeout)
+        targets.append((Target(label, f"http://{HOST}:{port}"), health))
+    for proc, (target, health) in zip(procs[-len(targets) :], targets, strict=True):
+        wait_until_up(proc, target.base_url + health, args.startup_timeout)
         check_answers(target.label, target.base_url, proc)
-    return targets
+    return [t for t, _ in targets]
+
+
+# ---------------------------------------------------------------------------- comparisons
+
+
+def comparison_target(
+    name: str, args: argparse.Namespace, backend_url: str, workdir: Path
+) -> tuple[str, list[str], dict[str, str], str]:
+    """(label, command with "{port}", environment, health path) of one --compare entry."""
+    if name == "proxy":
+        return (
+            "proxy",
+            proxy_command(args.proxy_cmd, backend_url, args.upstream, workdir),
+            {},
+            "/healthz",
+        )
+    if name == "proxy-nvml":
+        # The same proxy, measuring a fake GPU as slow to read as an H100 (through the real
+        # nvidia-ml-py): the cost of metering a real GPU, not of a constant.
+        env = fake_h100_env(workdir)
+        cmd = proxy_command(args.proxy_cmd, backend_url, args.upstream, workdir)
+        cmd = [*cmd[: cmd.index("--power-source")], "--power-source", "nvml"]
+        return "proxy-nvml", cmd, env, "/healthz"
+    if name.startswith(("ref:", "ref-nvml:")):
+        kind, _, ref = name.partition(":")
+        tree = git_worktree(ref, workdir)
+        launcher = (
+            f"import sys; sys.path.insert(0, {str(tree)!r}); "
+            "from proxy.cli import main; sys.exit(main())"
+        )
+        nvml = kind == "ref-nvml"
+        source = "nvml" if nvml else "constant:100"
+        cmd = [sys.executable, "-c", launcher, "serve", "--host", HOST, "--port", "{port}",
+               "--backend", backend_url, "--power-source", source]  # fmt: skip
+        env = fake_h100_env(workdir) if nvml else {}
+        return f"proxy{'-nvml' if nvml else ''}@{ref}", cmd, env, "/healthz"
+    if name == "nginx":
+        if shutil.which("nginx") is None:
+            die("nginx not found: apt-get install -y nginx-light (or nginx)")
+        return "nginx", ["nginx"], {}, "/healthz"
+    if name == "litellm":
+        exe = args.litellm or shutil.which("litellm")
+        if exe is None or not Path(exe).exists():
+            die("litellm not found: bash bench/setup_litellm.sh, then --litellm <its path>")
+        config = workdir / "litellm.yaml"
+        config.write_text(
+            "model_list:\n  - model_name: fake-model\n    litellm_params:\n"
+            f"      model: openai/fake-model\n      api_base: {backend_url}/v1\n"
+            "      api_key: unused\n"
+        )
+        env = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_TELEMETRY": "False",
+               "DISABLE_SCHEMA_UPDATE": "True"}  # fmt: skip
+        cmd = [exe, "--config", str(config), "--host", HOST, "--port", "{port}",
+               "--num_workers", "1"]  # fmt: skip
+        return "litellm", cmd, env, "/health/liveliness"
+    die(f"--compare takes proxy, proxy-nvml, nginx, litellm, ref:GITREF; not {name!r}")
+
+
+def fake_h100_env(workdir: Path) -> dict[str, str]:
+    """LD_LIBRARY_PATH and FAKE_NVML_SCRIPT for the fake libnvidia-ml with H100 latencies."""
+    sys.path.insert(0, str(BENCH_DIR.parent))
+    from tests.fakenvml import H100_LATENCY, build_fake_nvml, fake_nvml_env, write_script
+
+    lib_dir = build_fake_nvml(workdir / "fakenvml")
+    script = workdir / "h100.script"
+    write_script(
+        script,
+        "device 0 name=FakeH100 energy_mj=0 energy_rate_mw=300000 counter_period_ms=100 "
+        f"power_mw=300000 instant_mw=300000 {H100_LATENCY}\n",
+    )
+    env = fake_nvml_env(lib_dir, script)
+    return {k: env[k] for k in ("LD_LIBRARY_PATH", "FAKE_NVML_SCRIPT")}
+
+
+def git_worktree(ref: str, workdir: Path) -> Path:
+    """The project at `ref`, checked out beside the benchmark (removed with its workdir)."""
+    tree = workdir / f"ref-{re.sub(r'[^A-Za-z0-9_.-]', '_', ref)}"
+    done = subprocess.run(
+        ["git", "-C", str(BENCH_DIR.parent), "worktree", "add", "--detach", str(tree), ref],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        die(f"git worktree add {ref} failed: {done.stderr.strip()}")
+    return tree
+
+
+def nginx_command(workdir: Path, port: int, backend_url: str) -> list[str]:
+    """nginx as a plain reverse proxy on one worker (as the proxy runs on one process):
+    keep-alive to the backend, no buffering (streams pass as they come)."""
+    root = workdir / "nginx"
+    for d in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    backend = backend_url.removeprefix("http://")
+    conf = root / "nginx.conf"
+    conf.write_text(
+        f"daemon off;\nworker_processes 1;\npid {root}/nginx.pid;\n"
+        f"error_log {root}/error.log warn;\nevents {{ worker_connections 1024; }}\n"
+        "http {\n  access_log off;\n"
+        f"  client_body_temp_path {root}/body; proxy_temp_path {root}/proxy;\n"
+        f"  fastcgi_temp_path {root}/fastcgi; uwsgi_temp_path {root}/uwsgi;\n"
+        f"  scgi_temp_path {root}/scgi;\n"
+        f"  upstream backend {{ server {backend}; keepalive 128; }}\n"
+        f"  server {{\n    listen {HOST}:{port};\n"
+        "    location = /healthz { return 200 'ok'; }\n"
+        "    location / {\n      proxy_pass http://backend;\n      proxy_http_version 1.1;\n"
+        '      proxy_set_header Connection "";\n      proxy_buffering off;\n    }\n  }\n}\n'
+    )
+    return [shutil.which("nginx") or "nginx", "-c", str(conf), "-p", str(root)]
 
 
 # ---------------------------------------------------------------------------- measuring
@@ -538,6 +651,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--upstream", help="pass --upstream-client VALUE to the proxy")
     p.add_argument(
+        "--compare",
+        default="proxy",
+        metavar="LIST",
+        help="what to put beside direct: proxy (constant:100), proxy-nvml (a fake GPU with "
+        "H100 read latencies), nginx, litellm, ref:GITREF / ref-nvml:GITREF (this proxy at "
+        "another commit); default proxy",
+    )
+    p.add_argument("--litellm", help="the litellm executable (bench/setup_litellm.sh)")
+    p.add_argument(
         "--compare-upstreams",
         nargs="?",
         const=DEFAULT_UPSTREAMS,
@@ -631,6 +753,11 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 for proc in reversed(procs):  # proxies first, then the backend they use
                     stop(proc)
+                # ref:GITREF checkouts lived in the temporary directory: forget them.
+                subprocess.run(
+                    ["git", "-C", str(BENCH_DIR.parent), "worktree", "prune"],
+                    capture_output=True, check=False,
+                )  # fmt: skip
     except KeyboardInterrupt:
         print("\ninterrupted; stopped every process started", file=sys.stderr)
         return 130

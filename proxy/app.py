@@ -39,7 +39,6 @@ from proxy.errors import NotFound, ProxyError, StoreUnavailable, error_body
 from proxy.headers import header_value
 from proxy.metrics import ProxyMetrics
 from proxy.relay import METERED_PATHS, MeteredRoute, Receive, RelayContext, Scope, Send
-from proxy.relay import new_request_id as _new_request_id
 from proxy.requestlog import RequestLog
 from proxy.settings import Settings
 from proxy.upstream import UpstreamClient, make_upstream
@@ -87,7 +86,7 @@ class EnergyProxyApp:
             if scope["path"] in METERED_PATHS:
                 await self._metered(scope, receive, send)
                 return
-            rid = header_value(scope["headers"], b"x-request-id") or _new_request_id().encode()
+            rid = header_value(scope["headers"], b"x-request-id") or self.ctx.ids.new().encode()
 
             async def send_with_id(message: Any) -> None:
                 if message["type"] == "http.response.start":

@@ -210,7 +210,9 @@ async def test_models_merged_and_readiness(client: httpx.AsyncClient) -> None:
     doc = r.json()
     assert doc["backends"][0]["name"] == "fake" and doc["backends"][0]["ready"] is True
     assert doc["backends"][0]["models"] == ["fake-model"]
-    assert doc["power_sources"] == [{"name": "constant", "method": "constant", "ok": True}]
+    assert doc["power_sources"] == [
+        {"name": "constant", "method": "constant", "ok": True, "hardware": ""}
+    ]
 
 
 async def test_get_on_metered_route_is_refused(client: httpx.AsyncClient) -> None:
