@@ -471,7 +471,9 @@ def comparison_target(
             f"      model: openai/fake-model\n      api_base: {backend_url}/v1\n"
             "      api_key: unused\n"
         )
+        # No master key: wrk sends none, and this is a local benchmark on 127.0.0.1.
         env = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_TELEMETRY": "False",
+               "LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY": "true",
                "DISABLE_SCHEMA_UPDATE": "True"}  # fmt: skip
         cmd = [exe, "--config", str(config), "--host", HOST, "--port", "{port}",
                "--num_workers", "1"]  # fmt: skip
@@ -498,6 +500,8 @@ def fake_h100_env(workdir: Path) -> dict[str, str]:
 def git_worktree(ref: str, workdir: Path) -> Path:
     """The project at `ref`, checked out beside the benchmark (removed with its workdir)."""
     tree = workdir / f"ref-{re.sub(r'[^A-Za-z0-9_.-]', '_', ref)}"
+    if tree.exists():  # ref:X and ref-nvml:X share one checkout
+        return tree
     done = subprocess.run(
         ["git", "-C", str(BENCH_DIR.parent), "worktree", "add", "--detach", str(tree), ref],
         capture_output=True, text=True, check=False,
