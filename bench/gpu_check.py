@@ -16,10 +16,11 @@ Starts `energy-proxy serve --backend URL --power-source nvml[:GPUS]` on a free p
    and the sum of the joules the requests were told against the attributed total.
 
 Needs the project's dependencies and nvidia-ml-py; the backend is any OpenAI-compatible
-server (../shared/gpu/gpu_backend.py on a bare GPU host). Without a GPU it runs against
-the fake NVML library the tests use (LD_LIBRARY_PATH and FAKE_NVML_SCRIPT), which is how
-its own test runs it. Nothing is asserted; the exit code is 1 when conservation misses by
-more than one counter period's worth of energy, or a request failed.
+server (a batching GPU simulator needing only torch and aiohttp will do). Without a GPU
+it runs against the fake NVML library the tests use (LD_LIBRARY_PATH and
+FAKE_NVML_SCRIPT), which is how its own test runs it. Nothing is asserted; the exit code is
+1 when conservation misses by more than one counter step's worth of energy, or a request
+failed.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ No GPU is needed: the script compiles the fake libnvidia-ml.so.1 (tests/fakenvml
 and reruns itself in subprocesses with LD_LIBRARY_PATH pointing there, so the real
 nvidia-ml-py binding loads the fake. The fake's GPUs take as long as an H100's did
 (`--latency h100`, the default: the energy counter 3 ms p50 / 16 ms p99 of the caller's
-CPU, the instant power field 3 us, GetPowerUsage 2 us; ../shared/gpu/README.md has the
-measurements), their counters move every 100 ms and draw 150-290 W.
+CPU, the instant power field 3 us, GetPowerUsage 2 us: what an H100 showed, issue 11), their
+counters move every 100 ms and draw 150-290 W.
 
 Two ways of reading them, side by side in one table:
 - `thread` (what the proxy does): Sampler(background=True), each GPU read on its own thread;

@@ -37,7 +37,7 @@ Script format (one directive per line, '#' comments), re-read whenever the file 
     hang=0|1            1 -> every energy and power read blocks until the script says 0
 
 About 1.5 % of calls take P99, the rest P50 +- 10 %. H100_LATENCY holds the figures
-measured on a real H100 (../shared/gpu/README.md of the project's notes), to paste into a
+measured on a real H100 (driver 580.159.04, nvidia-ml-py 13.610.43), to paste into a
 device line.
 
 A successful set stores the limit in memory (until the next reload) and appends

@@ -275,14 +275,18 @@ def test_backend_inflight_read_from_vllm_metrics(
     worker.start()
     seen: tuple[float, float | None, float | None] | None = None
     try:
-        # Until the proxy reports vLLM's own count >= 1, or the stream ends first.
+        # Until the proxy reports vLLM's own count >= 1, or the stream ends first. The three
+        # figures count only if the stream was still running after all were read: vLLM's
+        # gauge keeps saying 1 for a while after a request ends (it is updated by engine
+        # steps, and an idle engine takes none), while the proxy's own count is 0 at once.
         while not finished.is_set():
+            ours = metric_sum(proxy.url, "energy_proxy_inflight_requests", backend="vllm")
             via_proxy = backend_inflight()
             if via_proxy is not None and via_proxy >= 1:
                 own = metric_sum(vllm_server.url, "vllm:num_requests_running")
-                ours = metric_sum(proxy.url, "energy_proxy_inflight_requests", backend="vllm")
-                seen = (via_proxy, own, ours)
-                break
+                if not finished.is_set():
+                    seen = (via_proxy, own, ours)
+                    break
             time.sleep(0.1)
     finally:
         worker.join()
