@@ -21,12 +21,14 @@ class MetricNames:
     inflight: frozenset[str] = frozenset()
     prompt_tokens_total: frozenset[str] = frozenset()
     completion_tokens_total: frozenset[str] = frozenset()
+    waiting: frozenset[str] = frozenset()  # requests queued, not yet admitted
 
     def __or__(self, other: MetricNames) -> MetricNames:
         return MetricNames(
             self.inflight | other.inflight,
             self.prompt_tokens_total | other.prompt_tokens_total,
             self.completion_tokens_total | other.completion_tokens_total,
+            self.waiting | other.waiting,
         )
 
 
@@ -35,6 +37,7 @@ VLLM_METRICS = MetricNames(
     inflight=frozenset({"vllm:num_requests_running"}),
     prompt_tokens_total=frozenset({"vllm:prompt_tokens_total"}),
     completion_tokens_total=frozenset({"vllm:generation_tokens_total"}),
+    waiting=frozenset({"vllm:num_requests_waiting"}),
 )
 # TGI (docs reference/metrics): token counts are histograms; their _sum is the running
 # total. Input lengths are recorded at validation, generated tokens when a request ends.
@@ -42,12 +45,14 @@ TGI_METRICS = MetricNames(
     inflight=frozenset({"tgi_batch_current_size"}),
     prompt_tokens_total=frozenset({"tgi_request_input_length_sum"}),
     completion_tokens_total=frozenset({"tgi_request_generated_tokens_sum"}),
+    waiting=frozenset({"tgi_queue_size"}),
 )
 # llama.cpp's llama-server with --metrics (tools/server/README.md).
 LLAMACPP_METRICS = MetricNames(
     inflight=frozenset({"llamacpp:requests_processing"}),
     prompt_tokens_total=frozenset({"llamacpp:prompt_tokens_total"}),
     completion_tokens_total=frozenset({"llamacpp:tokens_predicted_total"}),
+    waiting=frozenset({"llamacpp:requests_deferred"}),
 )
 # Any server we know: the names do not collide, so an unknown server is read with all.
 ANY_METRICS = VLLM_METRICS | TGI_METRICS | LLAMACPP_METRICS
@@ -67,6 +72,7 @@ class OwnMetrics:
     inflight: float | None = None
     prompt_tokens_total: float | None = None
     completion_tokens_total: float | None = None
+    waiting: float | None = None  # requests the backend has queued (not running yet)
 
 
 NO_METRICS = OwnMetrics()
@@ -82,6 +88,7 @@ def parse_own_metrics(text: str, names: MetricNames = ANY_METRICS) -> OwnMetrics
     inflight: float | None = None
     prompt: float | None = None
     completion: float | None = None
+    waiting: float | None = None
     try:
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
@@ -92,9 +99,11 @@ def parse_own_metrics(text: str, names: MetricNames = ANY_METRICS) -> OwnMetrics
                     prompt = (prompt or 0.0) + value
                 elif name in names.completion_tokens_total:
                     completion = (completion or 0.0) + value
+                elif name in names.waiting:
+                    waiting = (waiting or 0.0) + value
     except ValueError:
         return NO_METRICS
-    return OwnMetrics(inflight, prompt, completion)
+    return OwnMetrics(inflight, prompt, completion, waiting)
 
 
 def inflight_from_metrics(text: str) -> float | None:

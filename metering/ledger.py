@@ -25,6 +25,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+WEIGHT_EPSILON = 1e-9
+
 
 @dataclass(slots=True)
 class Channel:
@@ -61,7 +63,9 @@ class Channel:
         if dt_s < 0.0:
             dt_s = 0.0
         self.measured_j += delta_j
-        if self.members > 0 and self.weight > 0.0:
+        # Weights are >= 0 (a request the queue model holds waiting weighs 0); a total
+        # left at float rounding residue by joins and leaves is no weight at all.
+        if self.members > 0 and self.weight > WEIGHT_EPSILON:
             self.acc_j_per_w += delta_j / self.weight
             self.dyn_acc_j_per_w += (delta_j - idle_power_w * dt_s) / self.weight
             self.attributed_j += delta_j
@@ -145,8 +149,8 @@ class Ledger:
         The caller records a reading of each source *before* starting, so energy drawn
         up to this instant goes to whoever was in flight before.
         """
-        if weight <= 0.0:
-            raise ValueError("a request's weight must be positive")
+        if weight < 0.0:
+            raise ValueError("a request's weight must not be negative")
         chans = self._all if names is None else [self.channels[n] for n in names]
         ticket = Ticket()
         for ch in chans:
@@ -156,8 +160,8 @@ class Ledger:
 
     def reweigh(self, ticket: Ticket, weight: float) -> None:
         """Change a request's weight from now on (token-weighted attribution)."""
-        if weight <= 0.0:
-            raise ValueError("a request's weight must be positive")
+        if weight < 0.0:
+            raise ValueError("a request's weight must not be negative")
         if ticket.finished:
             return
         for share in ticket.shares:

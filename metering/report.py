@@ -50,6 +50,7 @@ class EnergyReport:
     co2eq_g: float
     embodied_g: float
     sci_g: float
+    attribution: str = ""  # how the energy was split among concurrent requests (the mode)
 
     @property
     def _per_token_n(self) -> int | None:
@@ -88,6 +89,8 @@ class EnergyReport:
             "sci_g": self.sci_g,
             "sci_per_token_g": self.sci_per_token_g,
         }
+        if self.attribution:
+            d["attribution"] = self.attribution
         if self.gpu_j is not None:
             d["gpu_joules"] = self.gpu_j
         if self.cpu_j is not None:
@@ -132,6 +135,7 @@ def build_report(
     intensity: Intensity,
     pue: float = 1.0,
     embodied_g: float = 0.0,
+    attribution: str = "",
 ) -> EnergyReport:
     """Sum a request's per-source shares into its report.
 
@@ -169,4 +173,5 @@ def build_report(
         co2eq_g=co2,
         embodied_g=embodied_g,
         sci_g=sci_g(co2, embodied_g),
+        attribution=attribution,
     )

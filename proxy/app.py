@@ -21,6 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from backends.registry import Backend, BackendRegistry
+from metering.attribution import Attribution, EngineQueue
 from metering.carbon import IntensityProvider, RefreshingIntensity, StaticIntensity
 from metering.categories import PromptClassifier
 from metering.electricitymaps import ElectricityMapsIntensity
@@ -237,7 +238,8 @@ def create_app(
         channels={name: (*chans, time_of[name]) for name, chans in channels.items()},
         resource_share={name: gpu_share(chans, sources) for name, chans in channels.items()},
         embodied=Embodied.from_kg_years(settings.embodied_kgco2eq, settings.lifespan_years),
-        attribution=settings.attribution,
+        attribution=Attribution(settings.attribution),
+        queues={b.name: EngineQueue(configured=b.max_running) for b in settings.backends},
         request_log=request_log,
         store=store,
     )

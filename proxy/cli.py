@@ -88,7 +88,12 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="drop request records older than N days (default 30; 0 keeps them forever)",
     )
-    p.add_argument("--attribution", choices=("tokens", "equal"), default=S)
+    p.add_argument(
+        "--attribution",
+        choices=("queue", "tokens", "equal"),
+        default=S,
+        help="how energy is split among concurrent requests (default queue)",
+    )
     p.add_argument("--pue", type=float, default=S, help="power usage effectiveness (>= 1.0)")
     p.add_argument("--max-body-bytes", type=int, default=S, metavar="N")
     p.add_argument(

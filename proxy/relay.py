@@ -28,6 +28,7 @@ from typing import Any
 import orjson
 
 from backends.registry import Backend, BackendRegistry
+from metering.attribution import DECODE, Attribution, EngineQueue, Flight
 from metering.carbon import IntensityProvider
 from metering.categories import PromptClassifier
 from metering.ledger import Ticket
@@ -40,7 +41,7 @@ from metering.sci import (
     embodied_g,
 )
 from metering.store import RequestRecord, RequestStore
-from metering.weights import DECODE_WEIGHT, initial_weight, prompt_text
+from metering.weights import prompt_text, prompt_tokens_estimate
 from proxy.errors import (
     BackendUnreachable,
     BadRequest,
@@ -112,7 +113,9 @@ class RelayContext:
             DEFAULT_EMBODIED_KGCO2EQ, DEFAULT_LIFESPAN_YEARS
         )
     )
-    attribution: str = "tokens"
+    attribution: Attribution = field(default_factory=Attribution)
+    # The queue model of each backend (by name), for `--attribution queue`.
+    queues: dict[str, EngineQueue] = field(default_factory=dict)
     # decides a request's category when the client sent no x-prompt-category
     classifier: PromptClassifier = field(default_factory=PromptClassifier)
     request_log: RequestLog | None = None
@@ -130,16 +133,17 @@ class _Exchange:
         "channels",
         "client_gone",
         "energy",
+        "flight",
         "inspector",
         "model",
         "payload",
+        "queue",
         "report",
         "response_done",
         "started",
         "status",
         "t0",
         "ticket",
-        "weight",
     )
 
     def __init__(
@@ -148,12 +152,14 @@ class _Exchange:
         category: str,
         backend: Backend,
         channels: tuple[str, ...],
-        weight: float,
+        flight: Flight,
+        queue: EngineQueue,
         ticket: Ticket,
         t0: float,
     ) -> None:
         self.channels = channels
-        self.weight = weight
+        self.flight = flight
+        self.queue = queue
         self.model = model
         self.category = category
         self.backend = backend
@@ -205,11 +211,23 @@ class MeteredRoute:
             body, client_wants_usage = _ask_for_usage(payload, body)
 
         channels = ctx.channels.get(backend.name) or tuple(ctx.sampler.by_name)
-        weight = initial_weight(
-            ctx.attribution, payload, stream=stream, embeddings=scope["path"] == "/v1/embeddings"
-        )
-        ticket, t0 = ctx.sampler.start(weight, channels)
-        ex = _Exchange(model, category, backend, channels, weight, ticket, t0)
+        embeddings = scope["path"] == "/v1/embeddings"
+        queue = ctx.queues.get(backend.name)
+        if queue is None:
+            queue = ctx.queues[backend.name] = EngineQueue()
+        if queue.capacity is None and backend.spec.serial:
+            # One request at a time (llama-cpp-python): a known capacity, no metrics needed.
+            queue.configured = queue.capacity = 1
+        own = backend.own
+        if own is not None:
+            for other, w in ctx.attribution.observe(queue, own.inflight, own.waiting):
+                ctx.sampler.reweigh(other.handle, w)
+        # The prompt's size matters only where a request's prefill can be seen.
+        prompt_est = prompt_tokens_estimate(payload) if stream or embeddings else 1.0
+        flight = Flight(prompt_est, stream=stream, embeddings=embeddings)
+        ticket, t0 = ctx.sampler.start(ctx.attribution.start(flight, queue), channels)
+        flight.handle = ticket
+        ex = _Exchange(model, category, backend, channels, flight, queue, ticket, t0)
         ex.payload = payload
         backend.inflight += 1
         task = asyncio.current_task()
@@ -316,6 +334,7 @@ class MeteredRoute:
         inspector = ex.inspector = StreamInspector(client_wants_usage)
         failure: UpstreamError | None = None
         process, feed = inspector.process, splitter.feed
+        flight = ex.flight
         try:
             while chunk := await resp.next_chunk():
                 events = feed(chunk)
@@ -323,10 +342,11 @@ class MeteredRoute:
                     body = process(events[0])
                 else:
                     body = b"".join([e for e in map(process, events) if e is not None])
-                if ex.weight != DECODE_WEIGHT and inspector.counted_tokens:
-                    # First token out: prefill is over, the request now decodes.
-                    self.ctx.sampler.reweigh(ex.ticket, DECODE_WEIGHT)
-                    ex.weight = DECODE_WEIGHT
+                if flight.phase != DECODE and inspector.counted_tokens:
+                    # First token out: prefill is over (and it was admitted), it decodes.
+                    weight = self.ctx.attribution.first_token(flight, ex.queue)
+                    if weight is not None:
+                        self.ctx.sampler.reweigh(ex.ticket, weight)
                 if body:
                     await send({"type": "http.response.body", "body": body, "more_body": True})
         except UpstreamError as exc:
@@ -378,6 +398,9 @@ class MeteredRoute:
         ctx = self.ctx
         shares, t1 = ctx.sampler.finish(ex.ticket)
         sampler = ctx.sampler
+        # Its place in the backend's queue model goes to the oldest waiting request.
+        for admitted, weight in ctx.attribution.finish(ex.flight, ex.queue):
+            sampler.reweigh(admitted.handle, weight)
         # Shares of a time channel are the request's share of busy seconds (metering/sci.py).
         busy_s = sum(s.energy_j for s in shares if s.name.startswith("time:"))
         embodied = embodied_g(
@@ -396,6 +419,7 @@ class MeteredRoute:
             intensity=ctx.intensity.current(),
             pue=ctx.pue,
             embodied_g=embodied,
+            attribution=ctx.attribution.mode,
         )
         ex.report = report
         ex.energy = report.to_dict()

@@ -50,6 +50,9 @@ class BackendConfig(BaseModel):
     kind: str = "auto"
     api_key: str | None = Field(default=None, repr=False)
     gpus: list[int] | None = None
+    # The most requests it runs at once (vLLM --max-num-seqs): the queue model's capacity
+    # when the backend's metrics do not tell it (metering/attribution.py).
+    max_running: int | None = Field(default=None, ge=1)
 
     @field_validator("url")
     @classmethod
@@ -120,7 +123,7 @@ class Settings(BaseModel):
     db: str = Field(default_factory=lambda: default_db_path())
     # 0 keeps records forever
     retention_days: int = Field(default=30, ge=0)
-    attribution: Literal["tokens", "equal"] = "tokens"
+    attribution: Literal["queue", "tokens", "equal"] = "queue"
     pue: float = Field(default=1.0, ge=1.0)
     # Embodied emissions of the host and its lifespan, for SCI's M; sources in metering/sci.py
     embodied_kgco2eq: float = Field(default=DEFAULT_EMBODIED_KGCO2EQ, ge=0.0)

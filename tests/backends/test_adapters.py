@@ -149,9 +149,9 @@ async def test_count_tokens_never_raises(
 @pytest.mark.parametrize(
     ("kind", "expected"),
     [
-        ("vllm", OwnMetrics(3.0, 12345.0, 6789.0)),
-        ("tgi", OwnMetrics(2.0, 2048.0, 1500.0)),
-        ("llamacpp", OwnMetrics(1.0, 75.0, 31.0)),
+        ("vllm", OwnMetrics(3.0, 12345.0, 6789.0, waiting=7.0)),
+        ("tgi", OwnMetrics(2.0, 2048.0, 1500.0, waiting=0.0)),
+        ("llamacpp", OwnMetrics(1.0, 75.0, 31.0, waiting=0.0)),
         ("llama-cpp-python", None),  # no /metrics
         ("ollama", None),  # no /metrics
         ("openai", None),  # tried, but this one has none

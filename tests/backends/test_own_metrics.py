@@ -124,9 +124,9 @@ def test_a_backend_without_metrics_has_no_series(proxy: str, fake: tuple[Any, Fa
 @pytest.mark.parametrize(
     ("kind", "names", "expected"),
     [
-        ("vllm", VLLM_METRICS, OwnMetrics(3.0, 12345.0, 6789.0)),
-        ("tgi", TGI_METRICS, OwnMetrics(2.0, 2048.0, 1500.0)),
-        ("llamacpp", LLAMACPP_METRICS, OwnMetrics(1.0, 75.0, 31.0)),
+        ("vllm", VLLM_METRICS, OwnMetrics(3.0, 12345.0, 6789.0, waiting=7.0)),
+        ("tgi", TGI_METRICS, OwnMetrics(2.0, 2048.0, 1500.0, waiting=0.0)),
+        ("llamacpp", LLAMACPP_METRICS, OwnMetrics(1.0, 75.0, 31.0, waiting=0.0)),
     ],
 )
 def test_recorded_metrics(kind: str, names: MetricNames, expected: OwnMetrics) -> None:
@@ -140,7 +140,7 @@ def test_recorded_metrics(kind: str, names: MetricNames, expected: OwnMetrics) -
 
 
 def test_series_are_summed_over_models_and_engines() -> None:
-    assert parse_own_metrics(VLLM) == OwnMetrics(inflight=5.0)
+    assert parse_own_metrics(VLLM) == OwnMetrics(inflight=5.0, waiting=7.0)
 
 
 @pytest.mark.parametrize("text", ["", "<html>not metrics</html>", "{broken"])

@@ -73,19 +73,42 @@ def test_finish_twice_is_harmless_and_bad_weights_refused() -> None:
     assert led.finish(t) == first
     assert led.inflight == 0
     with pytest.raises(ValueError):
-        led.start(weight=0.0)
+        led.start(weight=-1.0)
     with pytest.raises(ValueError):
         Ledger([])
+
+
+def test_a_request_of_weight_zero_is_owed_nothing_and_loses_nothing() -> None:
+    """Weight 0: a request the queue model holds waiting. It is owed nothing while at 0;
+    with only such requests in flight, the energy is idle (nobody's), never lost."""
+    led = Ledger(["s"])
+    led.record("s", 0.0, 0.0)
+    waiting = led.start(weight=0.0)
+    led.record("s", 5.0, 1.0)  # only a weight-0 request in flight: idle
+    running = led.start(weight=2.0)
+    led.record("s", 9.0, 2.0)  # 4 J, all to the running request
+    led.reweigh(waiting, 1.0)  # admitted
+    led.record("s", 12.0, 3.0)  # 3 J split 2:1
+    (w,) = led.finish(waiting)
+    (r,) = led.finish(running)
+    ch = led.channels["s"]
+    assert w.energy_j == pytest.approx(1.0)
+    assert r.energy_j == pytest.approx(4.0 + 2.0)
+    assert ch.idle_j == pytest.approx(5.0)
+    assert w.energy_j + r.energy_j + ch.idle_j == pytest.approx(ch.measured_j)
 
 
 # A schedule is a list of steps: ("read", joules drawn since the last reading),
 # ("start", weight) or ("end", index among open requests) or ("reweigh", index, weight).
 step = st.one_of(
     st.tuples(st.just("read"), st.floats(min_value=0.0, max_value=1e4, allow_nan=False)),
-    st.tuples(st.just("start"), st.sampled_from([1.0, 2.0, 5.0, 128.0])),
+    # 0: held waiting by the queue model; 41: 1 + 4000 prompt tokens / 100 in prefill.
+    st.tuples(st.just("start"), st.sampled_from([0.0, 1.0, 2.0, 5.0, 41.0, 128.0])),
     st.tuples(st.just("end"), st.integers(min_value=0, max_value=50)),
     st.tuples(
-        st.just("reweigh"), st.integers(min_value=0, max_value=50), st.sampled_from([1.0, 7.0])
+        st.just("reweigh"),
+        st.integers(min_value=0, max_value=50),
+        st.sampled_from([0.0, 1.0, 7.0, 6.0]),
     ),
 )
 
