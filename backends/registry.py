@@ -125,6 +125,9 @@ class BackendRegistry:
         self._poster = getter if isinstance(getter, JsonPoster) else None
         self._clock = clock
         self._routes: dict[str, Backend] = {}
+        # Told of each backend's own figures as soon as they are read (the proxy's queue
+        # model of the backend learns its capacity from them).
+        self.on_own_metrics: Callable[[Backend], None] | None = None
         self._last_refresh_s = -1e9
         self._refresh_lock = asyncio.Lock()
         self._went_down = asyncio.Event()  # a request found a ready backend unreachable
@@ -248,6 +251,8 @@ class BackendRegistry:
         if b.spec.serial and b.inflight:
             return
         b.own = own = await b.adapter.own_metrics(self._getter, b.url, self.LIST_TIMEOUT_S)
+        if own is not None and self.on_own_metrics is not None:
+            self.on_own_metrics(b)
         if own is None or own.prompt_tokens_total is None or own.completion_tokens_total is None:
             b.untracked = None
             return

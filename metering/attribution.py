@@ -82,15 +82,15 @@ class EngineQueue:
             self.capacity = self.configured
 
     def learn(self, running: float | None, waiting: float | None) -> bool:
-        """The backend's own counts (its /metrics). With requests waiting, what runs is
+        """The backend's own counts (its /metrics). With requests waiting, what runs is at
         the capacity; a count above the capacity known raises it. True when it changed."""
         if running is None or self.configured is not None:
             return False
         r = round(running)
+        # Requests wait a moment for the next step even with room (a scrape can catch
+        # that): the capacity is the most seen running while others waited, never less.
         with_queue = waiting is not None and waiting >= 1 and r >= 1
-        if (with_queue or (self.capacity is not None and r > self.capacity)) and (
-            r != self.capacity
-        ):
+        if (with_queue or self.capacity is not None) and r > (self.capacity or 0):
             self.capacity = r
             return True
         return False

@@ -79,6 +79,7 @@ class EnergyProxyApp:
         self.api = api
         self.store = store
         self._metered = MeteredRoute(ctx)
+        ctx.registry.on_own_metrics = self._metered.learn_queue
         self._make_client = make_client
         self._tasks: list[asyncio.Task[None]] = []
 

@@ -218,10 +218,6 @@ class MeteredRoute:
         if queue.capacity is None and backend.spec.serial:
             # One request at a time (llama-cpp-python): a known capacity, no metrics needed.
             queue.configured = queue.capacity = 1
-        own = backend.own
-        if own is not None:
-            for other, w in ctx.attribution.observe(queue, own.inflight, own.waiting):
-                ctx.sampler.reweigh(other.handle, w)
         # The prompt's size matters only where a request's prefill can be seen.
         prompt_est = prompt_tokens_estimate(payload) if stream or embeddings else 1.0
         flight = Flight(prompt_est, stream=stream, embeddings=embeddings)
@@ -455,6 +451,18 @@ class MeteredRoute:
                 }
             )
         return report
+
+    def learn_queue(self, backend: Backend) -> None:
+        """The backend's own running/waiting counts were just read: its queue model learns
+        the capacity, and requests it now holds waiting (or admits) change weight."""
+        own, ctx = backend.own, self.ctx
+        if own is None:
+            return
+        queue = ctx.queues.get(backend.name)
+        if queue is None:
+            queue = ctx.queues[backend.name] = EngineQueue()
+        for flight, weight in ctx.attribution.observe(queue, own.inflight, own.waiting):
+            ctx.sampler.reweigh(flight.handle, weight)
 
     def _note_failure(self, backend: Backend, exc: UpstreamError) -> None:
         """A backend that refuses connections or breaks off answers is not ready (a

@@ -131,6 +131,18 @@ class Engine:
             yield from events
             now = end
 
+    def add(self, r: SimRequest) -> None:
+        """A request arrives (for callers that step the engine themselves)."""
+        self.queue.append(r)
+
+    def step(self, now: float) -> tuple[float, list[Event]] | None:
+        """Admit what fits and run one step from `now`: its end time and events, or None
+        when nothing is admitted (for callers that step the engine in real time)."""
+        self._admit(now)
+        if not self.running:
+            return None
+        return self._step(now)
+
     def _admit(self, now: float) -> None:
         limit = self.config.max_running
         while self.queue and (limit is None or len(self.running) < limit):

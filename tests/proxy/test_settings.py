@@ -77,3 +77,27 @@ def test_bad_config_files(tmp_path: Path) -> None:
     unknown.write_text("colour = 'green'")
     with pytest.raises(ConfigError, match="unknown setting 'colour'"):
         load_settings({"config": str(unknown)}, {})
+
+
+def test_a_backends_max_running_sets_its_queue_models_capacity(tmp_path: Path) -> None:
+    from proxy.app import create_app
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        f'db = "{tmp_path / "r.db"}"\npower-source = "constant:10"\n'
+        '[[backends]]\nname = "vllm"\nurl = "http://127.0.0.1:1"\nmax_running = 12\n'
+        '[[backends]]\nname = "other"\nurl = "http://127.0.0.1:2"\n'
+    )
+    s = load_settings({"config": str(cfg)}, {})
+    assert s.attribution == "queue"  # the default
+    app = create_app(s)
+    assert app.ctx.queues["vllm"].capacity == 12
+    assert app.ctx.queues["other"].capacity is None
+    app.ctx.sampler.close()
+    app.store.close()
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[backends]]\nname = "x"\nurl = "http://127.0.0.1:1"\nmax_running = 0\n')
+    with pytest.raises(
+        ConfigError, match="max-running: Input should be greater than or equal to 1"
+    ):
+        load_settings({"config": str(bad)}, {})
