@@ -33,7 +33,7 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
@@ -53,40 +53,38 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def first_token_s(base_url: str, model: str, max_tokens: int) -> float:
-    """Seconds from sending a streamed chat request to its first content chunk."""
+def stream_lines(base_url: str, model: str, max_tokens: int, prompt: str) -> Iterator[str]:
+    """The SSE lines of one streamed chat request, as they arrive."""
     body = {
         "model": model,
         "stream": True,
         "max_tokens": max_tokens,
-        "messages": [{"role": "user", "content": "Count from one to twenty."}],
+        "messages": [{"role": "user", "content": prompt}],
     }
-    t0 = time.perf_counter()
-    with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, timeout=120) as r:
+    with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, timeout=300) as r:
         r.raise_for_status()
-        first = None
-        for line in r.iter_lines():
-            chunk = line.replace(" ", "")
-            if first is None and chunk.startswith("data:{") and '"choices":[{' in chunk:
-                first = time.perf_counter() - t0
-        if first is None:
-            raise RuntimeError("the stream carried no token")
-        return first
+        yield from r.iter_lines()
+
+
+def first_token_s(base_url: str, model: str, max_tokens: int) -> float:
+    """Seconds from sending a streamed chat request to its first content chunk."""
+    t0 = time.perf_counter()
+    first = None
+    for line in stream_lines(base_url, model, max_tokens, "Count from one to twenty."):
+        chunk = line.replace(" ", "")
+        if first is None and chunk.startswith("data:{") and '"choices":[{' in chunk:
+            first = time.perf_counter() - t0
+    if first is None:
+        raise RuntimeError("the stream carried no token")
+    return first
 
 
 def stream_joules(base_url: str, model: str, max_tokens: int) -> float:
-    body = {
-        "model": model,
-        "stream": True,
-        "max_tokens": max_tokens,
-        "messages": [{"role": "user", "content": "Write a short poem about the sea."}],
-    }
+    """The joules the proxy told a streamed request, from its final energy event."""
     energy = None
-    with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, timeout=300) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
-            if line.startswith("data: {") and '"energy"' in line:
-                energy = json.loads(line[6:])["energy"]
+    for line in stream_lines(base_url, model, max_tokens, "Write a short poem about the sea."):
+        if line.startswith("data: {") and '"energy"' in line:
+            energy = json.loads(line[6:])["energy"]
     if energy is None:
         raise RuntimeError("no energy event in the stream")
     return float(energy["joules"])

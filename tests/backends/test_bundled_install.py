@@ -48,6 +48,19 @@ def results(*seq: SmokeResult) -> tuple[Callable[[], SmokeResult], list[int]]:
     return smoke, calls
 
 
+def on_xeon(
+    tmp_path: Path, *smoke_results: SmokeResult, rebuild: bool, check_only: bool, pip_rc: int = 0
+) -> tuple[int, list[int]]:
+    """install() on the AMX Xeon's CPU flags, with a recording pip and given smoke results;
+    its exit code and the smoke tests it ran."""
+    smoke, calls = results(*smoke_results)
+    code = install(
+        rebuild=rebuild, check_only=check_only, python=fake_python(tmp_path, rc=pip_rc),
+        smoke=smoke, machine="x86_64", flags=XEON_FLAGS,
+    )  # fmt: skip
+    return code, calls
+
+
 def calls_of(log: Path) -> list[str]:
     return log.read_text().splitlines() if log.exists() else []
 
@@ -61,11 +74,7 @@ def test_the_demo_extra_pins_the_backend() -> None:
 def test_a_good_build_is_installed_once_with_the_portable_flags(
     tmp_path: Path, pip_log: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    smoke, calls = results(GOOD)
-    code = install(
-        rebuild=False, check_only=False, python=fake_python(tmp_path), smoke=smoke,
-        machine="x86_64", flags=XEON_FLAGS,
-    )  # fmt: skip
+    code, calls = on_xeon(tmp_path, GOOD, rebuild=False, check_only=False)
     assert code == 0 and len(calls) == 1
     (call,) = calls_of(pip_log)
     assert call.startswith(f"{X86_64_V3.cmake_args_str} | -m pip --disable-pip-version-check")
@@ -78,11 +87,7 @@ def test_a_good_build_is_installed_once_with_the_portable_flags(
 def test_a_stale_native_wheel_is_dropped_from_the_cache_and_rebuilt(
     tmp_path: Path, pip_log: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    smoke, calls = results(NATIVE, GOOD)
-    code = install(
-        rebuild=False, check_only=False, python=fake_python(tmp_path), smoke=smoke,
-        machine="x86_64", flags=XEON_FLAGS,
-    )  # fmt: skip
+    code, calls = on_xeon(tmp_path, NATIVE, GOOD, rebuild=False, check_only=False)
     assert code == 0 and len(calls) == 2
     install_call, forget, rebuild = calls_of(pip_log)
     assert "install -q --no-binary llama-cpp-python" in install_call
@@ -100,11 +105,7 @@ def test_a_stale_native_wheel_is_dropped_from_the_cache_and_rebuilt(
 def test_a_build_that_still_crashes_fails_setup_with_the_signal(
     tmp_path: Path, pip_log: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    smoke, calls = results(CRASH, CRASH)
-    code = install(
-        rebuild=False, check_only=False, python=fake_python(tmp_path), smoke=smoke,
-        machine="x86_64", flags=XEON_FLAGS,
-    )  # fmt: skip
+    code, calls = on_xeon(tmp_path, CRASH, CRASH, rebuild=False, check_only=False)
     assert code == 1 and len(calls) == 2 and len(calls_of(pip_log)) == 3
     err = capsys.readouterr().err
     assert "FAILED the smoke test" in err
@@ -112,11 +113,7 @@ def test_a_build_that_still_crashes_fails_setup_with_the_signal(
 
 
 def test_rebuild_goes_straight_to_a_clean_build(tmp_path: Path, pip_log: Path) -> None:
-    smoke, calls = results(GOOD)
-    code = install(
-        rebuild=True, check_only=False, python=fake_python(tmp_path), smoke=smoke,
-        machine="x86_64", flags=XEON_FLAGS,
-    )  # fmt: skip
+    code, calls = on_xeon(tmp_path, GOOD, rebuild=True, check_only=False)
     assert code == 0 and len(calls) == 1
     forget, rebuild = calls_of(pip_log)
     assert "cache remove llama_cpp_python" in forget and "--force-reinstall" in rebuild
@@ -125,11 +122,7 @@ def test_rebuild_goes_straight_to_a_clean_build(tmp_path: Path, pip_log: Path) -
 def test_check_only_installs_nothing_and_says_how_to_rebuild(
     tmp_path: Path, pip_log: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    smoke, calls = results(NATIVE)
-    code = install(
-        rebuild=False, check_only=True, python=fake_python(tmp_path), smoke=smoke,
-        machine="x86_64", flags=XEON_FLAGS,
-    )  # fmt: skip
+    code, calls = on_xeon(tmp_path, NATIVE, rebuild=False, check_only=True)
     assert code == 1 and calls_of(pip_log) == [] and len(calls) == 1
     assert "./scripts/setup.sh --rebuild-backend" in capsys.readouterr().err
 
@@ -137,11 +130,7 @@ def test_check_only_installs_nothing_and_says_how_to_rebuild(
 def test_pip_failing_says_what_a_build_needs(
     tmp_path: Path, pip_log: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    smoke, calls = results(GOOD)
-    code = install(
-        rebuild=False, check_only=False, python=fake_python(tmp_path, rc=1), smoke=smoke,
-        machine="x86_64", flags=XEON_FLAGS,
-    )  # fmt: skip
+    code, calls = on_xeon(tmp_path, GOOD, rebuild=False, check_only=False, pip_rc=1)
     assert code == 1 and calls == []
     assert "needs a C and C++ compiler" in capsys.readouterr().err
 
