@@ -21,7 +21,7 @@ from typing import Any
 from backends.adapters import Adapter, ModelListError, adapter_for
 from backends.crosscheck import Baseline, TokenTally, rebase, untracked_tokens
 from backends.detect import detect_kind
-from backends.fetch import JsonGetter, JsonPoster
+from backends.fetch import JsonGetter, JsonPoster, KeyedGetter
 from backends.kinds import AUTO, OPENAI, Kind, kind_named
 from backends.own_metrics import OwnMetrics
 
@@ -42,6 +42,7 @@ class Backend:
     url: str
     kind: str = OPENAI
     api_key: str | None = None
+    forward_authorization: bool = False  # pass the client's own Authorization header on
     gpus: list[int] | None = None
     models: list[dict[str, Any]] = field(default_factory=list)
     ready: bool = False
@@ -178,7 +179,8 @@ class BackendRegistry:
             await self._detect(b)
         adapter = b.adapter
         listing, health_problem = await asyncio.gather(
-            self._list(adapter, b), adapter.check_health(self._getter, b.url, self.LIST_TIMEOUT_S)
+            self._list(adapter, b),
+            adapter.check_health(self._getter_for(b), b.url, self.LIST_TIMEOUT_S),
         )
         if isinstance(listing, list):
             b.models = listing
@@ -220,16 +222,20 @@ class BackendRegistry:
     async def _list(self, adapter: Adapter, b: Backend) -> list[dict[str, Any]] | str:
         """The model list, or why it could not be read."""
         try:
-            return await adapter.list_models(self._getter, b.url, self.LIST_TIMEOUT_S)
+            return await adapter.list_models(self._getter_for(b), b.url, self.LIST_TIMEOUT_S)
         except ModelListError as exc:
             return str(exc) or "the model list could not be read"
 
     async def _detect(self, b: Backend) -> None:
-        kind = await detect_kind(self._getter, b.url, self.PROBE_TIMEOUT_S)
+        kind = await detect_kind(self._getter_for(b), b.url, self.PROBE_TIMEOUT_S)
         if kind is None:
             return  # down or starting: ask again on the next refresh
         b.kind, b.kind_source = kind, DETECTED
         log.info("backend %s (%s) is %s", b.name, b.url, kind)
+
+    def _getter_for(self, b: Backend) -> JsonGetter:
+        """The getter for `b`'s own endpoints: with its API key, if it has one."""
+        return KeyedGetter(self._getter, b.api_key) if b.api_key else self._getter
 
     async def run(self, period_s: float) -> None:
         """Refresh forever every `period_s` seconds, every `DOWN_RECHECK_S` while a backend
@@ -250,7 +256,9 @@ class BackendRegistry:
     async def _scrape_one(self, b: Backend) -> None:
         if b.spec.serial and b.inflight:
             return
-        b.own = own = await b.adapter.own_metrics(self._getter, b.url, self.LIST_TIMEOUT_S)
+        b.own = own = await b.adapter.own_metrics(
+            self._getter_for(b), b.url, self.LIST_TIMEOUT_S
+        )
         if own is not None and self.on_own_metrics is not None:
             self.on_own_metrics(b)
         if own is None or own.prompt_tokens_total is None or own.completion_tokens_total is None:
@@ -267,8 +275,10 @@ class BackendRegistry:
         tokenize endpoint, the getter cannot POST, or anything fails. Never raises."""
         if self._poster is None:
             return None
+        poster = self._getter_for(backend) if backend.api_key else self._poster
+        assert isinstance(poster, JsonPoster)
         return await backend.adapter.count_tokens(
-            self._poster, backend.url, model, text, self.TOKENIZE_TIMEOUT_S
+            poster, backend.url, model, text, self.TOKENIZE_TIMEOUT_S
         )
 
     async def run_own_metrics(self, period_s: float) -> None:

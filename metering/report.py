@@ -51,6 +51,7 @@ class EnergyReport:
     embodied_g: float
     sci_g: float
     attribution: str = ""  # how the energy was split among concurrent requests (the mode)
+    client_request_id: str | None = None  # the client's own x-request-id, when usable
 
     @property
     def _per_token_n(self) -> int | None:
@@ -91,6 +92,8 @@ class EnergyReport:
         }
         if self.attribution:
             d["attribution"] = self.attribution
+        if self.client_request_id is not None:
+            d["client_request_id"] = self.client_request_id
         if self.gpu_j is not None:
             d["gpu_joules"] = self.gpu_j
         if self.cpu_j is not None:
@@ -136,6 +139,7 @@ def build_report(
     pue: float = 1.0,
     embodied_g: float = 0.0,
     attribution: str = "",
+    client_request_id: str | None = None,
 ) -> EnergyReport:
     """Sum a request's per-source shares into its report.
 
@@ -174,4 +178,5 @@ def build_report(
         embodied_g=embodied_g,
         sci_g=sci_g(co2, embodied_g),
         attribution=attribution,
+        client_request_id=client_request_id,
     )

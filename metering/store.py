@@ -77,6 +77,10 @@ class RequestRecord:
     embodied_g: float | None
     sci_g: float | None
     energy: dict[str, Any]
+    # Who asked (the API key's name; "" when the proxy has no keys) and the client's own
+    # x-request-id, if it sent a usable one. `request_id` is always the proxy's.
+    tenant: str = ""
+    client_request_id: str | None = None
 
     @classmethod
     def from_report(
@@ -88,6 +92,8 @@ class RequestRecord:
         finished_at: float,
         joules_by_source: dict[str, float] | None = None,
         energy: dict[str, Any] | None = None,
+        tenant: str = "",
+        client_request_id: str | None = None,
     ) -> RequestRecord:
         """The record of `report`. Pass `energy` when the dict the client got is at hand
         (it must equal `report.to_dict()`), to store that very object."""
@@ -114,6 +120,8 @@ class RequestRecord:
             embodied_g=report.embodied_g,
             sci_g=report.sci_g,
             energy=energy if energy is not None else report.to_dict(),
+            tenant=tenant,
+            client_request_id=client_request_id,
         )
 
 
@@ -144,6 +152,8 @@ _COLUMNS = (
     "embodied_g",
     "sci_g",
     "energy",
+    "tenant",
+    "client_request_id",
 )
 _INSERT = (
     f"INSERT OR REPLACE INTO requests ({', '.join(_COLUMNS)}) "
@@ -209,9 +219,16 @@ def _migrate_v1(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX requests_model_category ON requests (model, category)")
 
 
+def _migrate_v2(conn: sqlite3.Connection) -> None:
+    # Tenants (API key names) and the client's own request id, looked up by either id.
+    conn.execute("ALTER TABLE requests ADD COLUMN tenant TEXT NOT NULL DEFAULT ''")
+    conn.execute("ALTER TABLE requests ADD COLUMN client_request_id TEXT")
+    conn.execute("CREATE INDEX requests_client_request_id ON requests (client_request_id)")
+
+
 # Applied in order: migration i takes the schema from version i to version i + 1
 # (`PRAGMA user_version`). Append only; never edit one that has shipped.
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_migrate_v1,)
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_migrate_v1, _migrate_v2)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # Errors that come from one record's data, not from the disk: retrying cannot help, so such a
@@ -255,6 +272,8 @@ def _row(r: RequestRecord) -> tuple[object, ...]:
         r.embodied_g,
         r.sci_g,
         orjson.dumps(r.energy).decode(),
+        r.tenant,
+        r.client_request_id,
     )
 
 
@@ -653,21 +672,41 @@ class RequestStore:
 
     # --- reading ---------------------------------------------------------------------
 
-    def get(self, request_id: str) -> dict[str, Any] | None:
-        """The energy object the client was told for `request_id`, or None if unknown.
+    def get(self, request_id: str, tenant: str | None = None) -> dict[str, Any] | None:
+        """The energy object the client was told, by the proxy's id or the client's own
+        x-request-id; None if unknown. `tenant`: only that tenant's requests (None: any,
+        for admins). Several requests of the tenant under one client id: the latest.
 
         Records still queued are found too. Raises `StoreError` after `close`."""
         with self._cond:
             pending = self._pending.get(request_id)
-        if pending is not None:
+            if pending is None:
+                pending = next(
+                    (
+                        r
+                        for r in reversed(self._pending.values())
+                        if r.client_request_id == request_id
+                        and (tenant is None or r.tenant == tenant)
+                    ),
+                    None,
+                )
+        if pending is not None and (tenant is None or pending.tenant == tenant):
             return dict(pending.energy)
-        rows = self._read("SELECT energy FROM requests WHERE request_id = ?", (request_id,))
+        scope, params = ("", ()) if tenant is None else (" AND tenant = ?", (tenant,))
+        rows = self._read(
+            f"SELECT energy FROM requests WHERE request_id = ?{scope} "
+            f"UNION ALL SELECT energy FROM (SELECT energy FROM requests "
+            f"WHERE client_request_id = ?{scope} ORDER BY finished_at DESC LIMIT 1)",
+            (request_id, *params, request_id, *params),
+        )
         if not rows:
             return None
         energy: dict[str, Any] = orjson.loads(rows[0][0])
         return energy
 
-    def summary(self, min_count: int = 1, *, flush_timeout_s: float = 10.0) -> list[dict[str, Any]]:
+    def summary(
+        self, min_count: int = 1, *, tenant: str | None = None, flush_timeout_s: float = 10.0
+    ) -> list[dict[str, Any]]:
         """Per model x category over successful requests (status 200), sorted by both:
         `{"model", "category", "count", "mean_joules", "mean_joules_per_token",
         "mean_co2eq_g"}`. Groups with fewer than `min_count` requests are left out.
@@ -676,7 +715,8 @@ class RequestStore:
         completion tokens, or its prompt tokens when it completed none (embeddings) - the
         rule of `EnergyReport.joules_per_token`. Requests with neither count only in `count`,
         `mean_joules` and `mean_co2eq_g`; None when no request of the group has tokens.
-        Flushes the queue first, so everything answered so far is included.
+        Flushes the queue first, so everything answered so far is included. `tenant`:
+        only that tenant's requests (None: everyone's).
         """
         if not self.flush(flush_timeout_s):
             log.warning("request store %s: summary without %d unwritten", self.path, self.queued)
@@ -688,12 +728,12 @@ class RequestStore:
                 SELECT model, category, joules, co2eq_g,
                        CASE WHEN completion_tokens > 0 THEN completion_tokens
                             ELSE COALESCE(prompt_tokens, 0) END AS n
-                FROM requests WHERE status = 200
+                FROM requests WHERE status = 200 AND (? IS NULL OR tenant = ?)
             )
             GROUP BY model, category HAVING COUNT(*) >= ?
             ORDER BY model, category
             """,
-            (min_count,),
+            (tenant, tenant, min_count),
         )
         out: list[dict[str, Any]] = []
         for model, category, count, mean_j, mean_co2_g, tok_j, tokens in rows:

@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
-from fastapi import FastAPI
+import uvicorn
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from backends.fetch import Headers
 from backends.registry import Backend, BackendRegistry
 from metering.attribution import Attribution, EngineQueue
 from metering.carbon import IntensityProvider, RefreshingIntensity, StaticIntensity
@@ -36,8 +39,17 @@ from metering.sources.nvml import nvml_factory
 from metering.sources.rapl import rapl_factory
 from metering.sources.spec import parse_power_spec
 from metering.store import RequestStore, StoreError
-from proxy.errors import NotFound, ProxyError, StoreUnavailable, error_body
-from proxy.headers import header_value
+from proxy.auth import ApiKey, KeyRing
+from proxy.errors import (
+    Forbidden,
+    HeadersTooLarge,
+    NotFound,
+    ProxyError,
+    StoreUnavailable,
+    Unauthorized,
+    error_body,
+)
+from proxy.headers import client_request_id, header_limit_problem, header_value
 from proxy.metrics import ProxyMetrics
 from proxy.relay import METERED_PATHS, MeteredRoute, Receive, RelayContext, Scope, Send
 from proxy.requestlog import RequestLog
@@ -53,14 +65,16 @@ class _LazyUpstream:
     def __init__(self, current: Callable[[], UpstreamClient]) -> None:
         self._current = current
 
-    async def get_json(self, url: str, timeout_s: float) -> object:
-        return await self._current().get_json(url, timeout_s)
+    async def get_json(self, url: str, timeout_s: float, headers: Headers = None) -> object:
+        return await self._current().get_json(url, timeout_s, headers)
 
-    async def get_text(self, url: str, timeout_s: float) -> str:
-        return await self._current().get_text(url, timeout_s)
+    async def get_text(self, url: str, timeout_s: float, headers: Headers = None) -> str:
+        return await self._current().get_text(url, timeout_s, headers)
 
-    async def post_json(self, url: str, body: object, timeout_s: float) -> object:
-        return await self._current().post_json(url, body, timeout_s)
+    async def post_json(
+        self, url: str, body: object, timeout_s: float, headers: Headers = None
+    ) -> object:
+        return await self._current().post_json(url, body, timeout_s, headers)
 
 
 class EnergyProxyApp:
@@ -82,13 +96,19 @@ class EnergyProxyApp:
         ctx.registry.on_own_metrics = self._metered.learn_queue
         self._make_client = make_client
         self._tasks: list[asyncio.Task[None]] = []
+        self._metrics_server: _QuietServer | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             if scope["path"] in METERED_PATHS:
                 await self._metered(scope, receive, send)
                 return
-            rid = header_value(scope["headers"], b"x-request-id") or self.ctx.ids.new().encode()
+            client_id, _ = client_request_id(header_value(scope["headers"], b"x-request-id"))
+            rid = (client_id or self.ctx.ids.new()).encode()
+            problem = header_limit_problem(scope["headers"])
+            if problem:
+                await _send_proxy_error(send, HeadersTooLarge(problem), rid)
+                return
 
             async def send_with_id(message: Any) -> None:
                 if message["type"] == "http.response.start":
@@ -107,7 +127,16 @@ class EnergyProxyApp:
             asyncio.create_task(self.ctx.sampler.run(min(self.settings.sample_hz, LEDGER_TICK_HZ))),
             asyncio.create_task(self.ctx.registry.run(self.settings.models_refresh_s)),
             asyncio.create_task(self.ctx.registry.run_own_metrics(self.settings.backend_metrics_s)),
+            asyncio.create_task(self._metered.watch_slow_clients()),
         ]
+        if self.settings.metrics_listen is not None:
+            host, _, port = self.settings.metrics_listen.rpartition(":")
+            config = uvicorn.Config(
+                metrics_app(self.ctx), host=host.strip("[]"), port=int(port),
+                lifespan="off", access_log=False, log_level="warning",
+            )  # fmt: skip
+            self._metrics_server = _QuietServer(config)
+            self._tasks.append(asyncio.create_task(self._metrics_server.serve()))
         if self.ctx.request_log is not None:
             self._tasks.append(asyncio.create_task(self.ctx.request_log.run()))
         if isinstance(self.ctx.intensity, RefreshingIntensity):
@@ -133,6 +162,8 @@ class EnergyProxyApp:
             await asyncio.sleep(period_s)
 
     async def shutdown(self) -> None:
+        if self._metrics_server is not None:
+            self._metrics_server.should_exit = True
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -158,19 +189,29 @@ class EnergyProxyApp:
             await self.shutdown()
 
 
+class _QuietServer(uvicorn.Server):
+    """A second server in the main one's process and loop: the main one handles signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
 class _Unstarted:
     """Placeholder upstream until startup creates the real one."""
 
     async def send(self, *a: Any, **k: Any) -> Any:
         raise RuntimeError("the app has not been started")
 
-    async def get_json(self, url: str, timeout_s: float) -> object:
+    async def get_json(self, url: str, timeout_s: float, headers: Headers = None) -> object:
         raise RuntimeError("the app has not been started")
 
-    async def get_text(self, url: str, timeout_s: float) -> str:
+    async def get_text(self, url: str, timeout_s: float, headers: Headers = None) -> str:
         raise RuntimeError("the app has not been started")
 
-    async def post_json(self, url: str, body: object, timeout_s: float) -> object:
+    async def post_json(
+        self, url: str, body: object, timeout_s: float, headers: Headers = None
+    ) -> object:
         raise RuntimeError("the app has not been started")
 
     async def aclose(self) -> None:
@@ -217,6 +258,7 @@ def create_app(
             url=b.url,
             kind=b.kind,
             api_key=b.api_key,
+            forward_authorization=b.forward_authorization,
             gpus=b.gpus,
         )
         for b in settings.backends
@@ -234,7 +276,8 @@ def create_app(
         categories=frozenset(settings.categories),
         classifier=PromptClassifier(settings.categories),
         max_body_bytes=settings.max_body_bytes,
-        api_keys=frozenset(settings.api_keys),
+        keys=KeyRing.from_settings(settings.api_keys, settings.keys),
+        client_timeout_s=settings.client_timeout,
         pue=settings.pue,
         channels={name: (*chans, time_of[name]) for name, chans in channels.items()},
         resource_share={name: gpu_share(chans, sources) for name, chans in channels.items()},
@@ -251,7 +294,12 @@ def create_app(
         def make_client() -> UpstreamClient:
             return make_upstream(kind, timeout_s)
 
-    api = _build_api(ctx, store)
+    api = _build_api(
+        ctx,
+        store,
+        protect_metrics=settings.protect_metrics,
+        metrics_elsewhere=settings.metrics_listen is not None,
+    )
     app = EnergyProxyApp(settings, ctx, api, make_client, store)
 
     @contextlib.asynccontextmanager
@@ -288,7 +336,42 @@ def intensity_from(settings: Settings) -> IntensityProvider:
     )
 
 
-def _build_api(ctx: RelayContext, store: RequestStore) -> FastAPI:
+def metrics_response(ctx: RelayContext) -> Response:
+    """`/metrics`: energy totals and power as of now, not the last tick (a read costs
+    microseconds)."""
+    ctx.sampler.read_all()
+    return Response(generate_latest(ctx.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def metrics_app(ctx: RelayContext) -> FastAPI:
+    """`/metrics` alone, for `--metrics-listen` (a port that only Prometheus reaches)."""
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return metrics_response(ctx)
+
+    return app
+
+
+async def _send_proxy_error(send: Send, exc: ProxyError, rid: bytes) -> None:
+    body = exc.body()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"x-request-id", rid),
+    ]
+    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _build_api(
+    ctx: RelayContext,
+    store: RequestStore,
+    *,
+    protect_metrics: bool = False,
+    metrics_elsewhere: bool = False,
+) -> FastAPI:
     hardware = describe_sources(ctx.sampler)
     api = FastAPI(title="energy-proxy", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -334,20 +417,42 @@ def _build_api(ctx: RelayContext, store: RequestStore) -> FastAPI:
             status_code=200 if ready else 503,
         )
 
+    def caller(request: Request, *, admin: bool = False) -> ApiKey | None:
+        """The caller's key (None when the proxy has no keys): 401 without a valid one,
+        403 when `admin` is needed and it is not an admin key."""
+        if not ctx.keys.enabled:
+            return None
+        key = ctx.keys.identify(request.headers.get("authorization", "").encode("latin-1"))
+        if key is None:
+            raise Unauthorized("missing or invalid API key for this proxy")
+        if admin and not key.admin:
+            raise Forbidden("this endpoint needs an admin key")
+        return key
+
+    def tenant_of(key: ApiKey | None) -> str | None:
+        """Whose records a caller may see: its own, or everyone's (admins, no keys)."""
+        return None if key is None or key.admin else key.name
+
     @api.get("/metrics")
-    async def metrics() -> Response:
-        # Energy totals and power as of now, not the last tick (a read costs microseconds).
-        ctx.sampler.read_all()
-        return Response(generate_latest(ctx.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    async def metrics(request: Request) -> Response:
+        if metrics_elsewhere:
+            raise NotFound("/metrics is served on its own address (--metrics-listen)")
+        if protect_metrics:
+            caller(request, admin=True)
+        return metrics_response(ctx)
 
     @api.get("/v1/models")
-    async def models() -> dict[str, Any]:
+    async def models(request: Request) -> dict[str, Any]:
+        caller(request)
         return ctx.registry.merged_models()
 
     @api.get("/v1/energy/requests/{request_id}")
-    async def energy_of(request_id: str) -> dict[str, Any]:
+    async def energy_of(request: Request, request_id: str) -> dict[str, Any]:
+        tenant = tenant_of(caller(request))
+        if len(request_id) > 256:
+            raise NotFound("no finished request with such a long id")
         try:
-            found = await asyncio.to_thread(store.get, request_id)
+            found = await asyncio.to_thread(store.get, request_id, tenant)
         except StoreError as exc:
             raise StoreUnavailable(str(exc)) from None
         if found is None:
@@ -355,10 +460,12 @@ def _build_api(ctx: RelayContext, store: RequestStore) -> FastAPI:
         return found
 
     @api.get("/v1/energy/summary")
-    async def summary() -> dict[str, Any]:
-        """Per model x category means over the stored successful requests."""
+    async def summary(request: Request) -> dict[str, Any]:
+        """Per model x category means over the stored successful requests (a tenant's own
+        requests for a tenant's key)."""
+        tenant = tenant_of(caller(request))
         try:
-            rows = await asyncio.to_thread(store.summary, 1)
+            rows = await asyncio.to_thread(functools.partial(store.summary, 1, tenant=tenant))
         except StoreError as exc:
             raise StoreUnavailable(str(exc)) from None
         # Energy Score (metering/energy_score.py): stars per category from the rows'
@@ -366,10 +473,11 @@ def _build_api(ctx: RelayContext, store: RequestStore) -> FastAPI:
         return {"rows": rate(rows), "min_count_for_rating": MIN_REQUESTS_FOR_RATING}
 
     @api.get("/v1/energy/label/{model}.svg")
-    async def label(model: str, category: str | None = None) -> Response:
+    async def label(request: Request, model: str, category: str | None = None) -> Response:
         """The model's Energy Score label for one category (default: its busiest)."""
+        tenant = tenant_of(caller(request))
         try:
-            rows = await asyncio.to_thread(store.summary, 1)
+            rows = await asyncio.to_thread(functools.partial(store.summary, 1, tenant=tenant))
         except StoreError as exc:
             raise StoreUnavailable(str(exc)) from None
         rated = rate(rows)

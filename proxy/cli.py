@@ -107,7 +107,27 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
         "--api-key",
         action="append",
         default=S,
-        help="require this bearer key from clients (repeatable)",
+        help="an admin key clients must send (repeatable; prefer --key-hash: flags show in ps)",
+    )
+    p.add_argument(
+        "--key-hash",
+        action="append",
+        default=S,
+        metavar="NAME:SHA256[:admin]",
+        help="a tenant's key by its hash (energy-proxy hash-key); repeatable",
+    )
+    p.add_argument(
+        "--protect-metrics", action="store_true", default=S, help="/metrics needs an admin key"
+    )
+    p.add_argument(
+        "--metrics-listen", default=S, metavar="HOST:PORT", help="serve /metrics there instead"
+    )
+    p.add_argument(
+        "--client-timeout",
+        type=float,
+        default=S,
+        metavar="S",
+        help="seconds a client may take to send its body or leave an answer unread (60)",
     )
     p.add_argument("--categories", default=S, help="comma-separated prompt categories")
     p.add_argument(
@@ -142,6 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=0, help="proxy port (default: a free one)")
     demo.add_argument("--power-source", default="auto", metavar="SPEC")
     demo.add_argument("--max-tokens", type=int, default=48)
+    hk = sub.add_parser(
+        "hash-key",
+        help="print the SHA-256 of an API key (read from standard input), for --key-hash",
+    )
+    hk.add_argument("--name", default="tenant", help="the tenant the key is for")
+    hk.add_argument("--admin", action="store_true", help="mark it an admin key")
+    hk.add_argument("--new", action="store_true", help="make a new random key and print it too")
     doctor = sub.add_parser(
         "doctor",
         help="what this host can measure: each power source, what its reads cost, and "
@@ -289,6 +316,34 @@ def serve(args: dict[str, Any]) -> int:
     return 0
 
 
+def hash_key_command(name: str, admin: bool, new: bool) -> int:
+    """`energy-proxy hash-key`: the key comes on standard input (never the command line,
+    which other users see in `ps`), or is made with --new."""
+    from proxy.auth import hash_key, make_key, new_key
+
+    if new:
+        key = new_key()
+        print(f"key (give it to the tenant; it is not stored anywhere): {key}", file=sys.stderr)
+    else:
+        key = sys.stdin.readline().strip()
+        if not key:
+            print(
+                "energy-proxy hash-key: give the key on standard input, or --new", file=sys.stderr
+            )
+            return 2
+    digest = hash_key(key)
+    try:
+        make_key(name, digest, admin=admin)
+    except ValueError as exc:
+        print(f"energy-proxy hash-key: {exc}", file=sys.stderr)
+        return 2
+    spec = f"{name}:{digest}" + (":admin" if admin else "")
+    print(spec)
+    toml = f'[[keys]]\nname = "{name}"\nsha256 = "{digest}"' + ("\nadmin = true" if admin else "")
+    print(f"# --key-hash {spec}\n# or in the config file:\n{toml}", file=sys.stderr)
+    return 0
+
+
 def _has(module: str) -> bool:
     import importlib.util
 
@@ -305,6 +360,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from proxy.demo import run_demo
 
         return run_demo(**args)
+    if ns.command == "hash-key":
+        return hash_key_command(**args)
     if ns.command == "doctor":
         from proxy.doctor import run_doctor
 

@@ -3,9 +3,12 @@
     ProxyError
     ├── BadRequest            400  malformed JSON, missing `model`, unknown category
     ├── Unauthorized          401  missing or wrong proxy API key
+    ├── Forbidden             403  a key that may not do this (an admin-only endpoint)
     ├── UnknownModel          404  no backend lists the model
     ├── NotFound              404  unknown path or record
     ├── BodyTooLarge          413  request body over --max-body-bytes
+    ├── ClientTooSlow         408  the request body took longer than --client-timeout
+    ├── HeadersTooLarge       431  too many request headers, or too many bytes of them
     ├── StoreUnavailable      503  the request store cannot be read
     └── UpstreamError
         ├── BackendUnreachable  502  connect refused, reset, DNS, protocol error
@@ -59,6 +62,24 @@ class BodyTooLarge(ProxyError):
     status = 413
     type = "invalid_request_error"
     code = "request_too_large"
+
+
+class ClientTooSlow(ProxyError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
+class HeadersTooLarge(ProxyError):
+    status = 431
+    type = "invalid_request_error"
+    code = "headers_too_large"
+
+
+class Forbidden(ProxyError):
+    status = 403
+    type = "invalid_request_error"
+    code = "forbidden"
 
 
 class StoreUnavailable(ProxyError):

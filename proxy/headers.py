@@ -81,3 +81,36 @@ def header_value(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes |
         if k.lower() == name:
             return v
     return None
+
+
+# Limits on what a client may send in headers (the server's own parser has looser ones).
+MAX_HEADERS = 100
+MAX_HEADER_BYTES = 32 * 1024
+MAX_CLIENT_ID_CHARS = 128
+
+
+def header_limit_problem(headers: Iterable[tuple[bytes, bytes]]) -> str:
+    """Why these request headers are refused ("" when they are within the limits)."""
+    n = size = 0
+    for k, v in headers:
+        n += 1
+        size += len(k) + len(v)
+    if n > MAX_HEADERS:
+        return f"{n} request headers; at most {MAX_HEADERS} are accepted"
+    if size > MAX_HEADER_BYTES:
+        return f"{size} bytes of request headers; at most {MAX_HEADER_BYTES} are accepted"
+    return ""
+
+
+def client_request_id(raw: bytes | None) -> tuple[str | None, str]:
+    """The client's `x-request-id` if usable (1-128 printable ASCII characters, no space),
+    and why it was not ("" when it was, or none was sent)."""
+    if raw is None:
+        return None, ""
+    if not raw:
+        return None, "empty"
+    if len(raw) > MAX_CLIENT_ID_CHARS:
+        return None, f"longer than {MAX_CLIENT_ID_CHARS} characters"
+    if any(b < 0x21 or b > 0x7E for b in raw):
+        return None, "not printable ASCII"
+    return raw.decode("ascii"), ""

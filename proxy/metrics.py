@@ -165,8 +165,26 @@ class ProxyMetrics:
             (*LABELS, "type"),
             registry=registry,
         )
+        # Per tenant (API key name): only configured names ever become a label value.
+        self.tenant_requests = Counter(
+            "energy_proxy_tenant_requests",
+            "Requests answered per tenant (API key name), by final status.",
+            ("tenant", "status"),
+            registry=registry,
+        )
+        self.tenant_energy = Counter(
+            "energy_proxy_tenant_energy_joules",
+            "Energy attributed to each tenant's requests, joules.",
+            ("tenant",),
+            registry=registry,
+        )
         registry.register(_SamplerCollector(sampler, intensity))
         registry.register(_BackendCollector(backends))
+
+    def observe_tenant(self, tenant: str, report: EnergyReport, status: int) -> None:
+        """`tenant` is a configured key's name, never free text (it becomes a label)."""
+        self.tenant_requests.labels(tenant, str(status)).inc()
+        self.tenant_energy.labels(tenant).inc(report.energy_j)
 
     def observe(self, report: EnergyReport, backend: str, status: int, model_label: str) -> None:
         key = (model_label, report.category, backend, status)

@@ -42,17 +42,26 @@ from metering.sci import (
 )
 from metering.store import RequestRecord, RequestStore
 from metering.weights import prompt_text, prompt_tokens_estimate
+from proxy.auth import ApiKey, KeyRing
 from proxy.errors import (
     BackendUnreachable,
     BadRequest,
     BodyTooLarge,
+    ClientTooSlow,
+    HeadersTooLarge,
     ProxyError,
     Unauthorized,
     UnknownModel,
     UpstreamError,
     error_body,
 )
-from proxy.headers import downstream_response_headers, header_value, upstream_request_headers
+from proxy.headers import (
+    client_request_id,
+    downstream_response_headers,
+    header_limit_problem,
+    header_value,
+    upstream_request_headers,
+)
 from proxy.metrics import ProxyMetrics
 from proxy.requestlog import RequestLog
 from proxy.sse import SseSplitter, StreamInspector, done_event, energy_event
@@ -68,6 +77,8 @@ log = logging.getLogger("energy_proxy.requests")
 METERED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
 STREAMABLE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 CLIENT_CLOSED = 499  # nginx's convention for "the client closed the connection"
+MAX_MODEL_CHARS = 256
+MAX_CATEGORY_CHARS = 64
 
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 
@@ -102,7 +113,7 @@ class RelayContext:
     metrics: ProxyMetrics
     categories: frozenset[str]
     max_body_bytes: int
-    api_keys: frozenset[str]
+    keys: KeyRing
     pue: float
     # source names each backend's requests draw from (device groups); all if absent
     channels: dict[str, tuple[str, ...]] = field(default_factory=dict)
@@ -121,6 +132,10 @@ class RelayContext:
     request_log: RequestLog | None = None
     store: RequestStore | None = None
     ids: RequestIds = field(default_factory=RequestIds)
+    # Seconds a client may take to send its body, or leave an answer unread.
+    client_timeout_s: float = 60.0
+    # Requests in flight, for the watchdog of clients that stop reading.
+    exchanges: set[_Exchange] = field(default_factory=set)
 
 
 class _Exchange:
@@ -132,6 +147,7 @@ class _Exchange:
         "category",
         "channels",
         "client_gone",
+        "client_id",
         "energy",
         "flight",
         "inspector",
@@ -140,9 +156,12 @@ class _Exchange:
         "queue",
         "report",
         "response_done",
+        "sending_since",
         "started",
         "status",
         "t0",
+        "task",
+        "tenant",
         "ticket",
     )
 
@@ -158,6 +177,10 @@ class _Exchange:
         t0: float,
     ) -> None:
         self.channels = channels
+        self.client_id: str | None = None
+        self.tenant = ""
+        self.sending_since = 0.0  # clock time a send to the client began; 0: none pending
+        self.task: asyncio.Task[Any] | None = None
         self.flight = flight
         self.queue = queue
         self.model = model
@@ -183,18 +206,38 @@ class MeteredRoute:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         ctx = self.ctx
-        rid_bytes = header_value(headers, b"x-request-id")
-        request_id = rid_bytes.decode("latin-1") if rid_bytes else ctx.ids.new()
-        rid_header = (b"x-request-id", request_id.encode("latin-1"))
+        # The store's key is always an id the proxy made; the client's own x-request-id,
+        # when usable, is kept beside it, forwarded and echoed.
+        request_id = ctx.ids.new()
+        client_id, rejected = client_request_id(header_value(headers, b"x-request-id"))
+        id_headers = [
+            (b"x-request-id", (client_id or request_id).encode("latin-1")),
+            (b"x-energy-request-id", request_id.encode("latin-1")),
+        ]
+        if rejected:
+            id_headers.append((b"x-request-id-rejected", rejected.encode("latin-1")))
         try:
             if scope["method"] != "POST":
                 raise BadRequest(f"{scope['path']} takes POST", code="method_not_allowed")
-            self._check_key(headers)
-            body = await _read_body(receive, ctx.max_body_bytes)
+            limit_problem = header_limit_problem(headers)
+            if limit_problem:
+                raise HeadersTooLarge(limit_problem)
+            key = self._check_key(headers)
+            try:
+                async with asyncio.timeout(ctx.client_timeout_s):
+                    body = await _read_body(receive, ctx.max_body_bytes)
+            except TimeoutError:
+                raise ClientTooSlow(
+                    f"the request body did not arrive within {ctx.client_timeout_s:g} s"
+                ) from None
             if body is None:
                 return  # the client left before sending its request
             payload = _parse_payload(body)
             model = payload["model"]
+            if len(model) > MAX_MODEL_CHARS:
+                raise BadRequest(
+                    f"'model' is longer than {MAX_MODEL_CHARS} characters", code="invalid_model"
+                )
             category = self._category(headers) or ctx.classifier.classify_payload(payload)
             backend = await ctx.registry.route(model)
             if backend is None:
@@ -202,7 +245,7 @@ class MeteredRoute:
                 raise UnknownModel(f"model {model!r} is not served here (models: {known})")
         except ProxyError as exc:
             ctx.metrics.count_rejected("other", "other", "none", exc.status)
-            await _send_error(send, exc, rid_header)
+            await _send_error(send, exc, id_headers)
             return
 
         stream = scope["path"] in STREAMABLE_PATHS and payload.get("stream") is True
@@ -225,18 +268,32 @@ class MeteredRoute:
         flight.handle = ticket
         ex = _Exchange(model, category, backend, channels, flight, queue, ticket, t0)
         ex.payload = payload
+        ex.client_id = client_id
+        ex.tenant = key.name if key is not None else ""
         backend.inflight += 1
         task = asyncio.current_task()
         assert task is not None
+        ex.task = task
+        ctx.exchanges.add(ex)
         watcher = asyncio.ensure_future(_watch_disconnect(receive, task, ex))
         resp: UpstreamResponse | None = None
         ex.cancellable = True
         try:
             up_headers = upstream_request_headers(
                 headers,
-                drop_authorization=bool(ctx.api_keys) or backend.api_key is not None,
-                drop_request_id=not backend.spec.forwards_request_id,
-                extra=_backend_auth(backend),
+                # The client's key is for the proxy: never passed on unless configured.
+                drop_authorization=not backend.forward_authorization,
+                # The client's own x-request-id header is not passed on as it came (any
+                # length, any bytes): the id the proxy echoes goes instead.
+                drop_request_id=True,
+                extra=[
+                    *_backend_auth(backend),
+                    *(
+                        [(b"x-request-id", (client_id or request_id).encode("latin-1"))]
+                        if backend.spec.forwards_request_id
+                        else []
+                    ),
+                ],
             )
             try:
                 resp = await ctx.upstream.send(
@@ -245,20 +302,20 @@ class MeteredRoute:
             except UpstreamError as exc:
                 ex.status = exc.status
                 self._note_failure(backend, exc)
-                await _send_error(send, exc, rid_header, ex)
+                await _send_error(send, exc, id_headers, ex)
                 return
             if not backend.ready:
                 ctx.registry.note_answered(backend)
             ex.status = resp.status
             ctype = header_value(resp.headers, b"content-type") or b""
             if resp.status != 200:
-                await self._relay_raw(resp, send, rid_header, ex)
+                await self._relay_raw(resp, send, id_headers, ex)
             elif stream and ctype.startswith(b"text/event-stream"):
-                await self._relay_stream(resp, send, rid_header, ex, request_id, client_wants_usage)
+                await self._relay_stream(resp, send, id_headers, ex, request_id, client_wants_usage)
             elif ctype.startswith(b"application/json"):
-                await self._relay_json(resp, send, rid_header, ex, request_id)
+                await self._relay_json(resp, send, id_headers, ex, request_id)
             else:
-                await self._relay_raw(resp, send, rid_header, ex)
+                await self._relay_raw(resp, send, id_headers, ex)
         except asyncio.CancelledError:
             if not ex.client_gone:
                 raise
@@ -270,6 +327,7 @@ class MeteredRoute:
             log.warning("request %s: backend failed mid-response: %s", request_id, exc.message)
         finally:
             ex.cancellable = False
+            ctx.exchanges.discard(ex)
             watcher.cancel()
             if ex.client_gone:
                 ex.status = CLIENT_CLOSED
@@ -289,7 +347,7 @@ class MeteredRoute:
         self,
         resp: UpstreamResponse,
         send: Send,
-        rid_header: tuple[bytes, bytes],
+        id_headers: list[tuple[bytes, bytes]],
         ex: _Exchange,
         request_id: str,
     ) -> None:
@@ -304,25 +362,27 @@ class MeteredRoute:
             # Splice the energy object in without re-encoding the backend's document.
             data = data.rstrip()[:-1] + b',"energy":' + orjson.dumps(ex.energy) + b"}"
         out = downstream_response_headers(resp.headers)
-        out.append(rid_header)
+        out.extend(id_headers)
         out.extend(report.headers())
         out.append((b"content-length", str(len(data)).encode()))
         ex.started = True
         await send({"type": "http.response.start", "status": resp.status, "headers": out})
         ex.response_done = True
+        ex.sending_since = time.monotonic()  # the watchdog times a stuck send
         await send({"type": "http.response.body", "body": data, "more_body": False})
+        ex.sending_since = 0.0
 
     async def _relay_stream(
         self,
         resp: UpstreamResponse,
         send: Send,
-        rid_header: tuple[bytes, bytes],
+        id_headers: list[tuple[bytes, bytes]],
         ex: _Exchange,
         request_id: str,
         client_wants_usage: bool,
     ) -> None:
         out = downstream_response_headers(resp.headers)
-        out.append(rid_header)
+        out.extend(id_headers)
         out.append((b"x-prompt-category", ex.category.encode()))
         ex.started = True
         await send({"type": "http.response.start", "status": resp.status, "headers": out})
@@ -344,14 +404,18 @@ class MeteredRoute:
                     if weight is not None:
                         self.ctx.sampler.reweigh(ex.ticket, weight)
                 if body:
+                    ex.sending_since = time.monotonic()  # the watchdog times a stuck send
                     await send({"type": "http.response.body", "body": body, "more_body": True})
+                    ex.sending_since = 0.0
         except UpstreamError as exc:
             failure = exc
         tail = splitter.rest()
         if tail.strip():
             kept = inspector.process(tail + splitter.separator)
             if kept is not None:
+                ex.sending_since = time.monotonic()  # the watchdog times a stuck send
                 await send({"type": "http.response.body", "body": kept, "more_body": True})
+                ex.sending_since = 0.0
         tokens = _tokens_from_usage(inspector.usage, inspector.counted_tokens)
         if tokens.prompt is None and failure is None:
             tokens = Tokens(await self._count_prompt(ex), tokens.completion, tokens.source)
@@ -366,22 +430,26 @@ class MeteredRoute:
         if inspector.done:
             final += done_event(sep)
         ex.response_done = True
+        ex.sending_since = time.monotonic()  # the watchdog times a stuck send
         await send({"type": "http.response.body", "body": final, "more_body": False})
+        ex.sending_since = 0.0
 
     async def _relay_raw(
         self,
         resp: UpstreamResponse,
         send: Send,
-        rid_header: tuple[bytes, bytes],
+        id_headers: list[tuple[bytes, bytes]],
         ex: _Exchange,
     ) -> None:
         """Status, headers and body exactly as the backend sent them (plus x-request-id)."""
         out = downstream_response_headers(resp.headers)
-        out.append(rid_header)
+        out.extend(id_headers)
         ex.started = True
         await send({"type": "http.response.start", "status": resp.status, "headers": out})
         async for chunk in resp.chunks():
+            ex.sending_since = time.monotonic()  # the watchdog times a stuck send
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            ex.sending_since = 0.0
         ex.response_done = True
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
@@ -416,12 +484,15 @@ class MeteredRoute:
             pue=ctx.pue,
             embodied_g=embodied,
             attribution=ctx.attribution.mode,
+            client_request_id=ex.client_id,
         )
         ex.report = report
         ex.energy = report.to_dict()
         status = ex.status or 200
         model_label = ex.model if ctx.registry.lists(ex.model) else "other"
         ctx.metrics.observe(report, ex.backend.name, status, model_label)
+        if ex.tenant:
+            ctx.metrics.observe_tenant(ex.tenant, report, status)
         tally = ex.backend.tally
         tally.prompt += report.tokens.prompt or 0
         tally.completion += report.tokens.completion
@@ -434,6 +505,8 @@ class MeteredRoute:
                     finished_at=time.time(),
                     joules_by_source={s.name: s.energy_j for s in shares if s.name in domains},
                     energy=ex.energy,
+                    tenant=ex.tenant,
+                    client_request_id=ex.client_id,
                 )
             )
         if ctx.request_log is not None:
@@ -451,6 +524,24 @@ class MeteredRoute:
                 }
             )
         return report
+
+    async def watch_slow_clients(self) -> None:
+        """Forever (cancel to stop): a client that leaves an answer unread for longer than
+        the client timeout is treated as gone, so it holds no backend slot forever."""
+        ctx = self.ctx
+        period_s = max(0.05, min(1.0, ctx.client_timeout_s / 4))
+        while True:
+            await asyncio.sleep(period_s)
+            now = time.monotonic()
+            for ex in list(ctx.exchanges):
+                since = ex.sending_since
+                if since and now - since > ctx.client_timeout_s and ex.cancellable:
+                    log.warning(
+                        "a client left its answer unread for %.0f s: closing it", now - since
+                    )
+                    ex.client_gone = True
+                    if ex.task is not None:
+                        ex.task.cancel()
 
     def learn_queue(self, backend: Backend) -> None:
         """The backend's own running/waiting counts were just read: its queue model learns
@@ -481,19 +572,26 @@ class MeteredRoute:
             return None
         return await self.ctx.registry.count_tokens(b, ex.model, prompt_text(ex.payload))
 
-    def _check_key(self, headers: list[tuple[bytes, bytes]]) -> None:
-        if not self.ctx.api_keys:
-            return
-        auth = header_value(headers, b"authorization") or b""
-        scheme, _, key = auth.decode("latin-1").partition(" ")
-        if scheme.lower() != "bearer" or key.strip() not in self.ctx.api_keys:
+    def _check_key(self, headers: list[tuple[bytes, bytes]]) -> ApiKey | None:
+        """The caller's key (None when the proxy has no keys); 401 without a valid one."""
+        keys = self.ctx.keys
+        if not keys.enabled:
+            return None
+        key = keys.identify(header_value(headers, b"authorization"))
+        if key is None:
             raise Unauthorized("missing or invalid API key for this proxy")
+        return key
 
     def _category(self, headers: list[tuple[bytes, bytes]]) -> str | None:
         """The client's own `x-prompt-category` (400 if outside the set), else None."""
         raw = header_value(headers, b"x-prompt-category")
         if raw is None:
             return None
+        if len(raw) > MAX_CATEGORY_CHARS:
+            raise BadRequest(
+                f"x-prompt-category is longer than {MAX_CATEGORY_CHARS} characters",
+                code="invalid_category",
+            )
         value = raw.decode("latin-1").strip().lower()
         if value not in self.ctx.categories:
             allowed = ", ".join(sorted(self.ctx.categories))
@@ -576,7 +674,7 @@ async def _watch_disconnect(receive: Receive, task: asyncio.Task[Any], ex: _Exch
 async def _send_error(
     send: Send,
     exc: ProxyError,
-    rid_header: tuple[bytes, bytes],
+    id_headers: list[tuple[bytes, bytes]],
     ex: _Exchange | None = None,
 ) -> None:
     body = exc.body()
@@ -589,7 +687,7 @@ async def _send_error(
             "status": exc.status,
             "headers": [
                 *_JSON_HEADERS,
-                rid_header,
+                *id_headers,
                 (b"content-length", str(len(body)).encode()),
             ],
         }

@@ -24,6 +24,7 @@ from pydantic import (
 from backends.kinds import AUTO, KIND_NAMES
 from metering.categories import DEFAULT_CATEGORIES
 from metering.sci import DEFAULT_EMBODIED_KGCO2EQ, DEFAULT_LIFESPAN_YEARS
+from proxy.auth import ApiKey, KeyRing, make_key, parse_key_spec
 
 # World average carbon intensity of electricity generation in 2023: 480 gCO2eq/kWh
 # (Ember, "Global Electricity Review 2024"). Used until a zone is configured.
@@ -53,6 +54,9 @@ class BackendConfig(BaseModel):
     # The most requests it runs at once (vLLM --max-num-seqs): the queue model's capacity
     # when the backend's metrics do not tell it (metering/attribution.py).
     max_running: int | None = Field(default=None, ge=1)
+    # Pass the client's own Authorization header on to this backend (never by default:
+    # the client's key is for the proxy).
+    forward_authorization: bool = False
 
     @field_validator("url")
     @classmethod
@@ -132,6 +136,15 @@ class Settings(BaseModel):
     backend_timeout: float = Field(default=600.0, gt=0.0)
     categories: list[str] = Field(default_factory=lambda: list(DEFAULT_CATEGORIES))
     api_keys: list[str] = Field(default_factory=list, repr=False)
+    # Tenants' keys as NAME:SHA256[:admin] (--key-hash, ENERGY_PROXY_KEY_HASH) or
+    # [[keys]] tables (name, sha256, admin) in the config file; proxy/auth.py.
+    keys: list[ApiKey] = Field(default_factory=list, repr=False)
+    # /metrics: open (for Prometheus) unless protected by an admin key, or served on a
+    # listen address of its own (HOST:PORT) instead of the main one.
+    protect_metrics: bool = False
+    metrics_listen: str | None = None
+    # Seconds a client may take to send its request body, or leave an answer unread.
+    client_timeout: float = Field(default=60.0, gt=0.0)
     upstream_client: Literal["aiohttp", "httpx"] = "aiohttp"
     models_refresh_s: float = Field(default=30.0, gt=0.0)
     # How often the backends' own /metrics are read (their in-flight counts, the cross-check)
@@ -145,6 +158,41 @@ class Settings(BaseModel):
             v = [p for p in v.replace(",", " ").split() if p]
         if isinstance(v, list):
             return parse_backend_specs(v)
+        return v
+
+    @field_validator("keys", mode="before")
+    @classmethod
+    def _keys(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [p for p in v.replace(",", " ").split() if p]
+        if not isinstance(v, list):
+            return v
+        out = []
+        for item in v:
+            if isinstance(item, ApiKey):
+                out.append(item)
+            elif isinstance(item, str):
+                out.append(parse_key_spec(item))
+            elif isinstance(item, dict):
+                unknown = set(item) - {"name", "sha256", "admin"}
+                if unknown:
+                    raise ValueError(
+                        f"a [[keys]] table takes name, sha256, admin; not {sorted(unknown)}"
+                    )
+                out.append(make_key(str(item.get("name", "")), str(item.get("sha256", "")),
+                                    admin=bool(item.get("admin", False))))  # fmt: skip
+            else:
+                raise ValueError("keys are NAME:SHA256[:admin] or [[keys]] tables")
+        return out
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _listen(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        host, sep, port = v.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("--metrics-listen takes HOST:PORT")
         return v
 
     @field_validator("categories", "api_keys", mode="before")
@@ -183,6 +231,11 @@ class Settings(BaseModel):
             )
         if "other" not in self.categories:
             raise ValueError("the category set must include 'other' (the fallback)")
+        if self.protect_metrics and not (self.api_keys or any(k.admin for k in self.keys)):
+            raise ValueError(
+                "--protect-metrics needs an admin key (--api-key or NAME:SHA256:admin)"
+            )
+        KeyRing.from_settings(self.api_keys, self.keys)  # names and hashes unique
         return self
 
     @property
@@ -197,7 +250,7 @@ class Settings(BaseModel):
 
 FIELDS = tuple(Settings.model_fields)
 # Flags whose name differs from the field (`--backend` is repeatable and fills `backends`).
-FLAG_ALIASES = {"backend": "backends", "api_key": "api_keys"}
+FLAG_ALIASES = {"backend": "backends", "api_key": "api_keys", "key_hash": "keys"}
 
 
 def _normalise_keys(d: Mapping[str, Any], where: str) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import aiohttp
 import httpx
 import orjson
 
+from backends.fetch import Headers
 from proxy.errors import BackendTimeout, BackendUnreachable
 
 
@@ -50,15 +51,17 @@ class UpstreamClient(Protocol):
         """Send a request; returns once the response headers have arrived."""
         ...
 
-    async def get_json(self, url: str, timeout_s: float) -> object:
+    async def get_json(self, url: str, timeout_s: float, headers: Headers = None) -> object:
         """A small GET for discovery and health (not on the request path)."""
         ...
 
-    async def get_text(self, url: str, timeout_s: float) -> str:
+    async def get_text(self, url: str, timeout_s: float, headers: Headers = None) -> str:
         """A small GET of a text document (a backend's /metrics; not on the request path)."""
         ...
 
-    async def post_json(self, url: str, body: object, timeout_s: float) -> object:
+    async def post_json(
+        self, url: str, body: object, timeout_s: float, headers: Headers = None
+    ) -> object:
         """A small JSON POST (a backend's tokenize endpoint; not on the request path)."""
         ...
 
@@ -135,16 +138,24 @@ class AiohttpUpstream:
         return _AiohttpResponse(resp)
 
     async def _fetch(
-        self, method: str, url: str, timeout_s: float, json_body: object = None
+        self,
+        method: str,
+        url: str,
+        timeout_s: float,
+        json_body: object = None,
+        extra: Headers = None,
     ) -> bytes:
         """A small request off the request path (discovery, health, metrics, tokenize)."""
         try:
             # The session skips auto headers (the relay forwards the client's own), so a
             # JSON body states its content type itself.
             data, headers = (
-                (None, None)
+                (None, dict(extra or {}))
                 if json_body is None
-                else (orjson.dumps(json_body), {"content-type": "application/json"})
+                else (
+                    orjson.dumps(json_body),
+                    {"content-type": "application/json", **(extra or {})},
+                )
             )
             async with self._session.request(
                 method,
@@ -161,14 +172,17 @@ class AiohttpUpstream:
         except aiohttp.ClientError as exc:
             raise BackendUnreachable(f"{method} {url} failed: {exc}") from exc
 
-    async def get_json(self, url: str, timeout_s: float) -> object:
-        return _json_of("GET", url, await self._fetch("GET", url, timeout_s))
+    async def get_json(self, url: str, timeout_s: float, headers: Headers = None) -> object:
+        return _json_of("GET", url, await self._fetch("GET", url, timeout_s, None, headers))
 
-    async def get_text(self, url: str, timeout_s: float) -> str:
-        return (await self._fetch("GET", url, timeout_s)).decode("utf-8", "replace")
+    async def get_text(self, url: str, timeout_s: float, headers: Headers = None) -> str:
+        text = await self._fetch("GET", url, timeout_s, None, headers)
+        return text.decode("utf-8", "replace")
 
-    async def post_json(self, url: str, body: object, timeout_s: float) -> object:
-        return _json_of("POST", url, await self._fetch("POST", url, timeout_s, body))
+    async def post_json(
+        self, url: str, body: object, timeout_s: float, headers: Headers = None
+    ) -> object:
+        return _json_of("POST", url, await self._fetch("POST", url, timeout_s, body, headers))
 
     async def aclose(self) -> None:
         await self._session.close()
@@ -233,10 +247,17 @@ class HttpxUpstream:
         return _HttpxResponse(resp)
 
     async def _fetch(
-        self, method: str, url: str, timeout_s: float, json_body: object = None
+        self,
+        method: str,
+        url: str,
+        timeout_s: float,
+        json_body: object = None,
+        extra: Headers = None,
     ) -> bytes:
         try:
-            resp = await self._client.request(method, url, json=json_body, timeout=timeout_s)
+            resp = await self._client.request(
+                method, url, json=json_body, timeout=timeout_s, headers=extra
+            )
         except httpx.TimeoutException as exc:
             raise BackendTimeout(f"{method} {url} timed out") from exc
         except httpx.HTTPError as exc:
@@ -245,14 +266,17 @@ class HttpxUpstream:
             raise BackendUnreachable(f"{method} {url} answered {resp.status_code}")
         return resp.content
 
-    async def get_json(self, url: str, timeout_s: float) -> object:
-        return _json_of("GET", url, await self._fetch("GET", url, timeout_s))
+    async def get_json(self, url: str, timeout_s: float, headers: Headers = None) -> object:
+        return _json_of("GET", url, await self._fetch("GET", url, timeout_s, None, headers))
 
-    async def get_text(self, url: str, timeout_s: float) -> str:
-        return (await self._fetch("GET", url, timeout_s)).decode("utf-8", "replace")
+    async def get_text(self, url: str, timeout_s: float, headers: Headers = None) -> str:
+        text = await self._fetch("GET", url, timeout_s, None, headers)
+        return text.decode("utf-8", "replace")
 
-    async def post_json(self, url: str, body: object, timeout_s: float) -> object:
-        return _json_of("POST", url, await self._fetch("POST", url, timeout_s, body))
+    async def post_json(
+        self, url: str, body: object, timeout_s: float, headers: Headers = None
+    ) -> object:
+        return _json_of("POST", url, await self._fetch("POST", url, timeout_s, body, headers))
 
     async def aclose(self) -> None:
         await self._client.aclose()

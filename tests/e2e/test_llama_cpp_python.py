@@ -187,4 +187,4 @@ def test_a_client_request_id_that_is_not_a_uuid_works(proxy: ChildServer) -> Non
     )
     assert r.status_code == 200, r.text
     assert r.headers["x-request-id"] == "my-app-request-42"
-    assert r.json()["energy"]["request_id"] == "my-app-request-42"
+    assert r.json()["energy"]["client_request_id"] == "my-app-request-42"

@@ -22,6 +22,7 @@ from tests.fakes.electricitymaps import FAKE_API_KEY, make_fake_electricitymaps
 from tests.servers import ServerThread
 
 README = Path(__file__).resolve().parents[2] / "README.md"
+KEY = "interface-test-key"
 ROW = re.compile(r"^\| `(energy_proxy_\w+)` \| (counter|gauge|histogram) \| ([^|]*)\|", re.M)
 # Names users and dashboards were promised from the start: the table must keep them all.
 PROMISED = {
@@ -55,7 +56,7 @@ def proxy(fake_server: str, tmp_path: Path) -> Iterator[str]:
             em_url, FAKE_API_KEY, zone="DE", static_g_per_kwh=480.0, refresh_s=60.0
         )
         settings = proxy_settings(
-            tmp_path, backends=[f"fake={fake_server}"], backend_metrics_s=0.05
+            tmp_path, backends=[f"fake={fake_server}"], backend_metrics_s=0.05, api_keys=[KEY]
         )
         app = create_app(
             settings, sources=[ConstantSource(100.0, start_s=time.monotonic())], intensity=provider
@@ -78,6 +79,7 @@ def test_every_metric_of_the_contract_with_its_type_and_labels(proxy: str) -> No
     r = httpx.post(
         f"{proxy}/v1/chat/completions",
         json={"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]},
+        headers={"authorization": f"Bearer {KEY}"},  # a tenant, for the tenant metrics
     )
     assert r.status_code == 200
     assert r.headers["x-carbon-intensity-source"] == "electricitymaps"
@@ -120,6 +122,7 @@ def test_a_model_no_backend_lists_is_labelled_other(proxy: str) -> None:
     r = httpx.post(
         f"{proxy}/v1/chat/completions",
         json={"model": "not-listed", "messages": [{"role": "user", "content": "hi"}]},
+        headers={"authorization": f"Bearer {KEY}"},
     )
     assert r.status_code == 404
     text = httpx.get(f"{proxy}/metrics").text

@@ -118,8 +118,8 @@ def test_sigterm_under_load_loses_nothing_answered(fake_server: str, tmp_path: P
                 except httpx.HTTPError:
                     return  # the server went away: stop this worker
                 if r.status_code == 200:
-                    with lock:
-                        answered.append(r.headers["x-request-id"])
+                    with lock:  # the proxy's own id, the store's key
+                        answered.append(r.headers["x-energy-request-id"])
 
     with server:
         threads = [threading.Thread(target=client, args=(w,)) for w in range(6)]
