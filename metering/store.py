@@ -680,6 +680,8 @@ class RequestStore:
         Records still queued are found too. Raises `StoreError` after `close`."""
         with self._cond:
             pending = self._pending.get(request_id)
+            if pending is not None and tenant is not None and pending.tenant != tenant:
+                pending = None  # another tenant's: as good as unknown
             if pending is None:
                 pending = next(
                     (
@@ -690,7 +692,7 @@ class RequestStore:
                     ),
                     None,
                 )
-        if pending is not None and (tenant is None or pending.tenant == tenant):
+        if pending is not None:
             return dict(pending.energy)
         scope, params = ("", ()) if tenant is None else (" AND tenant = ?", (tenant,))
         rows = self._read(

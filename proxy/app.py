@@ -97,6 +97,7 @@ class EnergyProxyApp:
         self._make_client = make_client
         self._tasks: list[asyncio.Task[None]] = []
         self._metrics_server: _QuietServer | None = None
+        self._metrics_task: asyncio.Task[None] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -136,7 +137,7 @@ class EnergyProxyApp:
                 lifespan="off", access_log=False, log_level="warning",
             )  # fmt: skip
             self._metrics_server = _QuietServer(config)
-            self._tasks.append(asyncio.create_task(self._metrics_server.serve()))
+            self._metrics_task = asyncio.create_task(self._metrics_server.serve())
         if self.ctx.request_log is not None:
             self._tasks.append(asyncio.create_task(self.ctx.request_log.run()))
         if isinstance(self.ctx.intensity, RefreshingIntensity):
@@ -162,8 +163,12 @@ class EnergyProxyApp:
             await asyncio.sleep(period_s)
 
     async def shutdown(self) -> None:
-        if self._metrics_server is not None:
+        if self._metrics_server is not None and self._metrics_task is not None:
+            # Let it close its socket: a cancelled server would leave it open.
             self._metrics_server.should_exit = True
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(self._metrics_task, 10)
+            self._metrics_task = None
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:

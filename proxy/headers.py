@@ -102,15 +102,19 @@ def header_limit_problem(headers: Iterable[tuple[bytes, bytes]]) -> str:
     return ""
 
 
+_ID_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:/+=@-")
+
+
 def client_request_id(raw: bytes | None) -> tuple[str | None, str]:
-    """The client's `x-request-id` if usable (1-128 printable ASCII characters, no space),
-    and why it was not ("" when it was, or none was sent)."""
+    """The client's `x-request-id` if usable (1-128 of letters, digits and `._:/+=@-`:
+    UUIDs, ULIDs, base64 and dotted ids pass; markup and control bytes do not), and why
+    it was not ("" when it was, or none was sent)."""
     if raw is None:
         return None, ""
     if not raw:
         return None, "empty"
     if len(raw) > MAX_CLIENT_ID_CHARS:
         return None, f"longer than {MAX_CLIENT_ID_CHARS} characters"
-    if any(b < 0x21 or b > 0x7E for b in raw):
-        return None, "not printable ASCII"
+    if not _ID_BYTES.issuperset(raw):
+        return None, "characters other than letters, digits and ._:/+=@-"
     return raw.decode("ascii"), ""

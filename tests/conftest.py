@@ -53,7 +53,8 @@ def proxy_settings(tmp_path: Path, **overrides: Any) -> Settings:
 def serve_proxy(tmp_path: Path, backend_url: str, **overrides: Any) -> ServerThread:
     """The proxy on a real 127.0.0.1 socket (`with serve_proxy(...) as url:`), in front of
     `backend_url` as backend "fake", drawing a constant 100 W."""
-    settings = proxy_settings(tmp_path, backends=[f"fake={backend_url}"], **overrides)
+    overrides.setdefault("backends", [f"fake={backend_url}"])
+    settings = proxy_settings(tmp_path, **overrides)
     return ServerThread(
         create_app(settings, sources=[ConstantSource(100.0, start_s=time.monotonic())])
     )
