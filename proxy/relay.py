@@ -521,6 +521,8 @@ class MeteredRoute:
                     "joules": round(report.energy_j, 6),
                     "duration_s": round(report.duration_s, 6),
                     "completion_tokens": report.tokens.completion,
+                    "tenant": ex.tenant or None,
+                    "client_request_id": ex.client_id,
                 }
             )
         return report

@@ -250,7 +250,8 @@ async def test_one_json_log_line_per_request_without_prompt_text(
     lines = stream.getvalue().decode().splitlines()  # flushed at shutdown
     assert len(lines) == 1
     entry = json.loads(lines[0])
-    assert entry["request_id"] == r.headers["x-request-id"]
+    assert entry["request_id"] == r.headers["x-energy-request-id"]
+    assert entry["tenant"] is None and entry["client_request_id"] is None  # no keys, no id
     assert entry["model"] == "fake-model" and entry["status"] == 200
     assert entry["joules"] == pytest.approx(r.json()["energy"]["joules"], abs=1e-6)
     assert secret not in lines[0]
