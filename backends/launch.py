@@ -7,6 +7,7 @@ downloaded at run time.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import importlib.util
 import os
@@ -20,6 +21,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from types import TracebackType
+from typing import IO, Any
 
 import httpx
 
@@ -77,6 +79,40 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+class OutputTail:
+    """Drains a child's output pipe in a thread, keeping its last `keep_bytes`: a child
+    with no log file still says why it died, and never blocks on a full pipe."""
+
+    def __init__(self, pipe: IO[bytes], *, name: str, keep_bytes: int = 8192) -> None:
+        self._pipe = pipe
+        self._keep_bytes = keep_bytes
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._size = 0
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._drain, name=name, daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        fd = self._pipe.fileno()
+        while chunk := os.read(fd, 65536):
+            with self._lock:
+                self._chunks.append(chunk)
+                self._size += len(chunk)
+                while self._size - len(self._chunks[0]) >= self._keep_bytes:
+                    self._size -= len(self._chunks.popleft())
+
+    def text(self, wait_s: float = 0.0) -> str:
+        """What was kept; `wait_s` lets a child that has exited finish writing first."""
+        self._thread.join(wait_s)
+        with self._lock:
+            data = b"".join(self._chunks)[-self._keep_bytes :]
+        return data.decode("utf-8", "replace")
+
+    def close(self) -> None:
+        self._thread.join(5.0)
+        self._pipe.close()
+
+
 class ChildServer:
     """A server in a child process, waited for on `ready_path`, stopped on exit."""
 
@@ -100,14 +136,15 @@ class ChildServer:
         self.log_path = log_path
         self._env = env
         self.proc: subprocess.Popen[bytes] | None = None
+        self._tail: OutputTail | None = None
 
     def start(self) -> ChildServer:
         try:
             with ExitStack() as stack:
-                log = (
+                log: Any = (
                     stack.enter_context(open(self.log_path, "wb"))
                     if self.log_path
-                    else subprocess.DEVNULL
+                    else subprocess.PIPE
                 )
                 # The child keeps its own copy of the log file; ours closes here.
                 with _sigint_deferred():
@@ -119,6 +156,8 @@ class ChildServer:
                         env=self._env,
                         start_new_session=True,  # the terminal's Ctrl-C reaches us only
                     )
+            if self.proc.stdout is not None:
+                self._tail = OutputTail(self.proc.stdout, name=f"{self.name} output")
             self._wait_ready()
         except BaseException:
             # Not ready, or Ctrl-C while starting: __exit__ will not run, so stop it here.
@@ -137,6 +176,7 @@ class ChildServer:
                     f"{self.name} exited with {describe_exit(code)} while starting"
                     + (f": {advice}" if advice else "")
                     + (f" (its log: {self.log_path})" if self.log_path else "")
+                    + self._said()
                 )
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(self.url + self._ready_path, timeout=2.0).status_code == 200:
@@ -144,8 +184,23 @@ class ChildServer:
             time.sleep(0.2)
         raise LaunchError(f"{self.name} did not become ready within {self._timeout_s:.0f} s")
 
+    def _said(self) -> str:
+        """The end of what the child printed, when it prints to us rather than a log."""
+        if self._tail is None:
+            return ""
+        text = self._tail.text(wait_s=2.0).strip()
+        return f"; it said:\n{text}" if text else "; it printed nothing"
+
     def stop(self) -> None:
         proc = self.proc
+        tail, self._tail = self._tail, None
+        try:
+            self._stop(proc)
+        finally:
+            if tail is not None:
+                tail.close()
+
+    def _stop(self, proc: subprocess.Popen[bytes] | None) -> None:
         if proc is None or proc.poll() is not None:
             return
         with contextlib.suppress(ProcessLookupError):

@@ -31,6 +31,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -139,11 +140,15 @@ def main() -> int:
     session = NvmlSession()
     with ExitStack() as stack:
         stack.enter_context(session)
+        db = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "requests.db"
         count = session.device_count()
         indices = [int(i) for i in args.gpus.split(",")] if args.gpus else list(range(count))
         names = {i: session.device_name(session.device_handle(i)) for i in indices}
         server = stack.enter_context(
-            proxy_server(backend, extra_args=["--power-source", spec, "--idle-watts", "auto"])
+            proxy_server(
+                backend,
+                extra_args=["--power-source", spec, "--idle-watts", "auto", "--db", str(db)],
+            )
         )
         proxy = server.url
         assert server.proc is not None

@@ -13,7 +13,9 @@ TGI `tgi_batch_current_size`/`tgi_queue_size`, llama.cpp `requests_processing`/
 `requests_deferred`), or configured per backend (`max_running`); unknown means no limit.
 A request the model holds in the queue weighs 0; when a running one ends, the oldest
 waiting one is admitted; a request whose first token arrives while the model holds it
-waiting is running after all (the capacity was larger: raised). A running request weighs
+waiting is running after all (the capacity was larger: raised); one that ends with an answer
+while the model holds it waiting was served out of order, and takes over the share of the
+newest admitted request that has shown no first token (`ran_instead`). A running request weighs
 
     1 + prompt_tokens / PREFILL_TOKENS_PER_UNIT   while in prefill (until its first token),
     1                                             while decoding,
@@ -168,6 +170,25 @@ class Attribution:
             return None
         f.weight = new
         return new
+
+    def ran_instead(self, f: Flight, queue: EngineQueue) -> Flight | None:
+        """`f` ends with an answer while the model still holds it waiting: the backend
+        ran it in place of a request the model admitted instead (a backend that does not
+        serve in arrival order, e.g. llama-cpp-python's lock). That one is the newest
+        admitted request that has shown no first token; its share so far was `f`'s, and
+        the caller swaps the two in the ledger (Ledger.exchange). None when there is no
+        such request: every running one has shown a token, so `f` ran beside them (the
+        capacity was larger), and the time it ran is not known.
+
+        Call before finish(). Non-streaming requests never show a first token, so without
+        this a request served out of order would be told 0 J and another twice its due."""
+        if self.mode != QUEUE or f.phase != WAITING:
+            return None
+        for key in reversed(queue.running):
+            candidate = queue.running[key]
+            if candidate.phase == PREFILL:
+                return candidate
+        return None
 
     def finish(self, f: Flight, queue: EngineQueue) -> list[tuple[Flight, float]]:
         """It ends: the requests whose weight changes now (admitted in its place)."""

@@ -169,6 +169,22 @@ class Ledger:
             share.channel.weight += weight - share.weight
             share.weight = weight
 
+    def exchange(self, a: Ticket, b: Ticket) -> None:
+        """Swap what two requests in flight are owed so far, in the channels both are in
+        (one took the other's place: metering/attribution.py, `ran_instead`). Weights
+        stay as they are; the sum owed, and so conservation, is unchanged."""
+        if a is b or a.finished or b.finished:
+            return
+        theirs = {s.channel.name: s for s in b.shares}
+        for mine in a.shares:
+            other = theirs.get(mine.channel.name)
+            if other is None:
+                continue
+            mine.settle()
+            other.settle()
+            mine.owed_j, other.owed_j = other.owed_j, mine.owed_j
+            mine.owed_dynamic_j, other.owed_dynamic_j = other.owed_dynamic_j, mine.owed_dynamic_j
+
     def finish(self, ticket: Ticket) -> list[SourceShare]:
         """Close a request and return what it owes each source.
 

@@ -138,9 +138,15 @@ class Sampler:
         self._read_for(ticket.names)
         self.ledger.reweigh(ticket, weight)
 
-    def finish(self, ticket: Ticket) -> tuple[list[SourceShare], float]:
-        """Close a request now; returns its shares per source and the end time."""
+    def finish(
+        self, ticket: Ticket, took_place_of: Ticket | None = None
+    ) -> tuple[list[SourceShare], float]:
+        """Close a request now; returns its shares per source and the end time.
+        `took_place_of`: a request in flight whose share so far was this one's (it ran in
+        that one's place), swapped before closing (Ledger.exchange)."""
         t_s = self._read_for(ticket.names)
+        if took_place_of is not None:
+            self.ledger.exchange(ticket, took_place_of)
         return self.ledger.finish(ticket), t_s
 
     @property

@@ -59,6 +59,64 @@ def test_fifo_admission_under_the_capacity() -> None:
     assert not q.waiting and len(q.running) == 2
 
 
+def test_a_request_served_out_of_order_takes_the_share_of_the_one_admitted_instead() -> None:
+    """llama-cpp-python serves one request at a time, in no particular order. Three
+    non-streaming requests (no first token ever shows): a runs, b and c wait; a ends, the
+    model admits b, the backend runs c. c's answer arrives while the model holds it waiting:
+    c ran in b's place, and b has not started."""
+    attr, q, led = Attribution(), EngineQueue(configured=1), Ledger(["gpu"])
+    a, b, c = (Flight(1.0, stream=False) for _ in range(3))
+    led.record("gpu", 0.0, 0.0)
+    for f in (a, b, c):
+        f.handle = led.start(attr.start(f, q))
+    assert (b.phase, c.phase) == (WAITING, WAITING)
+    led.record("gpu", 100.0, 1.0)  # a's second: 100 J
+    a_j = sum(s.energy_j for s in led.finish(a.handle))
+    for f, w in attr.finish(a, q):
+        led.reweigh(f.handle, w)
+    assert b.phase == PREFILL  # the model's guess, FIFO
+    led.record("gpu", 160.0, 2.0)  # c's second, 60 J, charged to b by the model
+    assert attr.ran_instead(c, q) is b
+    led.exchange(c.handle, b.handle)
+    c_j = sum(s.energy_j for s in led.finish(c.handle))
+    assert attr.finish(c, q) == []  # b already holds the only place
+    led.record("gpu", 230.0, 3.0)  # b's own second, 70 J
+    b_j = sum(s.energy_j for s in led.finish(b.handle))
+    assert (a_j, c_j, b_j) == pytest.approx((100.0, 60.0, 70.0))
+
+
+def test_a_waiting_request_ending_beside_decoding_ones_takes_nobodys_share() -> None:
+    attr, q = Attribution(), EngineQueue(configured=1)
+    a, b = Flight(10.0), Flight(10.0, stream=False)
+    attr.start(a, q)
+    attr.start(b, q)
+    attr.first_token(a, q)  # a runs for certain: b ran beside it (the capacity was larger)
+    assert attr.ran_instead(b, q) is None
+    assert attr.ran_instead(a, q) is None  # not waiting: nothing to swap
+    assert Attribution("equal").ran_instead(b, q) is None
+
+
+def test_exchange_swaps_what_is_owed_in_shared_channels_only() -> None:
+    led = Ledger(["gpu0", "gpu1", "cpu"])
+    for name in led.channels:
+        led.record(name, 0.0, 0.0)
+    x = led.start(1.0, ["gpu0", "cpu"])
+    y = led.start(1.0, ["gpu1", "cpu"])
+    led.record("gpu0", 10.0, 1.0)
+    led.record("gpu1", 30.0, 1.0)
+    led.record("cpu", 8.0, 1.0)
+    led.reweigh(y, 3.0)  # each owes 4 J of cpu so far; from now on y weighs 3 of 4
+    led.record("cpu", 16.0, 2.0)
+    led.exchange(x, y)
+    led.exchange(x, x)  # with itself: nothing
+    xs = {s.name: s.energy_j for s in led.finish(x)}
+    ys = {s.name: s.energy_j for s in led.finish(y)}
+    assert xs == pytest.approx({"gpu0": 10.0, "cpu": 4.0 + 6.0})  # y's cpu
+    assert ys == pytest.approx({"gpu1": 30.0, "cpu": 4.0 + 2.0})  # x's cpu
+    led.exchange(x, y)  # both finished: nothing moves
+    assert {s.name: s.energy_j for s in led.finish(x)} == xs
+
+
 def test_a_first_token_of_a_waiting_request_means_a_larger_capacity() -> None:
     attr, q = Attribution(), EngineQueue()
     assert q.learn(running=1, waiting=3) and q.capacity == 1
@@ -98,6 +156,7 @@ EVENT = st.one_of(
     st.tuples(st.just("arrive"), st.sampled_from([40.0, 500.0, 4000.0]), st.booleans()),
     st.tuples(st.just("first"), st.integers(0, 40)),
     st.tuples(st.just("end"), st.integers(0, 40)),
+    st.tuples(st.just("answered"), st.integers(0, 40)),
     st.tuples(st.just("read"), st.floats(0.0, 100.0)),
     st.tuples(st.just("metrics"), st.integers(0, 6), st.integers(0, 4)),
 )
@@ -134,8 +193,12 @@ def test_any_schedule_conserves_energy_and_keeps_the_queue_consistent(
             w2 = attr.first_token(f, q)
             if w2 is not None:
                 led.reweigh(f.handle, w2)
-        elif ev[0] == "end" and flights:
+        elif ev[0] in ("end", "answered") and flights:
             f = flights.pop(int(ev[1]) % len(flights))  # type: ignore[call-overload]
+            instead = attr.ran_instead(f, q) if ev[0] == "answered" else None
+            if instead is not None:
+                assert instead.phase == PREFILL and id(instead) in q.running
+                led.exchange(f.handle, instead.handle)
             owed += sum(s.energy_j for s in led.finish(f.handle))
             apply(attr.finish(f, q))
         elif ev[0] == "read":
