@@ -256,9 +256,7 @@ class BackendRegistry:
     async def _scrape_one(self, b: Backend) -> None:
         if b.spec.serial and b.inflight:
             return
-        b.own = own = await b.adapter.own_metrics(
-            self._getter_for(b), b.url, self.LIST_TIMEOUT_S
-        )
+        b.own = own = await b.adapter.own_metrics(self._getter_for(b), b.url, self.LIST_TIMEOUT_S)
         if own is not None and self.on_own_metrics is not None:
             self.on_own_metrics(b)
         if own is None or own.prompt_tokens_total is None or own.completion_tokens_total is None:

@@ -39,8 +39,10 @@ from metering.sources.nvml import nvml_factory
 from metering.sources.rapl import rapl_factory
 from metering.sources.spec import parse_power_spec
 from metering.store import RequestStore, StoreError
+from metering.store.window import DEFAULT_WINDOW, Window, WindowError, parse_window
 from proxy.auth import ApiKey, KeyRing
 from proxy.errors import (
+    BadRequest,
     Forbidden,
     HeadersTooLarge,
     NotFound,
@@ -237,7 +239,12 @@ def create_app(
 
     Raises StoreError when the request store cannot be opened (a clear start-up error).
     """
-    store = store if store is not None else RequestStore.open(settings.db)
+    if store is None:
+        store = RequestStore.open(
+            settings.db,
+            max_mb=settings.db_max_mb,
+            max_queue_records=settings.db_queue_records,
+        )
     if sources is None:
         sources = parse_power_spec(
             settings.power_source,
@@ -268,7 +275,7 @@ def create_app(
         )
         for b in settings.backends
     ]
-    metrics = ProxyMetrics(metrics_registry, sampler, intensity.current, backends)
+    metrics = ProxyMetrics(metrics_registry, sampler, intensity.current, backends, store.status)
     for warning in warnings:
         log.warning("%s", warning)
     registry = BackendRegistry(backends, _LazyUpstream(lambda: ctx.upstream), clock=clock)
@@ -304,6 +311,7 @@ def create_app(
         store,
         protect_metrics=settings.protect_metrics,
         metrics_elsewhere=settings.metrics_listen is not None,
+        summary_window=settings.summary_window,
     )
     app = EnergyProxyApp(settings, ctx, api, make_client, store)
 
@@ -376,6 +384,7 @@ def _build_api(
     *,
     protect_metrics: bool = False,
     metrics_elsewhere: bool = False,
+    summary_window: str = DEFAULT_WINDOW,
 ) -> FastAPI:
     hardware = describe_sources(ctx.sampler)
     api = FastAPI(title="energy-proxy", docs_url=None, redoc_url=None, openapi_url=None)
@@ -417,8 +426,15 @@ def _build_api(
         }
         if isinstance(ctx.intensity, ElectricityMapsIntensity) and ctx.intensity.failures:
             carbon["error"] = ctx.intensity.last_error
+        # Nor does the store: a failing database costs records (counted), never answers.
         return JSONResponse(
-            {"ready": ready, "backends": backends, "power_sources": sources, "carbon": carbon},
+            {
+                "ready": ready,
+                "backends": backends,
+                "power_sources": sources,
+                "carbon": carbon,
+                "store": store.status().to_dict(),
+            },
             status_code=200 if ready else 503,
         )
 
@@ -464,31 +480,50 @@ def _build_api(
             raise NotFound(f"no finished request with id {request_id!r}")
         return found
 
-    @api.get("/v1/energy/summary")
-    async def summary(request: Request) -> dict[str, Any]:
-        """Per model x category means over the stored successful requests (a tenant's own
-        requests for a tenant's key)."""
-        tenant = tenant_of(caller(request))
+    def window_of(request: Request) -> Window:
+        q = request.query_params
         try:
-            rows = await asyncio.to_thread(functools.partial(store.summary, 1, tenant=tenant))
+            return parse_window(q.get("window"), q.get("since"), time.time(), summary_window)
+        except WindowError as exc:
+            raise BadRequest(str(exc)) from None
+
+    async def summary_rows(tenant: str | None, window: Window) -> list[dict[str, Any]]:
+        try:
+            return await asyncio.to_thread(
+                functools.partial(store.summary, 1, tenant=tenant, since_s=window.since_s)
+            )
         except StoreError as exc:
             raise StoreUnavailable(str(exc)) from None
+
+    @api.get("/v1/energy/summary")
+    async def summary(request: Request) -> dict[str, Any]:
+        """Per model x category means over the successful requests of a time window
+        (`?window=24h`, `?since=...`, default `--summary-window`), a tenant's own for a
+        tenant's key. Read from hourly rollups: the cost does not grow with the records."""
+        tenant = tenant_of(caller(request))
+        window = window_of(request)
+        rows = await summary_rows(tenant, window)
         # Energy Score (metering/energy_score.py): stars per category from the rows'
         # energy per 1,000 queries; null under the minimum count a rating rests on.
-        return {"rows": rate(rows), "min_count_for_rating": MIN_REQUESTS_FOR_RATING}
+        return {
+            "rows": rate(rows),
+            "min_count_for_rating": MIN_REQUESTS_FOR_RATING,
+            **window.to_dict(),
+        }
 
     @api.get("/v1/energy/label/{model}.svg")
     async def label(request: Request, model: str, category: str | None = None) -> Response:
-        """The model's Energy Score label for one category (default: its busiest)."""
+        """The model's Energy Score label for one category (default: its busiest), over
+        the same window as the summary."""
         tenant = tenant_of(caller(request))
-        try:
-            rows = await asyncio.to_thread(functools.partial(store.summary, 1, tenant=tenant))
-        except StoreError as exc:
-            raise StoreUnavailable(str(exc)) from None
-        rated = rate(rows)
+        window = window_of(request)
+        rated = rate(await summary_rows(tenant, window))
         mine = [r for r in rated if r["model"] == model]
         if not mine:
-            raise NotFound(f"no finished requests for model {model!r} in the request store")
+            raise NotFound(
+                f"no finished requests for model {model!r} in the request store "
+                f"(window {window.name})"
+            )
         if category is None:
             row = max(mine, key=lambda r: r["count"])
         else:

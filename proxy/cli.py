@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import sys
@@ -78,8 +79,9 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--db",
         default=S,
-        metavar="PATH",
-        help="request store, SQLite (default $XDG_STATE_HOME/energy-proxy/requests.db)",
+        metavar="PATH|URL",
+        help="request store: a SQLite file (default $XDG_STATE_HOME/energy-proxy/requests.db) "
+        "or postgresql://USER[:PASSWORD]@HOST[:PORT]/DB, one store for a fleet of proxies",
     )
     p.add_argument(
         "--retention-days",
@@ -87,6 +89,29 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
         default=S,
         metavar="N",
         help="drop request records older than N days (default 30; 0 keeps them forever)",
+    )
+    p.add_argument(
+        "--db-max-mb",
+        type=float,
+        default=S,
+        metavar="N",
+        help="the request store's size limit: past it the oldest records are dropped, the "
+        "summaries keep counting them (default 1024, or half the disk's free space if less)",
+    )
+    p.add_argument(
+        "--db-queue-records",
+        type=int,
+        default=S,
+        metavar="N",
+        help="answered requests held in memory while the store cannot write (default 100000); "
+        "beyond that they are dropped and counted",
+    )
+    p.add_argument(
+        "--summary-window",
+        default=S,
+        metavar="DURATION",
+        help="default time window of /v1/energy/summary and the labels: 24h, 7d, ... or all "
+        "(default 7d)",
     )
     p.add_argument(
         "--attribution",
@@ -301,6 +326,11 @@ def serve(args: dict[str, Any]) -> int:
         return 2
     loop = "uvloop" if _has("uvloop") else "asyncio"
     http = "httptools" if _has("httptools") else "h11"
+    # Everything built so far lives as long as the process: keep the garbage collector from
+    # scanning it again. A full pass over it holds the GIL for milliseconds, a stall of the
+    # event loop (bench/store.py measures the loop's stalls).
+    gc.collect()
+    gc.freeze()
     uvicorn.run(
         app,
         host=settings.host,

@@ -17,6 +17,7 @@ from prometheus_client.registry import Collector
 from backends.registry import Backend
 from metering.report import EnergyReport, Intensity
 from metering.sampler import Sampler
+from metering.store import StoreStatus
 
 
 def log_buckets(low: float, high: float, per_decade: int) -> tuple[float, ...]:
@@ -120,6 +121,40 @@ class _BackendCollector(Collector):
         yield gap
 
 
+class _StoreCollector(Collector):
+    """The request store's health, read at scrape time."""
+
+    def __init__(self, status: Callable[[], StoreStatus]) -> None:
+        self._status = status
+
+    def collect(self) -> Iterator[Metric]:
+        st = self._status()
+        queued = GaugeMetricFamily(
+            "energy_proxy_store_queued_records",
+            "Answered requests whose records are not yet written to the request store.",
+        )
+        queued.add_metric((), st.queued)
+        dropped = CounterMetricFamily(
+            "energy_proxy_store_dropped_records",
+            "Records never stored: the queue was full while the database could not be "
+            "written, or the database refused the record.",
+        )
+        dropped.add_metric((), st.dropped)
+        evicted = CounterMetricFamily(
+            "energy_proxy_store_evicted_records",
+            "Stored records dropped, oldest first, to keep the store under --db-max-mb or "
+            "when the disk was full (the summaries keep counting them).",
+        )
+        evicted.add_metric((), st.evicted)
+        up = GaugeMetricFamily(
+            "energy_proxy_store_up",
+            "1 while the request store's last write succeeded, 0 while writes fail.",
+            labels=("kind",),
+        )
+        up.add_metric((st.kind,), 1.0 if st.writing else 0.0)
+        yield from (queued, dropped, evicted, up)
+
+
 class ProxyMetrics:
     """Every metric of the proxy, registered on `registry`."""
 
@@ -129,6 +164,7 @@ class ProxyMetrics:
         sampler: Sampler,
         intensity: Callable[[], Intensity],
         backends: Sequence[Backend],
+        store_status: Callable[[], StoreStatus] | None = None,
     ) -> None:
         self.registry = registry
         self._children: dict[tuple[str, str, str, int], tuple[Any, ...]] = {}
@@ -180,6 +216,8 @@ class ProxyMetrics:
         )
         registry.register(_SamplerCollector(sampler, intensity))
         registry.register(_BackendCollector(backends))
+        if store_status is not None:
+            registry.register(_StoreCollector(store_status))
 
     def observe_tenant(self, tenant: str, report: EnergyReport, status: int) -> None:
         """`tenant` is a configured key's name, never free text (it becomes a label)."""

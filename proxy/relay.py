@@ -460,7 +460,11 @@ class MeteredRoute:
         if ex.report is not None:
             return ex.report
         ctx = self.ctx
-        shares, t1 = ctx.sampler.finish(ex.ticket)
+        # Answered while the queue model held it waiting: served out of arrival order, in
+        # the place of a request the model admitted (which has not started, then).
+        answered = 200 <= ex.status < 300 and not ex.client_gone
+        instead = ctx.attribution.ran_instead(ex.flight, ex.queue) if answered else None
+        shares, t1 = ctx.sampler.finish(ex.ticket, instead.handle if instead else None)
         sampler = ctx.sampler
         # Its place in the backend's queue model goes to the oldest waiting request.
         for admitted, weight in ctx.attribution.finish(ex.flight, ex.queue):
@@ -503,10 +507,8 @@ class MeteredRoute:
                     backend=ex.backend.name,
                     status=status,
                     finished_at=time.time(),
-                    joules_by_source={s.name: s.energy_j for s in shares if s.name in domains},
-                    energy=ex.energy,
                     tenant=ex.tenant,
-                    client_request_id=ex.client_id,
+                    model_group=model_label,
                 )
             )
         if ctx.request_log is not None:

@@ -24,6 +24,7 @@ from pydantic import (
 from backends.kinds import AUTO, KIND_NAMES
 from metering.categories import DEFAULT_CATEGORIES
 from metering.sci import DEFAULT_EMBODIED_KGCO2EQ, DEFAULT_LIFESPAN_YEARS
+from metering.store.window import DEFAULT_WINDOW, parse_duration_s
 from proxy.auth import ApiKey, KeyRing, make_key, parse_key_spec
 
 # World average carbon intensity of electricity generation in 2023: 480 gCO2eq/kWh
@@ -124,9 +125,17 @@ class Settings(BaseModel):
     # The API's `latest` figure is updated hourly.
     carbon_refresh_s: float = Field(default=3600.0, gt=0.0)
     electricitymaps_api_key: str | None = Field(default=None, repr=False)
-    db: str = Field(default_factory=lambda: default_db_path())
+    # A SQLite file, or a postgresql:// URL (one store for a fleet; may hold a password).
+    db: str = Field(default_factory=lambda: default_db_path(), repr=False)
     # 0 keeps records forever
     retention_days: int = Field(default=30, ge=0)
+    # The store's size limit in MB; None: 1024, or half the space the disk has if less.
+    db_max_mb: float | None = Field(default=None, ge=1.0)
+    # Records answered but not yet written that the store holds while its database is
+    # away (a PostgreSQL restart); beyond this they are dropped and counted.
+    db_queue_records: int = Field(default=100_000, ge=1)
+    # The default window of /v1/energy/summary and the labels: a duration (24h, 7d) or "all".
+    summary_window: str = DEFAULT_WINDOW
     attribution: Literal["queue", "tokens", "equal"] = "queue"
     pue: float = Field(default=1.0, ge=1.0)
     # Embodied emissions of the host and its lifespan, for SCI's M; sources in metering/sci.py
@@ -150,6 +159,14 @@ class Settings(BaseModel):
     # How often the backends' own /metrics are read (their in-flight counts, the cross-check)
     backend_metrics_s: float = Field(default=5.0, gt=0.0)
     log_level: str = "info"
+
+    @field_validator("summary_window")
+    @classmethod
+    def _summary_window(cls, v: str) -> str:
+        v = v.strip().lower()
+        if v != "all":
+            parse_duration_s(v)  # raises with the reason
+        return v
 
     @field_validator("backends", mode="before")
     @classmethod

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import os
 import textwrap
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -21,7 +22,23 @@ from proxy.settings import Settings
 from proxy.upstream import HttpxUpstream
 from tests.fakenvml import build_fake_nvml, fake_init_refs, preload_fake_nvml, write_script
 from tests.fakes.openai_backend import FakeState, make_fake_backend
+from tests.pg import PostgresServer
 from tests.servers import ServerThread
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _state_home_of_our_own(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Point $XDG_STATE_HOME (where a proxy started without --db keeps its request store)
+    at a directory of this run, for this process and every child it starts: a test never
+    writes the user's own store, nor reads one left by another version of the code."""
+    state = tmp_path_factory.mktemp("state-home")
+    before = os.environ.get("XDG_STATE_HOME")
+    os.environ["XDG_STATE_HOME"] = str(state)
+    yield
+    if before is None:
+        del os.environ["XDG_STATE_HOME"]
+    else:
+        os.environ["XDG_STATE_HOME"] = before
 
 
 @pytest.fixture(autouse=True)
@@ -146,3 +163,20 @@ def fake_nvml(
     assert fake.init_refs == 0
     yield fake
     assert fake.init_refs == 0, "a test left NVML initialised (a source not closed?)"
+
+
+# --- PostgreSQL, for the request store -------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One private PostgreSQL server for the session (tests/pg.py), on 127.0.0.1."""
+    server = PostgresServer()
+    with server:
+        yield server
+
+
+@pytest.fixture
+def pg_url(postgres: PostgresServer) -> str:
+    """A fresh, empty database on the session's server; its URL."""
+    return postgres.new_database()

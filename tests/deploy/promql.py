@@ -33,6 +33,7 @@ COUNTERS: dict[str, tuple[str, ...]] = {
     "energy_proxy_requests_total": (*_PER_REQUEST, "status"),
     "energy_proxy_tokens_total": (*_PER_REQUEST, "type"),
     "energy_proxy_energy_joules_total": ("source", "scope"),
+    "energy_proxy_store_dropped_records_total": (),
 }
 HISTOGRAMS: dict[str, tuple[str, ...]] = {
     "energy_proxy_request_energy_joules": _PER_REQUEST,
@@ -46,6 +47,7 @@ GAUGES: dict[str, tuple[str, ...]] = {
     "energy_proxy_carbon_intensity_age_seconds": ("zone",),
     "energy_proxy_inflight_requests": ("backend",),
     "energy_proxy_backend_inflight_requests": ("backend",),
+    "energy_proxy_store_up": ("kind",),
 }
 
 

@@ -237,6 +237,9 @@ def _rule_tests(rules_path: Path) -> dict[str, Any]:
             _series("energy_proxy_inflight_requests", {**host, "backend": "vllm"}, "1x200"),
             _series("energy_proxy_backend_inflight_requests", {**host, "backend": "tgi"}, "2x200"),
             _series("energy_proxy_inflight_requests", {**host, "backend": "tgi"}, "2x200"),
+            # PostgreSQL away from 1m to 12m; records dropped from 8m to 12m.
+            _series("energy_proxy_store_up", {**host, "kind": "postgresql"}, "1 0x10 1x200"),
+            _series("energy_proxy_store_dropped_records_total", host, "0x7 0+50x4 200x200"),
         ],
         "alert_rule_test": [
             # down from 2m, for 1m
@@ -257,6 +260,16 @@ def _rule_tests(rules_path: Path) -> dict[str, Any]:
                 "9m",
                 {**host, "zone": "DE", "severity": "warning"},
             ),
+            firing("EnergyProxyStoreFailing", "5m"),
+            firing(
+                "EnergyProxyStoreFailing",
+                "6m",
+                {**host, "kind": "postgresql", "severity": "warning"},
+            ),
+            firing("EnergyProxyStoreFailing", "13m"),
+            firing("EnergyProxyStoreDroppingRecords", "7m"),
+            firing("EnergyProxyStoreDroppingRecords", "9m", {**host, "severity": "warning"}),
+            firing("EnergyProxyStoreDroppingRecords", "25m"),
             firing("EnergyProxyBackendBypassed", "14m"),
             firing(
                 "EnergyProxyBackendBypassed",

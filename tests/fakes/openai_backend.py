@@ -65,8 +65,39 @@ def make_fake_backend(state: FakeState | None = None) -> tuple[Starlette, FakeSt
         )
 
     async def completions(request: Request) -> Response:
+        # As a real server does: a malformed request is a 400, never a crash (a 500 from
+        # here would look like the proxy's own to the fuzz tests).
+        try:
+            return await answer(request)
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:
+            return JSONResponse(
+                {
+                    "error": {
+                        "message": f"malformed request: {exc}",
+                        "type": "invalid_request_error",
+                        "code": 400,
+                    }
+                },
+                status_code=400,
+            )
+
+    async def answer(request: Request) -> Response:
         raw = await request.body()
-        body = json.loads(raw)
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            return JSONResponse(
+                {
+                    "error": {
+                        "message": "the body must be a JSON object",
+                        "type": "invalid_request_error",
+                        "code": 400,
+                    }
+                },
+                status_code=400,
+            )
         st.requests.append(
             {"path": request.url.path, "body": body, "headers": dict(request.headers)}
         )
@@ -89,6 +120,20 @@ def make_fake_backend(state: FakeState | None = None) -> tuple[Starlette, FakeSt
                 status_code=404,
             )
         path = request.url.path
+        messages = body.get("messages", [])
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            # As a real server does: a 400 for a malformed request, never a crash (a 500
+            # from here would look like the proxy's to the fuzz tests).
+            return JSONResponse(
+                {
+                    "error": {
+                        "message": "messages must be a list of objects",
+                        "type": "invalid_request_error",
+                        "code": 400,
+                    }
+                },
+                status_code=400,
+            )
         prompt_tokens = _prompt_tokens(body)
         if path == "/v1/embeddings":
             inputs = body.get("input")
@@ -105,6 +150,8 @@ def make_fake_backend(state: FakeState | None = None) -> tuple[Starlette, FakeSt
                 }
             )
         max_tokens = int(body.get("max_tokens") or len(st.tokens))
+        if not 0 < max_tokens <= 100_000:
+            raise ValueError(f"max_tokens must be 1..100000, got {max_tokens}")
         tokens = [st.tokens[i % len(st.tokens)] for i in range(max_tokens)]
         chat = path == "/v1/chat/completions"
         usage = {

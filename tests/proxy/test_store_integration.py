@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -15,6 +14,7 @@ import pytest
 
 from backends.launch import proxy_server
 from metering.sources.constant import ConstantSource
+from metering.store import RequestStore
 from proxy.app import create_app
 from proxy.upstream import HttpxUpstream
 from tests.conftest import proxy_settings
@@ -135,9 +135,8 @@ def test_sigterm_under_load_loses_nothing_answered(fake_server: str, tmp_path: P
         for t in threads:
             t.join(timeout=30)
     assert len(answered) >= 60
-    with sqlite3.connect(db) as conn:
-        stored = {row[0] for row in conn.execute("SELECT request_id FROM requests")}
-    missing = set(answered) - stored
+    with RequestStore.open(str(db)) as store:
+        missing = {i for i in answered if store.get(i) is None}
     assert not missing, f"{len(missing)} answered requests missing from the store"
 
 

@@ -1,0 +1,177 @@
+"""A record as a row, in the column order both databases use. Pure.
+
+Ten fields are labels (model, backend, category, method, ...): few distinct values, each
+stored once in a `labels` table and referred to by a small integer. The proxy's id is
+stored as its 12 bytes, the finish time as integer milliseconds. Every other figure is
+stored once, as it was told; nothing derived (SCI, per-token figures) is stored.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from metering.store.records import RequestRecord, id_key, id_of
+
+COLUMNS = (
+    "rid",
+    "finished_ms",
+    "model",
+    "model_group",
+    "backend",
+    "category",
+    "tenant",
+    "status",
+    "duration_s",
+    "prompt_tokens",
+    "completion_tokens",
+    "tokens_source",
+    "joules",
+    "gpu_joules",
+    "cpu_joules",
+    "dynamic_joules",
+    "method",
+    "attribution",
+    "intensity_g_per_kwh",
+    "intensity_source",
+    "intensity_zone",
+    "intensity_age_s",
+    "co2eq_g",
+    "embodied_g",
+    "client_request_id",
+)
+LABEL_COLUMNS = frozenset(
+    {
+        "model",
+        "model_group",
+        "backend",
+        "category",
+        "tenant",
+        "tokens_source",
+        "method",
+        "attribution",
+        "intensity_source",
+        "intensity_zone",
+    }
+)
+# Columns that hold a float the record cannot be without: a NULL there (SQLite stores a
+# NaN as NULL) reads back as NaN.
+_NAN_WHEN_NULL = frozenset(
+    {"duration_s", "joules", "dynamic_joules", "intensity_g_per_kwh", "co2eq_g", "embodied_g"}
+)
+TENANT = COLUMNS.index("tenant")
+
+
+def label_texts(r: RequestRecord) -> tuple[str, ...]:
+    """The record's label values, in `COLUMNS` order."""
+    return (
+        r.model,
+        r.group,
+        r.backend,
+        r.category,
+        r.tenant,
+        r.tokens_source,
+        r.method,
+        r.attribution,
+        r.carbon_intensity_source,
+        r.carbon_intensity_zone,
+    )
+
+
+def encode(r: RequestRecord, label: Callable[[str], int]) -> tuple[object, ...]:
+    """The row of `r`; `label` maps a label's text to its id. Raises TypeError/ValueError
+    for a record that is not one (a data error: it is dropped, logged)."""
+    if not isinstance(r, RequestRecord):
+        raise TypeError(f"not a RequestRecord: {type(r).__name__}")
+    return (
+        id_key(r.request_id),
+        round(float(r.finished_at) * 1000.0),
+        label(r.model),
+        label(r.group),
+        label(r.backend),
+        label(r.category),
+        label(r.tenant),
+        int(r.status),
+        float(r.duration_s),
+        None if r.prompt_tokens is None else int(r.prompt_tokens),
+        int(r.completion_tokens),
+        label(r.tokens_source),
+        float(r.joules),
+        None if r.gpu_joules is None else float(r.gpu_joules),
+        None if r.cpu_joules is None else float(r.cpu_joules),
+        float(r.dynamic_joules),
+        label(r.method),
+        label(r.attribution),
+        float(r.carbon_intensity_g_per_kwh),
+        label(r.carbon_intensity_source),
+        label(r.carbon_intensity_zone),
+        None if r.carbon_intensity_age_s is None else float(r.carbon_intensity_age_s),
+        float(r.co2eq_g),
+        float(r.embodied_g),
+        None if r.client_request_id is None else str(r.client_request_id),
+    )
+
+
+def _num(x: float | None) -> float:
+    return math.nan if x is None else float(x)
+
+
+def decode(row: Sequence[Any], text: Callable[[int], str]) -> RequestRecord:
+    """The record of a stored row; `text` maps a label id to its text."""
+    (
+        rid,
+        finished_ms,
+        model,
+        model_group,
+        backend,
+        category,
+        tenant,
+        status,
+        duration_s,
+        prompt_tokens,
+        completion_tokens,
+        tokens_source,
+        joules,
+        gpu_joules,
+        cpu_joules,
+        dynamic_joules,
+        method,
+        attribution,
+        intensity,
+        intensity_source,
+        intensity_zone,
+        intensity_age_s,
+        co2eq_g,
+        embodied_g,
+        client_request_id,
+    ) = row
+    model_text = text(model)
+    group_text = text(model_group)
+    return RequestRecord(
+        request_id=id_of(rid),
+        finished_at=int(finished_ms) / 1000.0,
+        model=model_text,
+        backend=text(backend),
+        category=text(category),
+        status=int(status),
+        duration_s=_num(duration_s),
+        prompt_tokens=None if prompt_tokens is None else int(prompt_tokens),
+        completion_tokens=int(completion_tokens),
+        tokens_source=text(tokens_source),
+        joules=_num(joules),
+        gpu_joules=None if gpu_joules is None else float(gpu_joules),
+        cpu_joules=None if cpu_joules is None else float(cpu_joules),
+        dynamic_joules=_num(dynamic_joules),
+        method=text(method),
+        carbon_intensity_g_per_kwh=_num(intensity),
+        carbon_intensity_source=text(intensity_source),
+        co2eq_g=_num(co2eq_g),
+        embodied_g=_num(embodied_g),
+        carbon_intensity_zone=text(intensity_zone),
+        carbon_intensity_age_s=None if intensity_age_s is None else float(intensity_age_s),
+        attribution=text(attribution),
+        tenant=text(tenant),
+        client_request_id=None if client_request_id is None else str(client_request_id),
+        model_group="" if group_text == model_text else group_text,
+    )
