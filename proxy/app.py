@@ -18,7 +18,7 @@ from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -48,10 +48,14 @@ from proxy.errors import (
     NotFound,
     ProxyError,
     StoreUnavailable,
+    TooManyStreams,
     Unauthorized,
     error_body,
 )
 from proxy.headers import client_request_id, header_limit_problem, header_value
+from proxy.live.feed import LiveFeed
+from proxy.live.hub import TooManySubscribers, sse_event
+from proxy.live.page import LivePage
 from proxy.metrics import ProxyMetrics
 from proxy.relay import METERED_PATHS, MeteredRoute, Receive, RelayContext, Scope, Send
 from proxy.requestlog import RequestLog
@@ -59,6 +63,8 @@ from proxy.settings import Settings
 from proxy.upstream import UpstreamClient, make_upstream
 
 log = logging.getLogger("energy_proxy")
+
+KEEPALIVE_S = 15.0  # a comment on an idle live-event stream, so proxies keep it open
 
 
 class _LazyUpstream:
@@ -142,6 +148,8 @@ class EnergyProxyApp:
             self._metrics_task = asyncio.create_task(self._metrics_server.serve())
         if self.ctx.request_log is not None:
             self._tasks.append(asyncio.create_task(self.ctx.request_log.run()))
+        if self.ctx.live is not None:
+            self._tasks.append(asyncio.create_task(self.ctx.live.run()))
         if isinstance(self.ctx.intensity, RefreshingIntensity):
             self._tasks.append(asyncio.create_task(self.ctx.intensity.run()))
         if self.settings.retention_days > 0:
@@ -164,7 +172,14 @@ class EnergyProxyApp:
                     )
             await asyncio.sleep(period_s)
 
+    def close_live_streams(self) -> None:
+        """The server is stopping: end the live-event streams, so they do not hold its
+        graceful shutdown (`energy-proxy serve` calls this before waiting for requests)."""
+        if self.ctx.live is not None:
+            self.ctx.live.hub.close()
+
     async def shutdown(self) -> None:
+        self.close_live_streams()
         if self._metrics_server is not None and self._metrics_task is not None:
             # Let it close its socket: a cancelled server would leave it open.
             self._metrics_server.should_exit = True
@@ -299,6 +314,9 @@ def create_app(
         request_log=request_log,
         store=store,
     )
+    ctx.live = LiveFeed(
+        sampler, intensity, inflight=lambda: sum(b.inflight for b in registry.backends)
+    )
     make_client = None
     if upstream is None:
         kind, timeout_s = settings.upstream_client, settings.backend_timeout
@@ -365,6 +383,35 @@ def metrics_app(ctx: RelayContext) -> FastAPI:
         return metrics_response(ctx)
 
     return app
+
+
+async def live_stream(feed: LiveFeed, tenant: str | None) -> AsyncIterator[bytes]:
+    """One subscriber's events: `hello` first, then what the feed publishes, a comment
+    every KEEPALIVE_S when nothing happens, and `dropped` (then the end) if it fell behind.
+    Subscribed here, inside the response, so a client that leaves before the first byte
+    leaves nothing subscribed."""
+    try:
+        sub = feed.hub.subscribe(tenant)
+    except TooManySubscribers:
+        yield sse_event("dropped", {"reason": "too many live-event streams are open"})
+        return
+    try:
+        yield b"retry: 2000\n\n" + sse_event("hello", feed.hello(tenant))
+        while True:
+            batch = await sub.next_batch(KEEPALIVE_S)
+            if sub.dropped:
+                yield sse_event(
+                    "dropped", {"reason": "this stream fell behind; reconnect to go on"}
+                )
+                return
+            if batch:
+                yield b"".join(batch)
+            if sub.closed:
+                return
+            if not batch:
+                yield b": keepalive\n\n"
+    finally:
+        feed.hub.unsubscribe(sub)
 
 
 async def _send_proxy_error(send: Send, exc: ProxyError, rid: bytes) -> None:
@@ -461,6 +508,31 @@ def _build_api(
         if protect_metrics:
             caller(request, admin=True)
         return metrics_response(ctx)
+
+    page = LivePage.load()
+
+    @api.get("/")
+    async def live_page() -> Response:
+        """The live page. It holds no data: what it shows comes from the endpoints below,
+        with the key the page asks for when the proxy has keys."""
+        return Response(page.html, media_type="text/html; charset=utf-8", headers=page.headers())
+
+    @api.get("/v1/energy/events")
+    async def live_events(request: Request) -> Response:
+        """Server-sent events for the live page and anyone else (README "Live events")."""
+        tenant = tenant_of(caller(request))
+        feed = ctx.live
+        if feed is None:
+            raise NotFound("live events are off")
+        if len(feed.hub) >= feed.hub.max_subscribers:
+            raise TooManyStreams(
+                f"{feed.hub.max_subscribers} live-event streams are open; try again later"
+            )
+        return StreamingResponse(
+            live_stream(feed, tenant),
+            media_type="text/event-stream",
+            headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+        )
 
     @api.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:

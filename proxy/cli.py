@@ -187,6 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=0, help="proxy port (default: a free one)")
     demo.add_argument("--power-source", default="auto", metavar="SPEC")
     demo.add_argument("--max-tokens", type=int, default=48)
+    demo.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the proxy (and the backend) up after the prompts, until Ctrl-C: "
+        "for the live page and your own requests",
+    )
     hk = sub.add_parser(
         "hash-key",
         help="print the SHA-256 of an API key (read from standard input), for --key-hash",
@@ -311,6 +317,7 @@ def serve(args: dict[str, Any]) -> int:
     from metering.sources.base import SourceUnavailable
     from metering.store import StoreError
     from proxy.app import create_app
+    from proxy.server import ProxyServer
     from proxy.settings import ConfigError, load_settings
 
     try:
@@ -331,7 +338,7 @@ def serve(args: dict[str, Any]) -> int:
     # event loop (bench/store.py measures the loop's stalls).
     gc.collect()
     gc.freeze()
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
@@ -343,6 +350,7 @@ def serve(args: dict[str, Any]) -> int:
         lifespan="on",
         timeout_graceful_shutdown=30,
     )
+    ProxyServer(config, on_shutdown=app.close_live_streams).run()
     return 0
 
 

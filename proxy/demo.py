@@ -6,6 +6,7 @@ import contextlib
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ def run_demo(
     port: int = 0,
     power_source: str = "auto",
     max_tokens: int = 48,
+    keep: bool = False,
 ) -> int:
     console = Console()
     logs = Path(tempfile.mkdtemp(prefix="energy-proxy-demo-"))
@@ -72,6 +74,10 @@ def run_demo(
                     log_path=logs / "proxy.log",
                 )
             )
+            console.print(
+                f"[bold]Live page:[/] {proxy.url}/  (open it to watch the prompts arrive)",
+                highlight=False,
+            )
             rows = _send_prompts(
                 console, proxy.url, model, max_tokens, lambda: _died(started, wait_s=1.0)
             )
@@ -84,6 +90,8 @@ def run_demo(
                 _quote_readyz(console, proxy.url)
                 console.print(f"logs in {logs}", highlight=False)
                 return 1
+            if keep:
+                return _keep_serving(console, proxy, started, logs)
     except LaunchError as exc:
         _fail(console, _died(started) or str(exc))
         console.print(f"logs in {logs}", highlight=False)
@@ -92,6 +100,36 @@ def run_demo(
         console.print("[yellow]interrupted; servers stopped[/]")
         return 130
     return 0
+
+
+def _keep_serving(
+    console: Console, proxy: ChildServer, backend: ChildServer | None, logs: Path
+) -> int:
+    """`--keep`: the proxy (and the backend the demo started) stay up until Ctrl-C, for
+    the live page and for your own requests; a server that dies ends it, saying why."""
+    console.print(
+        f"\n[bold]Still serving[/] at {proxy.url} (OpenAI base URL {proxy.url}/v1); "
+        f"live page: {proxy.url}/ . Ctrl-C to stop.",
+        highlight=False,
+        soft_wrap=True,
+    )
+    try:
+        while True:
+            time.sleep(0.5)
+            death = _died(backend)
+            if death:
+                _fail(console, death)
+                return 1
+            if proxy.proc is not None and proxy.proc.poll() is not None:
+                _fail(
+                    console,
+                    f"energy-proxy exited with {describe_exit(proxy.proc.returncode)} "
+                    f"(its log: {logs / 'proxy.log'})",
+                )
+                return 1
+    except KeyboardInterrupt:
+        console.print("stopped")
+        return 0
 
 
 def _fail(console: Console, why: str) -> None:

@@ -88,6 +88,12 @@ class StoreUnavailable(ProxyError):
     code = "store_unavailable"
 
 
+class TooManyStreams(ProxyError):
+    status = 503
+    type = "server_error"
+    code = "too_many_streams"
+
+
 class UpstreamError(ProxyError):
     status = 502
     type = "upstream_error"

@@ -62,6 +62,7 @@ from proxy.headers import (
     header_value,
     upstream_request_headers,
 )
+from proxy.live.feed import LiveFeed, request_event
 from proxy.metrics import ProxyMetrics
 from proxy.requestlog import RequestLog
 from proxy.sse import SseSplitter, StreamInspector, done_event, energy_event
@@ -131,6 +132,8 @@ class RelayContext:
     classifier: PromptClassifier = field(default_factory=PromptClassifier)
     request_log: RequestLog | None = None
     store: RequestStore | None = None
+    # The live page's feed (proxy/live/feed.py): told of every finished request.
+    live: LiveFeed | None = None
     ids: RequestIds = field(default_factory=RequestIds)
     # Seconds a client may take to send its body, or leave an answer unread.
     client_timeout_s: float = 60.0
@@ -500,16 +503,24 @@ class MeteredRoute:
         tally = ex.backend.tally
         tally.prompt += report.tokens.prompt or 0
         tally.completion += report.tokens.completion
+        finished_at = time.time()
         if ctx.store is not None:
             ctx.store.add(
                 RequestRecord.from_report(
                     report,
                     backend=ex.backend.name,
                     status=status,
-                    finished_at=time.time(),
+                    finished_at=finished_at,
                     tenant=ex.tenant,
                     model_group=model_label,
                 )
+            )
+        if ctx.live is not None:
+            ctx.live.finished(
+                request_event(
+                    ex.energy, backend=ex.backend.name, status=status, finished_at=finished_at
+                ),
+                ex.tenant,
             )
         if ctx.request_log is not None:
             ctx.request_log.write(

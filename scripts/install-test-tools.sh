@@ -2,7 +2,9 @@
 # Install the outside tools the test suite needs: `prometheus` and `promtool`
 # (tests/deploy/ runs promtool on our config and rules and starts its own Prometheus), and
 # PostgreSQL's server programs (the request store's tests start a private server,
-# tests/pg.py). Idempotent: does nothing when all are there. Debian/Ubuntu (apt-get) only.
+# tests/pg.py), and Chromium (the live page's tests drive it headless through playwright,
+# tests/browser.py; nothing is downloaded by playwright). Idempotent: does nothing when all
+# are there. Debian/Ubuntu (apt-get) only.
 # The packages' services are kept from starting (the tests start their own servers on free
 # ports); if one starts anyway, it is stopped again.
 set -euo pipefail
@@ -13,17 +15,24 @@ have_postgres() {
   compgen -G "/usr/lib/postgresql/*/bin/pg_ctl" >/dev/null 2>&1
 }
 
+have_chromium() {
+  [ -n "${CHROMIUM:-}" ] && command -v "$CHROMIUM" >/dev/null 2>&1 && return 0
+  command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1
+}
+
 PACKAGES=()
 have_prometheus || PACKAGES+=(prometheus)
 have_postgres || PACKAGES+=(postgresql)
+have_chromium || PACKAGES+=(chromium)
 if [ "${#PACKAGES[@]}" -eq 0 ]; then
   exit 0
 fi
 
 die() {
   echo "install-test-tools: $*" >&2
-  echo "install-test-tools: the tests need Prometheus 2.x ('prometheus', 'promtool' on PATH) and" \
-    "PostgreSQL's server (initdb, pg_ctl) (Debian/Ubuntu: apt-get install prometheus postgresql)." >&2
+  echo "install-test-tools: the tests need Prometheus 2.x ('prometheus', 'promtool' on PATH)," \
+    "PostgreSQL's server (initdb, pg_ctl) and Chromium" \
+    "(Debian/Ubuntu: apt-get install prometheus postgresql chromium)." >&2
   exit 1
 }
 
@@ -82,5 +91,7 @@ done
 
 have_prometheus || die "the prometheus package installed, but 'prometheus'/'promtool' are still not on PATH"
 have_postgres || die "the postgresql package installed, but its initdb/pg_ctl are not found"
+have_chromium || die "the chromium package installed, but 'chromium' is not on PATH"
 echo "install-test-tools: $(prometheus --version 2>&1 | head -n 1)"
+echo "install-test-tools: $(chromium --version 2>/dev/null | head -n 1)"
 echo "install-test-tools: PostgreSQL $(ls -d /usr/lib/postgresql/*/ 2>/dev/null | xargs -n1 basename | tr '\n' ' ')"

@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 import uvicorn
 
+from proxy.server import ProxyServer
+
 
 class ServerThread:
     """`with ServerThread(app) as url:` serves `app` under uvicorn on a free port (or on
@@ -34,7 +36,14 @@ class ServerThread:
             loop="asyncio",
             timeout_graceful_shutdown=5,
         )
-        self.server = uvicorn.Server(config)
+        # The proxy's own server class ends its live-event streams as shutdown begins
+        # (an open stream would otherwise hold it for the graceful timeout).
+        close_streams = getattr(app, "close_live_streams", None)
+        self.server = (
+            ProxyServer(config, on_shutdown=close_streams)
+            if close_streams is not None
+            else uvicorn.Server(config)
+        )
         self._thread = threading.Thread(target=self._run, daemon=True)
         self.url = ""
         self.loop: asyncio.AbstractEventLoop | None = None

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -10,6 +12,7 @@ import time
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
 
 from backends.launch import BUNDLED_MODEL_FILE, llama_cpp_python_server
@@ -87,4 +90,37 @@ def test_ctrl_c_stops_both_servers(tmp_path: Path) -> None:
     proc.send_signal(signal.SIGINT)
     rest, _ = proc.communicate(timeout=60)
     assert proc.returncode in (130, 1), seen + rest
+    assert alive_with(mark) == []
+
+
+def test_keep_serves_the_live_page_until_ctrl_c() -> None:
+    env, mark = marked_env()
+    proc = subprocess.Popen(
+        [*DEMO, "--keep", "--max-tokens", "8"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    assert proc.stdout is not None
+    seen = ""
+    deadline = time.monotonic() + 600
+    while "Ctrl-C to stop" not in seen and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen += line
+    assert "Ctrl-C to stop" in seen, seen
+    page = re.search(r"Live page: (http://127\.0\.0\.1:\d+/)", seen)
+    assert page, seen
+    # The prompts are done; the page and the API still answer.
+    r = httpx.get(page.group(1), timeout=10)
+    assert r.status_code == 200 and "<title>energy-proxy</title>" in r.text
+    with httpx.stream("GET", page.group(1) + "v1/energy/events", timeout=10) as events:
+        hello = next(line for line in events.iter_lines() if line.startswith("data:"))
+    assert len(json.loads(hello[5:])["requests"]) == 6  # every demo prompt, as it finished
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, seen + rest
+    assert "stopped" in rest
     assert alive_with(mark) == []
