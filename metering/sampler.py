@@ -80,6 +80,12 @@ class Sampler:
         """Read every source once and feed the ledger (the tick); returns the clock time."""
         return self._read(self.states, self.time_channels, observe_idle=True)
 
+    def read_quietly(self) -> float:
+        """Read every source and feed the ledger, like the tick, but without teaching the
+        idle estimates anything (for extra readers, e.g. the live page's samples: the idle
+        learning keeps the tick's pace whoever else reads)."""
+        return self._read(self.states, self.time_channels, observe_idle=False)
+
     def _read(
         self, states: Sequence[SourceState], time_names: Sequence[str], *, observe_idle: bool
     ) -> float:

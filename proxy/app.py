@@ -18,7 +18,7 @@ from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -54,8 +54,8 @@ from proxy.errors import (
 )
 from proxy.headers import client_request_id, header_limit_problem, header_value
 from proxy.live.feed import LiveFeed
-from proxy.live.hub import TooManySubscribers, sse_event
 from proxy.live.page import LivePage
+from proxy.live.stream import LiveStreamResponse, live_events
 from proxy.metrics import ProxyMetrics
 from proxy.relay import METERED_PATHS, MeteredRoute, Receive, RelayContext, Scope, Send
 from proxy.requestlog import RequestLog
@@ -63,8 +63,6 @@ from proxy.settings import Settings
 from proxy.upstream import UpstreamClient, make_upstream
 
 log = logging.getLogger("energy_proxy")
-
-KEEPALIVE_S = 15.0  # a comment on an idle live-event stream, so proxies keep it open
 
 
 class _LazyUpstream:
@@ -189,8 +187,12 @@ class EnergyProxyApp:
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await t
+            except asyncio.CancelledError:
+                pass
+            except Exception:  # a task that died must not stop the rest of the shutdown
+                log.exception("a background task had failed")
         self._tasks = []
         # A last reading, so energy drawn up to the end is counted.
         self.ctx.sampler.read_all()
@@ -385,35 +387,6 @@ def metrics_app(ctx: RelayContext) -> FastAPI:
     return app
 
 
-async def live_stream(feed: LiveFeed, tenant: str | None) -> AsyncIterator[bytes]:
-    """One subscriber's events: `hello` first, then what the feed publishes, a comment
-    every KEEPALIVE_S when nothing happens, and `dropped` (then the end) if it fell behind.
-    Subscribed here, inside the response, so a client that leaves before the first byte
-    leaves nothing subscribed."""
-    try:
-        sub = feed.hub.subscribe(tenant)
-    except TooManySubscribers:
-        yield sse_event("dropped", {"reason": "too many live-event streams are open"})
-        return
-    try:
-        yield b"retry: 2000\n\n" + sse_event("hello", feed.hello(tenant))
-        while True:
-            batch = await sub.next_batch(KEEPALIVE_S)
-            if sub.dropped:
-                yield sse_event(
-                    "dropped", {"reason": "this stream fell behind; reconnect to go on"}
-                )
-                return
-            if batch:
-                yield b"".join(batch)
-            if sub.closed:
-                return
-            if not batch:
-                yield b": keepalive\n\n"
-    finally:
-        feed.hub.unsubscribe(sub)
-
-
 async def _send_proxy_error(send: Send, exc: ProxyError, rid: bytes) -> None:
     body = exc.body()
     headers = [
@@ -518,21 +491,18 @@ def _build_api(
         return Response(page.html, media_type="text/html; charset=utf-8", headers=page.headers())
 
     @api.get("/v1/energy/events")
-    async def live_events(request: Request) -> Response:
+    async def events_endpoint(request: Request) -> Response:
         """Server-sent events for the live page and anyone else (README "Live events")."""
-        tenant = tenant_of(caller(request))
+        key = caller(request)
+        tenant = tenant_of(key)
         feed = ctx.live
         if feed is None:
             raise NotFound("live events are off")
-        if len(feed.hub) >= feed.hub.max_subscribers:
-            raise TooManyStreams(
-                f"{feed.hub.max_subscribers} live-event streams are open; try again later"
-            )
-        return StreamingResponse(
-            live_stream(feed, tenant),
-            media_type="text/event-stream",
-            headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
-        )
+        problem = feed.hub.room_for(key.name if key is not None else "")
+        if problem:
+            raise TooManyStreams(problem)
+        owner = key.name if key is not None else ""
+        return LiveStreamResponse(live_events(feed, tenant, owner))
 
     @api.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
@@ -583,7 +553,7 @@ def _build_api(
             **window.to_dict(),
         }
 
-    @api.get("/v1/energy/label/{model}.svg")
+    @api.get("/v1/energy/label/{model:path}.svg")  # :path: model ids like org/name
     async def label(request: Request, model: str, category: str | None = None) -> Response:
         """The model's Energy Score label for one category (default: its busiest), over
         the same window as the summary."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import logging
 import os
@@ -350,8 +351,12 @@ def serve(args: dict[str, Any]) -> int:
         lifespan="on",
         timeout_graceful_shutdown=30,
     )
-    ProxyServer(config, on_shutdown=app.close_live_streams).run()
-    return 0
+    server = ProxyServer(config, on_shutdown=app.close_live_streams)
+    # uvicorn raises Ctrl-C again once it has shut down cleanly: that is the normal end.
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
+    # As uvicorn.run: a server that never started (its port taken, say) exits 3.
+    return 0 if server.started else 3
 
 
 def hash_key_command(name: str, admin: bool, new: bool) -> int:

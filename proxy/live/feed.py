@@ -106,7 +106,8 @@ class LiveFeed:
                     "kind": METHOD_KIND.get(src.method, "measured"),
                     "hardware": str(getattr(src, "hardware", "") or ""),
                     "ok": st.ok,
-                    "idle_watts": st.idle.watts,
+                    # The idle draw the dynamic figures are taken above (--idle-watts).
+                    "idle_baseline_watts": st.idle.watts,
                 }
             )
         return out
@@ -123,7 +124,7 @@ class LiveFeed:
     # --- samples -------------------------------------------------------------------------
 
     def _counters(self) -> dict[str, Counters]:
-        t_s = self.sampler.read_all()
+        t_s = self.sampler.read_quietly()
         channels = self.sampler.ledger.channels
         return {
             st.source.name: Counters(
@@ -158,17 +159,17 @@ class LiveFeed:
         return sample
 
     async def run(self, period_s: float = SAMPLE_PERIOD_S) -> None:
-        """Forever (cancel to stop): a sample each `period_s`, published as `power`."""
-        self.sample()
+        """Forever (cancel to stop): a sample each `period_s`, published as `power` (the
+        first call only sets the baseline)."""
         while True:
-            await asyncio.sleep(period_s)
             try:
                 sample = self.sample()
             except Exception:  # a bug here must not end the page's feed for good
                 log.exception("live page: taking a power sample failed")
-                continue
+                sample = None
             if sample is not None:
                 self.hub.publish("power", sample)
+            await asyncio.sleep(period_s)
 
     # --- requests ------------------------------------------------------------------------
 

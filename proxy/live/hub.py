@@ -20,6 +20,9 @@ import orjson
 # of power samples, or a burst of 500 requests finishing in the same instant.
 SUBSCRIBER_BUFFER_EVENTS = 512
 MAX_SUBSCRIBERS = 64
+# Streams one key may hold (a few tabs), so one key cannot take every slot; without keys
+# there is no one to tell apart and only MAX_SUBSCRIBERS holds.
+MAX_SUBSCRIBERS_PER_KEY = 8
 
 
 def sse_event(kind: str, data: Mapping[str, Any] | list[Any]) -> bytes:
@@ -31,10 +34,11 @@ def sse_event(kind: str, data: Mapping[str, Any] | list[Any]) -> bytes:
 class Subscriber:
     """One page's stream: a bounded buffer and a wake-up."""
 
-    __slots__ = ("buffer", "closed", "dropped", "limit", "tenant", "wake")
+    __slots__ = ("buffer", "closed", "dropped", "limit", "owner", "tenant", "wake")
 
-    def __init__(self, tenant: str | None, limit: int) -> None:
+    def __init__(self, tenant: str | None, limit: int, owner: str = "") -> None:
         self.tenant = tenant  # None: sees every tenant's requests
+        self.owner = owner  # the key's name ("" without keys)
         self.limit = limit
         self.buffer: deque[bytes] = deque()
         self.dropped = False
@@ -79,11 +83,13 @@ class EventHub:
         *,
         buffer_events: int = SUBSCRIBER_BUFFER_EVENTS,
         max_subscribers: int = MAX_SUBSCRIBERS,
+        max_per_key: int = MAX_SUBSCRIBERS_PER_KEY,
         on_drop: Callable[[], None] | None = None,
     ) -> None:
         self._subscribers: set[Subscriber] = set()
         self.buffer_events = buffer_events
         self.max_subscribers = max_subscribers
+        self.max_per_key = max_per_key
         self.dropped_total = 0
         self.closed = False
         self._on_drop = on_drop
@@ -91,10 +97,19 @@ class EventHub:
     def __len__(self) -> int:
         return len(self._subscribers)
 
-    def subscribe(self, tenant: str | None) -> Subscriber:
+    def room_for(self, owner: str) -> str:
+        """Why a new stream for key `owner` ("" without keys) cannot open; "" if it can."""
         if len(self._subscribers) >= self.max_subscribers:
-            raise TooManySubscribers(f"{self.max_subscribers} live-event streams are open already")
-        sub = Subscriber(tenant, self.buffer_events)
+            return f"{self.max_subscribers} live-event streams are open; try again later"
+        if owner and sum(s.owner == owner for s in self._subscribers) >= self.max_per_key:
+            return f"this key has {self.max_per_key} live-event streams open already"
+        return ""
+
+    def subscribe(self, tenant: str | None, owner: str = "") -> Subscriber:
+        problem = self.room_for(owner)
+        if problem:
+            raise TooManySubscribers(problem)
+        sub = Subscriber(tenant, self.buffer_events, owner)
         sub.closed = self.closed
         self._subscribers.add(sub)
         return sub

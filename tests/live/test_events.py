@@ -14,6 +14,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
+import proxy.live.stream
 from metering.ledger import Ledger
 from proxy.auth import hash_key
 from proxy.live.feed import Counters, power_sample
@@ -195,9 +196,10 @@ def test_keys_tenants_see_their_own_requests_and_admins_all(
         assert [r["energy"]["request_id"] for r in hello_a["requests"]] == [ra]
 
 
-def test_a_page_that_stops_reading_is_dropped_and_never_slows_requests(
-    fake_server: str, tmp_path: Path
+def test_a_page_that_stops_reading_is_dropped_and_cut_off(
+    fake_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: Any
 ) -> None:
+    monkeypatch.setattr(proxy.live.stream, "SEND_TIMEOUT_S", 0.2)
     server = serve_proxy(tmp_path, fake_server)
     with server as url:
         app: Any = server.server.config.app
@@ -211,22 +213,42 @@ def test_a_page_that_stops_reading_is_dropped_and_never_slows_requests(
         stalled.sendall(f"GET /v1/energy/events HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
         assert stalled.recv(64).startswith(b"HTTP/1.1 200")
         assert wait_until(lambda: len(hub) == 1)
-        # 100 events of 100 KB (10 MB: more than the socket buffers and the page's buffer
-        # hold), published on the server's loop, with requests in between.
+        # Events of 100 KB, published on the server's loop until the socket buffers and
+        # the stream's buffer are full and it is dropped; requests are answered meanwhile.
         loop = server.loop
         assert loop is not None
         padding = "x" * 100_000
-        for i in range(100):
+        for i in range(3000):  # 300 MB at most; a few MB fill a socket's buffers
             loop.call_soon_threadsafe(hub.publish, "power", {"pad": padding, "n": i})
             if i % 10 == 0:
                 chat(url)  # answered (200) while the page's stream is stuck
+                if hub.dropped_total:
+                    break
         assert wait_until(lambda: hub.dropped_total == 1)
-        assert hub.dropped_total == 1 and len(hub) == 0
-        stalled.close()
+        assert len(hub) == 0
         # The proxy goes on serving, and a new page is welcome.
         assert chat(url).status_code == 200
         with httpx.stream("GET", url + "/v1/energy/events", timeout=30) as r:
             assert EventReader(r).next()[0] == "hello"
+        # The stuck send is given up (SEND_TIMEOUT_S): the server closes the connection.
+        stalled.settimeout(30)
+        while stalled.recv(1 << 20):
+            pass
+        stalled.close()
+    # ... so the shutdown did not wait for the stuck stream.
+    assert "graceful shutdown exceeded" not in capfd.readouterr().err
+
+
+def test_one_key_cannot_take_every_stream(fake_server: str, tmp_path: Path, events_of: Any) -> None:
+    server = serve_proxy(tmp_path, fake_server, keys=KEYS)
+    with server as url:
+        app: Any = server.server.config.app
+        app.ctx.live.hub.max_per_key = 1
+        held = events_of(url, KEY_A)
+        held.until("hello")
+        r = httpx.get(url + "/v1/energy/events", headers={"authorization": f"Bearer {KEY_A}"})
+        assert r.status_code == 503 and "this key has 1" in r.json()["error"]["message"]
+        events_of(url, KEY_B).until("hello")  # another key still gets one
 
 
 def test_streams_are_capped_and_end_when_the_server_stops(

@@ -42,10 +42,16 @@ def page(browser: Any, tmp_path: Path) -> Iterator[Any]:
     pg.seen_urls = []  # type: ignore[attr-defined]
     pg.on("request", lambda req: pg.seen_urls.append(req.url))  # type: ignore[attr-defined]
     yield pg
-    pg.screenshot(path=str(tmp_path / "live-page.png"), full_page=True)
     context.close()
-    # No script error, and no request the page's policy refused (CSP reports as errors).
-    assert errors == []
+
+
+def finish(page: Any, tmp_path: Path) -> None:
+    """At the end of a test, while its proxy still runs: a screenshot into the test's
+    directory, and no script error nor any request the page's policy refused (the
+    browser reports both as errors)."""
+    page.screenshot(path=str(tmp_path / "live-page.png"), full_page=True)
+    assert (tmp_path / "live-page.png").stat().st_size > 0
+    assert page.errors == []
 
 
 def ask(url: str, n: int, *, key: str = "unused", category: str = "code",
@@ -132,6 +138,7 @@ def test_rows_chart_and_stars_appear_without_a_reload(
         assert page.evaluate("window.__sameDocument") == 1  # never reloaded
         # Nothing came from anywhere but the proxy.
         assert all(u.startswith((url + "/", "blob:")) for u in page.seen_urls), page.seen_urls
+        finish(page, tmp_path)
 
 
 HOSTILE_MODEL = '<img src=x onerror="window.__pwned=1">'
@@ -179,6 +186,7 @@ def test_hostile_names_stay_text(tmp_path: Path, page: Any) -> None:
             })"""
         )
         assert dom == {"scripts": 1, "svgs": 1, "strayImages": 0, "pwned": None}
+        finish(page, tmp_path)
 
 
 KEY_A, KEY_B = "page-key-tenant-a-1", "page-key-tenant-b-2"
@@ -219,3 +227,4 @@ def test_with_keys_the_page_asks_for_one_and_keeps_it_out_of_urls(
         assert not [u for u in page.seen_urls if KEY_A in u]
         # The browser logs each refused request (no key, then a wrong one): expected here.
         page.errors[:] = [e for e in page.errors if "status of 401 (Unauthorized)" not in e]
+        finish(page, tmp_path)

@@ -21,7 +21,7 @@ SVG = "{http://www.w3.org/2000/svg}"
 
 
 async def test_stars_and_label_from_the_store(tmp_path: Path) -> None:
-    backend_app, _ = make_fake_backend(FakeState(models=["small", "big"]))
+    backend_app, _ = make_fake_backend(FakeState(models=["small", "big", "org/sized"]))
     app = create_app(
         proxy_settings(tmp_path, idle_watts=0.0),
         upstream=HttpxUpstream(30.0, transport=httpx.ASGITransport(app=backend_app)),
@@ -71,3 +71,8 @@ async def test_stars_and_label_from_the_store(tmp_path: Path) -> None:
         assert (await c.get("/v1/energy/label/nobody.svg")).status_code == 404
         missing = await c.get("/v1/energy/label/big.svg", params={"category": "sql"})
         assert missing.status_code == 404 and "sql" in missing.json()["error"]["message"]
+        # A model id with a slash (as Hugging Face names go), sent as the page sends it.
+        await ask("org/sized", "0.01", 1)
+        r = await c.get("/v1/energy/label/org%2Fsized.svg")
+        assert r.status_code == 200 and "org/sized" in r.text
+        assert (await c.get("/v1/energy/label/org/sized.svg")).status_code == 200
