@@ -319,6 +319,7 @@ def create_app(
     ctx.live = LiveFeed(
         sampler, intensity, inflight=lambda: sum(b.inflight for b in registry.backends)
     )
+    metrics.watch_live_streams(ctx.live.hub)
     make_client = None
     if upstream is None:
         kind, timeout_s = settings.upstream_client, settings.backend_timeout

@@ -18,6 +18,7 @@ from backends.registry import Backend
 from metering.report import EnergyReport, Intensity
 from metering.sampler import Sampler
 from metering.store import StoreStatus
+from proxy.live.hub import EventHub
 
 
 def log_buckets(low: float, high: float, per_decade: int) -> tuple[float, ...]:
@@ -155,6 +156,26 @@ class _StoreCollector(Collector):
         yield from (queued, dropped, evicted, up)
 
 
+class _LiveStreamsCollector(Collector):
+    """The live page's event streams (proxy/live/hub.py), read at scrape time."""
+
+    def __init__(self, hub: EventHub) -> None:
+        self._hub = hub
+
+    def collect(self) -> Iterator[Metric]:
+        open_ = GaugeMetricFamily(
+            "energy_proxy_live_streams",
+            "Live-event streams open now (/v1/energy/events: live pages and other readers).",
+        )
+        open_.add_metric((), len(self._hub))
+        dropped = CounterMetricFamily(
+            "energy_proxy_live_streams_dropped",
+            "Live-event streams dropped because their reader fell behind.",
+        )
+        dropped.add_metric((), self._hub.dropped_total)
+        yield from (open_, dropped)
+
+
 class ProxyMetrics:
     """Every metric of the proxy, registered on `registry`."""
 
@@ -218,6 +239,9 @@ class ProxyMetrics:
         registry.register(_BackendCollector(backends))
         if store_status is not None:
             registry.register(_StoreCollector(store_status))
+
+    def watch_live_streams(self, hub: EventHub) -> None:
+        self.registry.register(_LiveStreamsCollector(hub))
 
     def observe_tenant(self, tenant: str, report: EnergyReport, status: int) -> None:
         """`tenant` is a configured key's name, never free text (it becomes a label)."""

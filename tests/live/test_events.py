@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 from openai import OpenAI
+from prometheus_client.parser import text_string_to_metric_families
 
 import proxy.live.stream
 from metering.ledger import Ledger
@@ -170,6 +171,10 @@ def test_a_finished_request_arrives_as_told_to_its_client(
         assert src["watts"] == pytest.approx(100.0, rel=1e-6)  # the constant source's draw
         assert src["attributed_watts"] + src["idle_watts"] == pytest.approx(100.0, rel=1e-6)
         assert power["carbon"]["g_per_kwh"] == 500.0 and power["inflight"] == 0
+        assert live_metrics(url) == {
+            "energy_proxy_live_streams": 1.0,
+            "energy_proxy_live_streams_dropped_total": 0.0,
+        }
 
 
 def test_keys_tenants_see_their_own_requests_and_admins_all(
@@ -226,6 +231,10 @@ def test_a_page_that_stops_reading_is_dropped_and_cut_off(
                     break
         assert wait_until(lambda: hub.dropped_total == 1)
         assert len(hub) == 0
+        assert live_metrics(url) == {
+            "energy_proxy_live_streams": 0.0,
+            "energy_proxy_live_streams_dropped_total": 1.0,
+        }
         # The proxy goes on serving, and a new page is welcome.
         assert chat(url).status_code == 200
         with httpx.stream("GET", url + "/v1/energy/events", timeout=30) as r:
@@ -267,6 +276,17 @@ def test_streams_are_capped_and_end_when_the_server_stops(
         server.loop.call_soon_threadsafe(app.close_live_streams)  # what ProxyServer does
         with pytest.raises(EOFError):  # the stream ends (the server is stopping)
             last.until("never")
+
+
+def live_metrics(url: str) -> dict[str, float]:
+    """The live-stream series of /metrics, through prometheus_client's own parser."""
+    text = httpx.get(url + "/metrics").text
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name.startswith("energy_proxy_live_streams")
+        for sample in family.samples
+    }
 
 
 def wait_until(predicate: Any, timeout_s: float = 10.0) -> bool:
