@@ -257,6 +257,7 @@ def _select_columns(ids: dict[str, Any], i: str, n: int, now_ms: int, rid: str, 
 
 def generate_sqlite(store: RequestStore, n: int, now_s: float) -> float:
     from metering.store.columns import COLUMNS
+    from metering.store.sqlite import rebuild_rollups
 
     _labels(store, now_s)
     path = store.where
@@ -272,7 +273,6 @@ def generate_sqlite(store: RequestStore, n: int, now_s: float) -> float:
     cols = _select_columns(ids, "i", n, int(now_s * 1000), "randomblob(12)", "abs(random())")
     conn.execute("BEGIN IMMEDIATE")
     conn.execute("DELETE FROM records")
-    conn.execute("DELETE FROM rollups")
     conn.execute("DROP INDEX records_rid")  # built once at the end: sorted, not record by record
     conn.execute(
         f"""
@@ -282,27 +282,7 @@ def generate_sqlite(store: RequestStore, n: int, now_s: float) -> float:
         """
     )
     conn.execute("CREATE UNIQUE INDEX records_rid ON records (rid)")
-    conn.execute(
-        """
-        INSERT INTO rollups (hour, model, category, backend, tenant, count, joules, co2eq_g,
-                             token_joules, tokens)
-        SELECT finished_ms / 3600000, model_group, category, backend, tenant, COUNT(*),
-               TOTAL(joules), TOTAL(co2eq_g), TOTAL(CASE WHEN n > 0 THEN joules END), SUM(n)
-        FROM (SELECT *, CASE WHEN completion_tokens > 0 THEN completion_tokens
-                             ELSE COALESCE(prompt_tokens, 0) END AS n
-              FROM records WHERE status = 200)
-        GROUP BY 1, 2, 3, 4, 5
-        """
-    )
-    conn.execute("DELETE FROM rollups_daily")
-    conn.execute(
-        """
-        INSERT INTO rollups_daily
-        SELECT hour / 24, model, category, backend, tenant, SUM(count), TOTAL(joules),
-               TOTAL(co2eq_g), TOTAL(token_joules), SUM(tokens)
-        FROM rollups GROUP BY 1, 2, 3, 4, 5
-        """
-    )
+    rebuild_rollups(conn)
     conn.execute("COMMIT")
     conn.close()
     return time.perf_counter() - t0

@@ -23,6 +23,15 @@ class Intensity:
     zone: str = ""
     age_s: float | None = None  # seconds since the figure was fetched (live sources only)
 
+    def to_dict(self) -> dict[str, Any]:
+        """As `/readyz` and the live events show it (no zone: null)."""
+        return {
+            "g_per_kwh": self.g_per_kwh,
+            "source": self.source,
+            "zone": self.zone or None,
+            "age_s": self.age_s,
+        }
+
 
 @dataclass(frozen=True, slots=True)
 class Tokens:

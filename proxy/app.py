@@ -438,13 +438,7 @@ def _build_api(
         ]
         ready = all(b["ready"] for b in backends) and any(s["ok"] for s in sources)
         # The carbon figure never makes the proxy unready: it degrades to cached/fallback.
-        ci = ctx.intensity.current()
-        carbon: dict[str, Any] = {
-            "g_per_kwh": ci.g_per_kwh,
-            "source": ci.source,
-            "zone": ci.zone or None,
-            "age_s": ci.age_s,
-        }
+        carbon = ctx.intensity.current().to_dict()
         if isinstance(ctx.intensity, ElectricityMapsIntensity) and ctx.intensity.failures:
             carbon["error"] = ctx.intensity.last_error
         # Nor does the store: a failing database costs records (counted), never answers.

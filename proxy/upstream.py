@@ -108,7 +108,29 @@ class _AiohttpResponse:
             self._resp.release()
 
 
-class AiohttpUpstream:
+class _Fetching:
+    """The small JSON/text calls (discovery, health, tokenize, /metrics) of both clients,
+    made through each one's `_fetch` (the body of a 200 answer, or UpstreamError)."""
+
+    async def _fetch(
+        self, method: str, url: str, timeout_s: float, json_body: object, extra: Headers
+    ) -> bytes:
+        raise NotImplementedError
+
+    async def get_json(self, url: str, timeout_s: float, headers: Headers = None) -> object:
+        return _json_of("GET", url, await self._fetch("GET", url, timeout_s, None, headers))
+
+    async def get_text(self, url: str, timeout_s: float, headers: Headers = None) -> str:
+        text = await self._fetch("GET", url, timeout_s, None, headers)
+        return text.decode("utf-8", "replace")
+
+    async def post_json(
+        self, url: str, body: object, timeout_s: float, headers: Headers = None
+    ) -> object:
+        return _json_of("POST", url, await self._fetch("POST", url, timeout_s, body, headers))
+
+
+class AiohttpUpstream(_Fetching):
     """aiohttp `ClientSession` with a keep-alive pool; no cookie jar, no decompression."""
 
     def __init__(self, timeout_s: float, *, pool_size: int = 0) -> None:
@@ -172,18 +194,6 @@ class AiohttpUpstream:
         except aiohttp.ClientError as exc:
             raise BackendUnreachable(f"{method} {url} failed: {exc}") from exc
 
-    async def get_json(self, url: str, timeout_s: float, headers: Headers = None) -> object:
-        return _json_of("GET", url, await self._fetch("GET", url, timeout_s, None, headers))
-
-    async def get_text(self, url: str, timeout_s: float, headers: Headers = None) -> str:
-        text = await self._fetch("GET", url, timeout_s, None, headers)
-        return text.decode("utf-8", "replace")
-
-    async def post_json(
-        self, url: str, body: object, timeout_s: float, headers: Headers = None
-    ) -> object:
-        return _json_of("POST", url, await self._fetch("POST", url, timeout_s, body, headers))
-
     async def aclose(self) -> None:
         await self._session.close()
 
@@ -222,7 +232,7 @@ class _HttpxResponse:
         await self._resp.aclose()
 
 
-class HttpxUpstream:
+class HttpxUpstream(_Fetching):
     """httpx `AsyncClient`; give it a `transport` (e.g. `ASGITransport`) in tests."""
 
     def __init__(
@@ -265,18 +275,6 @@ class HttpxUpstream:
         if resp.status_code != 200:
             raise BackendUnreachable(f"{method} {url} answered {resp.status_code}")
         return resp.content
-
-    async def get_json(self, url: str, timeout_s: float, headers: Headers = None) -> object:
-        return _json_of("GET", url, await self._fetch("GET", url, timeout_s, None, headers))
-
-    async def get_text(self, url: str, timeout_s: float, headers: Headers = None) -> str:
-        text = await self._fetch("GET", url, timeout_s, None, headers)
-        return text.decode("utf-8", "replace")
-
-    async def post_json(
-        self, url: str, body: object, timeout_s: float, headers: Headers = None
-    ) -> object:
-        return _json_of("POST", url, await self._fetch("POST", url, timeout_s, body, headers))
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -10,11 +10,11 @@ any thread; each database serialises it on a connection of its own.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from metering.store.columns import label_texts
+from metering.store.columns import encode, label_texts
 from metering.store.records import RequestRecord, id_key
 from metering.store.rollup import Sums
 
@@ -70,6 +70,23 @@ def screen(
         records.append(r)
         texts.update(labels)
     return records, texts
+
+
+def encode_all(
+    records: Sequence[RequestRecord], label: Callable[[str], int], out: Written
+) -> tuple[list[tuple[object, ...]], list[RequestRecord]]:
+    """The rows of `records` (labels already staged, see `screen`) and the records they
+    are, in the same order; a record that does not encode is refused in `out`."""
+    rows: list[tuple[object, ...]] = []
+    good: list[RequestRecord] = []
+    for r in records:
+        try:
+            rows.append(encode(r, label))
+        except DATA_ERRORS:
+            out.rejected.append(r)
+            continue
+        good.append(r)
+    return rows, good
 
 
 class Database(Protocol):

@@ -31,8 +31,14 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from metering.store.columns import COLUMNS, TENANT, decode, encode
-from metering.store.database import DATA_ERRORS, WRITE_CHUNK_RECORDS, Written, screen
+from metering.store.columns import COLUMNS, TENANT, decode
+from metering.store.database import (
+    DATA_ERRORS,
+    WRITE_CHUNK_RECORDS,
+    Written,
+    encode_all,
+    screen,
+)
 from metering.store.records import RequestRecord, StoreError, id_key
 from metering.store.rollup import HOURS_PER_DAY, SECONDS_PER_HOUR, Span, Sums
 
@@ -377,15 +383,7 @@ class PostgresDatabase:
         for i in range(0, len(batch), step):
             records, texts = screen(batch[i : i + step], seen, out, nul_ok=False)
             self._label_ids(conn, texts)
-            rows: list[tuple[object, ...]] = []
-            good: list[RequestRecord] = []
-            for r in records:
-                try:
-                    rows.append(encode(r, self._id))
-                except DATA_ERRORS:
-                    out.rejected.append(r)
-                    continue
-                good.append(r)
+            rows, good = encode_all(records, self._id, out)
             if not rows:
                 continue
             if not one_by_one:

@@ -23,8 +23,14 @@ import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from metering.store.columns import COLUMNS, TENANT, decode, encode
-from metering.store.database import DATA_ERRORS, WRITE_CHUNK_RECORDS, Written, screen
+from metering.store.columns import COLUMNS, TENANT, decode
+from metering.store.database import (
+    DATA_ERRORS,
+    WRITE_CHUNK_RECORDS,
+    Written,
+    encode_all,
+    screen,
+)
 from metering.store.records import RequestRecord, StoreError, id_key
 from metering.store.rollup import (
     HOURS_PER_DAY,
@@ -136,40 +142,24 @@ def _migrate_v3(conn: sqlite3.Connection) -> None:
         "CREATE INDEX records_client_request_id ON records (client_request_id) "
         "WHERE client_request_id IS NOT NULL"
     )
-    conn.execute(
-        """
-        CREATE TABLE rollups (
-            hour INTEGER NOT NULL,
-            model INTEGER NOT NULL,
-            category INTEGER NOT NULL,
-            backend INTEGER NOT NULL,
-            tenant INTEGER NOT NULL,
-            count INTEGER NOT NULL,
-            joules REAL NOT NULL,
-            co2eq_g REAL NOT NULL,
-            token_joules REAL NOT NULL,
-            tokens INTEGER NOT NULL,
-            PRIMARY KEY (hour, model, category, backend, tenant)
-        ) WITHOUT ROWID
-        """
-    )
-    conn.execute(
-        """
-        CREATE TABLE rollups_daily (
-            day INTEGER NOT NULL,
-            model INTEGER NOT NULL,
-            category INTEGER NOT NULL,
-            backend INTEGER NOT NULL,
-            tenant INTEGER NOT NULL,
-            count INTEGER NOT NULL,
-            joules REAL NOT NULL,
-            co2eq_g REAL NOT NULL,
-            token_joules REAL NOT NULL,
-            tokens INTEGER NOT NULL,
-            PRIMARY KEY (day, model, category, backend, tenant)
-        ) WITHOUT ROWID
-        """
-    )
+    for table, period in (("rollups", "hour"), ("rollups_daily", "day")):
+        conn.execute(
+            f"""
+            CREATE TABLE {table} (
+                {period} INTEGER NOT NULL,
+                model INTEGER NOT NULL,
+                category INTEGER NOT NULL,
+                backend INTEGER NOT NULL,
+                tenant INTEGER NOT NULL,
+                count INTEGER NOT NULL,
+                joules REAL NOT NULL,
+                co2eq_g REAL NOT NULL,
+                token_joules REAL NOT NULL,
+                tokens INTEGER NOT NULL,
+                PRIMARY KEY ({period}, model, category, backend, tenant)
+            ) WITHOUT ROWID
+            """
+        )
     conn.create_function("energy_proxy_id_key", 1, id_key, deterministic=True)
     zone = "COALESCE(json_extract(q.energy, '$.carbon_intensity_zone'), '')"
     attribution = "COALESCE(json_extract(q.energy, '$.attribution'), '')"
@@ -205,6 +195,16 @@ def _migrate_v3(conn: sqlite3.Connection) -> None:
         ORDER BY q.finished_at
         """
     )
+    rebuild_rollups(conn)
+    conn.execute("DROP TABLE requests")
+
+
+def rebuild_rollups(conn: sqlite3.Connection) -> None:
+    """Both rollup tables computed anew from the records (schema 3): what the writer adds
+    batch by batch (metering/store/rollup.py), in one pass. For the v3 migration, and for
+    bench/store.py after it generates records in SQL."""
+    conn.execute("DELETE FROM rollups")
+    conn.execute("DELETE FROM rollups_daily")
     conn.execute(
         """
         INSERT INTO rollups (hour, model, category, backend, tenant, count, joules, co2eq_g,
@@ -225,7 +225,6 @@ def _migrate_v3(conn: sqlite3.Connection) -> None:
         FROM rollups GROUP BY 1, 2, 3, 4, 5
         """
     )
-    conn.execute("DROP TABLE requests")
 
 
 # Applied in order: migration i takes the schema from version i to version i + 1
@@ -501,15 +500,7 @@ class SqliteDatabase:
             for i in range(0, len(batch), WRITE_CHUNK_RECORDS):
                 records, texts = screen(batch[i : i + WRITE_CHUNK_RECORDS], seen, out)
                 self._label_ids(conn, texts)
-                rows: list[tuple[object, ...]] = []
-                good: list[RequestRecord] = []
-                for r in records:
-                    try:
-                        rows.append(encode(r, self._id))
-                    except DATA_ERRORS:
-                        out.rejected.append(r)
-                        continue
-                    good.append(r)
+                rows, good = encode_all(records, self._id, out)
                 ins, bad = self._insert(conn, rows, good)
                 inserted += ins
                 out.rejected += bad

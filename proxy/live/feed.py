@@ -113,13 +113,7 @@ class LiveFeed:
         return out
 
     def carbon(self) -> dict[str, Any]:
-        ci = self.intensity.current()
-        return {
-            "g_per_kwh": ci.g_per_kwh,
-            "source": ci.source,
-            "zone": ci.zone or None,
-            "age_s": ci.age_s,
-        }
+        return self.intensity.current().to_dict()
 
     # --- samples -------------------------------------------------------------------------
 
