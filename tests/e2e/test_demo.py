@@ -46,6 +46,20 @@ def alive_with(mark: str) -> list[str]:
     return found
 
 
+def read_until(proc: subprocess.Popen[str], marker: str, timeout_s: float) -> str:
+    """What the demo printed up to the line holding `marker` (which it must print)."""
+    assert proc.stdout is not None
+    seen = ""
+    deadline = time.monotonic() + timeout_s
+    while marker not in seen and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen += line
+    assert marker in seen, seen
+    return seen
+
+
 def test_demo_prints_a_row_per_prompt_and_stops_its_servers() -> None:
     env, mark = marked_env()
     done = subprocess.run(DEMO, capture_output=True, text=True, timeout=600, env=env)
@@ -76,15 +90,7 @@ def test_ctrl_c_stops_both_servers(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         DEMO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
     )
-    assert proc.stdout is not None
-    seen = ""
-    deadline = time.monotonic() + 300
-    while "Starting energy-proxy" not in seen and time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        seen += line
-    assert "Starting energy-proxy" in seen, seen
+    seen = read_until(proc, "Starting energy-proxy", 300)
     servers = [c for c in alive_with(mark) if BUNDLED_MODEL_FILE in c]
     assert servers, "the bundled backend should be running under the demo"
     proc.send_signal(signal.SIGINT)
@@ -102,15 +108,7 @@ def test_keep_serves_the_live_page_until_ctrl_c() -> None:
         text=True,
         env=env,
     )
-    assert proc.stdout is not None
-    seen = ""
-    deadline = time.monotonic() + 600
-    while "Ctrl-C to stop" not in seen and time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        seen += line
-    assert "Ctrl-C to stop" in seen, seen
+    seen = read_until(proc, "Ctrl-C to stop", 600)
     page = re.search(r"Live page: (http://127\.0\.0\.1:\d+/)", seen)
     assert page, seen
     # The prompts are done; the page and the API still answer.

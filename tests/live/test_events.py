@@ -21,6 +21,7 @@ from proxy.auth import hash_key
 from proxy.live.feed import Counters, power_sample
 from proxy.live.hub import EventHub, TooManySubscribers, sse_event
 from tests.conftest import serve_proxy
+from tests.polling import wait_for
 
 KEY_A, KEY_B, KEY_ADMIN = "live-key-a-0001", "live-key-b-0002", "live-key-admin-3"
 KEYS = [f"a:{hash_key(KEY_A)}", f"b:{hash_key(KEY_B)}", f"ops:{hash_key(KEY_ADMIN)}:admin"]
@@ -217,7 +218,7 @@ def test_a_page_that_stops_reading_is_dropped_and_cut_off(
         stalled.connect((host, int(port)))
         stalled.sendall(f"GET /v1/energy/events HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
         assert stalled.recv(64).startswith(b"HTTP/1.1 200")
-        assert wait_until(lambda: len(hub) == 1)
+        assert wait_for(lambda: len(hub) == 1)
         # Events of 100 KB, published on the server's loop until the socket buffers and
         # the stream's buffer are full and it is dropped; requests are answered meanwhile.
         loop = server.loop
@@ -229,7 +230,7 @@ def test_a_page_that_stops_reading_is_dropped_and_cut_off(
                 chat(url)  # answered (200) while the page's stream is stuck
                 if hub.dropped_total:
                     break
-        assert wait_until(lambda: hub.dropped_total == 1)
+        assert wait_for(lambda: hub.dropped_total == 1)
         assert len(hub) == 0
         assert live_metrics(url) == {
             "energy_proxy_live_streams": 0.0,
@@ -287,15 +288,6 @@ def live_metrics(url: str) -> dict[str, float]:
         if family.name.startswith("energy_proxy_live_streams")
         for sample in family.samples
     }
-
-
-def wait_until(predicate: Any, timeout_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return bool(predicate())
 
 
 def test_no_subscriber_costs_nothing_on_the_request_path() -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from typing import Any
 
 from metering.report import EnergyReport, Intensity, Tokens
@@ -72,11 +70,3 @@ def make_record(
         tenant=tenant,
         model_group=model_group,
     )
-
-
-def wait_until(cond: Callable[[], bool], timeout_s: float = 30.0) -> None:
-    """Poll `cond`: a bound on waiting, not a speed assertion."""
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.005)

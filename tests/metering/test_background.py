@@ -31,6 +31,7 @@ from metering.sources.rapl import RaplSource, read_sysfs_file
 from tests.conftest import Fake
 from tests.fakenvml import H100_LATENCY, fake_blocked_calls, write_script
 from tests.metering.test_rapl import TWO_SOCKETS, FakePowercap
+from tests.polling import wait_until
 
 # --- pure ----------------------------------------------------------------------------------
 
@@ -132,13 +133,6 @@ def run_with_watchdog(fn: Callable[[], object], limit_s: float = 30.0) -> object
     worker.join(limit_s)
     assert not worker.is_alive(), "the boundary waited for a blocked sensor read"
     return out[0]
-
-
-def wait_until(cond: Callable[[], bool], timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.005)
 
 
 GPU = "device 0 name=NVIDIA-H100-80GB-HBM3 energy_mj=0 energy_rate_mw=300000 " \

@@ -303,8 +303,8 @@ def test_models_no_backend_lists_are_summed_as_other(db: str) -> None:
 
 def test_tenants_see_their_own_records_by_either_id(db: str) -> None:
     with RequestStore.open(db) as store:
-        store.add(make_record(rid(1), tenant="a", client_request_id="shared"))
-        store.add(make_record(rid(2), tenant="b", client_request_id="shared", finished_at=2000))
+        store.add(make_record(rid(1), tenant="a", client_request_id="same-id"))
+        store.add(make_record(rid(2), tenant="b", client_request_id="same-id", finished_at=2000))
         store.add(make_record(rid(3), tenant="a", client_request_id="again", finished_at=3000))
         store.add(make_record(rid(4), tenant="a", client_request_id="again", finished_at=4000))
         for flushed in (False, True):
@@ -313,7 +313,7 @@ def test_tenants_see_their_own_records_by_either_id(db: str) -> None:
             assert store.get(rid(1), "a") is not None
             assert store.get(rid(1), "b") is None  # another tenant's: as good as unknown
             assert store.get(rid(1), "nobody") is None
-            a, b = store.get("shared", "a"), store.get("shared", "b")
+            a, b = store.get("same-id", "a"), store.get("same-id", "b")
             assert a is not None and a["request_id"] == rid(1)
             assert b is not None and b["request_id"] == rid(2)
             latest = store.get("again", "a")

@@ -13,8 +13,9 @@ import pytest
 
 from metering.store import RequestStore, StoreError
 from metering.store.postgres import BYTES_PER_RECORD, SCHEMA, SCHEMA_VERSION, PostgresDatabase
-from tests.metering.storekit import STORE_LOG, make_record, rid, wait_until
+from tests.metering.storekit import STORE_LOG, make_record, rid
 from tests.pg import PostgresServer
+from tests.polling import wait_until
 
 
 def fast(url: str, **kw: object) -> RequestStore:

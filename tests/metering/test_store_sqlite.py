@@ -19,7 +19,8 @@ import pytest
 from metering.store import RequestStore, StoreError
 from metering.store.columns import COLUMNS
 from metering.store.sqlite import MIGRATIONS, SCHEMA_VERSION, SqliteDatabase
-from tests.metering.storekit import STORE_LOG, make_record, make_report, rid, wait_until
+from tests.metering.storekit import STORE_LOG, make_record, make_report, rid
+from tests.polling import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 

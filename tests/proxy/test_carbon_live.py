@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,19 +23,10 @@ from proxy.app import create_app
 from proxy.settings import ConfigError, load_settings
 from tests.conftest import proxy_settings, serve_proxy
 from tests.fakes.electricitymaps import FAKE_API_KEY, FakeGridState, make_fake_electricitymaps
+from tests.polling import wait_for
 from tests.servers import ServerThread
 
 CHAT: dict[str, Any] = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
-
-
-def wait_for(cond: Callable[[], bool], timeout_s: float = 10.0) -> bool:
-    """Poll until `cond` holds (a bound on waiting, not a speed assertion)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return cond()
 
 
 @pytest.fixture

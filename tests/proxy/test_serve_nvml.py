@@ -4,7 +4,6 @@ OpenAI backend on a real socket. Device groups come from a TOML config file."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from backends.launch import ChildServer, proxy_server
 from tests.fakenvml import build_fake_nvml, fake_nvml_env, write_script
+from tests.polling import wait_for
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hello"}]}
 TWO_GPUS = (
@@ -29,15 +29,6 @@ def samples(url: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
             if s.name == name:
                 out[tuple(sorted(s.labels.items()))] = s.value
     return out
-
-
-def wait_for(cond: object, timeout_s: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():  # type: ignore[operator]
-            return True
-        time.sleep(0.05)
-    return False
 
 
 @pytest.fixture(scope="module")

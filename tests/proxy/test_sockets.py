@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,19 +20,10 @@ from proxy.errors import BackendUnreachable
 from proxy.upstream import make_upstream
 from tests.conftest import proxy_settings, serve_proxy
 from tests.fakes.openai_backend import FakeState
+from tests.polling import wait_for
 from tests.servers import ServerThread
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hello"}]}
-
-
-def wait_for(cond: Callable[[], bool], timeout_s: float = 10.0) -> bool:
-    """Poll until `cond` holds (a bound on waiting, not a speed assertion)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return cond()
 
 
 def metric_value(proxy_url: str, name: str, **labels: str) -> float:

@@ -19,8 +19,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from backends.launch import ChildServer, free_port, proxy_server
-from tests.metering.storekit import wait_until
 from tests.pg import PostgresServer
+from tests.polling import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "fake-model"
