@@ -1,6 +1,6 @@
 """The small HTTP interface the backend adapters need, and nothing more.
 
-The proxy's upstream client (proxy/upstream.py) provides it; tests pass a fake. Every
+The proxy's upstream client (proxy/relay/upstream.py) provides it; tests pass a fake. Every
 method raises on a transport failure, a status other than 200, or (for JSON) a body that
 is not JSON; callers here turn any such failure into "no answer".
 """

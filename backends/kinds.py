@@ -6,7 +6,7 @@ how to read it, where its models are listed, whether its streams carry usage whe
 Prometheus metrics help. No I/O here: backends/adapters.py does the fetching, and
 backends/detect.py decides a kind from what a server answers.
 
-Sources for each fact are in tests/fakes/recorded/README.md, beside the recorded answers
+Sources for each fact are in tests/support/fakes/recorded/README.md, beside the recorded answers
 the tests replay.
 """
 

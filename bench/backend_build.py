@@ -1,6 +1,6 @@
 """Tokens/s of llama-cpp-python builds side by side: the portable build against native.
 
-    python bench/backend_build.py --build native=/tmp/native --build portable=/tmp/portable
+    python -m bench.backend_build --build native=/tmp/native --build portable=/tmp/portable
 
 Each `NAME=DIR` is a directory holding one llama-cpp-python build (for example
 `pip install --no-deps --target DIR llama_cpp_python-*.whl`, the wheel built with the
@@ -19,12 +19,8 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-
-from backends.launch import bundled_model_path  # noqa: E402
+from backends.local.launch import bundled_model_path
 
 PROMPT = (
     "Summarize in three sentences: solar panels turn sunlight into electricity. They work "
@@ -36,6 +32,7 @@ PROMPT = (
 CHILD = r"""
 import json, os, sys, time
 from llama_cpp import Llama, llama_print_system_info
+from tests.support.paths import REPO_ROOT
 model, prompt = sys.argv[1], sys.argv[2]
 n_tokens, reps, threads = (int(a) for a in sys.argv[3:6])
 llm = Llama(model_path=model, n_ctx=512, n_threads=threads, n_batch=512, verbose=False, seed=0)

@@ -1,6 +1,6 @@
 """How fast and how accurate the built-in prompt classifier is.
 
-    python bench/classify.py [--data tests/data/prompts.jsonl] [--repeat 200] [--errors]
+    python -m bench.classify [--data tests/data/prompts.jsonl] [--repeat 200] [--errors]
 
 Loads the labelled prompts and times `PromptClassifier.classify_payload` on each request
 body, `--repeat` times over the whole set after one warm-up pass. It prints p50, p99 and
@@ -16,19 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from metering.categories import DEFAULT_CATEGORIES, PromptClassifier  # noqa: E402
+from metering.categories.classifier import DEFAULT_CATEGORIES, PromptClassifier
+from tests.support.paths import TEST_DATA
 
 TARGET_P50_MS = 0.2  # printed next to the numbers, never enforced
-DEFAULT_DATA = ROOT / "tests" / "data" / "prompts.jsonl"
+DEFAULT_DATA = TEST_DATA / "prompts.jsonl"
 
 
 def load(path: Path) -> list[tuple[str, dict[str, Any]]]:

@@ -6,8 +6,8 @@ with their own names), behind one `energy-proxy serve`. Then `energy-proxy bench
 runs the built-in prompt set over both, and `--sweep` (if given) looks for cheaper
 settings.
 
-    python bench/energy_score_cpu.py --per-category 20 --out bench/out/energy-score
-    python bench/energy_score_cpu.py --per-category 2 --sweep --out bench/out/sweep
+    python -m bench.energy_score_cpu --per-category 20 --out bench/out/energy-score
+    python -m bench.energy_score_cpu --per-category 2 --sweep --out bench/out/sweep
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
-from backends.launch import llama_cpp_python_server, proxy_server
+from backends.local.launch import llama_cpp_python_server, proxy_server
 
 SETTINGS = (("smollm2-135m-ctx512", 512), ("smollm2-135m-ctx8192", 8192))
 

@@ -1,13 +1,13 @@
 """How fairly each attribution mode splits a batching engine's energy, against the truth.
 
-    python bench/fairness.py [--per-kind 8] [--costs] [--cold]
+    python -m bench.fairness [--per-kind 8] [--costs] [--cold]
 
-The engine is the simulator in tests/fakes/batching_engine.py (continuous batching, FIFO
+The engine is the simulator in tests/support/fakes/batching_engine.py (continuous batching, FIFO
 admission under a limit, chunked prefill, an H100-shaped cost model) and the truth its
 Shapley split of every step (a request pays its own prefill and decode work in the step and
 an equal share of the step's fixed cost with the others in it; nothing while it waits).
 The proxy's own attribution code splits what a perfect energy counter reads at each
-request's start, first token and end (tests/fakes/fairness.py). For every engine, mix of
+request's start, first token and end (tests/support/fairness.py). For every engine, mix of
 request kinds and load, the table shows each mode's error: the mean absolute difference
 between the kinds' shares of the dynamic energy and the truth's (0.10 = ten points off).
 
@@ -22,12 +22,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from metering.attribution import MODES
-from tests.fakes.fairness import (
+from metering.accounting.attribution import MODES
+from tests.support.fairness import (
     ENGINES,
     LOADS,
     MIXES,

@@ -1,7 +1,7 @@
 """On a GPU host: what the proxy adds to time to first token, what its sampler costs, and
 whether its joules add up to each GPU's own counter. One table.
 
-    python bench/gpu_check.py --backend http://127.0.0.1:8000 [--gpus 0] [--streams 15]
+    python -m bench.gpu_check --backend http://127.0.0.1:8000 [--gpus 0] [--streams 15]
                               [--concurrent 48] [--max-tokens 64] [--idle-s 10]
 
 Starts `energy-proxy serve --backend URL --power-source nvml[:GPUS]` on a free port, then:
@@ -42,11 +42,8 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-
-from backends.launch import proxy_server  # noqa: E402
-from metering.sources.nvml import NvmlSession  # noqa: E402
+from backends.local.launch import proxy_server
+from metering.sources.nvml import NvmlSession
 
 
 def percentile(values: list[float], q: float) -> float:

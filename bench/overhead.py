@@ -1,10 +1,10 @@
 """What the proxy costs: added latency and throughput ratio of proxy vs. direct.
 
-    python bench/overhead.py [--duration 10] [--rounds 2] [--proxy-cmd "..."]
+    python -m bench.overhead [--duration 10] [--rounds 2] [--proxy-cmd "..."]
                              [--upstream aiohttp | --compare-upstreams [aiohttp,httpx]]
                              [--direct-vs-direct]
 
-Starts bench/fake_backend.py and the proxy on free 127.0.0.1 ports, then for each case
+Starts tests/support/fakes/fast_backend.py and the proxy on free 127.0.0.1 ports, then for each case
 (non-streaming / streaming x concurrency 1 / 64) loads the backend directly and through the
 proxy, alternating in the same run, and prints one table. The machine is shared and small,
 so only numbers taken side by side mean anything: read the ratios, not the absolutes.
@@ -41,8 +41,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
+from tests.support.fakenvml import H100_LATENCY, build_fake_nvml, fake_nvml_env, write_script
+from tests.support.paths import REPO_ROOT
+
 HOST = "127.0.0.1"
 BENCH_DIR = Path(__file__).resolve().parent
+FAST_BACKEND = REPO_ROOT / "tests" / "support" / "fakes" / "fast_backend.py"
 CHAT_PATH = "/v1/chat/completions"
 BODY_PLAIN = '{"model":"fake-model","messages":[{"role":"user","content":"hi"}],"max_tokens":16}'
 BODY_STREAM = BODY_PLAIN[:-1] + ',"stream":true}'
@@ -447,15 +451,13 @@ def comparison_target(
     if name.startswith(("ref:", "ref-nvml:")):
         kind, _, ref = name.partition(":")
         tree = git_worktree(ref, workdir)
-        launcher = (
-            f"import sys; sys.path.insert(0, {str(tree)!r}); "
-            "from proxy.cli import main; sys.exit(main())"
-        )
         nvml = kind == "ref-nvml"
         source = "nvml" if nvml else "constant:100"
-        cmd = [sys.executable, "-c", launcher, "serve", "--host", HOST, "--port", "{port}",
+        # The checkout's own packages come first on the path (the child runs in `workdir`,
+        # where no package lies): `python -m proxy.cli` is that commit's command line.
+        cmd = [sys.executable, "-m", "proxy.cli", "serve", "--host", HOST, "--port", "{port}",
                "--backend", backend_url, "--power-source", source]  # fmt: skip
-        env = fake_h100_env(workdir) if nvml else {}
+        env = {**(fake_h100_env(workdir) if nvml else {}), "PYTHONPATH": str(tree)}
         return f"proxy{'-nvml' if nvml else ''}@{ref}", cmd, env, "/healthz"
     if name == "nginx":
         if shutil.which("nginx") is None:
@@ -483,9 +485,6 @@ def comparison_target(
 
 def fake_h100_env(workdir: Path) -> dict[str, str]:
     """LD_LIBRARY_PATH and FAKE_NVML_SCRIPT for the fake libnvidia-ml with H100 latencies."""
-    sys.path.insert(0, str(BENCH_DIR.parent))
-    from tests.fakenvml import H100_LATENCY, build_fake_nvml, fake_nvml_env, write_script
-
     lib_dir = build_fake_nvml(workdir / "fakenvml")
     script = workdir / "h100.script"
     write_script(
@@ -503,7 +502,7 @@ def git_worktree(ref: str, workdir: Path) -> Path:
     if tree.exists():  # ref:X and ref-nvml:X share one checkout
         return tree
     done = subprocess.run(
-        ["git", "-C", str(BENCH_DIR.parent), "worktree", "add", "--detach", str(tree), ref],
+        ["git", "-C", str(REPO_ROOT), "worktree", "add", "--detach", str(tree), ref],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     if done.returncode != 0:
@@ -710,7 +709,7 @@ def run(args: argparse.Namespace, workdir: Path, procs: list[Proc]) -> None:
         "fake-backend",
         [
             sys.executable,
-            str(BENCH_DIR / "fake_backend.py"),
+            str(FAST_BACKEND),
             "--host",
             HOST,
             "--port",
@@ -759,7 +758,7 @@ def main(argv: list[str] | None = None) -> int:
                     stop(proc)
                 # ref:GITREF checkouts lived in the temporary directory: forget them.
                 subprocess.run(
-                    ["git", "-C", str(BENCH_DIR.parent), "worktree", "prune"],
+                    ["git", "-C", str(REPO_ROOT), "worktree", "prune"],
                     capture_output=True, check=False,
                 )  # fmt: skip
     except KeyboardInterrupt:

@@ -7,7 +7,7 @@ bytes transferred, first contentful paint, and the time until the page shows liv
 (its event stream's first event rendered). `--screenshot PATH` saves the page as it looks
 after the prompts (the README's picture: docs/live-page.png).
 
-    python bench/page.py --loads 5 --screenshot docs/live-page.png
+    python -m bench.page --loads 5 --screenshot docs/live-page.png
 """
 
 from __future__ import annotations
@@ -21,14 +21,11 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+from openai import OpenAI
 
-from openai import OpenAI  # noqa: E402
-
-from backends.launch import llama_cpp_python_server, proxy_server  # noqa: E402
-from proxy.demo import DEMO_PROMPTS  # noqa: E402
-from tests.browser import chromium  # noqa: E402
+from backends.local.launch import llama_cpp_python_server, proxy_server
+from proxy.cli.demo import DEMO_PROMPTS
+from tests.support.browser import chromium
 
 LIVE = "() => document.getElementById('conn').textContent === 'live'"
 

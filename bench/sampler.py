@@ -1,8 +1,8 @@
 """What the sampler costs with NVML GPUs as slow as real ones: CPU and a request boundary.
 
-    python bench/sampler.py [--duration 10] [--gpus 1,8] [--latency h100|none]
+    python -m bench.sampler [--duration 10] [--gpus 1,8] [--latency h100|none]
 
-No GPU is needed: the script compiles the fake libnvidia-ml.so.1 (tests/fakenvml, with gcc)
+No GPU is needed: the script compiles the fake libnvidia-ml.so.1 (tests/support/fakenvml, with gcc)
 and reruns itself in subprocesses with LD_LIBRARY_PATH pointing there, so the real
 nvidia-ml-py binding loads the fake. The fake's GPUs take as long as an H100's did
 (`--latency h100`, the default: the energy counter 3 ms p50 / 16 ms p99 of the caller's
@@ -33,7 +33,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from tests.support.fakenvml import H100_LATENCY, build_fake_nvml, fake_nvml_env, write_script
+from tests.support.paths import REPO_ROOT
+
 TARGET_CPU_PERCENT = 1.0
 TARGET_BOUNDARY_US = 20.0
 SAMPLE_HZ = 20.0  # the proxy's default --sample-hz
@@ -41,8 +43,6 @@ BOUNDARIES = 2000
 
 
 def fake_script(gpus: int, latency: str) -> str:
-    from tests.fakenvml import H100_LATENCY
-
     knobs = H100_LATENCY if latency == "h100" else ""
     lines = ["# bench/sampler.py: GPUs drawing 150-290 W, counters moving every 100 ms"]
     for index in range(gpus):
@@ -64,7 +64,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def measure(background: bool, duration_s: float) -> dict[str, object]:
-    from metering.sampler import LEDGER_TICK_HZ, Sampler
+    from metering.accounting.sampler import LEDGER_TICK_HZ, Sampler
     from metering.sources.background import BackgroundSource
     from metering.sources.nvml import nvml_factory
 
@@ -156,11 +156,8 @@ def main() -> None:
         child(args.child, args.duration)
         return
 
-    sys.path.insert(0, str(REPO_ROOT))
-    from tests.fakenvml import build_fake_nvml, fake_nvml_env, write_script
-
     def run(mode: str, env: dict[str, str] | None) -> dict[str, object]:
-        command = [sys.executable, str(Path(__file__).resolve()), "--child", mode,
+        command = [sys.executable, "-m", "bench.sampler", "--child", mode,
                    "--duration", str(args.duration)]  # fmt: skip
         done = subprocess.run(
             command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, check=True

@@ -1,7 +1,7 @@
 """The request store at scale: write rate, bytes per record, summary and lookup latency, and
 the event loop's longest stall while the store writes. SQLite and PostgreSQL side by side.
 
-    python bench/store.py [--stores sqlite,postgresql] [--sizes 10000,1000000,10000000]
+    python -m bench.store [--stores sqlite,postgresql] [--sizes 10000,1000000,10000000]
                           [--api-max 1000000] [--rate 5000] [--seconds 10] [--out FILE]
 
 For each store and size, a fresh database is filled with records spread over the last 30
@@ -20,7 +20,7 @@ Then, on that database:
   the loop's lateness (p99, max), and whether the writer kept up (nothing left queued a
   second after).
 
-PostgreSQL is a private server from Debian's package (tests/pg.py), with its default
+PostgreSQL is a private server from Debian's package (tests/support/pg.py), with its default
 durability (fsync on). Targets (issue 14), printed beside: summary <= 10 ms at 10 M,
 <= 300 bytes a record on SQLite, >= 5,000 records/s with no stall over 2 ms.
 Nothing is asserted; the numbers go to the README.
@@ -44,12 +44,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-
-from metering.report import EnergyReport, Intensity, Tokens  # noqa: E402
-from metering.sci import sci_g  # noqa: E402
-from metering.store import RequestRecord, RequestStore  # noqa: E402
+from metering.accounting.report import EnergyReport, Tokens
+from metering.carbon.intensity import Intensity
+from metering.carbon.sci import sci_g
+from metering.store import RequestRecord, RequestStore
 
 MODELS = ("llama-3.1-8b-instruct", "qwen2.5-7b-instruct", "mistral-7b-instruct")
 CATEGORIES = ("chat", "code", "summarize", "translate", "math", "other")
@@ -373,7 +371,7 @@ def database(kind: str, tmp: Path) -> Iterator[str]:
     if kind == "sqlite":
         yield str(tmp / f"bench-{time.monotonic_ns()}.db")
         return
-    from tests.pg import PostgresServer
+    from tests.support.pg import PostgresServer
 
     with PostgresServer(fsync=True) as url:
         yield url

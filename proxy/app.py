@@ -24,15 +24,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from backends.fetch import Headers
 from backends.registry import Backend, BackendRegistry
-from metering.attribution import Attribution, EngineQueue
-from metering.carbon import IntensityProvider, RefreshingIntensity, StaticIntensity
-from metering.categories import PromptClassifier
-from metering.electricitymaps import ElectricityMapsIntensity
-from metering.energy_label import render_label
-from metering.energy_score import MIN_REQUESTS_FOR_RATING, rate
-from metering.groups import bind_channels, gpu_share, time_channel
-from metering.sampler import LEDGER_TICK_HZ, Sampler
-from metering.sci import Embodied
+from metering.accounting.attribution import Attribution, EngineQueue
+from metering.accounting.groups import bind_channels, gpu_share, time_channel
+from metering.accounting.sampler import LEDGER_TICK_HZ, Sampler
+from metering.carbon.electricitymaps import ElectricityMapsIntensity
+from metering.carbon.intensity import IntensityProvider, RefreshingIntensity, StaticIntensity
+from metering.carbon.sci import Embodied
+from metering.categories.classifier import PromptClassifier
+from metering.ratings.label import render_label
+from metering.ratings.score import MIN_REQUESTS_FOR_RATING, rate
 from metering.sources.base import PowerSource
 from metering.sources.hardware import describe_hardware
 from metering.sources.nvml import nvml_factory
@@ -56,11 +56,11 @@ from proxy.headers import client_request_id, header_limit_problem, header_value
 from proxy.live.feed import LiveFeed
 from proxy.live.page import LivePage
 from proxy.live.stream import LiveStreamResponse, live_events
-from proxy.metrics import ProxyMetrics
-from proxy.relay import METERED_PATHS, MeteredRoute, Receive, RelayContext, Scope, Send
-from proxy.requestlog import RequestLog
+from proxy.observe.metrics import ProxyMetrics
+from proxy.observe.request_log import RequestLog
+from proxy.relay.route import METERED_PATHS, MeteredRoute, Receive, RelayContext, Scope, Send
+from proxy.relay.upstream import UpstreamClient, make_upstream
 from proxy.settings import Settings
-from proxy.upstream import UpstreamClient, make_upstream
 
 log = logging.getLogger("energy_proxy")
 
@@ -270,7 +270,7 @@ def create_app(
         )
     backend_gpus = {b.name: b.gpus for b in settings.backends}
     channels, warnings = bind_channels(sources, backend_gpus)
-    # One time channel per distinct GPU group, for the embodied share (metering/sci.py).
+    # One time channel per distinct GPU group, for the embodied share (metering/carbon/sci.py).
     time_of = {name: time_channel(chans, sources) for name, chans in channels.items()}
     sampler = Sampler(
         sources,
@@ -540,7 +540,7 @@ def _build_api(
         tenant = tenant_of(caller(request))
         window = window_of(request)
         rows = await summary_rows(tenant, window)
-        # Energy Score (metering/energy_score.py): stars per category from the rows'
+        # Energy Score (metering/ratings/score.py): stars per category from the rows'
         # energy per 1,000 queries; null under the minimum count a rating rests on.
         return {
             "rows": rate(rows),

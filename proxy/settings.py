@@ -22,8 +22,8 @@ from pydantic import (
 )
 
 from backends.kinds import AUTO, KIND_NAMES
-from metering.categories import DEFAULT_CATEGORIES
-from metering.sci import DEFAULT_EMBODIED_KGCO2EQ, DEFAULT_LIFESPAN_YEARS
+from metering.carbon.sci import DEFAULT_EMBODIED_KGCO2EQ, DEFAULT_LIFESPAN_YEARS
+from metering.categories.classifier import DEFAULT_CATEGORIES
 from metering.store.window import DEFAULT_WINDOW, parse_duration_s
 from proxy.auth import ApiKey, KeyRing, make_key, parse_key_spec
 
@@ -53,7 +53,7 @@ class BackendConfig(BaseModel):
     api_key: str | None = Field(default=None, repr=False)
     gpus: list[int] | None = None
     # The most requests it runs at once (vLLM --max-num-seqs): the queue model's capacity
-    # when the backend's metrics do not tell it (metering/attribution.py).
+    # when the backend's metrics do not tell it (metering/accounting/attribution.py).
     max_running: int | None = Field(default=None, ge=1)
     # Pass the client's own Authorization header on to this backend (never by default:
     # the client's key is for the proxy).
@@ -138,7 +138,7 @@ class Settings(BaseModel):
     summary_window: str = DEFAULT_WINDOW
     attribution: Literal["queue", "tokens", "equal"] = "queue"
     pue: float = Field(default=1.0, ge=1.0)
-    # Embodied emissions of the host and its lifespan, for SCI's M; sources in metering/sci.py
+    # Embodied emissions of the host and its lifespan, for SCI's M (sources: metering/carbon/sci.py)
     embodied_kgco2eq: float = Field(default=DEFAULT_EMBODIED_KGCO2EQ, ge=0.0)
     lifespan_years: float = Field(default=DEFAULT_LIFESPAN_YEARS, gt=0.0)
     max_body_bytes: int = Field(default=16 * 1024 * 1024, gt=0)

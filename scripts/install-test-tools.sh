@@ -2,8 +2,8 @@
 # Install the outside tools the test suite needs: `prometheus` and `promtool`
 # (tests/deploy/ runs promtool on our config and rules and starts its own Prometheus), and
 # PostgreSQL's server programs (the request store's tests start a private server,
-# tests/pg.py), and Chromium (the live page's tests drive it headless through playwright,
-# tests/browser.py; nothing is downloaded by playwright). Idempotent: does nothing when all
+# tests/support/pg.py), and Chromium (the live page's tests drive it headless through playwright,
+# tests/support/browser.py; nothing is downloaded by playwright). Idempotent: does nothing when all
 # are there. Debian/Ubuntu (apt-get) only.
 # The packages' services are kept from starting (the tests start their own servers on free
 # ports); if one starts anyway, it is stopped again.

@@ -27,4 +27,4 @@ fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -U pip
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
 # Exits non-zero, saying why and what to do, when the backend cannot generate here.
-.venv/bin/python -m backends.bundled install "${rebuild[@]}"
+.venv/bin/python -m backends.local.bundled install "${rebuild[@]}"

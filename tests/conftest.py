@@ -18,12 +18,12 @@ import pytest
 
 from metering.sources.constant import ConstantSource
 from proxy.app import EnergyProxyApp, create_app
+from proxy.relay.upstream import HttpxUpstream
 from proxy.settings import Settings
-from proxy.upstream import HttpxUpstream
-from tests.fakenvml import build_fake_nvml, fake_init_refs, preload_fake_nvml, write_script
-from tests.fakes.openai_backend import FakeState, make_fake_backend
-from tests.pg import PostgresServer
-from tests.servers import ServerThread
+from tests.support.fakenvml import build_fake_nvml, fake_init_refs, preload_fake_nvml, write_script
+from tests.support.fakes.openai_backend import FakeState, make_fake_backend
+from tests.support.pg import PostgresServer
+from tests.support.servers import ServerThread
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -170,7 +170,7 @@ def fake_nvml(
 
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[PostgresServer]:
-    """One private PostgreSQL server for the session (tests/pg.py), on 127.0.0.1."""
+    """One private PostgreSQL server for the session (tests/support/pg.py), on 127.0.0.1."""
     server = PostgresServer()
     with server:
         yield server

@@ -12,8 +12,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from metering.report import EnergyReport, Intensity, Tokens
-from metering.sci import sci_g
+from metering.accounting.report import EnergyReport, Tokens
+from metering.carbon.intensity import Intensity
+from metering.carbon.sci import sci_g
 
 ID_BYTES = 12  # a proxy id is "req-" + 24 hex digits: 12 random bytes
 _PROXY_ID = re.compile(r"req-([0-9a-f]{24})")

@@ -16,8 +16,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from metering.carbon import IntensityProvider
-from metering.sampler import Sampler
+from metering.accounting.sampler import Sampler
+from metering.carbon.intensity import IntensityProvider
 from proxy.live.hub import EventHub
 
 log = logging.getLogger("energy_proxy.live")

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from tests.backends.fake_servers import KINDS, FakeClient, FakeServer, fake_server
+from tests.support.fakes.kind_servers import KINDS, FakeClient, FakeServer, fake_server
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import pytest
 from backends.adapters import ModelListError, adapter_for
 from backends.kinds import KIND_NAMES
 from backends.own_metrics import OwnMetrics
-from tests.backends.fake_servers import (
+from tests.support.fakes.kind_servers import (
     KINDS,
     MODELS,
     TOKENS,

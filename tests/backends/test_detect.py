@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from backends.detect import Probes, decide_kind, detect_kind, probe
-from tests.backends.fake_servers import (
+from tests.support.fakes.kind_servers import (
     KINDS,
     FakeClient,
     FakeServer,

@@ -13,7 +13,7 @@ from backends.kinds import (
     openai_models,
     token_count,
 )
-from tests.backends.fake_servers import TOKENS, recorded_json
+from tests.support.fakes.kind_servers import TOKENS, recorded_json
 
 
 def test_kind_names_are_the_readyz_values() -> None:

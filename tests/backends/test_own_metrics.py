@@ -21,9 +21,9 @@ from backends.own_metrics import (
     inflight_from_metrics,
     parse_own_metrics,
 )
-from tests.backends.fake_servers import recorded
 from tests.conftest import serve_proxy
-from tests.fakes.openai_backend import FakeState
+from tests.support.fakes.kind_servers import recorded
+from tests.support.fakes.openai_backend import FakeState
 
 VLLM = """# HELP vllm:num_requests_running Number of requests currently running on GPU.
 # TYPE vllm:num_requests_running gauge

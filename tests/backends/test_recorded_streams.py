@@ -9,8 +9,8 @@ import orjson
 import pytest
 
 from backends.kinds import KINDS
-from proxy.sse import SseSplitter, StreamInspector, event_data
-from tests.backends.fake_servers import RECORDED
+from proxy.relay.sse import SseSplitter, StreamInspector, event_data
+from tests.support.fakes.kind_servers import RECORDED
 
 STREAMS = sorted(RECORDED.glob("*/*.sse"))
 

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 import pytest
 
 from backends.registry import Backend, BackendRegistry
-from proxy.upstream import AiohttpUpstream, HttpxUpstream
-from tests.backends.fake_servers import (
+from proxy.relay.upstream import AiohttpUpstream, HttpxUpstream
+from tests.support.fakes.kind_servers import (
     KINDS,
     MODELS,
     FakeClient,
@@ -17,7 +17,7 @@ from tests.backends.fake_servers import (
     GetOnlyClient,
     fake_server,
 )
-from tests.servers import ServerThread
+from tests.support.servers import ServerThread
 
 
 class Recording:

@@ -10,17 +10,19 @@ from pathlib import Path
 
 import pytest
 
-from backends.launch import ChildServer, free_port
-from tests.fakenvml import H100_LATENCY, build_fake_nvml, fake_nvml_env, write_script
+from backends.local.launch import ChildServer, free_port
+from tests.support.fakenvml import H100_LATENCY, build_fake_nvml, fake_nvml_env, write_script
+from tests.support.paths import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = REPO_ROOT
 
 
 @pytest.fixture
 def backend() -> ChildServer:
     port = free_port()
-    argv = [sys.executable, str(ROOT / "bench" / "fake_backend.py"), "--host", "127.0.0.1",
-            "--port", str(port), "--tokens", "16", "--token-delay-ms", "2"]  # fmt: skip
+    argv = [sys.executable, str(ROOT / "tests" / "support" / "fakes" / "fast_backend.py"),
+            "--host", "127.0.0.1", "--port", str(port), "--tokens", "16",
+            "--token-delay-ms", "2"]  # fmt: skip
     return ChildServer(argv, port, "/v1/models", name="fake backend")
 
 
@@ -34,10 +36,10 @@ def test_gpu_check_reports_ttft_cpu_and_conservation(backend: ChildServer, tmp_p
     )
     with backend:
         done = subprocess.run(
-            [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--backend", backend.url,
+            [sys.executable, "-m", "bench.gpu_check", "--backend", backend.url,
              "--streams", "4", "--concurrent", "12", "--idle-s", "2", "--settle-s", "1"],
             env=fake_nvml_env(lib, script), capture_output=True, text=True, timeout=300,
-            check=False,
+            check=False, cwd=ROOT,
         )  # fmt: skip
     out = done.stdout
     assert done.returncode == 0, out + done.stderr

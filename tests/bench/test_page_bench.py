@@ -9,17 +9,18 @@ import sys
 from pathlib import Path
 
 from tests.conftest import serve_proxy
+from tests.support.paths import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = REPO_ROOT
 
 
 def test_page_bench_reports_weight_and_render_times(fake_server: str, tmp_path: Path) -> None:
     shot = tmp_path / "page.png"
     with serve_proxy(tmp_path, fake_server) as url:
         done = subprocess.run(
-            [sys.executable, str(ROOT / "bench" / "page.py"), "--url", url, "--loads", "2",
+            [sys.executable, "-m", "bench.page", "--url", url, "--loads", "2",
              "--screenshot", str(shot)],
-            capture_output=True, text=True, timeout=300, check=False,
+            capture_output=True, text=True, timeout=300, check=False, cwd=ROOT,
         )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout

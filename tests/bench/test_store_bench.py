@@ -8,15 +8,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support.paths import REPO_ROOT
+
+ROOT = REPO_ROOT
 
 
 def test_store_bench_reports_every_figure_for_both_stores(tmp_path: Path) -> None:
     out = tmp_path / "store.json"
     done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "store.py"), "--sizes", "2000,5000",
+        [sys.executable, "-m", "bench.store", "--sizes", "2000,5000",
          "--api-max", "2000", "--rate", "500", "--seconds", "1", "--out", str(out)],
-        capture_output=True, text=True, timeout=600, check=False, cwd=tmp_path,
+        capture_output=True, text=True, timeout=600, check=False, cwd=ROOT,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(out.read_text())

@@ -30,13 +30,14 @@ import httpx
 import pytest
 import yaml
 
-from proxy.cli import build_parser
+from proxy.cli.main import build_parser
 from proxy.settings import Settings, load_settings
 from tests.conftest import serve_proxy
-from tests.fakes.openai_backend import make_fake_backend
-from tests.servers import ServerThread
+from tests.support.fakes.openai_backend import make_fake_backend
+from tests.support.paths import REPO_ROOT
+from tests.support.servers import ServerThread
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = REPO_ROOT
 DEPLOY = ROOT / "deploy"
 DOCKERFILE = DEPLOY / "Dockerfile"
 COMPOSE = DEPLOY / "docker-compose.yml"
@@ -47,7 +48,7 @@ SYSTEMD_CONFIG = DEPLOY / "systemd" / "config.toml"
 PROXY_PORT = Settings.model_fields["port"].default  # 8080, the proxy's default
 PROXY_IMAGE = "energy-proxy"
 DB_DIR = "/var/lib/energy-proxy"
-# proxy/cli.py runs uvicorn with timeout_graceful_shutdown=30: in-flight requests drain for
+# proxy/cli/main.py runs uvicorn with timeout_graceful_shutdown=30: in-flight requests drain for
 # up to 30 s, then the request store flushes. Every stop timeout must leave room for both.
 DRAIN_S = 30
 

@@ -47,8 +47,8 @@ from tests.deploy.promql import (
     to_promql,
     variable_query,
 )
-from tests.fakes.openai_backend import make_fake_backend
-from tests.servers import ServerThread
+from tests.support.fakes.openai_backend import make_fake_backend
+from tests.support.servers import ServerThread
 
 JOB = "energy-proxy"
 MEAN_J = "model_category:energy_proxy_request_energy_joules:mean5m"

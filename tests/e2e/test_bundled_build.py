@@ -21,7 +21,7 @@ WIDE = re.compile(r"%zmm\d|%tmm\d|\btile(?:zero|loadd|stored|release|cfg)|\{%k[1
 
 def test_the_bundled_check_passes() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "backends.bundled", "check"],
+        [sys.executable, "-m", "backends.local.bundled", "check"],
         capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr

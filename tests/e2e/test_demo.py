@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from backends.launch import BUNDLED_MODEL_FILE, llama_cpp_python_server
+from backends.local.launch import BUNDLED_MODEL_FILE, llama_cpp_python_server
 
 pytestmark = pytest.mark.e2e
 

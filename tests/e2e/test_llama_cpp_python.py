@@ -16,7 +16,7 @@ import pytest
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
-from backends.launch import (
+from backends.local.launch import (
     BUNDLED_MODEL_ALIAS,
     ChildServer,
     llama_cpp_python_server,

@@ -93,8 +93,8 @@ seen: Counter[str] = Counter()
 
 @pytest.fixture(scope="module")
 def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    from tests.fakes.openai_backend import make_fake_backend
-    from tests.servers import ServerThread
+    from tests.support.fakes.openai_backend import make_fake_backend
+    from tests.support.servers import ServerThread
 
     app, _ = make_fake_backend()
     tmp = tmp_path_factory.mktemp("fuzz")

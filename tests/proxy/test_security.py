@@ -19,7 +19,7 @@ import pytest
 
 from proxy.auth import hash_key
 from tests.conftest import serve_proxy
-from tests.fakes.openai_backend import FakeState
+from tests.support.fakes.openai_backend import FakeState
 
 KEY_A, KEY_B, KEY_ADMIN = "ep-tenant-a-key-1", "ep-tenant-b-key-2", "ep-admin-key-3"
 KEYS = [
@@ -92,7 +92,7 @@ def test_protected_metrics_need_an_admin_key(fake_server: str, tmp_path: Path) -
 
 
 def test_metrics_on_their_own_address(fake_server: str, tmp_path: Path) -> None:
-    from backends.launch import free_port
+    from backends.local.launch import free_port
 
     port = free_port()
     with serve_proxy(tmp_path, fake_server, metrics_listen=f"127.0.0.1:{port}") as url:
@@ -315,7 +315,7 @@ def keyed_backend(secret: str) -> tuple[Any, list[dict[str, str]]]:
 def test_a_backends_own_key_goes_with_every_call_and_the_clients_only_if_configured(
     tmp_path: Path, forward: bool
 ) -> None:
-    from tests.servers import ServerThread
+    from tests.support.servers import ServerThread
 
     app, seen = keyed_backend("backend-secret")
     with ServerThread(app) as url:

@@ -1,5 +1,0 @@
-import sys
-
-from backends.bundled.install import main
-
-sys.exit(main())

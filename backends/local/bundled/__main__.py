@@ -1,0 +1,5 @@
+import sys
+
+from backends.local.bundled.install import main
+
+sys.exit(main())

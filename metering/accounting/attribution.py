@@ -1,0 +1,210 @@
+"""How much of each energy interval a request in flight is charged: its weight, over time.
+
+The ledger (ledger.py) splits the energy of every interval among the requests in flight
+in proportion to their weights; this module decides the weights. Pure: no I/O, no clock.
+Three modes (`--attribution`):
+
+`queue` (the default). A continuous-batching engine admits a bounded number of requests
+(vLLM's max_num_seqs, TGI's batch) and queues the rest; a request waiting in the queue
+costs the GPU nothing. The proxy keeps a model of each backend's queue: FIFO admission
+under a capacity read from the backend's own metrics (when it reports requests waiting,
+the ones running are its capacity: vLLM `num_requests_running`/`num_requests_waiting`,
+TGI `tgi_batch_current_size`/`tgi_queue_size`, llama.cpp `requests_processing`/
+`requests_deferred`), or configured per backend (`max_running`); unknown means no limit.
+A request the model holds in the queue weighs 0; when a running one ends, the oldest
+waiting one is admitted; a request whose first token arrives while the model holds it
+waiting is running after all (the capacity was larger: raised); one that ends with an answer
+while the model holds it waiting was served out of order, and takes over the share of the
+newest admitted request that has shown no first token (`ran_instead`). A running request weighs
+
+    1 + prompt_tokens / PREFILL_TOKENS_PER_UNIT   while in prefill (until its first token),
+    1                                             while decoding,
+
+that is, every running sequence's equal share of a step's fixed cost (the weights, read
+once per step whatever the batch) plus, in prefill, its compute-bound prompt work. The
+constant 100 is calibrated against the engine simulator's H100-shaped cost model
+(tests/support/fakes/batching_engine.py: a 3.4 ms decode step of 0.95 J above idle, 5 mJ per
+prompt token) and checked across cost models from half to twice those figures
+(bench/fairness.py). Non-streaming chat/completions show no first token, so they weigh
+1 once running (their prefill under-weighted, as in `tokens`); embeddings are all prefill.
+
+`tokens` (the first version's default). No queue: a request weighs its prompt tokens from
+its start to its first streamed token (waiting included, which overcharges requests that
+queue), then 1.
+
+`equal`. Every request in flight weighs 1.
+
+Every event is O(1): arrival, first token and end touch the request itself and at most
+the one request admitted in its place (more only when the capacity grows).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+QUEUE = "queue"
+TOKENS = "tokens"
+EQUAL = "equal"
+MODES = (QUEUE, TOKENS, EQUAL)
+
+PREFILL_TOKENS_PER_UNIT = 100.0
+# A decoding sequence is one unit of a step's work: one token per step, whatever its prompt.
+DECODE_WEIGHT = 1.0
+
+WAITING, PREFILL, DECODE = "waiting", "prefill", "decode"
+
+
+@dataclass(slots=True, eq=False)
+class Flight:
+    """One request in flight, as attribution sees it. `handle` is the caller's (the
+    ledger ticket, or whatever it reweighs through)."""
+
+    prompt_tokens: float
+    stream: bool = True
+    embeddings: bool = False
+    handle: Any = None
+    phase: str = WAITING
+    weight: float = 0.0
+
+
+@dataclass(slots=True)
+class EngineQueue:
+    """The proxy's model of one backend's admission queue."""
+
+    configured: int | None = None  # max_running from the config, if given
+    capacity: int | None = None  # None: no limit known
+    # In arrival order, the oldest first; O(1) to take the oldest or newest, or drop any.
+    running: OrderedDict[int, Flight] = field(default_factory=OrderedDict)
+    waiting: OrderedDict[int, Flight] = field(default_factory=OrderedDict)
+
+    def __post_init__(self) -> None:
+        if self.configured is not None:
+            self.capacity = self.configured
+
+    def learn(self, running: float | None, waiting: float | None) -> bool:
+        """The backend's own counts (its /metrics). With requests waiting, what runs is at
+        the capacity; a count above the capacity known raises it. True when it changed."""
+        if running is None or self.configured is not None:
+            return False
+        r = round(running)
+        # Requests wait a moment for the next step even with room (a scrape can catch
+        # that): the capacity is the most seen running while others waited, never less.
+        with_queue = waiting is not None and waiting >= 1 and r >= 1
+        if (with_queue or self.capacity is not None) and r > (self.capacity or 0):
+            self.capacity = r
+            return True
+        return False
+
+    def full(self) -> bool:
+        return self.capacity is not None and len(self.running) >= self.capacity
+
+
+class Attribution:
+    """Weights for one mode; the caller applies them to the ledger."""
+
+    def __init__(self, mode: str = QUEUE) -> None:
+        if mode not in MODES:
+            raise ValueError(f"attribution must be one of {', '.join(MODES)}, not {mode!r}")
+        self.mode = mode
+
+    def _running_weight(self, f: Flight) -> float:
+        if self.mode == EQUAL:
+            return 1.0
+        if self.mode == TOKENS:
+            prefilling = f.phase == PREFILL and (f.stream or f.embeddings)
+            return f.prompt_tokens if prefilling else DECODE_WEIGHT
+        if f.phase == PREFILL and (f.stream or f.embeddings):
+            return 1.0 + f.prompt_tokens / PREFILL_TOKENS_PER_UNIT
+        return DECODE_WEIGHT
+
+    def observe(
+        self, queue: EngineQueue, running: float | None, waiting: float | None
+    ) -> list[tuple[Flight, float]]:
+        """The backend's own counts: when they reveal a smaller capacity than the model
+        ran with, the newest requests still in prefill go back to waiting (what FIFO
+        admission would have done); the requests whose weight changes now."""
+        if not queue.learn(running, waiting) or self.mode != QUEUE:
+            return []
+        changed: list[tuple[Flight, float]] = []
+        for key in reversed(list(queue.running)):
+            if not queue.capacity or len(queue.running) <= queue.capacity:
+                break
+            f = queue.running[key]
+            if f.phase != PREFILL:
+                continue  # a decoding request is running for certain
+            del queue.running[key]
+            queue.waiting[key] = f
+            queue.waiting.move_to_end(key, last=False)  # it was ahead of later arrivals
+            f.phase, f.weight = WAITING, 0.0
+            changed.append((f, 0.0))
+        changed += self._admit(queue)
+        return changed
+
+    def start(self, f: Flight, queue: EngineQueue) -> float:
+        """A request arrives: its first weight (0 while the queue model holds it)."""
+        if self.mode == QUEUE and (queue.full() or queue.waiting):
+            f.phase = WAITING
+            queue.waiting[id(f)] = f
+            f.weight = 0.0
+            return 0.0
+        f.phase = PREFILL
+        queue.running[id(f)] = f
+        f.weight = self._running_weight(f)
+        return f.weight
+
+    def first_token(self, f: Flight, queue: EngineQueue) -> float | None:
+        """Its first streamed token: its new weight, or None if it does not change."""
+        if f.phase == DECODE:
+            return None
+        if f.phase == WAITING:
+            # It runs: the model's capacity was too small.
+            queue.waiting.pop(id(f), None)
+            queue.running[id(f)] = f
+            if queue.capacity is not None and queue.configured is None:
+                queue.capacity = max(queue.capacity, len(queue.running))
+        f.phase = DECODE
+        new = self._running_weight(f)
+        if new == f.weight:
+            return None
+        f.weight = new
+        return new
+
+    def ran_instead(self, f: Flight, queue: EngineQueue) -> Flight | None:
+        """`f` ends with an answer while the model still holds it waiting: the backend
+        ran it in place of a request the model admitted instead (a backend that does not
+        serve in arrival order, e.g. llama-cpp-python's lock). That one is the newest
+        admitted request that has shown no first token; its share so far was `f`'s, and
+        the caller swaps the two in the ledger (Ledger.exchange). None when there is no
+        such request: every running one has shown a token, so `f` ran beside them (the
+        capacity was larger), and the time it ran is not known.
+
+        Call before finish(). Non-streaming requests never show a first token, so without
+        this a request served out of order would be told 0 J and another twice its due."""
+        if self.mode != QUEUE or f.phase != WAITING:
+            return None
+        for key in reversed(queue.running):
+            candidate = queue.running[key]
+            if candidate.phase == PREFILL:
+                return candidate
+        return None
+
+    def finish(self, f: Flight, queue: EngineQueue) -> list[tuple[Flight, float]]:
+        """It ends: the requests whose weight changes now (admitted in its place)."""
+        if f.phase == WAITING:
+            queue.waiting.pop(id(f), None)
+            return []
+        queue.running.pop(id(f), None)
+        return self._admit(queue)
+
+    def _admit(self, queue: EngineQueue) -> list[tuple[Flight, float]]:
+        """Admit the oldest waiting requests while there is room."""
+        admitted: list[tuple[Flight, float]] = []
+        while queue.waiting and not queue.full():
+            key, nxt = queue.waiting.popitem(last=False)
+            nxt.phase = PREFILL
+            queue.running[key] = nxt
+            nxt.weight = self._running_weight(nxt)
+            admitted.append((nxt, nxt.weight))
+        return admitted

@@ -1,0 +1,173 @@
+"""The energy object of one request: pure assembly from ledger shares, tokens and carbon.
+
+This is the shape of docs/INTERFACE.md's `"energy"` object, the `x-energy-*` headers and the
+final SSE event; all three are rendered from one `EnergyReport`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from metering.accounting.ledger import SourceShare
+from metering.carbon.intensity import Intensity
+from metering.carbon.sci import operational_g, sci_g
+
+
+@dataclass(frozen=True, slots=True)
+class Tokens:
+    """Token counts; `prompt` is None when the backend reported none and the proxy
+    could not count them (it counts streamed completion tokens only)."""
+
+    prompt: int | None
+    completion: int
+    source: str  # "backend" (usage reported) or "proxy" (counted by the proxy)
+
+
+@dataclass(frozen=True, slots=True)
+class EnergyReport:
+    request_id: str
+    model: str
+    category: str
+    duration_s: float
+    tokens: Tokens
+    energy_j: float
+    gpu_j: float | None
+    cpu_j: float | None
+    dynamic_j: float
+    method: str
+    intensity: Intensity
+    co2eq_g: float
+    embodied_g: float
+    sci_g: float
+    attribution: str = ""  # how the energy was split among concurrent requests (the mode)
+    client_request_id: str | None = None  # the client's own x-request-id, when usable
+
+    @property
+    def _per_token_n(self) -> int | None:
+        return self.tokens.completion or self.tokens.prompt
+
+    @property
+    def joules_per_token(self) -> float | None:
+        n = self._per_token_n
+        return self.energy_j / n if n else None
+
+    @property
+    def sci_per_token_g(self) -> float | None:
+        n = self._per_token_n
+        return self.sci_g / n if n else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The `"energy"` object of INTERFACE.md."""
+        d: dict[str, Any] = {
+            "request_id": self.request_id,
+            "model": self.model,
+            "category": self.category,
+            "joules": self.energy_j,
+            "dynamic_joules": self.dynamic_j,
+            "method": self.method,
+            "duration_s": self.duration_s,
+            "prompt_tokens": self.tokens.prompt,
+            "completion_tokens": self.tokens.completion,
+            "tokens_source": self.tokens.source,
+            "joules_per_token": self.joules_per_token,
+            "carbon_intensity_g_per_kwh": self.intensity.g_per_kwh,
+            "carbon_intensity_source": self.intensity.source,
+            "carbon_intensity_zone": self.intensity.zone or None,
+            "carbon_intensity_age_s": self.intensity.age_s,
+            "co2eq_g": self.co2eq_g,
+            "embodied_g": self.embodied_g,
+            "sci_g": self.sci_g,
+            "sci_per_token_g": self.sci_per_token_g,
+        }
+        if self.attribution:
+            d["attribution"] = self.attribution
+        if self.client_request_id is not None:
+            d["client_request_id"] = self.client_request_id
+        if self.gpu_j is not None:
+            d["gpu_joules"] = self.gpu_j
+        if self.cpu_j is not None:
+            d["cpu_joules"] = self.cpu_j
+        return d
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """The `x-energy-*`, carbon and category response headers."""
+        h = [
+            (b"x-energy-joules", _num(self.energy_j)),
+            (b"x-energy-method", self.method.encode()),
+            (b"x-carbon-intensity", _num(self.intensity.g_per_kwh)),
+            (b"x-carbon-intensity-source", self.intensity.source.encode()),
+            (b"x-co2eq-grams", _num(self.co2eq_g)),
+            (b"x-sci-grams", _num(self.sci_g)),
+            (b"x-prompt-category", self.category.encode()),
+        ]
+        if self.intensity.age_s is not None:
+            h.append((b"x-carbon-intensity-age-s", _num(self.intensity.age_s)))
+        if self.gpu_j is not None:
+            h.append((b"x-energy-gpu-joules", _num(self.gpu_j)))
+        if self.cpu_j is not None:
+            h.append((b"x-energy-cpu-joules", _num(self.cpu_j)))
+        return h
+
+
+def _num(x: float) -> bytes:
+    # Shortest round-tripping form: a header parses back to the body's exact float.
+    return repr(float(x)).encode()
+
+
+def build_report(
+    *,
+    request_id: str,
+    model: str,
+    category: str,
+    duration_s: float,
+    tokens: Tokens,
+    shares: Iterable[SourceShare],
+    domains: Mapping[str, str],
+    methods: Iterable[str],
+    intensity: Intensity,
+    pue: float = 1.0,
+    embodied_g: float = 0.0,
+    attribution: str = "",
+    client_request_id: str | None = None,
+) -> EnergyReport:
+    """Sum a request's per-source shares into its report.
+
+    `domains` maps source name -> "gpu" | "cpu" | "system"; shares of other channels
+    (the ledger's time channels) are not energy and are skipped. The GPU and CPU parts are
+    present only when a source of that domain exists; `dynamic_j` is clamped at zero
+    (an idle estimate above the real draw must not produce negative energy).
+    """
+    total_j = dynamic_j = 0.0
+    gpu_j: float | None = None
+    cpu_j: float | None = None
+    for s in shares:
+        dom = domains.get(s.name)
+        if dom is None:
+            continue
+        total_j += s.energy_j
+        dynamic_j += s.dynamic_j
+        if dom == "gpu":
+            gpu_j = (gpu_j or 0.0) + s.energy_j
+        elif dom == "cpu":
+            cpu_j = (cpu_j or 0.0) + s.energy_j
+    co2 = operational_g(total_j, intensity.g_per_kwh, pue)
+    return EnergyReport(
+        request_id=request_id,
+        model=model,
+        category=category,
+        duration_s=duration_s,
+        tokens=tokens,
+        energy_j=total_j,
+        gpu_j=gpu_j,
+        cpu_j=cpu_j,
+        dynamic_j=max(0.0, dynamic_j),
+        method=",".join(methods) or "none",  # every source of its group was degraded
+        intensity=intensity,
+        co2eq_g=co2,
+        embodied_g=embodied_g,
+        sci_g=sci_g(co2, embodied_g),
+        attribution=attribution,
+        client_request_id=client_request_id,
+    )

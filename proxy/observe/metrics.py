@@ -1,0 +1,279 @@
+"""Prometheus metrics on an explicit registry, names as INTERFACE.md fixes them.
+
+Per-request metrics are observed once when a request finishes. Energy totals and power
+are read from the sampler at scrape time by a collector, so the hot path pays nothing
+for them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from backends.registry import Backend
+from metering.accounting.report import EnergyReport
+from metering.accounting.sampler import Sampler
+from metering.carbon.intensity import Intensity
+from metering.store import StoreStatus
+from proxy.live.hub import EventHub
+
+
+def log_buckets(low: float, high: float, per_decade: int) -> tuple[float, ...]:
+    """Log-spaced histogram bounds from `low` to `high` inclusive."""
+    out: list[float] = []
+    k = 0
+    while True:
+        b = low * 10 ** (k / per_decade)
+        if b > high * 1.000001:
+            break
+        out.append(float(f"{b:.3g}"))
+        k += 1
+    return tuple(out)
+
+
+ENERGY_BUCKETS_J = log_buckets(0.01, 100_000.0, 3)  # 0.01 J .. 100 kJ
+CO2_BUCKETS_G = log_buckets(1e-6, 100.0, 2)  # 1 ug .. 100 g
+DURATION_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+LABELS = ("model", "category", "backend")
+
+
+class _SamplerCollector(Collector):
+    def __init__(self, sampler: Sampler, intensity: Callable[[], Intensity]) -> None:
+        self._sampler = sampler
+        self._intensity = intensity
+
+    def collect(self) -> Iterator[Metric]:
+        energy = CounterMetricFamily(
+            "energy_proxy_energy_joules",
+            "Energy measured, by source; scope=attributed went to requests, idle to none.",
+            labels=("source", "scope"),
+        )
+        power = GaugeMetricFamily(
+            "energy_proxy_power_watts", "Latest power reading by source.", labels=("source",)
+        )
+        up = GaugeMetricFamily(
+            "energy_proxy_power_source_up",
+            "1 while the power source reads, 0 while it is degraded.",
+            labels=("source", "method"),
+        )
+        for st in self._sampler.states:
+            ch = self._sampler.ledger.channels[st.source.name]
+            energy.add_metric((st.source.name, "attributed"), ch.attributed_j)
+            energy.add_metric((st.source.name, "idle"), ch.idle_j)
+            power.add_metric((st.source.name,), st.last_power_w)
+            up.add_metric((st.source.name, st.source.method), 1.0 if st.ok else 0.0)
+        intensity = self._intensity()
+        ci = GaugeMetricFamily(
+            "energy_proxy_carbon_intensity_grams_per_kwh",
+            "Grid carbon intensity in use, gCO2eq/kWh.",
+            labels=("zone", "source"),
+        )
+        ci.add_metric((intensity.zone, intensity.source), intensity.g_per_kwh)
+        yield from (energy, power, up, ci)
+        if intensity.age_s is not None:
+            age = GaugeMetricFamily(
+                "energy_proxy_carbon_intensity_age_seconds",
+                "Seconds since the live carbon intensity in use was fetched.",
+                labels=("zone",),
+            )
+            age.add_metric((intensity.zone,), intensity.age_s)
+            yield age
+
+
+class _BackendCollector(Collector):
+    """Requests in flight per backend, as the proxy counts them and as the backend itself
+    does (where it exports a count), and the token cross-check."""
+
+    def __init__(self, backends: Sequence[Backend]) -> None:
+        self._backends = backends
+
+    def collect(self) -> Iterator[Metric]:
+        # The relay keeps Backend.inflight; the gauge is read from it at scrape time.
+        ours = GaugeMetricFamily(
+            "energy_proxy_inflight_requests",
+            "Requests in flight through the proxy.",
+            labels=("backend",),
+        )
+        own = GaugeMetricFamily(
+            "energy_proxy_backend_inflight_requests",
+            "Requests in flight as the backend itself counts them (from its /metrics).",
+            labels=("backend",),
+        )
+        gap = GaugeMetricFamily(
+            "energy_proxy_backend_untracked_tokens",
+            "Tokens the backend counted that the proxy did not, since the proxy's first read "
+            "of its counters (positive and growing: traffic bypasses the proxy; meaningful "
+            "when the backend is idle, as in-flight tokens count on its side first).",
+            labels=("backend", "type"),
+        )
+        for b in self._backends:
+            ours.add_metric((b.name,), b.inflight)
+            if b.own_inflight is not None:
+                own.add_metric((b.name,), b.own_inflight)
+            if b.untracked is not None:
+                gap.add_metric((b.name, "prompt"), b.untracked[0])
+                gap.add_metric((b.name, "completion"), b.untracked[1])
+        yield ours
+        yield own
+        yield gap
+
+
+class _StoreCollector(Collector):
+    """The request store's health, read at scrape time."""
+
+    def __init__(self, status: Callable[[], StoreStatus]) -> None:
+        self._status = status
+
+    def collect(self) -> Iterator[Metric]:
+        st = self._status()
+        queued = GaugeMetricFamily(
+            "energy_proxy_store_queued_records",
+            "Answered requests whose records are not yet written to the request store.",
+        )
+        queued.add_metric((), st.queued)
+        dropped = CounterMetricFamily(
+            "energy_proxy_store_dropped_records",
+            "Records never stored: the queue was full while the database could not be "
+            "written, or the database refused the record.",
+        )
+        dropped.add_metric((), st.dropped)
+        evicted = CounterMetricFamily(
+            "energy_proxy_store_evicted_records",
+            "Stored records dropped, oldest first, to keep the store under --db-max-mb or "
+            "when the disk was full (the summaries keep counting them).",
+        )
+        evicted.add_metric((), st.evicted)
+        up = GaugeMetricFamily(
+            "energy_proxy_store_up",
+            "1 while the request store's last write succeeded, 0 while writes fail.",
+            labels=("kind",),
+        )
+        up.add_metric((st.kind,), 1.0 if st.writing else 0.0)
+        yield from (queued, dropped, evicted, up)
+
+
+class _LiveStreamsCollector(Collector):
+    """The live page's event streams (proxy/live/hub.py), read at scrape time."""
+
+    def __init__(self, hub: EventHub) -> None:
+        self._hub = hub
+
+    def collect(self) -> Iterator[Metric]:
+        open_ = GaugeMetricFamily(
+            "energy_proxy_live_streams",
+            "Live-event streams open now (/v1/energy/events: live pages and other readers).",
+        )
+        open_.add_metric((), len(self._hub))
+        dropped = CounterMetricFamily(
+            "energy_proxy_live_streams_dropped",
+            "Live-event streams dropped because their reader fell behind.",
+        )
+        dropped.add_metric((), self._hub.dropped_total)
+        yield from (open_, dropped)
+
+
+class ProxyMetrics:
+    """Every metric of the proxy, registered on `registry`."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        sampler: Sampler,
+        intensity: Callable[[], Intensity],
+        backends: Sequence[Backend],
+        store_status: Callable[[], StoreStatus] | None = None,
+    ) -> None:
+        self.registry = registry
+        self._children: dict[tuple[str, str, str, int], tuple[Any, ...]] = {}
+        self.requests = Counter(
+            "energy_proxy_requests",
+            "Requests answered, by final status (499: the client hung up).",
+            (*LABELS, "status"),
+            registry=registry,
+        )
+        self.energy = Histogram(
+            "energy_proxy_request_energy_joules",
+            "Energy attributed per request, joules.",
+            LABELS,
+            buckets=ENERGY_BUCKETS_J,
+            registry=registry,
+        )
+        self.co2 = Histogram(
+            "energy_proxy_request_co2eq_grams",
+            "Operational emissions per request, grams CO2eq.",
+            LABELS,
+            buckets=CO2_BUCKETS_G,
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "energy_proxy_request_duration_seconds",
+            "Request duration through the proxy, seconds.",
+            LABELS,
+            buckets=DURATION_BUCKETS_S,
+            registry=registry,
+        )
+        self.tokens = Counter(
+            "energy_proxy_tokens",
+            "Tokens processed, by type (prompt/completion).",
+            (*LABELS, "type"),
+            registry=registry,
+        )
+        # Per tenant (API key name): only configured names ever become a label value.
+        self.tenant_requests = Counter(
+            "energy_proxy_tenant_requests",
+            "Requests answered per tenant (API key name), by final status.",
+            ("tenant", "status"),
+            registry=registry,
+        )
+        self.tenant_energy = Counter(
+            "energy_proxy_tenant_energy_joules",
+            "Energy attributed to each tenant's requests, joules.",
+            ("tenant",),
+            registry=registry,
+        )
+        registry.register(_SamplerCollector(sampler, intensity))
+        registry.register(_BackendCollector(backends))
+        if store_status is not None:
+            registry.register(_StoreCollector(store_status))
+
+    def watch_live_streams(self, hub: EventHub) -> None:
+        self.registry.register(_LiveStreamsCollector(hub))
+
+    def observe_tenant(self, tenant: str, report: EnergyReport, status: int) -> None:
+        """`tenant` is a configured key's name, never free text (it becomes a label)."""
+        self.tenant_requests.labels(tenant, str(status)).inc()
+        self.tenant_energy.labels(tenant).inc(report.energy_j)
+
+    def observe(self, report: EnergyReport, backend: str, status: int, model_label: str) -> None:
+        key = (model_label, report.category, backend, status)
+        children = self._children.get(key)
+        if children is None:
+            # Label sets are bounded (listed models, configured categories and backends),
+            # so this cache is too; it saves four label lookups per request.
+            labels = key[:3]
+            children = self._children[key] = (
+                self.requests.labels(*labels, str(status)),
+                self.energy.labels(*labels),
+                self.co2.labels(*labels),
+                self.duration.labels(*labels),
+                self.tokens.labels(*labels, "prompt"),
+                self.tokens.labels(*labels, "completion"),
+            )
+        requests, energy, co2, duration, prompt, completion = children
+        requests.inc()
+        energy.observe(report.energy_j)
+        co2.observe(report.co2eq_g)
+        duration.observe(report.duration_s)
+        if report.tokens.prompt:
+            prompt.inc(report.tokens.prompt)
+        if report.tokens.completion:
+            completion.inc(report.tokens.completion)
+
+    def count_rejected(self, model_label: str, category: str, backend: str, status: int) -> None:
+        """A request refused before it reached a backend (no energy to attribute)."""
+        self.requests.labels(model_label, category, backend, str(status)).inc()

@@ -1,0 +1,218 @@
+"""The attribution modes' weights and the queue model (metering/accounting/attribution.py)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from metering.accounting.attribution import (
+    DECODE,
+    PREFILL,
+    PREFILL_TOKENS_PER_UNIT,
+    WAITING,
+    Attribution,
+    EngineQueue,
+    Flight,
+)
+from metering.accounting.ledger import Ledger
+
+
+def test_tokens_and_equal_are_the_first_versions_modes() -> None:
+    q = EngineQueue(configured=1)  # a limit the old modes ignore
+    tokens = Attribution("tokens")
+    a, b = Flight(400.0), Flight(400.0, stream=False)
+    assert tokens.start(a, q) == 400.0  # prompt tokens while in prefill
+    assert tokens.start(b, q) == 1.0  # non-streaming: 1 throughout
+    assert tokens.first_token(a, q) == 1.0
+    equal = Attribution("equal")
+    c = Flight(400.0)
+    assert equal.start(c, q) == 1.0 and equal.first_token(c, q) is None
+    with pytest.raises(ValueError, match="queue, tokens, equal"):
+        Attribution("shapley")
+
+
+def test_queue_mode_weights_running_requests_by_phase() -> None:
+    attr, q = Attribution(), EngineQueue()
+    rag, chat = Flight(4000.0), Flight(40.0)
+    assert attr.start(rag, q) == 1.0 + 4000.0 / PREFILL_TOKENS_PER_UNIT
+    assert attr.start(chat, q) == pytest.approx(1.4)
+    assert attr.first_token(chat, q) == 1.0 and chat.phase == DECODE
+    assert attr.first_token(chat, q) is None  # already decoding
+    embed = Flight(300.0, stream=False, embeddings=True)
+    assert attr.start(embed, q) == 4.0  # all prefill
+    plain = Flight(300.0, stream=False)
+    assert attr.start(plain, q) == 1.0  # no first token to see: 1 once running
+
+
+def test_fifo_admission_under_the_capacity() -> None:
+    attr, q = Attribution(), EngineQueue(configured=2)
+    a, b, c, d = (Flight(100.0) for _ in range(4))
+    assert attr.start(a, q) == 2.0 and attr.start(b, q) == 2.0
+    assert attr.start(c, q) == 0.0 and c.phase == WAITING  # full: it waits, weight 0
+    assert attr.start(d, q) == 0.0
+    # a ends: the oldest waiting (c) is admitted, in prefill; d still waits.
+    assert attr.finish(a, q) == [(c, 2.0)]
+    assert c.phase == PREFILL and d.phase == WAITING
+    # A waiting request that ends (the client hung up) admits nobody and leaves the queue.
+    assert attr.finish(d, q) == []
+    assert not q.waiting and len(q.running) == 2
+
+
+def test_a_request_served_out_of_order_takes_the_share_of_the_one_admitted_instead() -> None:
+    """llama-cpp-python serves one request at a time, in no particular order. Three
+    non-streaming requests (no first token ever shows): a runs, b and c wait; a ends, the
+    model admits b, the backend runs c. c's answer arrives while the model holds it waiting:
+    c ran in b's place, and b has not started."""
+    attr, q, led = Attribution(), EngineQueue(configured=1), Ledger(["gpu"])
+    a, b, c = (Flight(1.0, stream=False) for _ in range(3))
+    led.record("gpu", 0.0, 0.0)
+    for f in (a, b, c):
+        f.handle = led.start(attr.start(f, q))
+    assert (b.phase, c.phase) == (WAITING, WAITING)
+    led.record("gpu", 100.0, 1.0)  # a's second: 100 J
+    a_j = sum(s.energy_j for s in led.finish(a.handle))
+    for f, w in attr.finish(a, q):
+        led.reweigh(f.handle, w)
+    assert b.phase == PREFILL  # the model's guess, FIFO
+    led.record("gpu", 160.0, 2.0)  # c's second, 60 J, charged to b by the model
+    assert attr.ran_instead(c, q) is b
+    led.exchange(c.handle, b.handle)
+    c_j = sum(s.energy_j for s in led.finish(c.handle))
+    assert attr.finish(c, q) == []  # b already holds the only place
+    led.record("gpu", 230.0, 3.0)  # b's own second, 70 J
+    b_j = sum(s.energy_j for s in led.finish(b.handle))
+    assert (a_j, c_j, b_j) == pytest.approx((100.0, 60.0, 70.0))
+
+
+def test_a_waiting_request_ending_beside_decoding_ones_takes_nobodys_share() -> None:
+    attr, q = Attribution(), EngineQueue(configured=1)
+    a, b = Flight(10.0), Flight(10.0, stream=False)
+    attr.start(a, q)
+    attr.start(b, q)
+    attr.first_token(a, q)  # a runs for certain: b ran beside it (the capacity was larger)
+    assert attr.ran_instead(b, q) is None
+    assert attr.ran_instead(a, q) is None  # not waiting: nothing to swap
+    assert Attribution("equal").ran_instead(b, q) is None
+
+
+def test_exchange_swaps_what_is_owed_in_shared_channels_only() -> None:
+    led = Ledger(["gpu0", "gpu1", "cpu"])
+    for name in led.channels:
+        led.record(name, 0.0, 0.0)
+    x = led.start(1.0, ["gpu0", "cpu"])
+    y = led.start(1.0, ["gpu1", "cpu"])
+    led.record("gpu0", 10.0, 1.0)
+    led.record("gpu1", 30.0, 1.0)
+    led.record("cpu", 8.0, 1.0)
+    led.reweigh(y, 3.0)  # each owes 4 J of cpu so far; from now on y weighs 3 of 4
+    led.record("cpu", 16.0, 2.0)
+    led.exchange(x, y)
+    led.exchange(x, x)  # with itself: nothing
+    xs = {s.name: s.energy_j for s in led.finish(x)}
+    ys = {s.name: s.energy_j for s in led.finish(y)}
+    assert xs == pytest.approx({"gpu0": 10.0, "cpu": 4.0 + 6.0})  # y's cpu
+    assert ys == pytest.approx({"gpu1": 30.0, "cpu": 4.0 + 2.0})  # x's cpu
+    led.exchange(x, y)  # both finished: nothing moves
+    assert {s.name: s.energy_j for s in led.finish(x)} == xs
+
+
+def test_a_first_token_of_a_waiting_request_means_a_larger_capacity() -> None:
+    attr, q = Attribution(), EngineQueue()
+    assert q.learn(running=1, waiting=3) and q.capacity == 1
+    a, b = Flight(100.0), Flight(100.0)
+    attr.start(a, q)
+    assert attr.start(b, q) == 0.0
+    assert attr.first_token(b, q) == 1.0  # it runs after all
+    assert q.capacity == 2 and b.phase == DECODE and not q.waiting
+
+
+def test_metrics_set_the_capacity_and_the_newest_prefills_go_back_to_waiting() -> None:
+    attr, q = Attribution(), EngineQueue()
+    flights = [Flight(100.0) for _ in range(5)]
+    for f in flights:
+        assert attr.start(f, q) == 2.0  # no capacity known: all run
+    attr.first_token(flights[4], q)  # the newest already decodes: it certainly runs
+    changed = attr.observe(q, running=3, waiting=2)
+    assert q.capacity == 3
+    # Beyond 3 running, the newest still in prefill (3, then 2) go back to waiting.
+    assert changed == [(flights[3], 0.0), (flights[2], 0.0)]
+    assert list(q.waiting.values()) == [flights[2], flights[3]]  # in arrival order
+    assert attr.observe(q, running=3, waiting=2) == []  # the same figures: no change
+    # A configured capacity is not overridden by metrics.
+    fixed = EngineQueue(configured=4)
+    assert not fixed.learn(running=2, waiting=5) and fixed.capacity == 4
+
+
+def test_observe_in_the_old_modes_changes_no_weight() -> None:
+    attr, q = Attribution("tokens"), EngineQueue()
+    f = Flight(100.0)
+    attr.start(f, q)
+    assert attr.observe(q, running=1, waiting=3) == []  # learnt, but tokens has no queue
+    assert q.capacity == 1 and f.phase == PREFILL
+
+
+EVENT = st.one_of(
+    st.tuples(st.just("arrive"), st.sampled_from([40.0, 500.0, 4000.0]), st.booleans()),
+    st.tuples(st.just("first"), st.integers(0, 40)),
+    st.tuples(st.just("end"), st.integers(0, 40)),
+    st.tuples(st.just("answered"), st.integers(0, 40)),
+    st.tuples(st.just("read"), st.floats(0.0, 100.0)),
+    st.tuples(st.just("metrics"), st.integers(0, 6), st.integers(0, 4)),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(EVENT, max_size=150), st.sampled_from(["queue", "tokens", "equal"]))
+def test_any_schedule_conserves_energy_and_keeps_the_queue_consistent(
+    events: list[tuple[object, ...]], mode: str
+) -> None:
+    """Whatever the order of arrivals, first tokens, ends and metrics: weights are never
+    negative, the queue never holds a request while there is room, every joule is owed
+    to a request or idle, and every request in flight is either running or waiting."""
+    attr, q, led = Attribution(mode), EngineQueue(), Ledger(["gpu"])
+    flights: list[Flight] = []
+    energy = t = 0.0
+    owed = 0.0
+    led.record("gpu", 0.0, 0.0)
+
+    def apply(changes: list[tuple[Flight, float]]) -> None:
+        for f, w in changes:
+            assert w >= 0.0
+            led.reweigh(f.handle, w)
+
+    for ev in events:
+        if ev[0] == "arrive":
+            f = Flight(float(ev[1]), stream=bool(ev[2]))  # type: ignore[arg-type]
+            w = attr.start(f, q)
+            assert w >= 0.0
+            f.handle = led.start(w)
+            flights.append(f)
+        elif ev[0] == "first" and flights:
+            f = flights[int(ev[1]) % len(flights)]  # type: ignore[call-overload]
+            w2 = attr.first_token(f, q)
+            if w2 is not None:
+                led.reweigh(f.handle, w2)
+        elif ev[0] in ("end", "answered") and flights:
+            f = flights.pop(int(ev[1]) % len(flights))  # type: ignore[call-overload]
+            instead = attr.ran_instead(f, q) if ev[0] == "answered" else None
+            if instead is not None:
+                assert instead.phase == PREFILL and id(instead) in q.running
+                led.exchange(f.handle, instead.handle)
+            owed += sum(s.energy_j for s in led.finish(f.handle))
+            apply(attr.finish(f, q))
+        elif ev[0] == "read":
+            energy += float(ev[1])  # type: ignore[arg-type]
+            t += 0.01
+            led.record("gpu", energy, t)
+        elif ev[0] == "metrics":
+            apply(attr.observe(q, float(ev[1]), float(ev[2])))  # type: ignore[arg-type]
+        in_flight = {id(f) for f in flights}
+        assert set(q.running) | set(q.waiting) == in_flight
+        assert not set(q.running) & set(q.waiting)
+        if q.waiting:
+            assert q.full()
+    for f in flights:
+        owed += sum(s.energy_j for s in led.finish(f.handle))
+    ch = led.channels["gpu"]
+    assert owed + ch.idle_j == pytest.approx(ch.measured_j, rel=1e-9, abs=1e-6)

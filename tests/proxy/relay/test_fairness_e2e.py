@@ -1,0 +1,102 @@
+"""The fair split through the whole stack: the real `openai` client, the proxy on a socket,
+and the batching engine simulator as a real HTTP backend (it reads as a vLLM, with its
+queue gauges), all in real time; the proxy meters the simulator's GPU. Each kind's share
+of the dynamic energy, as the requests were told it, against the simulator's truth."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from proxy.app import create_app
+from tests.conftest import proxy_settings
+from tests.support.fakes.batching_backend import MODEL, SimulatedGpu, make_batching_backend, scaled
+from tests.support.fakes.batching_engine import EngineConfig
+from tests.support.servers import ServerThread
+
+# kind -> (characters of prompt, tokens generated)
+KINDS = {"chat": (160, 48), "rag": (16_000, 6), "mid": (2_000, 16)}
+PER_KIND = 6
+
+
+def send_all(client: openai.OpenAI, mode: str) -> list[tuple[str, str, float]]:
+    """A warm-up (so the proxy has seen the engine's queue gauges, as in steady state),
+    then PER_KIND of each kind at once; (kind, request id, dynamic joules told)."""
+
+    def one(job: tuple[str, int]) -> tuple[str, str, float]:
+        kind, i = job
+        chars, tokens = KINDS.get(kind, (100, 8))
+        rid = f"{mode}-{kind}-{i}"
+        energy = None
+        stream = client.chat.completions.create(
+            model=MODEL, stream=True, max_tokens=tokens,
+            messages=[{"role": "user", "content": "x" * chars}],
+            extra_headers={"x-request-id": rid},
+        )  # fmt: skip
+        with stream:
+            for chunk in stream:
+                energy = (chunk.model_extra or {}).get("energy", energy)
+        assert energy is not None and energy["attribution"] == mode
+        return kind, rid, float(energy["dynamic_joules"])
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(one, [("warm", i) for i in range(8)]))
+    jobs = [(k, i) for k in KINDS for i in range(PER_KIND)]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        return list(pool.map(one, jobs))
+
+
+def run(tmp_path: Path, mode: str) -> tuple[float, dict[str, tuple[float, float]]]:
+    # Steps 5x as long as the H100-shaped model's (a decode step 17 ms), 6 admitted.
+    app, state = make_batching_backend(scaled(EngineConfig(max_running=6, prefill_chunk=2048), 5.0))
+    with ServerThread(app) as backend:
+        settings = proxy_settings(
+            tmp_path / mode, backends=[f"sim={backend}"], attribution=mode,
+            idle_watts=state.engine.config.cost.idle_w, backend_metrics_s=0.1,
+        )  # fmt: skip
+        proxy_app = create_app(settings, sources=[SimulatedGpu(state)])
+        with (
+            ServerThread(proxy_app) as proxy,
+            openai.OpenAI(base_url=f"{proxy}/v1", api_key="x", max_retries=0) as client,
+        ):
+            told = send_all(client, mode)
+        truth = httpx.get(f"{backend}/truth").json()
+    told_total = sum(j for _, _, j in told)
+    truth_total = sum(truth[rid] for _, rid, _ in told)
+    shares = {}
+    for kind in KINDS:
+        mine = [(rid, j) for k, rid, j in told if k == kind]
+        shares[kind] = (
+            sum(j for _, j in mine) / told_total,
+            sum(truth[rid] for rid, _ in mine) / truth_total,
+        )
+    error = sum(abs(a - b) for a, b in shares.values()) / len(shares)
+    return error, shares
+
+
+Outcomes = dict[str, tuple[float, dict[str, tuple[float, float]]]]
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory: pytest.TempPathFactory) -> Outcomes:
+    tmp = tmp_path_factory.mktemp("fair")
+    return {mode: run(tmp, mode) for mode in ("queue", "tokens", "equal")}
+
+
+def test_queue_mode_splits_like_the_truth_through_the_whole_stack(outcomes: Outcomes) -> None:
+    queue, _ = outcomes["queue"]
+    assert queue <= 0.05, outcomes
+    assert queue <= outcomes["equal"][0], outcomes
+
+
+def test_the_old_modes_are_off_when_requests_queue(outcomes: Outcomes) -> None:
+    """12 of 18 requests wait: `tokens` charges the waiting prompts, `equal` the waiting."""
+    tokens, shares = outcomes["tokens"]
+    assert tokens > 0.08 and tokens > 3 * outcomes["queue"][0], outcomes
+    told, truth = shares["chat"]
+    assert told < truth / 2  # the decoding chats paid for the RAG prompts sitting in line
+    assert outcomes["equal"][0] > 0.08, outcomes
