@@ -15,89 +15,21 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
-from backends.adapters import Adapter, ModelListError, adapter_for
-from backends.crosscheck import Baseline, TokenTally, rebase, untracked_tokens
+from backends.adapters import Adapter, ModelListError
+from backends.backend import DETECTED, UNDETECTED, Backend
+from backends.crosscheck import rebase, untracked_tokens
 from backends.detect import detect_kind
 from backends.fetch import JsonGetter, JsonPoster, KeyedGetter
-from backends.kinds import AUTO, OPENAI, Kind, kind_named
-from backends.own_metrics import OwnMetrics
 
-__all__ = ["Backend", "BackendRegistry", "JsonGetter", "JsonPoster", "base_url"]
+__all__ = ["Backend", "BackendRegistry", "JsonGetter", "JsonPoster", "OwnMetricsHook"]
+
+# Told a backend's own running and waiting counts as soon as they are read (the meter's
+# queue model of the backend learns its capacity from them): (name, running, waiting).
+OwnMetricsHook = Callable[[str, float | None, float | None], None]
 
 log = logging.getLogger("energy_proxy.backends")
-
-# Where a backend's kind came from (`/readyz` `kind_source`).
-CONFIGURED, DETECTED, UNDETECTED = "configured", "detected", "undetected"
-
-
-@dataclass(slots=True)
-class Backend:
-    """One configured backend. `kind` is one of `KIND_NAMES`; given as "auto", it reads
-    "openai" until detection tells (`kind_source` "undetected", then "detected")."""
-
-    name: str
-    url: str
-    kind: str = OPENAI
-    api_key: str | None = None
-    forward_authorization: bool = False  # pass the client's own Authorization header on
-    gpus: list[int] | None = None
-    models: list[dict[str, Any]] = field(default_factory=list)
-    ready: bool = False
-    listed: bool = False  # the model list has been fetched at least once
-    last_error: str = ""
-    # The backend's own figures from its /metrics; None where its kind exports none.
-    own: OwnMetrics | None = None
-    kind_source: str = CONFIGURED
-    inflight: int = 0  # requests the proxy has in flight to it (kept by the relay)
-    # Tokens of the requests the proxy finished for it (kept by the relay), and the
-    # cross-check against the backend's own counters (backends/crosscheck.py).
-    tally: TokenTally = field(default_factory=TokenTally)
-    token_baseline: Baseline | None = None
-    untracked: tuple[float, float] | None = None  # (prompt, completion) tokens
-
-    def __post_init__(self) -> None:
-        if self.kind == AUTO:
-            self.kind, self.kind_source = OPENAI, UNDETECTED
-        else:
-            kind_named(self.kind)  # ValueError for an unknown kind
-
-    @property
-    def spec(self) -> Kind:
-        """What the backend's kind does and offers (health, usage in streams, ...)."""
-        return kind_named(self.kind)
-
-    @property
-    def adapter(self) -> Adapter:
-        return adapter_for(self.kind)
-
-    @property
-    def own_inflight(self) -> float | None:
-        """The backend's own count of requests in flight, where it exports one."""
-        return self.own.inflight if self.own is not None else None
-
-    @property
-    def model_ids(self) -> list[str]:
-        return [str(m["id"]) for m in self.models if "id" in m]
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "url": self.url,
-            "kind": self.kind,
-            "kind_source": self.kind_source,
-            "ready": self.ready,
-            "models": self.model_ids,
-            **({"error": self.last_error} if self.last_error else {}),
-        }
-
-
-def base_url(url: str) -> str:
-    """Accept `http://host:port` and `http://host:port/v1` alike."""
-    url = url.rstrip("/")
-    return url.removesuffix("/v1")
 
 
 class BackendRegistry:
@@ -115,20 +47,17 @@ class BackendRegistry:
         getter: JsonGetter,
         *,
         clock: Callable[[], float] = time.monotonic,
+        on_own_metrics: OwnMetricsHook | None = None,
     ) -> None:
         if not backends:
             raise ValueError("at least one backend is needed (--backend URL)")
         self.backends = list(backends)
-        for b in self.backends:
-            b.url = base_url(b.url)
         self._getter = getter
         # Token counting needs a POST; a getter without one simply counts nothing.
         self._poster = getter if isinstance(getter, JsonPoster) else None
         self._clock = clock
         self._routes: dict[str, Backend] = {}
-        # Told of each backend's own figures as soon as they are read (the proxy's queue
-        # model of the backend learns its capacity from them).
-        self.on_own_metrics: Callable[[Backend], None] | None = None
+        self._on_own_metrics = on_own_metrics
         self._last_refresh_s = -1e9
         self._refresh_lock = asyncio.Lock()
         self._went_down = asyncio.Event()  # a request found a ready backend unreachable
@@ -139,7 +68,7 @@ class BackendRegistry:
         backend = self._routes.get(model)
         if backend is not None:
             return backend
-        if len(self.backends) == 1 and not self.backends[0].listed:
+        if len(self.backends) == 1 and not self.backends[0].state.listed:
             # A single backend whose list we could not read yet: let it answer for itself.
             return self.backends[0]
         return None
@@ -150,6 +79,10 @@ class BackendRegistry:
             await self.refresh()
             backend = self.lookup(model)
         return backend
+
+    def inflight(self) -> int:
+        """Requests the proxy has in flight to all its backends."""
+        return sum(b.traffic.inflight for b in self.backends)
 
     def known_models(self) -> frozenset[str]:
         return frozenset(self._routes)
@@ -165,17 +98,17 @@ class BackendRegistry:
             self._last_refresh_s = self._clock()
             # A serial server busy with a request keeps its list until it is idle: asking
             # it now would cut off the stream it is sending (see Kind.serial).
-            idle = [b for b in self.backends if not (b.spec.serial and b.inflight)]
+            idle = [b for b in self.backends if not (b.spec.serial and b.traffic.inflight)]
             await asyncio.gather(*(self._refresh_one(b) for b in idle))
             routes: dict[str, Backend] = {}
             for b in self.backends:
-                for mid in b.model_ids:
+                for mid in b.state.model_ids:
                     # First configured backend wins a model two backends both list.
                     routes.setdefault(mid, b)
             self._routes = routes
 
     async def _refresh_one(self, b: Backend) -> None:
-        if b.kind_source == UNDETECTED:
+        if b.state.kind_source == UNDETECTED:
             await self._detect(b)
         adapter = b.adapter
         listing, health_problem = await asyncio.gather(
@@ -183,8 +116,8 @@ class BackendRegistry:
             adapter.check_health(self._getter_for(b), b.url, self.LIST_TIMEOUT_S),
         )
         if isinstance(listing, list):
-            b.models = listing
-            b.listed = True
+            b.state.models = listing
+            b.state.listed = True
         problem = listing if isinstance(listing, str) else health_problem
         if problem:
             self._set_down(b, problem)
@@ -201,23 +134,25 @@ class BackendRegistry:
 
     def note_answered(self, b: Backend) -> None:
         """`b` answered a request: it is up again if a request had marked it down."""
-        if b.listed and not b.ready:
+        if b.state.listed and not b.state.ready:
             self._set_up(b)
 
     def _set_down(self, b: Backend, problem: str) -> None:
         # Logged once per outage: the first failure after it was ready (or the first ever).
-        if b.ready or not b.last_error:
+        state = b.state
+        if state.ready or not state.last_error:
             log.warning("backend %s (%s) not ready: %s", b.name, b.url, problem)
-        if b.ready:
+        if state.ready:
             self._went_down.set()  # `run` switches to the faster recheck now
-        b.ready = False
-        b.last_error = problem
+        state.ready = False
+        state.last_error = problem
 
     def _set_up(self, b: Backend) -> None:
-        if b.last_error:
+        state = b.state
+        if state.last_error:
             log.warning("backend %s (%s) is ready again", b.name, b.url)
-        b.ready = True
-        b.last_error = ""
+        state.ready = True
+        state.last_error = ""
 
     async def _list(self, adapter: Adapter, b: Backend) -> list[dict[str, Any]] | str:
         """The model list, or why it could not be read."""
@@ -230,18 +165,19 @@ class BackendRegistry:
         kind = await detect_kind(self._getter_for(b), b.url, self.PROBE_TIMEOUT_S)
         if kind is None:
             return  # down or starting: ask again on the next refresh
-        b.kind, b.kind_source = kind, DETECTED
+        b.state.kind, b.state.kind_source = kind, DETECTED
         log.info("backend %s (%s) is %s", b.name, b.url, kind)
 
     def _getter_for(self, b: Backend) -> JsonGetter:
         """The getter for `b`'s own endpoints: with its API key, if it has one."""
-        return KeyedGetter(self._getter, b.api_key) if b.api_key else self._getter
+        key = b.config.api_key
+        return KeyedGetter(self._getter, key) if key else self._getter
 
     async def run(self, period_s: float) -> None:
         """Refresh forever every `period_s` seconds, every `DOWN_RECHECK_S` while a backend
         is not ready, so `/readyz` turns ready soon after it is back (cancel to stop)."""
         while True:
-            down = any(not b.ready for b in self.backends)
+            down = any(not b.state.ready for b in self.backends)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(
                     self._went_down.wait(), min(period_s, self.DOWN_RECHECK_S) if down else period_s
@@ -254,17 +190,19 @@ class BackendRegistry:
         await asyncio.gather(*(self._scrape_one(b) for b in self.backends))
 
     async def _scrape_one(self, b: Backend) -> None:
-        if b.spec.serial and b.inflight:
+        if b.spec.serial and b.traffic.inflight:
             return
-        b.own = own = await b.adapter.own_metrics(self._getter_for(b), b.url, self.LIST_TIMEOUT_S)
-        if own is not None and self.on_own_metrics is not None:
-            self.on_own_metrics(b)
+        state, tally = b.state, b.traffic.tally
+        own = await b.adapter.own_metrics(self._getter_for(b), b.url, self.LIST_TIMEOUT_S)
+        state.own = own
+        if own is not None and self._on_own_metrics is not None:
+            self._on_own_metrics(b.name, own.inflight, own.waiting)
         if own is None or own.prompt_tokens_total is None or own.completion_tokens_total is None:
-            b.untracked = None
+            state.untracked = None
             return
         p, c = own.prompt_tokens_total, own.completion_tokens_total
-        b.token_baseline = rebase(b.token_baseline, p, c, b.tally)
-        b.untracked = untracked_tokens(b.token_baseline, p, c, b.tally)
+        state.token_baseline = rebase(state.token_baseline, p, c, tally)
+        state.untracked = untracked_tokens(state.token_baseline, p, c, tally)
 
     # --- token counting (after a stream that brought no usage; not on the hot path) -----
 
@@ -273,7 +211,7 @@ class BackendRegistry:
         tokenize endpoint, the getter cannot POST, or anything fails. Never raises."""
         if self._poster is None:
             return None
-        poster = self._getter_for(backend) if backend.api_key else self._poster
+        poster = self._getter_for(backend) if backend.config.api_key else self._poster
         assert isinstance(poster, JsonPoster)
         return await backend.adapter.count_tokens(
             poster, backend.url, model, text, self.TOKENIZE_TIMEOUT_S
@@ -290,7 +228,7 @@ class BackendRegistry:
         seen: set[str] = set()
         data: list[dict[str, Any]] = []
         for b in self.backends:
-            for m in b.models:
+            for m in b.state.models:
                 if m["id"] not in seen:
                     seen.add(m["id"])
                     data.append(m)

@@ -255,7 +255,7 @@ def _select_columns(ids: dict[str, Any], i: str, n: int, now_ms: int, rid: str, 
 
 def generate_sqlite(store: RequestStore, n: int, now_s: float) -> float:
     from metering.store.columns import COLUMNS
-    from metering.store.sqlite import rebuild_rollups
+    from metering.store.sqlite_schema import rebuild_rollups
 
     _labels(store, now_s)
     path = store.where
@@ -290,7 +290,7 @@ def generate_postgres(store: RequestStore, url: str, n: int, now_s: float) -> fl
     import psycopg
 
     from metering.store.columns import COLUMNS
-    from metering.store.postgres import SCHEMA
+    from metering.store.postgres_schema import SCHEMA
 
     _labels(store, now_s)
     t0 = time.perf_counter()
@@ -351,7 +351,7 @@ def bytes_sqlite(path: str) -> int:
 def bytes_postgres(url: str) -> int:
     import psycopg
 
-    from metering.store.postgres import SCHEMA
+    from metering.store.postgres_schema import SCHEMA
 
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(f"VACUUM {SCHEMA}.records")
@@ -427,7 +427,7 @@ def _sample_ids(kind: str, db: str, k: int) -> list[str]:
     else:
         import psycopg
 
-        from metering.store.postgres import SCHEMA
+        from metering.store.postgres_schema import SCHEMA
 
         with psycopg.connect(db) as conn:
             rows = conn.execute(

@@ -21,6 +21,7 @@ from pydantic import (
     model_validator,
 )
 
+from backends.backend import BackendConfig
 from backends.kinds import AUTO, KIND_NAMES
 from metering.carbon.sci import DEFAULT_EMBODIED_KGCO2EQ, DEFAULT_LIFESPAN_YEARS
 from metering.categories.classifier import DEFAULT_CATEGORIES
@@ -44,7 +45,9 @@ class ConfigError(ValueError):
     """Settings that cannot be used; the message says which and why."""
 
 
-class BackendConfig(BaseModel):
+class BackendEntry(BaseModel):
+    """One backend as the config file, the environment or `--backend` give it."""
+
     model_config = ConfigDict(extra="forbid")
 
     name: str
@@ -58,6 +61,18 @@ class BackendConfig(BaseModel):
     # Pass the client's own Authorization header on to this backend (never by default:
     # the client's key is for the proxy).
     forward_authorization: bool = False
+
+    def to_config(self) -> BackendConfig:
+        """The registry's frozen configuration of this backend."""
+        return BackendConfig(
+            name=self.name,
+            url=self.url,
+            kind=self.kind,
+            api_key=self.api_key,
+            forward_authorization=self.forward_authorization,
+            gpus=tuple(self.gpus) if self.gpus is not None else None,
+            max_running=self.max_running,
+        )
 
     @field_validator("url")
     @classmethod
@@ -81,19 +96,19 @@ class BackendConfig(BaseModel):
         return v
 
 
-def parse_backend_specs(specs: list[Any]) -> list[BackendConfig]:
+def parse_backend_specs(specs: list[Any]) -> list[BackendEntry]:
     """`URL`, `NAME=URL`, or a dict from the config file -> named backends."""
-    out: list[BackendConfig] = []
+    out: list[BackendEntry] = []
     for i, spec in enumerate(specs):
-        if isinstance(spec, BackendConfig):
+        if isinstance(spec, BackendEntry):
             out.append(spec)
         elif isinstance(spec, dict):
-            out.append(BackendConfig.model_validate(spec))
+            out.append(BackendEntry.model_validate(spec))
         elif isinstance(spec, str):
             name, sep, url = spec.partition("=")
             if not sep:
                 name, url = ("default" if i == 0 else f"backend-{i + 1}"), spec
-            out.append(BackendConfig(name=name.strip(), url=url.strip()))
+            out.append(BackendEntry(name=name.strip(), url=url.strip()))
         else:
             raise ValueError(f"cannot read backend {spec!r}")
     names = [b.name for b in out]
@@ -109,7 +124,7 @@ class Settings(BaseModel):
 
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
-    backends: list[BackendConfig] = Field(default_factory=list)
+    backends: list[BackendEntry] = Field(default_factory=list)
     power_source: str = "auto"
     sample_hz: float = Field(default=20.0, gt=0.0, le=1000.0)
     # "auto" learns the idle draw per source (a low percentile of power while nothing is

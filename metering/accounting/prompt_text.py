@@ -8,7 +8,7 @@ tokenise on the hot path, and the estimate is never reported as a token count.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 CHARS_PER_TOKEN = 4.0  # OpenAI's rule of thumb for English text; a weight, not a count
@@ -28,19 +28,19 @@ def _texts(value: Any) -> Iterator[str]:
         yield from _texts(value.get("content"))
 
 
-def _prompt_texts(payload: dict[str, Any]) -> Iterator[str]:
+def _prompt_texts(payload: Mapping[str, Any]) -> Iterator[str]:
     for key in ("messages", "prompt", "input"):
         yield from _texts(payload.get(key))
 
 
-def prompt_text(payload: dict[str, Any]) -> str:
+def prompt_text(payload: Mapping[str, Any]) -> str:
     """The text a backend tokenizes for this request: the messages' contents (text parts
     only), the prompt or the input, pieces joined by newlines. Chat templates add a few
     tokens this does not see, so a count from it is a slight undercount."""
     return "\n".join(_prompt_texts(payload))
 
 
-def prompt_tokens_estimate(payload: dict[str, Any]) -> float:
+def prompt_tokens_estimate(payload: Mapping[str, Any]) -> float:
     """Estimated prompt tokens of a chat, completion or embedding request (>= 1)."""
     chars = sum(len(t) for t in _prompt_texts(payload))
     return max(1.0, chars / CHARS_PER_TOKEN)

@@ -16,6 +16,9 @@ authentication error (401/403) is logged once and then retried at the longest ba
 The API key goes out in the `auth-token` header and nowhere else: it is never logged,
 never part of an exception message, `last_error` or `repr` (every message this module
 writes is also scrubbed of it, in case an upstream library or the server echoes it).
+
+No HTTP here: the provider is given a `LatestFetch`, the one call it needs (the proxy's
+is proxy/carbon_client.py, over httpx; tests may pass another).
 """
 
 from __future__ import annotations
@@ -26,11 +29,9 @@ import json
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
-
-import httpx
+from typing import Any, Protocol
 
 from metering.carbon.intensity import Intensity
 
@@ -71,6 +72,32 @@ class ElectricityMapsError(Exception):
     def is_auth(self) -> bool:
         """401/403: a bad or unauthorised key, which will not fix itself."""
         return self.status in (401, 403)
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What the API answered: status, body, and the headers the provider reads."""
+
+    status: int
+    body: bytes
+    retry_after: str | None = None
+    date: str | None = None
+
+
+class LatestFetch(Protocol):
+    """One GET of the API. Raises ElectricityMapsError when no answer came (a timeout over
+    the whole exchange, a transport error, a body over `max_bytes`), with no key in it."""
+
+    async def get(
+        self,
+        url: str,
+        params: Mapping[str, str],
+        headers: Mapping[str, str],
+        timeout_s: float,
+        max_bytes: int,
+    ) -> Answer: ...
+
+    async def aclose(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,7 +234,7 @@ class ElectricityMapsIntensity:
         static_g_per_kwh: float,
         refresh_s: float = DEFAULT_REFRESH_S,
         timeout_s: float = DEFAULT_TIMEOUT_S,
-        client: httpx.AsyncClient | None = None,
+        fetch: LatestFetch,
         clock: Callable[[], float] = time.monotonic,
         base_backoff_s: float = DEFAULT_BASE_BACKOFF_S,
         max_backoff_s: float | None = None,
@@ -232,7 +259,7 @@ class ElectricityMapsIntensity:
         if not api_key:
             raise ValueError("no Electricity Maps API key (set ELECTRICITYMAPS_API_KEY)")
         if not all(33 <= ord(c) <= 126 for c in api_key):
-            # httpx/h11 would echo an illegal header value in their error message.
+            # An HTTP library would echo an illegal header value in its error message.
             raise ValueError(
                 "the Electricity Maps API key has characters not allowed in an HTTP header"
             )
@@ -255,8 +282,7 @@ class ElectricityMapsIntensity:
         self._key = _Secret(api_key)
         self._params = params
         self._static = Intensity(static_g_per_kwh, SOURCE_FALLBACK, self.zone)
-        self._client = client
-        self._own_client = client is None
+        self._fetch_latest = fetch
         self._clock = clock
         self._sleep = sleep
         self._last: LatestIntensity | None = None
@@ -317,7 +343,7 @@ class ElectricityMapsIntensity:
         """Fetch now, then again after `next_delay_s` each time, until cancelled.
 
         Start it as a task beside the server and cancel it at shutdown; it closes the HTTP
-        client it created itself (a client passed in is left to its owner).
+        fetcher (which closes an HTTP client only if it made it).
         """
         try:
             while True:
@@ -340,41 +366,27 @@ class ElectricityMapsIntensity:
         return True
 
     async def aclose(self) -> None:
-        """Close the HTTP client if this provider created it."""
-        if self._own_client and self._client is not None:
-            client, self._client = self._client, None
-            await client.aclose()
+        """Close the fetcher (and its HTTP client, if the fetcher made it)."""
+        await self._fetch_latest.aclose()
 
     # ----------------------------------------------------------------- internals
 
     async def _fetch(self) -> LatestIntensity:
-        if self._client is None:
-            self._client = httpx.AsyncClient(timeout=self.timeout_s)
         url = self.base_url + LATEST_PATH
         headers = {"auth-token": self._key.reveal(), "accept": "application/json"}
-        try:
-            # httpx's timeout bounds each phase; this bounds the whole exchange.
-            async with asyncio.timeout(self.timeout_s):
-                async with self._client.stream(
-                    "GET", url, params=self._params, headers=headers, timeout=self.timeout_s
-                ) as resp:
-                    body = await _read_capped(resp)
-        except (TimeoutError, httpx.TimeoutException):
-            raise ElectricityMapsError(f"timeout after {self.timeout_s:g} s") from None
-        except httpx.HTTPError as exc:
-            raise ElectricityMapsError(f"{type(exc).__name__}: {exc}") from None
-        if resp.status_code != 200:
+        answer = await self._fetch_latest.get(
+            url, self._params, headers, self.timeout_s, MAX_BODY_BYTES
+        )
+        if answer.status != 200:
             retry_after_s = None
-            if resp.status_code in (429, 503):
-                retry_after_s = parse_retry_after_s(
-                    resp.headers.get("retry-after"), resp.headers.get("date")
-                )
+            if answer.status in (429, 503):
+                retry_after_s = parse_retry_after_s(answer.retry_after, answer.date)
             raise ElectricityMapsError(
-                _status_message(resp.status_code, body),
-                status=resp.status_code,
+                _status_message(answer.status, answer.body),
+                status=answer.status,
                 retry_after_s=retry_after_s,
             )
-        return parse_latest(body)
+        return parse_latest(answer.body)
 
     def _record_success(self, latest: LatestIntensity) -> None:
         if self._failures:
@@ -440,17 +452,6 @@ class ElectricityMapsIntensity:
 
     def _redact(self, text: str) -> str:
         return text.replace(self._key.reveal(), _REDACTED)
-
-
-async def _read_capped(resp: httpx.Response) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in resp.aiter_bytes():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise ElectricityMapsError(f"answer larger than {MAX_BODY_BYTES} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _status_message(status: int, body: bytes) -> str:

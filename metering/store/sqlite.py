@@ -15,7 +15,6 @@ keep counting what was dropped.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import math
 import sqlite3
@@ -41,6 +40,17 @@ from metering.store.rollup import (
     by_day,
     rollup,
 )
+from metering.store.sqlite_schema import (
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    SELECT_RECORD,
+    connect,
+    explain,
+    insert_records_sql,
+    rollback,
+    transaction,
+    upsert_rollups_sql,
+)
 
 log = logging.getLogger("energy_proxy.store")
 
@@ -54,273 +64,8 @@ _SQL_DATA_ERRORS: tuple[type[Exception], ...] = (
 _PRUNE_CHUNK_ROWS = 10_000  # rows per delete transaction, so the writer never waits long
 _MIN_MAKE_ROOM_ROWS = 1_000
 _MAKE_ROOM_FRACTION = 0.05  # of the records, dropped when the file is full
-_JOURNAL_SIZE_LIMIT_BYTES = 16 * 1024 * 1024  # the WAL is truncated to this after a checkpoint
 _WRITER_CACHE_KIB = 64 * 1024  # the id index's pages stay in memory up to ~2.5 M records
 MIN_MAX_BYTES = 1_000_000  # --db-max-mb 1
-_ROLLUP_SUMS = ("count", "joules", "co2eq_g", "token_joules", "tokens")
-
-
-# --- schema ------------------------------------------------------------------------------
-
-
-def _migrate_v1(conn: sqlite3.Connection) -> None:
-    conn.execute(
-        """
-        CREATE TABLE requests (
-            request_id TEXT PRIMARY KEY NOT NULL,
-            finished_at REAL NOT NULL,
-            model TEXT NOT NULL,
-            backend TEXT NOT NULL,
-            category TEXT NOT NULL,
-            status INTEGER NOT NULL,
-            duration_s REAL,
-            prompt_tokens INTEGER,
-            completion_tokens INTEGER,
-            tokens_source TEXT NOT NULL,
-            joules REAL,
-            gpu_joules REAL,
-            cpu_joules REAL,
-            dynamic_joules REAL,
-            joules_by_source TEXT NOT NULL,
-            method TEXT NOT NULL,
-            carbon_intensity_g_per_kwh REAL,
-            carbon_intensity_source TEXT NOT NULL,
-            co2eq_g REAL,
-            embodied_g REAL,
-            sci_g REAL,
-            energy TEXT NOT NULL
-        )
-        """
-    )
-    conn.execute("CREATE INDEX requests_finished_at ON requests (finished_at)")
-    conn.execute("CREATE INDEX requests_model_category ON requests (model, category)")
-
-
-def _migrate_v2(conn: sqlite3.Connection) -> None:
-    conn.execute("ALTER TABLE requests ADD COLUMN tenant TEXT NOT NULL DEFAULT ''")
-    conn.execute("ALTER TABLE requests ADD COLUMN client_request_id TEXT")
-    conn.execute("CREATE INDEX requests_client_request_id ON requests (client_request_id)")
-
-
-def _migrate_v3(conn: sqlite3.Connection) -> None:
-    # Compact records (no figure twice, labels by id, the id as bytes) and hourly rollups;
-    # the v2 rows are carried over and rolled up.
-    conn.execute("CREATE TABLE labels (id INTEGER PRIMARY KEY, text TEXT NOT NULL UNIQUE)")
-    conn.execute(
-        """
-        CREATE TABLE records (
-            rid BLOB NOT NULL,
-            finished_ms INTEGER NOT NULL,
-            model INTEGER NOT NULL,
-            model_group INTEGER NOT NULL,
-            backend INTEGER NOT NULL,
-            category INTEGER NOT NULL,
-            tenant INTEGER NOT NULL,
-            status INTEGER NOT NULL,
-            duration_s REAL,
-            prompt_tokens INTEGER,
-            completion_tokens INTEGER NOT NULL,
-            tokens_source INTEGER NOT NULL,
-            joules REAL,
-            gpu_joules REAL,
-            cpu_joules REAL,
-            dynamic_joules REAL,
-            method INTEGER NOT NULL,
-            attribution INTEGER NOT NULL,
-            intensity_g_per_kwh REAL,
-            intensity_source INTEGER NOT NULL,
-            intensity_zone INTEGER NOT NULL,
-            intensity_age_s REAL,
-            co2eq_g REAL,
-            embodied_g REAL,
-            client_request_id TEXT
-        )
-        """
-    )
-    conn.execute("CREATE UNIQUE INDEX records_rid ON records (rid)")
-    conn.execute(
-        "CREATE INDEX records_client_request_id ON records (client_request_id) "
-        "WHERE client_request_id IS NOT NULL"
-    )
-    for table, period in (("rollups", "hour"), ("rollups_daily", "day")):
-        conn.execute(
-            f"""
-            CREATE TABLE {table} (
-                {period} INTEGER NOT NULL,
-                model INTEGER NOT NULL,
-                category INTEGER NOT NULL,
-                backend INTEGER NOT NULL,
-                tenant INTEGER NOT NULL,
-                count INTEGER NOT NULL,
-                joules REAL NOT NULL,
-                co2eq_g REAL NOT NULL,
-                token_joules REAL NOT NULL,
-                tokens INTEGER NOT NULL,
-                PRIMARY KEY ({period}, model, category, backend, tenant)
-            ) WITHOUT ROWID
-            """
-        )
-    conn.create_function("energy_proxy_id_key", 1, id_key, deterministic=True)
-    zone = "COALESCE(json_extract(q.energy, '$.carbon_intensity_zone'), '')"
-    attribution = "COALESCE(json_extract(q.energy, '$.attribution'), '')"
-    conn.execute(
-        f"""
-        INSERT OR IGNORE INTO labels (text)
-        SELECT model FROM requests q UNION SELECT backend FROM requests q
-        UNION SELECT category FROM requests q UNION SELECT tenant FROM requests q
-        UNION SELECT tokens_source FROM requests q UNION SELECT method FROM requests q
-        UNION SELECT carbon_intensity_source FROM requests q
-        UNION SELECT {zone} FROM requests q UNION SELECT {attribution} FROM requests q
-        """
-    )
-    conn.execute(
-        f"""
-        INSERT OR IGNORE INTO records ({", ".join(COLUMNS)})
-        SELECT energy_proxy_id_key(q.request_id), CAST(round(q.finished_at * 1000) AS INTEGER),
-               m.id, m.id, b.id, c.id, t.id, q.status, q.duration_s, q.prompt_tokens,
-               COALESCE(q.completion_tokens, 0), ts.id, q.joules, q.gpu_joules, q.cpu_joules,
-               q.dynamic_joules, me.id, a.id, q.carbon_intensity_g_per_kwh, cs.id, z.id,
-               json_extract(q.energy, '$.carbon_intensity_age_s'), q.co2eq_g,
-               COALESCE(q.embodied_g, 0.0), q.client_request_id
-        FROM requests q
-        JOIN labels m ON m.text = q.model
-        JOIN labels b ON b.text = q.backend
-        JOIN labels c ON c.text = q.category
-        JOIN labels t ON t.text = q.tenant
-        JOIN labels ts ON ts.text = q.tokens_source
-        JOIN labels me ON me.text = q.method
-        JOIN labels a ON a.text = {attribution}
-        JOIN labels cs ON cs.text = q.carbon_intensity_source
-        JOIN labels z ON z.text = {zone}
-        ORDER BY q.finished_at
-        """
-    )
-    rebuild_rollups(conn)
-    conn.execute("DROP TABLE requests")
-
-
-def rebuild_rollups(conn: sqlite3.Connection) -> None:
-    """Both rollup tables computed anew from the records (schema 3): what the writer adds
-    batch by batch (metering/store/rollup.py), in one pass. For the v3 migration, and for
-    bench/store.py after it generates records in SQL."""
-    conn.execute("DELETE FROM rollups")
-    conn.execute("DELETE FROM rollups_daily")
-    conn.execute(
-        """
-        INSERT INTO rollups (hour, model, category, backend, tenant, count, joules, co2eq_g,
-                             token_joules, tokens)
-        SELECT finished_ms / 3600000, model_group, category, backend, tenant, COUNT(*),
-               TOTAL(joules), TOTAL(co2eq_g), TOTAL(CASE WHEN n > 0 THEN joules END), SUM(n)
-        FROM (SELECT *, CASE WHEN completion_tokens > 0 THEN completion_tokens
-                             ELSE COALESCE(prompt_tokens, 0) END AS n
-              FROM records WHERE status = 200)
-        GROUP BY 1, 2, 3, 4, 5
-        """
-    )
-    conn.execute(
-        """
-        INSERT INTO rollups_daily
-        SELECT hour / 24, model, category, backend, tenant, SUM(count), TOTAL(joules),
-               TOTAL(co2eq_g), TOTAL(token_joules), SUM(tokens)
-        FROM rollups GROUP BY 1, 2, 3, 4, 5
-        """
-    )
-
-
-# Applied in order: migration i takes the schema from version i to version i + 1
-# (`PRAGMA user_version`). Append only; never edit one that has shipped.
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
-    _migrate_v1,
-    _migrate_v2,
-    _migrate_v3,
-)
-SCHEMA_VERSION = len(MIGRATIONS)
-
-
-@functools.lru_cache(maxsize=16)
-def _insert_records_sql(n: int) -> str:
-    one = f"({', '.join('?' for _ in COLUMNS)})"
-    return (
-        f"INSERT INTO records ({', '.join(COLUMNS)}) VALUES {', '.join([one] * n)} "
-        "ON CONFLICT (rid) DO NOTHING RETURNING rid"
-    )
-
-
-@functools.lru_cache(maxsize=64)
-def _upsert_rollups_sql(table: str, period: str, n: int) -> str:
-    one = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-    sums = ", ".join(f"{c} = {c} + excluded.{c}" for c in _ROLLUP_SUMS)
-    return (
-        f"INSERT INTO {table} ({period}, model, category, backend, tenant, "
-        f"{', '.join(_ROLLUP_SUMS)}) VALUES {', '.join([one] * n)} "
-        f"ON CONFLICT ({period}, model, category, backend, tenant) DO UPDATE SET {sums}"
-    )
-
-
-_SELECT_RECORD = f"SELECT {', '.join(COLUMNS)} FROM records"
-
-
-# --- connections -------------------------------------------------------------------------
-
-
-def _connect(path: str, busy_timeout_s: float) -> sqlite3.Connection:
-    # isolation_level=None: no implicit transactions; every write says BEGIN IMMEDIATE itself,
-    # which takes the write lock up front so busy_timeout applies (no lock-upgrade deadlock).
-    conn = sqlite3.connect(
-        path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
-    )
-    try:
-        if not conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone():
-            # A new file: free pages can be given back to the filesystem (only settable
-            # before the first table).
-            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
-        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
-            raise StoreError(
-                f"request store {path!r}: SQLite refused WAL mode (got {mode!r}); "
-                "use a file on a local filesystem for --db"
-            )
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute(f"PRAGMA journal_size_limit = {_JOURNAL_SIZE_LIMIT_BYTES}")
-    except BaseException:
-        conn.close()
-        raise
-    return conn
-
-
-def _rollback(conn: sqlite3.Connection) -> None:
-    # Never let a failed ROLLBACK hide the error that caused it.
-    if conn.in_transaction:
-        with contextlib.suppress(sqlite3.Error):
-            conn.execute("ROLLBACK")
-
-
-def _transaction(conn: sqlite3.Connection, sql: str, params: Sequence[object] = ()) -> int:
-    """Run one statement in its own write transaction; rows changed."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        cur = conn.execute(sql, params)
-        conn.execute("COMMIT")
-    except BaseException:
-        _rollback(conn)
-        raise
-    return cur.rowcount
-
-
-def explain(e: BaseException) -> str:
-    msg = str(e) or type(e).__name__
-    low = msg.lower()
-    if "not a database" in low or "malformed" in low:
-        return f"{msg} (the file is not an energy-proxy database or is damaged)"
-    if "locked" in low or "busy" in low:
-        return f"{msg} (another process holds a lock on it)"
-    if "unable to open" in low or "readonly" in low or "read-only" in low:
-        return f"{msg} (check that the path and its directory are writable)"
-    if "full" in low:
-        return f"{msg} (no space left: the size limit, --db-max-mb, or the disk)"
-    if "disk i/o" in low:
-        return f"{msg} (the filesystem refused a write: a full disk or a file size limit)"
-    return msg
 
 
 # --- the database ------------------------------------------------------------------------
@@ -360,16 +105,16 @@ class SqliteDatabase:
             ) from e
         conns: list[sqlite3.Connection] = []
         try:
-            w = _connect(path, busy_timeout_s)
+            w = connect(path, busy_timeout_s)
             conns.append(w)
             self._migrate(w)
             w.execute(f"PRAGMA cache_size = -{_WRITER_CACHE_KIB}")
             # Writes must be possible now (a read-only file, a locked database), rather than
             # failing later in the writer.
-            _transaction(w, "DELETE FROM records WHERE rid = x''")
+            transaction(w, "DELETE FROM records WHERE rid = x''")
             self._apply_size_limit(w)
             self._ids = dict(w.execute("SELECT text, id FROM labels").fetchall())
-            r = _connect(path, busy_timeout_s)
+            r = connect(path, busy_timeout_s)
             conns.append(r)
             r.execute("SELECT COUNT(*) FROM records WHERE 0").fetchone()
         except StoreError:
@@ -420,7 +165,7 @@ class SqliteDatabase:
                 conn.execute("COMMIT")
                 log.info("request store %s: schema migrated to version %d", path, version + 1)
             except BaseException:
-                _rollback(conn)
+                rollback(conn)
                 raise
         if migrated_rows and int(conn.execute("PRAGMA auto_vacuum").fetchone()[0]) != 2:
             # Give the old rows' space back, and let later drops give theirs.
@@ -466,7 +211,7 @@ class SqliteDatabase:
         if lo is None:
             return 0
         n = max(_MIN_MAKE_ROOM_ROWS, math.ceil((hi - lo + 1) * _MAKE_ROOM_FRACTION))
-        return _transaction(conn, "DELETE FROM records WHERE rowid < ?", (lo + n,))
+        return transaction(conn, "DELETE FROM records WHERE rowid < ?", (lo + n,))
 
     # --- the writer side -----------------------------------------------------------------
 
@@ -509,7 +254,7 @@ class SqliteDatabase:
             self._upsert_rollups(conn, "rollups", "hour", hourly)
             self._upsert_rollups(conn, "rollups_daily", "day", by_day(hourly))
         except BaseException:
-            _rollback(conn)
+            rollback(conn)
             self._staged = {}
             raise
         return out
@@ -530,14 +275,14 @@ class SqliteDatabase:
         for i in range(0, len(rows), per_stmt):
             part = rows[i : i + per_stmt]
             try:
-                cur = conn.execute(_insert_records_sql(len(part)), [v for row in part for v in row])
+                cur = conn.execute(insert_records_sql(len(part)), [v for row in part for v in row])
                 keys.update(k for (k,) in cur.fetchall())
             except _SQL_DATA_ERRORS:
                 # A row is bad; SQLite undid only that statement (the transaction goes on):
                 # one by one, so that the others still land.
                 for row, r in zip(part, records[i : i + per_stmt], strict=True):
                     try:
-                        cur = conn.execute(_insert_records_sql(1), row)
+                        cur = conn.execute(insert_records_sql(1), row)
                         keys.update(k for (k,) in cur.fetchall())
                     except _SQL_DATA_ERRORS:
                         bad.append(r)
@@ -563,20 +308,20 @@ class SqliteDatabase:
                 s.token_joules,
                 s.tokens,
             )
-        conn.execute(_upsert_rollups_sql(table, period, len(sums)), params)
+        conn.execute(upsert_rollups_sql(table, period, len(sums)), params)
 
     def commit(self) -> None:
         try:
             self._w.execute("COMMIT")
         except BaseException:
-            _rollback(self._w)
+            rollback(self._w)
             self._staged = {}
             raise
         self._ids.update(self._staged)
         self._staged = {}
 
     def rollback(self) -> None:
-        _rollback(self._w)
+        rollback(self._w)
         self._staged = {}
 
     def is_full(self, error: BaseException) -> bool:
@@ -586,7 +331,7 @@ class SqliteDatabase:
         )
 
     def make_room(self) -> int:
-        _rollback(self._w)
+        rollback(self._w)
         return self._drop_oldest(self._w)
 
     def maintain(self) -> int:
@@ -630,12 +375,12 @@ class SqliteDatabase:
                 tenant_id = self._label_id(tenant)
                 if tenant_id is None:
                     return None  # the tenant has no records at all
-            row = conn.execute(f"{_SELECT_RECORD} WHERE rid = ?", (id_key(request_id),)).fetchone()
+            row = conn.execute(f"{SELECT_RECORD} WHERE rid = ?", (id_key(request_id),)).fetchone()
             if row is not None and (tenant_id is None or row[TENANT] == tenant_id):
                 return decode(row, self._text)
             scope, params = ("", ()) if tenant_id is None else (" AND tenant = ?", (tenant_id,))
             row = conn.execute(
-                f"{_SELECT_RECORD} WHERE client_request_id = ?{scope} ORDER BY rowid DESC LIMIT 1",
+                f"{SELECT_RECORD} WHERE client_request_id = ?{scope} ORDER BY rowid DESC LIMIT 1",
                 (request_id, *params),
             ).fetchone()
             return None if row is None else decode(row, self._text)
@@ -690,7 +435,7 @@ class SqliteDatabase:
             while True:
                 # Oldest first, in the order they were written: a chunk with a record newer
                 # than the cutoff ends the pass.
-                n = _transaction(
+                n = transaction(
                     conn,
                     "DELETE FROM records WHERE rowid IN (SELECT rowid FROM records "
                     "ORDER BY rowid LIMIT ?) AND finished_ms < ?",
@@ -699,8 +444,8 @@ class SqliteDatabase:
                 deleted += n
                 if n < _PRUNE_CHUNK_ROWS:
                     break
-            _transaction(conn, "DELETE FROM rollups WHERE hour < ?", (cutoff_hour,))
-            _transaction(
+            transaction(conn, "DELETE FROM rollups WHERE hour < ?", (cutoff_hour,))
+            transaction(
                 conn, "DELETE FROM rollups_daily WHERE day < ?", (cutoff_hour // HOURS_PER_DAY,)
             )
             with contextlib.suppress(sqlite3.Error):

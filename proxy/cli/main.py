@@ -411,8 +411,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_doctor(**args)
     if ns.command == "bench":
         from proxy.cli.bench.command import run_bench_command
+        from proxy.cli.bench.common import BenchOptions
 
-        return run_bench_command(**args)
+        return run_bench_command(BenchOptions(**args))
     parser.error(f"unknown command {ns.command}")
     return 2
 

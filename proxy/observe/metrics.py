@@ -1,4 +1,4 @@
-"""Prometheus metrics on an explicit registry, names as INTERFACE.md fixes them.
+"""Prometheus metrics on an explicit registry, names as docs/INTERFACE.md fixes them.
 
 Per-request metrics are observed once when a request finishes. Energy totals and power
 are read from the sampler at scrape time by a collector, so the hot path pays nothing
@@ -14,12 +14,13 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from backends.registry import Backend
+from backends.backend import Backend
 from metering.accounting.report import EnergyReport
 from metering.accounting.sampler import Sampler
 from metering.carbon.intensity import Intensity
 from metering.store import StoreStatus
 from proxy.live.hub import EventHub
+from proxy.observe.finished import RequestFinished
 
 
 def log_buckets(low: float, high: float, per_decade: int) -> tuple[float, ...]:
@@ -93,7 +94,7 @@ class _BackendCollector(Collector):
         self._backends = backends
 
     def collect(self) -> Iterator[Metric]:
-        # The relay keeps Backend.inflight; the gauge is read from it at scrape time.
+        # The relay keeps Backend.traffic; the gauge is read from it at scrape time.
         ours = GaugeMetricFamily(
             "energy_proxy_inflight_requests",
             "Requests in flight through the proxy.",
@@ -112,12 +113,13 @@ class _BackendCollector(Collector):
             labels=("backend", "type"),
         )
         for b in self._backends:
-            ours.add_metric((b.name,), b.inflight)
+            ours.add_metric((b.name,), b.traffic.inflight)
             if b.own_inflight is not None:
                 own.add_metric((b.name,), b.own_inflight)
-            if b.untracked is not None:
-                gap.add_metric((b.name, "prompt"), b.untracked[0])
-                gap.add_metric((b.name, "completion"), b.untracked[1])
+            untracked = b.state.untracked
+            if untracked is not None:
+                gap.add_metric((b.name, "prompt"), untracked[0])
+                gap.add_metric((b.name, "completion"), untracked[1])
         yield ours
         yield own
         yield gap
@@ -243,6 +245,16 @@ class ProxyMetrics:
 
     def watch_live_streams(self, hub: EventHub) -> None:
         self.registry.register(_LiveStreamsCollector(hub))
+
+    # --- observing requests (proxy/observe/finished.py) -----------------------------------
+
+    def finished(self, event: RequestFinished) -> None:
+        self.observe(event.report, event.backend.name, event.status, event.model_label)
+        if event.tenant:
+            self.observe_tenant(event.tenant, event.report, event.status)
+
+    def rejected(self, status: int) -> None:
+        self.count_rejected("other", "other", "none", status)
 
     def observe_tenant(self, tenant: str, report: EnergyReport, status: int) -> None:
         """`tenant` is a configured key's name, never free text (it becomes a label)."""

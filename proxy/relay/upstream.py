@@ -65,6 +65,10 @@ class UpstreamClient(Protocol):
         """A small JSON POST (a backend's tokenize endpoint; not on the request path)."""
         ...
 
+    async def start(self) -> None:
+        """Open the connection pool (in the running loop; the app's start-up calls it)."""
+        ...
+
     async def aclose(self) -> None: ...
 
 
@@ -131,26 +135,38 @@ class _Fetching:
 
 
 class AiohttpUpstream(_Fetching):
-    """aiohttp `ClientSession` with a keep-alive pool; no cookie jar, no decompression."""
+    """aiohttp `ClientSession` with a keep-alive pool; no cookie jar, no decompression.
+
+    Built anywhere; its session opens in the running loop (aiohttp needs one), at
+    `start()` or at the first request, whichever comes first."""
 
     def __init__(self, timeout_s: float, *, pool_size: int = 0) -> None:
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=min(timeout_s, 30.0), sock_read=timeout_s
         )
+        self._pool_size = pool_size
+        self._session: aiohttp.ClientSession | None = None
+
+    def _open(self) -> aiohttp.ClientSession:
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=pool_size, ttl_dns_cache=300),
+            connector=aiohttp.TCPConnector(limit=self._pool_size, ttl_dns_cache=300),
             timeout=self._timeout,
             auto_decompress=False,
             cookie_jar=aiohttp.DummyCookieJar(),
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
         )
+        return self._session
+
+    async def start(self) -> None:
+        if self._session is None or self._session.closed:
+            self._open()
 
     async def send(
         self, method: str, url: str, headers: list[tuple[bytes, bytes]], body: bytes
     ) -> _AiohttpResponse:
         hdrs = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers]
         try:
-            resp = await self._session.request(
+            resp = await (self._session or self._open()).request(
                 method, url, data=body, headers=hdrs, allow_redirects=False
             )
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
@@ -179,7 +195,7 @@ class AiohttpUpstream(_Fetching):
                     {"content-type": "application/json", **(extra or {})},
                 )
             )
-            async with self._session.request(
+            async with (self._session or self._open()).request(
                 method,
                 url,
                 data=data,
@@ -195,7 +211,9 @@ class AiohttpUpstream(_Fetching):
             raise BackendUnreachable(f"{method} {url} failed: {exc}") from exc
 
     async def aclose(self) -> None:
-        await self._session.close()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
 
 # --- httpx ---------------------------------------------------------------------------
@@ -243,6 +261,9 @@ class HttpxUpstream(_Fetching):
             timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 30.0)),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
         )
+
+    async def start(self) -> None:
+        return None  # httpx's client needs no running loop to be built
 
     async def send(
         self, method: str, url: str, headers: list[tuple[bytes, bytes]], body: bytes

@@ -91,9 +91,9 @@ def test_a_backends_max_running_sets_its_queue_models_capacity(tmp_path: Path) -
     s = load_settings({"config": str(cfg)}, {})
     assert s.attribution == "queue"  # the default
     app = create_app(s)
-    assert app.ctx.queues["vllm"].capacity == 12
-    assert app.ctx.queues["other"].capacity is None
-    app.ctx.sampler.close()
+    assert app.meter.lane("vllm").queue.capacity == 12
+    assert app.meter.lane("other").queue.capacity is None
+    app.meter.sampler.close()
     app.store.close()
     bad = tmp_path / "bad.toml"
     bad.write_text('[[backends]]\nname = "x"\nurl = "http://127.0.0.1:1"\nmax_running = 0\n')

@@ -8,24 +8,28 @@ directory either way (an interrupted run's files say "interrupted, partial");
 from __future__ import annotations
 
 import asyncio
-import importlib
-import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
-import httpx
 from rich.console import Console
-from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TextColumn
 
-from backends.local.launch import LaunchError, proxy_server
 from metering.ratings.score import MIN_REQUESTS_FOR_RATING, rate
-from metering.sources.hardware import describe_hardware
+from proxy.cli.bench.common import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    BenchOptions,
+    Display,
+    connect,
+    describe_error,
+    now_iso,
+    print_error,
+    proxy_hardware,
+)
 from proxy.cli.bench.files import (
     REPORT_HTML,
     REQUESTS_CSV,
@@ -36,15 +40,9 @@ from proxy.cli.bench.files import (
 )
 from proxy.cli.bench.prompts import PromptSetError, categories_of, load_prompts
 from proxy.cli.bench.results import Rater, RequestResult, build_summary
-from proxy.cli.bench.runner import Hooks, Job, ModelRun, Phase, PromptLike, RunOptions, run_bench
+from proxy.cli.bench.runner import Hooks, Job, ModelRun, PromptLike, RunOptions, run_bench
+from proxy.cli.bench.sweep import run_sweep_command
 from proxy.cli.bench.table import summary_table
-
-DEFAULT_PROXY = "http://127.0.0.1:8080"
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-
-
-class UsageError(ValueError):
-    """A bad argument: exit code 2."""
 
 
 @dataclass
@@ -52,58 +50,6 @@ class Outcome:
     exit_code: int
     summary: dict[str, Any]
     out_dir: Path
-
-
-def _now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-class _Display:
-    """A rich progress bar: model, phase, requests done, failures so far."""
-
-    def __init__(self, console: Console) -> None:
-        self.progress = Progress(
-            SpinnerColumn(),
-            TextColumn("{task.description}"),
-            BarColumn(),
-            TextColumn("{task.completed}/{task.total}"),
-            TextColumn("[red]{task.fields[failed]}"),
-            console=console,
-            transient=True,
-        )
-        self.task: TaskID | None = None
-        self.failed = 0
-
-    def __enter__(self) -> _Display:
-        self.progress.__enter__()
-        self.task = self.progress.add_task("starting", total=None, failed="")
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.progress.__exit__(exc_type, exc, tb)
-
-    def phase(self, p: Phase) -> None:
-        assert self.task is not None
-        what = {
-            "pause": f"pausing {p.seconds:g} s to cool down",
-            "idle": f"idle baseline, {p.seconds:g} s",
-            "warmup": "warming up",
-            "measure": "measuring",
-        }.get(p.name, p.name)
-        self.progress.reset(
-            self.task, total=p.total or None, description=f"{p.model}: {what}", completed=0
-        )
-
-    def advance(self, r: RequestResult) -> None:
-        assert self.task is not None
-        self.failed += not r.ok
-        failed = f"{self.failed} failed" if self.failed else ""
-        self.progress.update(self.task, advance=1, failed=failed)
 
 
 def bench_to_dir(
@@ -124,7 +70,7 @@ def bench_to_dir(
     Ctrl-C (or a KeyboardInterrupt raised by `on_result`) stops the run; what finished is
     kept and summarised, the summary says "interrupted, partial", the exit code is 130.
     """
-    started_at = _now_iso()
+    started_at = now_iso()
     results: list[RequestResult] = []
     model_runs: list[ModelRun] = []
     main_task: list[asyncio.Task[Any]] = []
@@ -145,7 +91,7 @@ def bench_to_dir(
 
         return call
 
-    with ResultWriter(out_dir) as writer, _Display(console) as display:
+    with ResultWriter(out_dir) as writer, Display(console) as display:
 
         def keep(r: RequestResult) -> None:
             results.append(r)
@@ -172,14 +118,14 @@ def bench_to_dir(
         except (KeyboardInterrupt, asyncio.CancelledError):
             interrupted = True
         except Exception as exc:  # keep and summarise what finished, then say why it stopped
-            aborted = _describe(exc)
+            aborted = describe_error(exc)
 
     summary = build_summary(
         results,
         [m.to_dict() for m in model_runs],
         config=config or {},
         started_at=started_at,
-        finished_at=_now_iso(),
+        finished_at=now_iso(),
         interrupted=interrupted,
         aborted=aborted,
         models=models,
@@ -190,13 +136,6 @@ def bench_to_dir(
     _print_outcome(console, summary, out_dir)
     code = EXIT_FAILED if aborted else EXIT_INTERRUPTED if interrupted else EXIT_OK
     return Outcome(code, summary, out_dir)
-
-
-def _describe(exc: BaseException) -> str:
-    """The first real error inside task groups' ExceptionGroups."""
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = exc.exceptions[0]
-    return f"{type(exc).__name__}: {exc}"
 
 
 def _print_outcome(console: Console, summary: Mapping[str, Any], out_dir: Path) -> None:
@@ -235,119 +174,52 @@ def _print_outcome(console: Console, summary: Mapping[str, Any], out_dir: Path) 
     console.print(f"results in {out_dir}: {names}")
 
 
-def _error(message: str) -> None:
-    Console(stderr=True).print(f"energy-proxy bench: {message}", style="red", markup=False)
-
-
-def resolve_models(proxy_url: str, wanted: str | None, api_key: str | None = None) -> list[str]:
-    """The models to run: `wanted` (comma-separated), each one the proxy lists, or all."""
-    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
-    r = httpx.get(f"{proxy_url}/v1/models", headers=headers, timeout=30.0)
-    r.raise_for_status()
-    listed = [str(m["id"]) for m in r.json().get("data", [])]
-    if not wanted:
-        if not listed:
-            raise UsageError("the proxy lists no models")
-        return listed
-    names = [m.strip() for m in wanted.split(",") if m.strip()]
-    unknown = [m for m in names if m not in listed]
-    if not names:
-        raise UsageError(f"--models {wanted!r} names no model")
-    if unknown:
-        raise UsageError(
-            f"unknown model(s) {', '.join(unknown)}; the proxy lists: {', '.join(listed) or 'none'}"
-        )
-    return list(dict.fromkeys(names))
-
-
-def proxy_hardware(proxy_url: str) -> str:
-    """What the proxy measures on, by its `/readyz` ("NVIDIA H100 80GB HBM3 (nvml-counter)"),
-    for the report; "" when it cannot be read (the report then simply lacks it)."""
-    try:
-        doc = httpx.get(f"{proxy_url}/readyz", timeout=10.0).json()
-        sources = doc.get("power_sources", [])
-        return describe_hardware(
-            (str(s.get("name", "")), str(s.get("hardware") or ""), str(s.get("method", "")))
-            for s in sources
-        )
-    except (httpx.HTTPError, ValueError, AttributeError):
-        return ""
-
-
-def run_bench_command(
-    proxy: str | None = None,
-    backend: str | None = None,
-    models: str | None = None,
-    prompts: str = "builtin:v1",
-    per_category: int | None = None,
-    warmup: int = 1,
-    repetitions: int = 3,
-    concurrency: int = 1,
-    idle_s: float = 10.0,
-    pause_s: float = 10.0,
-    max_tokens: int | None = None,
-    timeout_s: float = 600.0,
-    power_source: str | None = None,
-    api_key: str | None = None,
-    sweep: bool = False,
-    slo_ttft_ms: float | None = None,
-    slo_tpot_ms: float | None = None,
-    out: str | None = None,
-    console: Console | None = None,
-) -> int:
+def run_bench_command(options: BenchOptions, console: Console | None = None) -> int:
+    """`energy-proxy bench` (and, with `--sweep`, `bench --sweep`); the exit code."""
     console = console or Console()
-    api_key = api_key or os.environ.get("ENERGY_PROXY_BENCH_API_KEY") or None
-    if sweep:
-        return _run_sweep(locals())
-    if power_source and not backend:
-        _error("--power-source applies only to the proxy that --backend starts")
+    options = options.with_env()
+    if options.sweep:
+        return run_sweep_command(options, console)
+    problem = options.usage_problem()
+    if problem:
+        _error(problem)
         return EXIT_USAGE
     try:
-        prompt_list = load_prompts(prompts, per_category)
-        options = RunOptions(
-            repetitions=repetitions,
-            warmup=warmup,
-            concurrency=concurrency,
-            idle_s=idle_s,
-            pause_s=pause_s,
-            max_tokens=max_tokens,
-            timeout_s=timeout_s,
-            api_key=api_key,
-        )
+        prompt_list = load_prompts(options.prompts, options.per_category)
+        run_options = options.run_options()
     except (PromptSetError, ValueError) as exc:
         _error(str(exc))
         return EXIT_USAGE
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    out_dir = Path(out) if out else Path("bench-results") / stamp
+    out_dir = options.out_dir()
     with ExitStack() as stack:
-        connected = connect(stack, proxy, backend, power_source, models, api_key, out_dir, console)
+        connected = connect(stack, options, out_dir, console)
         if isinstance(connected, int):
             return connected
         proxy_url, model_list = connected
         config = {
             "proxy": proxy_url,
             "hardware": proxy_hardware(proxy_url),
-            "backend": backend,
+            "backend": options.backend,
             "models": model_list,
-            "prompts": prompts,
-            "per_category": per_category,
+            "prompts": options.prompts,
+            "per_category": options.per_category,
             "prompt_count": len(prompt_list),
             "categories": categories_of(prompt_list),
-            "repetitions": repetitions,
-            "warmup": warmup,
-            "concurrency": concurrency,
-            "idle_s": idle_s,
-            "pause_s": pause_s,
-            "max_tokens": max_tokens,
-            "timeout_s": timeout_s,
-            "slo_ttft_ms": slo_ttft_ms,
-            "slo_tpot_ms": slo_tpot_ms,
+            "repetitions": options.repetitions,
+            "warmup": options.warmup,
+            "concurrency": options.concurrency,
+            "idle_s": options.idle_s,
+            "pause_s": options.pause_s,
+            "max_tokens": options.max_tokens,
+            "timeout_s": options.timeout_s,
+            "slo_ttft_ms": options.slo_ttft_ms,
+            "slo_tpot_ms": options.slo_tpot_ms,
         }
         outcome = bench_to_dir(
             proxy_url,
             model_list,
             prompt_list,
-            options,
+            run_options,
             out_dir,
             console=console,
             config=config,
@@ -356,57 +228,5 @@ def run_bench_command(
         return outcome.exit_code
 
 
-def connect(
-    stack: ExitStack,
-    proxy: str | None,
-    backend: str | None,
-    power_source: str | None,
-    models: str | None,
-    api_key: str | None,
-    out_dir: Path,
-    console: Console,
-) -> tuple[str, list[str]] | int:
-    """The proxy to measure through (started on `stack` in front of `backend` if given)
-    and the models to run; or the exit code when that cannot be had."""
-    proxy_url = (proxy or DEFAULT_PROXY).rstrip("/")
-    try:
-        if backend:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ep-bench-")))
-            extra = ["--db", str(tmp / "requests.db")]
-            if power_source:
-                extra += ["--power-source", power_source]
-            console.print(f"[bold]Starting energy-proxy[/] in front of {backend}")
-            server = stack.enter_context(
-                proxy_server(backend, extra_args=extra, log_path=out_dir / "proxy.log")
-            )
-            proxy_url = server.url
-        return proxy_url, resolve_models(proxy_url, models, api_key)
-    except LaunchError as exc:
-        _error(f"{exc} (log in {out_dir / 'proxy.log'})")
-        return EXIT_FAILED
-    except UsageError as exc:
-        _error(str(exc))
-        return EXIT_USAGE
-    except (httpx.HTTPError, ValueError, KeyError) as exc:
-        _error(f"cannot list models at {proxy_url}: {exc}")
-        return EXIT_FAILED
-    except KeyboardInterrupt:
-        _error("interrupted before any request")
-        return EXIT_INTERRUPTED
-
-
-def _run_sweep(args: dict[str, Any]) -> int:
-    """`--sweep` belongs to `proxy.cli.bench.sweep.run_sweep_command(**args)`."""
-    try:
-        module = importlib.import_module("proxy.cli.bench.sweep")
-    except ModuleNotFoundError as exc:
-        if exc.name != "proxy.cli.bench.sweep":
-            raise
-        module = None
-    command = getattr(module, "run_sweep_command", None)
-    if command is None:
-        _error("--sweep is not available in this installation")
-        return EXIT_USAGE
-    code: int = command(**{k: v for k, v in args.items() if k != "sweep"})
-    return code
+def _error(message: str) -> None:
+    print_error("energy-proxy bench", message)

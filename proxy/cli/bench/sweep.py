@@ -36,299 +36,48 @@ import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractContextManager, ExitStack
-from dataclasses import dataclass, field, replace
-from datetime import datetime
+from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Any
 
 from rich.console import Console
 from rich.table import Table
 
-from proxy.cli.bench.command import (
+from proxy.cli.bench.common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_USAGE,
-    _describe,
-    _Display,
-    _now_iso,
+    BenchOptions,
+    Display,
     connect,
+    describe_error,
+    now_iso,
+    print_error,
     proxy_hardware,
 )
 from proxy.cli.bench.files import write_json
-from proxy.cli.bench.pareto import (
-    MeasuredSetting,
-    NoRecommendation,
-    Recommendation,
-    advise,
-    pareto_front,
-)
-from proxy.cli.bench.pareto import outputs_identical as pareto_outputs_identical
 from proxy.cli.bench.prompts import PromptSetError, categories_of, load_prompts
-from proxy.cli.bench.results import RESULT_FIELDS, RequestResult, mean, percentile, to_csv_row
+from proxy.cli.bench.results import RequestResult, to_csv_row
 from proxy.cli.bench.runner import Hooks, Phase, PromptLike, RunOptions, run_bench
-
-DEFAULT_CONCURRENCY = (1, 2, 4, 8)
-DEFAULT_POWER_STEPS = 4
-CONCURRENCY_ENV = "ENERGY_PROXY_SWEEP_CONCURRENCY"
-POWER_STEPS_ENV = "ENERGY_PROXY_SWEEP_POWER_STEPS"
-SWEEP_JSON = "sweep.json"
-SWEEP_CSV = "sweep.csv"
-SWEEP_CSV_FIELDS: tuple[str, ...] = ("setting", "power_limit_w", *RESULT_FIELDS)
-NO_NVML = "no NVIDIA GPU / NVML not available"
-
-
-class PowerLimitsLike(Protocol):
-    """What the sweep needs of `proxy.cli.bench.power_limit.PowerLimits` (a fake in the tests)."""
-
-    def sweep_points_w(self, steps: int) -> list[float]: ...
-    def current_w(self) -> dict[int, float]: ...
-    def applied(self, limit_w: float) -> AbstractContextManager[object]: ...
-
-
-@dataclass(frozen=True)
-class SweepSetting:
-    """One point of the sweep. power_limit_w None: the limit in force now, untouched."""
-
-    concurrency: int
-    power_limit_w: float | None = None
-
-    @property
-    def label(self) -> str:
-        if self.power_limit_w is None:
-            return f"concurrency {self.concurrency}"
-        return f"concurrency {self.concurrency}, {self.power_limit_w:g} W"
-
-    def knobs(self) -> dict[str, Any]:
-        return {"concurrency": self.concurrency, "power_limit_w": self.power_limit_w}
-
-
-@dataclass
-class SettingRun:
-    """What one setting measured; `note` says why it was skipped or cut short ("": ran)."""
-
-    setting: SweepSetting
-    results: list[RequestResult] = field(default_factory=list)
-    started: bool = False
-    complete: bool = False
-    note: str = ""
-
-
-# ---------------------------------------------------------------------- pure parts
-
-
-def concurrency_levels(env_value: str | None, baseline: int) -> list[int]:
-    """The concurrencies to sweep, ascending, the baseline always among them.
-
-    env_value: "1,2,4" (ENERGY_PROXY_SWEEP_CONCURRENCY) or None/"" for DEFAULT_CONCURRENCY.
-    Raises ValueError for anything but positive integers.
-    """
-    levels: list[int] = list(DEFAULT_CONCURRENCY)
-    if env_value and env_value.strip():
-        try:
-            levels = [int(x) for x in env_value.split(",") if x.strip()]
-        except ValueError:
-            raise ValueError(f"{CONCURRENCY_ENV}={env_value!r}: not integers") from None
-        if not levels or any(c < 1 for c in levels):
-            raise ValueError(f"{CONCURRENCY_ENV}={env_value!r}: concurrencies must be >= 1")
-    return sorted({*levels, baseline})
-
-
-def plan_settings(
-    levels: Sequence[int], baseline: int, power_points_w: Sequence[float]
-) -> list[SweepSetting]:
-    """Every concurrency at the current limit, then each power limit at the baseline's and
-    the highest concurrency (not the full product: keeps the run a sane size)."""
-    settings = [SweepSetting(c) for c in levels]
-    at = sorted({baseline, max(levels)})
-    settings += [SweepSetting(c, w) for w in power_points_w for c in at]
-    return settings
-
-
-def setting_numbers(results: Sequence[RequestResult]) -> dict[str, Any]:
-    """A setting's numbers from its requests; the three objectives come from successful ones
-    (None when there are none, or no tokens: such a setting is not on any front)."""
-    ok = [r for r in results if r.ok]
-    metered = [r for r in ok if r.joules is not None and r.completion_tokens is not None]
-    joules = sum(r.joules or 0.0 for r in metered)
-    tokens = sum(r.completion_tokens or 0 for r in metered)
-    return {
-        "requests": len(results),
-        "failures": len(results) - len(ok),
-        "joules": joules,
-        "completion_tokens": tokens,
-        "energy_j_per_token": joules / tokens if tokens > 0 else None,
-        "p90_ttft_s": percentile([r.ttft_s for r in ok if r.ttft_s is not None], 90),
-        "mean_tpot_s": mean([r.tpot_s for r in ok if r.tpot_s is not None]),
-    }
-
-
-def measured_setting(run: SettingRun) -> MeasuredSetting | None:
-    """The setting as `proxy.cli.bench.pareto` sees it, or None when it has no complete numbers."""
-    n = setting_numbers(run.results)
-    if n["energy_j_per_token"] is None or n["p90_ttft_s"] is None or n["mean_tpot_s"] is None:
-        return None
-    return MeasuredSetting(
-        run.setting.label,
-        n["energy_j_per_token"],
-        n["p90_ttft_s"],
-        n["mean_tpot_s"],
-        run.setting.knobs(),
-    )
-
-
-def setting_status(run: SettingRun) -> str:
-    """ "measured" for a candidate; else why the setting is not compared."""
-    failures = sum(not r.ok for r in run.results)
-    if run.note:
-        return run.note
-    if not run.started:
-        return "not run"
-    if not run.complete:
-        return "partial: not compared"
-    if failures:
-        return f"{failures} failed: not compared"
-    if measured_setting(run) is None:
-        return "no successful measurement"
-    return "measured"
-
-
-def compare_outputs(runs: Sequence[SettingRun], temperature_zero_ids: set[str]) -> dict[str, Any]:
-    """Whether the settings gave the same answers to the temperature-0 prompts.
-
-    Per setting, the first repetition's successful answers (their sha256). Only prompts every
-    compared setting answered are compared; the others are listed as not compared (a failed
-    request is not a changed answer).
-    """
-    by_setting: dict[str, dict[str, str]] = {}
-    for run in runs:
-        answers = {
-            r.prompt_id: r.output_sha256
-            for r in run.results
-            if r.ok and r.repetition == 0 and r.prompt_id in temperature_zero_ids
-        }
-        if answers:
-            by_setting[run.setting.label] = answers
-    all_ids: dict[str, None] = {}
-    for answers in by_setting.values():
-        all_ids.update(dict.fromkeys(answers))
-    common = [i for i in all_ids if all(i in a for a in by_setting.values())]
-    tables = {label: {i: a[i] for i in common} for label, a in by_setting.items()}
-    identical, differing = pareto_outputs_identical(tables)
-    return {
-        "identical": identical,
-        "compared_settings": list(by_setting),
-        "compared_prompts": len(common),
-        "differing_prompt_ids": differing,
-        "not_compared_prompt_ids": [i for i in all_ids if i not in common],
-    }
-
-
-def _finite(x: float) -> float | None:
-    return x if math.isfinite(x) else None  # JSON has no Infinity
-
-
-def model_document(
-    model: str,
-    runs: Sequence[SettingRun],
-    baseline: SweepSetting,
-    slo_ttft_s: float | None,
-    slo_tpot_s: float | None,
-    temperature_zero_ids: set[str],
-) -> dict[str, Any]:
-    """One model's part of sweep.json: every setting, the front, the advice, the outputs.
-
-    Only settings that ran to the end without a failed request are candidates for the front
-    and the advice: a setting's low J/token may come from work it did not do.
-    """
-    statuses = {run.setting.label: setting_status(run) for run in runs}
-    points = {
-        label: point
-        for label, point in ((r.setting.label, measured_setting(r)) for r in runs)
-        if point is not None and statuses[label] == "measured"
-    }
-    advice: Recommendation | NoRecommendation
-    base_point = points.get(baseline.label)
-    if base_point is None:
-        advice = NoRecommendation(
-            f"the baseline ({baseline.label}) has nothing to compare with: "
-            f"{statuses.get(baseline.label, 'not run')}",
-            tuple(pareto_front(points.values())),  # still worth showing
-        )
-    else:
-        advice = advise(list(points.values()), base_point, slo_ttft_s, slo_tpot_s)
-    front_labels = [p.label for p in advice.front]
-    settings = [
-        {
-            "label": run.setting.label,
-            **run.setting.knobs(),
-            "baseline": run.setting == baseline,
-            "status": statuses[run.setting.label],
-            **setting_numbers(run.results),
-            "on_front": run.setting.label in front_labels,
-        }
-        for run in runs
-    ]
-    recommendation: dict[str, Any] | None = None
-    if isinstance(advice, Recommendation):
-        recommendation = {
-            "label": advice.point.label,
-            "setting": dict(advice.point.setting),
-            "energy_saving_pct": _finite(advice.energy_saving_pct),
-            "ttft_change_pct": _finite(advice.ttft_change_pct),
-            "tpot_change_pct": _finite(advice.tpot_change_pct),
-            "latency_change_pct": _finite(advice.latency_change_pct),
-            "message": advice.message(),
-        }
-    return {
-        "model": model,
-        "baseline": baseline.label,
-        "settings": settings,
-        "front": front_labels,
-        "recommendation": recommendation,
-        "no_recommendation_reason": advice.reason if isinstance(advice, NoRecommendation) else None,
-        "outputs": compare_outputs(runs, temperature_zero_ids),
-    }
-
-
-# ---------------------------------------------------------------------- power limits
-
-
-@dataclass
-class PowerPlan:
-    limits: PowerLimitsLike | None
-    points_w: list[float]
-    current_w: dict[int, float] | None
-    reason: str  # why not swept ("" when swept)
-
-
-def _nvml_power_limits() -> PowerLimitsLike:
-    from proxy.cli.bench.power_limit import PowerLimits  # NVML only on demand
-
-    return PowerLimits()
-
-
-def plan_power(factory: Callable[[], PowerLimitsLike], steps: int) -> PowerPlan:
-    """The power limits to sweep: the points below the current limit, or why none."""
-    from proxy.cli.bench.power_limit import PowerLimitError
-
-    try:
-        limits = factory()
-        current = limits.current_w()
-        points = limits.sweep_points_w(steps)
-    except (PowerLimitError, ImportError, OSError):
-        return PowerPlan(None, [], None, NO_NVML)
-    except ValueError as exc:
-        return PowerPlan(None, [], None, str(exc))
-    now_w = min(current.values()) if current else math.inf
-    below = [w for w in points if w < now_w]
-    if not below:
-        return PowerPlan(
-            None, [], current, "the current limit is already the lowest the GPUs accept"
-        )
-    return PowerPlan(limits, below, current, "")
-
+from proxy.cli.bench.sweep_plan import (
+    CONCURRENCY_ENV,
+    DEFAULT_POWER_STEPS,
+    POWER_STEPS_ENV,
+    SWEEP_CSV,
+    SWEEP_CSV_FIELDS,
+    SWEEP_JSON,
+    PowerLimitsLike,
+    PowerPlan,
+    SettingRun,
+    SweepSetting,
+    concurrency_levels,
+    model_document,
+    nvml_power_limits,
+    plan_power,
+    plan_settings,
+)
 
 # ---------------------------------------------------------------------- the run
 
@@ -353,27 +102,11 @@ class _CsvWriter:
 
 
 def _error(message: str) -> None:
-    Console(stderr=True).print(f"energy-proxy bench --sweep: {message}", style="red", markup=False)
+    print_error("energy-proxy bench --sweep", message)
 
 
 def run_sweep_command(
-    proxy: str | None = None,
-    backend: str | None = None,
-    models: str | None = None,
-    prompts: str = "builtin:v1",
-    per_category: int | None = None,
-    warmup: int = 1,
-    repetitions: int = 3,
-    concurrency: int = 1,
-    idle_s: float = 10.0,
-    pause_s: float = 10.0,
-    max_tokens: int | None = None,
-    timeout_s: float = 600.0,
-    power_source: str | None = None,
-    api_key: str | None = None,
-    slo_ttft_ms: float | None = None,
-    slo_tpot_ms: float | None = None,
-    out: str | None = None,
+    options: BenchOptions,
     console: Console | None = None,
     *,
     power_limits: Callable[[], PowerLimitsLike] | None = None,
@@ -386,59 +119,52 @@ def run_sweep_command(
     on_setting: called with (model, setting) before each setting runs. Exit codes as `bench`.
     """
     console = console or Console()
-    api_key = api_key or os.environ.get("ENERGY_PROXY_BENCH_API_KEY") or None
-    if power_source and not backend:
-        _error("--power-source applies only to the proxy that --backend starts")
+    options = options.with_env()
+    problem = options.usage_problem()
+    if problem:
+        _error(problem)
         return EXIT_USAGE
+    o = options
     try:
-        for name, slo in (("--slo-ttft-ms", slo_ttft_ms), ("--slo-tpot-ms", slo_tpot_ms)):
+        for name, slo in (("--slo-ttft-ms", o.slo_ttft_ms), ("--slo-tpot-ms", o.slo_tpot_ms)):
             if slo is not None and not (math.isfinite(slo) and slo >= 0):
                 raise ValueError(f"{name} must be a number >= 0, got {slo}")
-        levels = concurrency_levels(os.environ.get(CONCURRENCY_ENV), concurrency)
+        levels = concurrency_levels(os.environ.get(CONCURRENCY_ENV), o.concurrency)
         steps = int(os.environ.get(POWER_STEPS_ENV) or DEFAULT_POWER_STEPS)
-        prompt_list = load_prompts(prompts, per_category)
-        base_options = RunOptions(
-            repetitions=repetitions,
-            warmup=warmup,
-            concurrency=concurrency,
-            idle_s=idle_s,
-            pause_s=0.0,  # paused here, before every setting but the first
-            max_tokens=max_tokens,
-            timeout_s=timeout_s,
-            api_key=api_key,
-        )
+        prompt_list = load_prompts(o.prompts, o.per_category)
+        # paused here, before every setting but the first
+        base_options = o.run_options(pause_s=0.0)
     except (PromptSetError, ValueError) as exc:
         _error(str(exc))
         return EXIT_USAGE
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    out_dir = Path(out) if out else Path("bench-results") / stamp
+    out_dir = o.out_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
-        connected = connect(stack, proxy, backend, power_source, models, api_key, out_dir, console)
+        connected = connect(stack, o, out_dir, console)
         if isinstance(connected, int):
             return connected
         proxy_url, model_list = connected
-        power = plan_power(power_limits or _nvml_power_limits, steps)
+        power = plan_power(power_limits or nvml_power_limits, steps)
         config = {
             "proxy": proxy_url,
             "hardware": proxy_hardware(proxy_url),
-            "backend": backend,
+            "backend": o.backend,
             "models": model_list,
-            "prompts": prompts,
-            "per_category": per_category,
+            "prompts": o.prompts,
+            "per_category": o.per_category,
             "prompt_count": len(prompt_list),
             "categories": categories_of(prompt_list),
-            "repetitions": repetitions,
-            "warmup": warmup,
-            "baseline_concurrency": concurrency,
+            "repetitions": o.repetitions,
+            "warmup": o.warmup,
+            "baseline_concurrency": o.concurrency,
             "concurrency_levels": levels,
             "power_steps": steps,
-            "idle_s": idle_s,
-            "pause_s": pause_s,
-            "max_tokens": max_tokens,
-            "timeout_s": timeout_s,
-            "slo_ttft_ms": slo_ttft_ms,
-            "slo_tpot_ms": slo_tpot_ms,
+            "idle_s": o.idle_s,
+            "pause_s": o.pause_s,
+            "max_tokens": o.max_tokens,
+            "timeout_s": o.timeout_s,
+            "slo_ttft_ms": o.slo_ttft_ms,
+            "slo_tpot_ms": o.slo_tpot_ms,
         }
         return _sweep(
             proxy_url,
@@ -450,9 +176,9 @@ def run_sweep_command(
             out_dir,
             config,
             console,
-            slo_ttft_s=None if slo_ttft_ms is None else slo_ttft_ms / 1000.0,
-            slo_tpot_s=None if slo_tpot_ms is None else slo_tpot_ms / 1000.0,
-            pause_s=pause_s,
+            slo_ttft_s=None if o.slo_ttft_ms is None else o.slo_ttft_ms / 1000.0,
+            slo_tpot_s=None if o.slo_tpot_ms is None else o.slo_tpot_ms / 1000.0,
+            pause_s=o.pause_s,
             on_setting=on_setting,
             sleep=sleep,
         )
@@ -476,7 +202,7 @@ def _sweep(
     on_setting: Callable[[str, SweepSetting], None] | None,
     sleep: Callable[[float], None],
 ) -> int:
-    started_at = _now_iso()
+    started_at = now_iso()
     baseline = SweepSetting(base_options.concurrency)
     plan = plan_settings(levels, base_options.concurrency, power.points_w)
     runs_by_model = {m: [SettingRun(s) for s in plan] for m in model_list}
@@ -495,7 +221,7 @@ def _sweep(
     csv_writer = _CsvWriter(out_dir / SWEEP_CSV)
     first = True
     try:
-        with _Display(console) as display:
+        with Display(console) as display:
             for model in model_list:
                 runs = runs_by_model[model]
                 idle_done = False
@@ -538,7 +264,7 @@ def _sweep(
     except (KeyboardInterrupt, asyncio.CancelledError):
         interrupted = True
     except Exception as exc:  # keep what finished, say why it stopped
-        aborted = _describe(exc)
+        aborted = describe_error(exc)
     finally:
         csv_writer.close()
     status = (
@@ -577,7 +303,7 @@ def _run_setting(
     opts: RunOptions,
     run: SettingRun,
     csv_writer: _CsvWriter,
-    display: _Display,
+    display: Display,
 ) -> None:
     """One setting through `run_bench`; its results kept as they arrive (Ctrl-C keeps them)."""
     run.started = True
@@ -606,7 +332,7 @@ def sweep_document(
     return {
         "status": status,
         "started_at": started_at,
-        "finished_at": _now_iso(),
+        "finished_at": now_iso(),
         "config": dict(config),
         "power_limit": {
             "swept": not power_note,

@@ -25,6 +25,7 @@ from metering.carbon.electricitymaps import (
     parse_retry_after_s,
 )
 from metering.carbon.intensity import Intensity, IntensityProvider
+from proxy.carbon_client import HttpxFetch
 from tests.support.fakes.electricitymaps import (
     FAKE_API_KEY,
     FakeGridState,
@@ -32,6 +33,14 @@ from tests.support.fakes.electricitymaps import (
     make_fake_electricitymaps,
 )
 from tests.support.servers import ServerThread
+
+
+def em_provider(
+    *args: Any, client: httpx.AsyncClient | None = None, **kwargs: Any
+) -> ElectricityMapsIntensity:
+    """The provider as the proxy builds it: with its HTTP client (proxy/carbon_client.py)."""
+    return ElectricityMapsIntensity(*args, fetch=HttpxFetch(client), **kwargs)
+
 
 STATIC_G = 480.0
 HOUR_S = 3600.0
@@ -64,7 +73,7 @@ def clock() -> FakeClock:
 
 @pytest.fixture
 async def provider(api_url: str, clock: FakeClock) -> AsyncIterator[ElectricityMapsIntensity]:
-    p = ElectricityMapsIntensity(
+    p = em_provider(
         api_url, FAKE_API_KEY, zone="DE", static_g_per_kwh=STATIC_G, clock=clock, timeout_s=5.0
     )
     yield p
@@ -96,9 +105,7 @@ async def test_value_arrives(
 
 
 def test_it_is_an_intensity_provider() -> None:
-    p: IntensityProvider = ElectricityMapsIntensity(
-        "http://x", "k", zone="DE", static_g_per_kwh=1.0
-    )
+    p: IntensityProvider = em_provider("http://x", "k", zone="DE", static_g_per_kwh=1.0)
     assert p.current().source == "fallback"
 
 
@@ -114,7 +121,7 @@ async def test_fallback_before_any_success(
 
 
 async def test_lat_lon_query(api_url: str, grid: FakeGridState) -> None:
-    p = ElectricityMapsIntensity(
+    p = em_provider(
         api_url, FAKE_API_KEY, lat=48.85, lon=2.35, static_g_per_kwh=STATIC_G, clock=FakeClock()
     )
     try:
@@ -132,7 +139,7 @@ async def test_lat_lon_query(api_url: str, grid: FakeGridState) -> None:
 async def test_run_fetches_at_once_and_not_per_current_call(
     api_url: str, grid: FakeGridState
 ) -> None:
-    p = ElectricityMapsIntensity(api_url, FAKE_API_KEY, zone="DE", static_g_per_kwh=STATIC_G)
+    p = em_provider(api_url, FAKE_API_KEY, zone="DE", static_g_per_kwh=STATIC_G)
     task = asyncio.create_task(p.run())
     try:
         for _ in range(1000):  # poll: the first fetch happens in the background, at once
@@ -169,7 +176,7 @@ async def test_run_calls_the_api_once_per_refresh_period(api_url: str, grid: Fak
         if len(slept_s) == 4:
             raise _Stop
 
-    p = ElectricityMapsIntensity(
+    p = em_provider(
         api_url,
         FAKE_API_KEY,
         zone="DE",
@@ -192,7 +199,7 @@ async def test_run_leaves_a_passed_in_client_open(api_url: str) -> None:
         raise _Stop
 
     async with httpx.AsyncClient() as client:
-        p = ElectricityMapsIntensity(
+        p = em_provider(
             api_url,
             FAKE_API_KEY,
             zone="DE",
@@ -257,9 +264,7 @@ async def test_401_is_logged_once_and_retried_at_the_longest_backoff(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     grid.api_key = "the-right-key"
-    p = ElectricityMapsIntensity(
-        api_url, FAKE_API_KEY, zone="DE", static_g_per_kwh=STATIC_G, clock=FakeClock()
-    )
+    p = em_provider(api_url, FAKE_API_KEY, zone="DE", static_g_per_kwh=STATIC_G, clock=FakeClock())
     try:
         for _ in range(3):
             assert await p.refresh_once() is False
@@ -393,9 +398,7 @@ async def test_bad_intensity_over_the_socket(
 
 async def test_timeout(api_url: str, grid: FakeGridState) -> None:
     grid.hang_s = 5.0
-    p = ElectricityMapsIntensity(
-        api_url, FAKE_API_KEY, zone="DE", static_g_per_kwh=STATIC_G, timeout_s=0.1
-    )
+    p = em_provider(api_url, FAKE_API_KEY, zone="DE", static_g_per_kwh=STATIC_G, timeout_s=0.1)
     try:
         assert await p.refresh_once() is False
     finally:
@@ -405,9 +408,7 @@ async def test_timeout(api_url: str, grid: FakeGridState) -> None:
 
 
 async def test_connection_refused() -> None:
-    p = ElectricityMapsIntensity(
-        free_port_url(), FAKE_API_KEY, zone="DE", static_g_per_kwh=STATIC_G
-    )
+    p = em_provider(free_port_url(), FAKE_API_KEY, zone="DE", static_g_per_kwh=STATIC_G)
     try:
         assert await p.refresh_once() is False
     finally:
@@ -417,7 +418,7 @@ async def test_connection_refused() -> None:
 
 
 async def test_unknown_zone(api_url: str) -> None:
-    p = ElectricityMapsIntensity(api_url, FAKE_API_KEY, zone="XX", static_g_per_kwh=STATIC_G)
+    p = em_provider(api_url, FAKE_API_KEY, zone="XX", static_g_per_kwh=STATIC_G)
     try:
         assert await p.refresh_once() is False
     finally:
@@ -430,9 +431,7 @@ async def test_an_unforeseen_error_does_not_end_run() -> None:
         raise RuntimeError("boom")
 
     async with httpx.AsyncClient(transport=httpx.MockTransport(boom)) as client:
-        p = ElectricityMapsIntensity(
-            "http://api", FAKE_API_KEY, zone="DE", static_g_per_kwh=1.0, client=client
-        )
+        p = em_provider("http://api", FAKE_API_KEY, zone="DE", static_g_per_kwh=1.0, client=client)
         assert await p.refresh_once() is False
     assert p.last_error == "unexpected RuntimeError: boom"
 
@@ -450,9 +449,7 @@ async def test_the_key_never_appears_in_logs_errors_or_repr(
     texts: list[str] = []
 
     def make(url: str, **kwargs: Any) -> ElectricityMapsIntensity:
-        p = ElectricityMapsIntensity(
-            url, key, static_g_per_kwh=STATIC_G, clock=clock, timeout_s=0.2, **kwargs
-        )
+        p = em_provider(url, key, static_g_per_kwh=STATIC_G, clock=clock, timeout_s=0.2, **kwargs)
         texts.append(repr(p))
         return p
 
@@ -494,10 +491,10 @@ async def test_the_key_never_appears_in_logs_errors_or_repr(
     ]
     for kwargs in bad_kwargs:
         with pytest.raises(ValueError) as info:
-            ElectricityMapsIntensity(api_url, key, static_g_per_kwh=1.0, **kwargs)
+            em_provider(api_url, key, static_g_per_kwh=1.0, **kwargs)
         texts.append(str(info.value))
     with pytest.raises(ValueError) as info:
-        ElectricityMapsIntensity(api_url, key + "\n", zone="DE", static_g_per_kwh=1.0)
+        em_provider(api_url, key + "\n", zone="DE", static_g_per_kwh=1.0)
     texts.append(str(info.value))
 
     assert grid.calls >= 8
@@ -534,7 +531,7 @@ async def test_the_key_never_appears_in_logs_errors_or_repr(
 def test_bad_arguments(kwargs: dict[str, Any], match: str) -> None:
     kwargs.setdefault("static_g_per_kwh", 1.0)
     with pytest.raises(ValueError, match=match):
-        ElectricityMapsIntensity("http://api", "k", **kwargs)
+        em_provider("http://api", "k", **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -542,9 +539,9 @@ def test_bad_arguments(kwargs: dict[str, Any], match: str) -> None:
 )
 def test_bad_key(key: str, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        ElectricityMapsIntensity("http://api", key, zone="DE", static_g_per_kwh=1.0)
+        em_provider("http://api", key, zone="DE", static_g_per_kwh=1.0)
 
 
 def test_repr_names_the_place_not_the_key() -> None:
-    p = ElectricityMapsIntensity("http://api/", "k3y", lat=1.5, lon=-2.0, static_g_per_kwh=1.0)
+    p = em_provider("http://api/", "k3y", lat=1.5, lon=-2.0, static_g_per_kwh=1.0)
     assert repr(p) == "ElectricityMapsIntensity('http://api', lat=1.5, lon=-2.0, failures=0)"

@@ -12,7 +12,8 @@ import psycopg
 import pytest
 
 from metering.store import RequestStore, StoreError
-from metering.store.postgres import BYTES_PER_RECORD, SCHEMA, SCHEMA_VERSION, PostgresDatabase
+from metering.store.postgres import BYTES_PER_RECORD, PostgresDatabase
+from metering.store.postgres_schema import SCHEMA, SCHEMA_VERSION
 from tests.support.pg import PostgresServer
 from tests.support.polling import wait_until
 from tests.support.storekit import STORE_LOG, make_record, rid

@@ -18,7 +18,8 @@ import pytest
 
 from metering.store import RequestStore, StoreError
 from metering.store.columns import COLUMNS
-from metering.store.sqlite import MIGRATIONS, SCHEMA_VERSION, SqliteDatabase
+from metering.store.sqlite import SqliteDatabase
+from metering.store.sqlite_schema import MIGRATIONS, SCHEMA_VERSION
 from tests.support.paths import REPO_ROOT
 from tests.support.polling import wait_until
 from tests.support.storekit import STORE_LOG, make_record, make_report, rid

@@ -20,6 +20,7 @@ from metering.carbon.electricitymaps import ElectricityMapsIntensity
 from metering.carbon.sci import operational_g
 from metering.sources.constant import ConstantSource
 from proxy.app import create_app
+from proxy.carbon_client import HttpxFetch
 from proxy.settings import ConfigError, load_settings
 from tests.conftest import proxy_settings, serve_proxy
 from tests.support.fakes.electricitymaps import (
@@ -155,6 +156,7 @@ def test_outage_serves_cached_with_its_age_then_recovers(
         refresh_s=0.2,
         base_backoff_s=0.05,
         max_backoff_s=0.2,
+        fetch=HttpxFetch(),
     )
     with serve_with(tmp_path, fake_server, provider) as proxy:
         assert wait_for(lambda: provider.latest is not None)

@@ -209,7 +209,7 @@ def test_a_page_that_stops_reading_is_dropped_and_cut_off(
     server = serve_proxy(tmp_path, fake_server)
     with server as url:
         app: Any = server.server.config.app
-        hub = app.ctx.live.hub
+        hub = app.live.hub
         hub.buffer_events = 16
         host, port = url.removeprefix("http://").split(":")
         # A client with a tiny receive window that reads the headers and then nothing.
@@ -253,7 +253,7 @@ def test_one_key_cannot_take_every_stream(fake_server: str, tmp_path: Path, even
     server = serve_proxy(tmp_path, fake_server, keys=KEYS)
     with server as url:
         app: Any = server.server.config.app
-        app.ctx.live.hub.max_per_key = 1
+        app.live.hub.max_per_key = 1
         held = events_of(url, KEY_A)
         held.until("hello")
         r = httpx.get(url + "/v1/energy/events", headers={"authorization": f"Bearer {KEY_A}"})
@@ -267,7 +267,7 @@ def test_streams_are_capped_and_end_when_the_server_stops(
     server = serve_proxy(tmp_path, fake_server)
     with server as url:
         app: Any = server.server.config.app
-        app.ctx.live.hub.max_subscribers = 2
+        app.live.hub.max_subscribers = 2
         first, last = events_of(url), events_of(url)  # kept: a reader dropped disconnects
         first.until("hello")
         last.until("hello")

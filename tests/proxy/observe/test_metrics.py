@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from metering.carbon.electricitymaps import ElectricityMapsIntensity
 from metering.sources.constant import ConstantSource
 from proxy.app import create_app
+from proxy.carbon_client import HttpxFetch
 from tests.conftest import proxy_settings
 from tests.support.fakes.electricitymaps import FAKE_API_KEY, make_fake_electricitymaps
 from tests.support.paths import REPO_ROOT
@@ -54,7 +55,12 @@ def proxy(fake_server: str, tmp_path: Path) -> Iterator[str]:
     em_app, _ = make_fake_electricitymaps()
     with ServerThread(em_app) as em_url:
         provider = ElectricityMapsIntensity(
-            em_url, FAKE_API_KEY, zone="DE", static_g_per_kwh=480.0, refresh_s=60.0
+            em_url,
+            FAKE_API_KEY,
+            zone="DE",
+            static_g_per_kwh=480.0,
+            refresh_s=60.0,
+            fetch=HttpxFetch(),
         )
         settings = proxy_settings(
             tmp_path, backends=[f"fake={fake_server}"], backend_metrics_s=0.05, api_keys=[KEY]

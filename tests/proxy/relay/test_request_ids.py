@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from proxy.relay.route import RequestIds
+from proxy.relay.exchange import RequestIds
 
 
 def test_ids_are_unique_across_refills_and_shaped_as_documented() -> None:

@@ -18,18 +18,20 @@ import pytest
 from rich.console import Console
 
 from backends.local.launch import llama_cpp_python_server
-from proxy.cli.bench import sweep
+from proxy.cli.bench import sweep as sweep_run
+from proxy.cli.bench import sweep_plan as sweep
+from proxy.cli.bench.common import BenchOptions
 from proxy.cli.bench.pareto import MeasuredSetting, advise, pareto_front
 from proxy.cli.bench.power_limit import PowerLimitError, PowerLimitPermissionError
 from proxy.cli.bench.results import STATUS_OK, RequestResult
-from proxy.cli.bench.sweep import (
+from proxy.cli.bench.sweep import run_sweep_command
+from proxy.cli.bench.sweep_plan import (
     NO_NVML,
     SettingRun,
     SweepSetting,
     compare_outputs,
     concurrency_levels,
     plan_settings,
-    run_sweep_command,
 )
 from proxy.cli.main import main
 from tests.conftest import serve_proxy
@@ -126,12 +128,11 @@ def run(proxy_url: str, prompt_file: Path, out: Path, **kw: Any) -> tuple[int, d
     buf = io.StringIO()
     kw.setdefault("power_limits", no_nvml)
     args: dict[str, Any] = {**QUICK, **kw}
+    hooks = {k: args.pop(k) for k in ("power_limits", "on_setting", "sleep") if k in args}
     code = run_sweep_command(
-        proxy=proxy_url,
-        prompts=str(prompt_file),
-        out=str(out),
-        console=Console(file=buf, width=160, color_system=None),
-        **args,
+        BenchOptions(proxy=proxy_url, prompts=str(prompt_file), out=str(out), **args),
+        Console(file=buf, width=160, color_system=None),
+        **hooks,
     )
     doc = json.loads((out / "sweep.json").read_text()) if (out / "sweep.json").exists() else {}
     return code, doc, buf.getvalue()
@@ -353,7 +354,7 @@ def test_through_the_command_line(
 ) -> None:
     monkeypatch.setenv(sweep.CONCURRENCY_ENV, "1,2")
     monkeypatch.setenv("COLUMNS", "160")
-    monkeypatch.setattr(sweep, "_nvml_power_limits", no_nvml)  # never touch a real GPU
+    monkeypatch.setattr(sweep_run, "nvml_power_limits", no_nvml)  # never touch a real GPU
     out = tmp_path / "out"
     argv = ["bench", "--sweep", "--proxy", proxy_url, "--prompts", str(prompt_file)]
     quick = ["--repetitions", "1", "--warmup", "0", "--idle-s", "0", "--pause-s", "0"]

@@ -1,0 +1,278 @@
+"""The SQLite request store's schema (versioned migrations, the rollup tables and their
+rebuild), its SQL, and how its connections are opened; the database itself is sqlite.py."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import sqlite3
+from collections.abc import Callable, Sequence
+
+from metering.store.columns import COLUMNS
+from metering.store.records import StoreError, id_key
+
+JOURNAL_SIZE_LIMIT_BYTES = 16 * 1024 * 1024  # the WAL is truncated to this after a checkpoint
+ROLLUP_SUMS = ("count", "joules", "co2eq_g", "token_joules", "tokens")
+
+
+# --- schema ------------------------------------------------------------------------------
+
+
+def _migrate_v1(conn: sqlite3.Connection) -> None:
+    conn.execute(
+        """
+        CREATE TABLE requests (
+            request_id TEXT PRIMARY KEY NOT NULL,
+            finished_at REAL NOT NULL,
+            model TEXT NOT NULL,
+            backend TEXT NOT NULL,
+            category TEXT NOT NULL,
+            status INTEGER NOT NULL,
+            duration_s REAL,
+            prompt_tokens INTEGER,
+            completion_tokens INTEGER,
+            tokens_source TEXT NOT NULL,
+            joules REAL,
+            gpu_joules REAL,
+            cpu_joules REAL,
+            dynamic_joules REAL,
+            joules_by_source TEXT NOT NULL,
+            method TEXT NOT NULL,
+            carbon_intensity_g_per_kwh REAL,
+            carbon_intensity_source TEXT NOT NULL,
+            co2eq_g REAL,
+            embodied_g REAL,
+            sci_g REAL,
+            energy TEXT NOT NULL
+        )
+        """
+    )
+    conn.execute("CREATE INDEX requests_finished_at ON requests (finished_at)")
+    conn.execute("CREATE INDEX requests_model_category ON requests (model, category)")
+
+
+def _migrate_v2(conn: sqlite3.Connection) -> None:
+    conn.execute("ALTER TABLE requests ADD COLUMN tenant TEXT NOT NULL DEFAULT ''")
+    conn.execute("ALTER TABLE requests ADD COLUMN client_request_id TEXT")
+    conn.execute("CREATE INDEX requests_client_request_id ON requests (client_request_id)")
+
+
+def _migrate_v3(conn: sqlite3.Connection) -> None:
+    # Compact records (no figure twice, labels by id, the id as bytes) and hourly rollups;
+    # the v2 rows are carried over and rolled up.
+    conn.execute("CREATE TABLE labels (id INTEGER PRIMARY KEY, text TEXT NOT NULL UNIQUE)")
+    conn.execute(
+        """
+        CREATE TABLE records (
+            rid BLOB NOT NULL,
+            finished_ms INTEGER NOT NULL,
+            model INTEGER NOT NULL,
+            model_group INTEGER NOT NULL,
+            backend INTEGER NOT NULL,
+            category INTEGER NOT NULL,
+            tenant INTEGER NOT NULL,
+            status INTEGER NOT NULL,
+            duration_s REAL,
+            prompt_tokens INTEGER,
+            completion_tokens INTEGER NOT NULL,
+            tokens_source INTEGER NOT NULL,
+            joules REAL,
+            gpu_joules REAL,
+            cpu_joules REAL,
+            dynamic_joules REAL,
+            method INTEGER NOT NULL,
+            attribution INTEGER NOT NULL,
+            intensity_g_per_kwh REAL,
+            intensity_source INTEGER NOT NULL,
+            intensity_zone INTEGER NOT NULL,
+            intensity_age_s REAL,
+            co2eq_g REAL,
+            embodied_g REAL,
+            client_request_id TEXT
+        )
+        """
+    )
+    conn.execute("CREATE UNIQUE INDEX records_rid ON records (rid)")
+    conn.execute(
+        "CREATE INDEX records_client_request_id ON records (client_request_id) "
+        "WHERE client_request_id IS NOT NULL"
+    )
+    for table, period in (("rollups", "hour"), ("rollups_daily", "day")):
+        conn.execute(
+            f"""
+            CREATE TABLE {table} (
+                {period} INTEGER NOT NULL,
+                model INTEGER NOT NULL,
+                category INTEGER NOT NULL,
+                backend INTEGER NOT NULL,
+                tenant INTEGER NOT NULL,
+                count INTEGER NOT NULL,
+                joules REAL NOT NULL,
+                co2eq_g REAL NOT NULL,
+                token_joules REAL NOT NULL,
+                tokens INTEGER NOT NULL,
+                PRIMARY KEY ({period}, model, category, backend, tenant)
+            ) WITHOUT ROWID
+            """
+        )
+    conn.create_function("energy_proxy_id_key", 1, id_key, deterministic=True)
+    zone = "COALESCE(json_extract(q.energy, '$.carbon_intensity_zone'), '')"
+    attribution = "COALESCE(json_extract(q.energy, '$.attribution'), '')"
+    conn.execute(
+        f"""
+        INSERT OR IGNORE INTO labels (text)
+        SELECT model FROM requests q UNION SELECT backend FROM requests q
+        UNION SELECT category FROM requests q UNION SELECT tenant FROM requests q
+        UNION SELECT tokens_source FROM requests q UNION SELECT method FROM requests q
+        UNION SELECT carbon_intensity_source FROM requests q
+        UNION SELECT {zone} FROM requests q UNION SELECT {attribution} FROM requests q
+        """
+    )
+    conn.execute(
+        f"""
+        INSERT OR IGNORE INTO records ({", ".join(COLUMNS)})
+        SELECT energy_proxy_id_key(q.request_id), CAST(round(q.finished_at * 1000) AS INTEGER),
+               m.id, m.id, b.id, c.id, t.id, q.status, q.duration_s, q.prompt_tokens,
+               COALESCE(q.completion_tokens, 0), ts.id, q.joules, q.gpu_joules, q.cpu_joules,
+               q.dynamic_joules, me.id, a.id, q.carbon_intensity_g_per_kwh, cs.id, z.id,
+               json_extract(q.energy, '$.carbon_intensity_age_s'), q.co2eq_g,
+               COALESCE(q.embodied_g, 0.0), q.client_request_id
+        FROM requests q
+        JOIN labels m ON m.text = q.model
+        JOIN labels b ON b.text = q.backend
+        JOIN labels c ON c.text = q.category
+        JOIN labels t ON t.text = q.tenant
+        JOIN labels ts ON ts.text = q.tokens_source
+        JOIN labels me ON me.text = q.method
+        JOIN labels a ON a.text = {attribution}
+        JOIN labels cs ON cs.text = q.carbon_intensity_source
+        JOIN labels z ON z.text = {zone}
+        ORDER BY q.finished_at
+        """
+    )
+    rebuild_rollups(conn)
+    conn.execute("DROP TABLE requests")
+
+
+def rebuild_rollups(conn: sqlite3.Connection) -> None:
+    """Both rollup tables computed anew from the records (schema 3): what the writer adds
+    batch by batch (metering/store/rollup.py), in one pass. For the v3 migration, and for
+    bench/store.py after it generates records in SQL."""
+    conn.execute("DELETE FROM rollups")
+    conn.execute("DELETE FROM rollups_daily")
+    conn.execute(
+        """
+        INSERT INTO rollups (hour, model, category, backend, tenant, count, joules, co2eq_g,
+                             token_joules, tokens)
+        SELECT finished_ms / 3600000, model_group, category, backend, tenant, COUNT(*),
+               TOTAL(joules), TOTAL(co2eq_g), TOTAL(CASE WHEN n > 0 THEN joules END), SUM(n)
+        FROM (SELECT *, CASE WHEN completion_tokens > 0 THEN completion_tokens
+                             ELSE COALESCE(prompt_tokens, 0) END AS n
+              FROM records WHERE status = 200)
+        GROUP BY 1, 2, 3, 4, 5
+        """
+    )
+    conn.execute(
+        """
+        INSERT INTO rollups_daily
+        SELECT hour / 24, model, category, backend, tenant, SUM(count), TOTAL(joules),
+               TOTAL(co2eq_g), TOTAL(token_joules), SUM(tokens)
+        FROM rollups GROUP BY 1, 2, 3, 4, 5
+        """
+    )
+
+
+# Applied in order: migration i takes the schema from version i to version i + 1
+# (`PRAGMA user_version`). Append only; never edit one that has shipped.
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
+    _migrate_v1,
+    _migrate_v2,
+    _migrate_v3,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+@functools.lru_cache(maxsize=16)
+def insert_records_sql(n: int) -> str:
+    one = f"({', '.join('?' for _ in COLUMNS)})"
+    return (
+        f"INSERT INTO records ({', '.join(COLUMNS)}) VALUES {', '.join([one] * n)} "
+        "ON CONFLICT (rid) DO NOTHING RETURNING rid"
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def upsert_rollups_sql(table: str, period: str, n: int) -> str:
+    one = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    sums = ", ".join(f"{c} = {c} + excluded.{c}" for c in ROLLUP_SUMS)
+    return (
+        f"INSERT INTO {table} ({period}, model, category, backend, tenant, "
+        f"{', '.join(ROLLUP_SUMS)}) VALUES {', '.join([one] * n)} "
+        f"ON CONFLICT ({period}, model, category, backend, tenant) DO UPDATE SET {sums}"
+    )
+
+
+SELECT_RECORD = f"SELECT {', '.join(COLUMNS)} FROM records"
+
+
+# --- connections -------------------------------------------------------------------------
+
+
+def connect(path: str, busy_timeout_s: float) -> sqlite3.Connection:
+    # isolation_level=None: no implicit transactions; every write says BEGIN IMMEDIATE itself,
+    # which takes the write lock up front so busy_timeout applies (no lock-upgrade deadlock).
+    conn = sqlite3.connect(
+        path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+    )
+    try:
+        if not conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone():
+            # A new file: free pages can be given back to the filesystem (only settable
+            # before the first table).
+            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise StoreError(
+                f"request store {path!r}: SQLite refused WAL mode (got {mode!r}); "
+                "use a file on a local filesystem for --db"
+            )
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT_BYTES}")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def rollback(conn: sqlite3.Connection) -> None:
+    # Never let a failed ROLLBACK hide the error that caused it.
+    if conn.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+
+
+def transaction(conn: sqlite3.Connection, sql: str, params: Sequence[object] = ()) -> int:
+    """Run one statement in its own write transaction; rows changed."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        cur = conn.execute(sql, params)
+        conn.execute("COMMIT")
+    except BaseException:
+        rollback(conn)
+        raise
+    return cur.rowcount
+
+
+def explain(e: BaseException) -> str:
+    msg = str(e) or type(e).__name__
+    low = msg.lower()
+    if "not a database" in low or "malformed" in low:
+        return f"{msg} (the file is not an energy-proxy database or is damaged)"
+    if "locked" in low or "busy" in low:
+        return f"{msg} (another process holds a lock on it)"
+    if "unable to open" in low or "readonly" in low or "read-only" in low:
+        return f"{msg} (check that the path and its directory are writable)"
+    if "full" in low:
+        return f"{msg} (no space left: the size limit, --db-max-mb, or the disk)"
+    if "disk i/o" in low:
+        return f"{msg} (the filesystem refused a write: a full disk or a file size limit)"
+    return msg

@@ -1,0 +1,102 @@
+"""`/healthz` (liveness), `/readyz` (readiness, with what each part reports) and `/metrics`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from backends.registry import BackendRegistry
+from metering.carbon.electricitymaps import ElectricityMapsIntensity
+from metering.meter import Meter
+from metering.store import RequestStore
+from proxy.api.access import Access
+from proxy.errors import NotFound
+
+
+def metrics_response(meter: Meter, registry: CollectorRegistry) -> Response:
+    """`/metrics`: energy totals and power as of now, not the last tick (a read costs
+    microseconds)."""
+    meter.sampler.read_all()
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def metrics_app(meter: Meter, registry: CollectorRegistry) -> FastAPI:
+    """`/metrics` alone, for `--metrics-listen` (a port that only Prometheus reaches)."""
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+
+    async def metrics() -> Response:
+        return metrics_response(meter, registry)
+
+    app.add_api_route("/metrics", metrics, methods=["GET"])
+    return app
+
+
+class HealthApi:
+    def __init__(
+        self,
+        backends: BackendRegistry,
+        meter: Meter,
+        store: RequestStore,
+        metrics_registry: CollectorRegistry,
+        access: Access,
+        *,
+        protect_metrics: bool = False,
+        metrics_elsewhere: bool = False,
+    ) -> None:
+        self.backends = backends
+        self.meter = meter
+        self.store = store
+        self.metrics_registry = metrics_registry
+        self.access = access
+        self.protect_metrics = protect_metrics
+        self.metrics_elsewhere = metrics_elsewhere
+
+    def router(self) -> APIRouter:
+        r = APIRouter()
+        r.add_api_route("/healthz", self.healthz, methods=["GET"])
+        r.add_api_route("/readyz", self.readyz, methods=["GET"])
+        r.add_api_route("/metrics", self.metrics, methods=["GET"])
+        return r
+
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    async def readyz(self) -> JSONResponse:
+        backends = [b.describe() for b in self.backends.backends]
+        sources: list[dict[str, Any]] = [
+            {
+                "name": st.source.name,
+                "method": st.source.method,
+                "ok": st.ok,
+                "hardware": str(getattr(st.source, "hardware", "") or ""),
+            }
+            | ({"error": st.last_error} if not st.ok else {})
+            for st in self.meter.sampler.states
+        ]
+        ready = all(b["ready"] for b in backends) and any(s["ok"] for s in sources)
+        # The carbon figure never makes the proxy unready: it degrades to cached/fallback.
+        intensity = self.meter.intensity
+        carbon = intensity.current().to_dict()
+        if isinstance(intensity, ElectricityMapsIntensity) and intensity.failures:
+            carbon["error"] = intensity.last_error
+        # Nor does the store: a failing database costs records (counted), never answers.
+        return JSONResponse(
+            {
+                "ready": ready,
+                "backends": backends,
+                "power_sources": sources,
+                "carbon": carbon,
+                "store": self.store.status().to_dict(),
+            },
+            status_code=200 if ready else 503,
+        )
+
+    async def metrics(self, request: Request) -> Response:
+        if self.metrics_elsewhere:
+            raise NotFound("/metrics is served on its own address (--metrics-listen)")
+        if self.protect_metrics:
+            self.access.caller(request, admin=True)
+        return metrics_response(self.meter, self.metrics_registry)

@@ -1,0 +1,159 @@
+"""One request while it is in flight, and the pure or plain-ASGI helpers of the relay."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+import orjson
+
+from backends.backend import Backend
+from metering.accounting.report import EnergyReport, Tokens
+from metering.meter import Measurement
+from proxy.asgi import Receive
+from proxy.errors import BadRequest, BodyTooLarge
+from proxy.relay.sse import StreamInspector
+
+CLIENT_CLOSED = 499  # nginx's convention for "the client closed the connection"
+
+
+class RequestIds:
+    """Request ids, "req-" + 24 random hex digits: unguessable (96 bits from os.urandom),
+    taken from a pool filled `batch` ids at a time, so a request costs no system call."""
+
+    ID_BYTES = 12
+
+    def __init__(self, batch: int = 512) -> None:
+        self._batch = batch
+        self._pool = b""
+        self._at = 0
+
+    def new(self) -> str:
+        if self._at >= len(self._pool):
+            self._pool, self._at = os.urandom(self.ID_BYTES * self._batch), 0
+        at = self._at
+        self._at = at + self.ID_BYTES
+        return "req-" + self._pool[at : at + self.ID_BYTES].hex()
+
+
+class Exchange:
+    """State of one request while it is in flight."""
+
+    __slots__ = (
+        "backend",
+        "cancellable",
+        "category",
+        "client_gone",
+        "client_id",
+        "energy",
+        "inspector",
+        "measurement",
+        "model",
+        "payload",
+        "report",
+        "request_id",
+        "response_done",
+        "sending_since",
+        "started",
+        "status",
+        "task",
+        "tenant",
+    )
+
+    def __init__(
+        self,
+        request_id: str,
+        model: str,
+        category: str,
+        backend: Backend,
+        measurement: Measurement,
+        payload: dict[str, Any],
+    ) -> None:
+        self.request_id = request_id
+        self.model = model
+        self.category = category
+        self.backend = backend
+        self.measurement = measurement
+        self.payload = payload
+        self.client_id: str | None = None
+        self.tenant = ""
+        self.sending_since = 0.0  # clock time a send to the client began; 0: none pending
+        self.task: asyncio.Task[Any] | None = None
+        self.client_gone = False
+        self.cancellable = False  # the watcher may cancel the task only inside the try body
+        self.inspector: StreamInspector | None = None
+        self.response_done = False
+        self.started = False  # response headers sent
+        self.status = 0
+        self.report: EnergyReport | None = None
+        self.energy: dict[str, Any] = {}
+
+
+async def read_body(receive: Receive, limit: int) -> bytes | None:
+    """The whole request body (None when the client left first); 413 past `limit`."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            return None
+        chunk = msg.get("body", b"")
+        if chunk:
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge(f"request body is over the limit of {limit} bytes")
+            chunks.append(chunk)
+        if not msg.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def parse_payload(body: bytes) -> dict[str, Any]:
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(payload, dict):
+        raise BadRequest("request body must be a JSON object", code="invalid_json")
+    model = payload.get("model")
+    if not isinstance(model, str) or not model:
+        raise BadRequest("request body has no 'model' (a non-empty string)", code="missing_model")
+    return payload
+
+
+def ask_for_usage(payload: dict[str, Any], body: bytes) -> tuple[bytes, bool]:
+    """Make the backend send a usage chunk; returns the body to send and whether the
+    client itself asked for usage (then its chunk is forwarded, else kept back)."""
+    opts = payload.get("stream_options")
+    if isinstance(opts, dict) and opts.get("include_usage") is True:
+        return body, True
+    new_opts = dict(opts) if isinstance(opts, dict) else {}
+    new_opts["include_usage"] = True
+    return orjson.dumps({**payload, "stream_options": new_opts}), False
+
+
+def tokens_from_usage(usage: Any, counted: int | None) -> Tokens:
+    if isinstance(usage, dict):
+        prompt = usage.get("prompt_tokens")
+        completion = usage.get("completion_tokens")
+        if isinstance(prompt, int) and isinstance(completion, int | None):
+            return Tokens(prompt, completion or 0, "backend")
+    return Tokens(None, counted or 0, "proxy")
+
+
+def backend_auth(backend: Backend) -> list[tuple[bytes, bytes]]:
+    key = backend.config.api_key
+    if key is None:
+        return []
+    return [(b"authorization", b"Bearer " + key.encode("latin-1"))]
+
+
+async def watch_disconnect(receive: Receive, task: asyncio.Task[Any], ex: Exchange) -> None:
+    """Cancel the request's task if the client hangs up before the answer is complete."""
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            if ex.cancellable and not ex.response_done:
+                ex.client_gone = True
+                task.cancel()
+            return
