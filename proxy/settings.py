@@ -1,7 +1,7 @@
 """Settings: one pydantic model, filled from flags, the environment and a TOML file.
 
 Precedence is flag > environment (`ENERGY_PROXY_<FLAG>`) > config file > default, as
-INTERFACE.md fixes. Every default that is a number about the world says where it is from.
+docs/INTERFACE.md fixes. Every default that is a number about the world says where it is from.
 """
 
 from __future__ import annotations

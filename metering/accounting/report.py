@@ -59,7 +59,7 @@ class EnergyReport:
         return self.sci_g / n if n else None
 
     def to_dict(self) -> dict[str, Any]:
-        """The `"energy"` object of INTERFACE.md."""
+        """The `"energy"` object of docs/INTERFACE.md."""
         d: dict[str, Any] = {
             "request_id": self.request_id,
             "model": self.model,

@@ -10,7 +10,7 @@ in: the lowest fifth of the range 5 stars, the highest 1. Ratings are relative: 
 when models join or leave the comparison, while the Wh figure does not.
 
 Here a task is a prompt category, and the energy is what the proxy measured: mean joules
-per request over successful requests (all sources summed, see INTERFACE.md), on the one
+per request over successful requests (all sources summed, see docs/INTERFACE.md), on the one
 host this proxy meters. So stars compare models served on the same hardware, as the AI
 Energy Score compares models on one reference GPU.
 

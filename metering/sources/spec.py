@@ -1,6 +1,6 @@
 """Turn a `--power-source` SPEC into power sources.
 
-Grammar (INTERFACE.md, "Power source SPEC"):
+Grammar (docs/INTERFACE.md, "Power source SPEC"):
 
     SPEC := PART ("+" PART)*
     PART := "auto" | "nvml" | "nvml:" IDS | "rapl" | "cpu-estimate" | "cpu-estimate:tdp=" W

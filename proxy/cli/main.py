@@ -1,4 +1,4 @@
-"""`energy-proxy serve | demo | doctor | bench`: the command line of INTERFACE.md."""
+"""`energy-proxy serve | demo | doctor | bench`: the command line of docs/INTERFACE.md."""
 
 from __future__ import annotations
 

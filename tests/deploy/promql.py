@@ -1,4 +1,4 @@
-"""What the deploy tests share: the proxy's metric names and labels (INTERFACE.md), our
+"""What the deploy tests share: the proxy's metric names and labels (docs/INTERFACE.md), our
 recording rules, the dashboards' queries, and a small PromQL scanner that finds the metric
 and label names an expression uses. The scanner is deliberately simple (no full parser):
 a real Prometheus parses every expression in test_prometheus.py."""
@@ -30,7 +30,7 @@ COMPOSE_FILE = DEPLOY / "docker-compose.yml"
 _SCRAPE_LABELS = frozenset({"instance", "job"})
 _PER_REQUEST = ("model", "category", "backend")
 
-# The proxy's metrics (INTERFACE.md plus the two gauges the proxy adds): name -> labels.
+# The proxy's metrics (docs/INTERFACE.md plus the two gauges the proxy adds): name -> labels.
 COUNTERS: dict[str, tuple[str, ...]] = {
     "energy_proxy_requests_total": (*_PER_REQUEST, "status"),
     "energy_proxy_tokens_total": (*_PER_REQUEST, "type"),

@@ -1,4 +1,4 @@
-"""/metrics against the contract: every metric of the README's metrics table, with its type
+"""/metrics against the contract: every metric of docs/INTERFACE.md's metrics table, with its type
 and exactly its labels, parsed by prometheus_client's own parser from a proxy on a real
 socket (with a live carbon figure from the Electricity Maps stand-in, so that the gauges
 that exist only while one is in use are there too)."""
@@ -23,6 +23,7 @@ from tests.support.fakes.electricitymaps import FAKE_API_KEY, make_fake_electric
 from tests.support.paths import REPO_ROOT
 from tests.support.servers import ServerThread
 
+INTERFACE = REPO_ROOT / "docs" / "INTERFACE.md"
 README = REPO_ROOT / "README.md"
 KEY = "interface-test-key"
 ROW = re.compile(r"^\| `(energy_proxy_\w+)` \| (counter|gauge|histogram) \| ([^|]*)\|", re.M)
@@ -41,13 +42,25 @@ PROMISED = {
 }
 
 
-def contract() -> dict[str, tuple[str, frozenset[str]]]:
-    """name -> (type, label names) from the README's metrics table."""
-    section = README.read_text(encoding="utf-8").split("\n## Metrics\n", 1)[1].split("\n## ")[0]
+def table(path: Path, heading: str) -> dict[str, tuple[str, frozenset[str]]]:
+    """name -> (type, label names) from the metrics table under `heading` in `path`."""
+    text = path.read_text(encoding="utf-8")
+    section = text.split(f"\n## {heading}\n", 1)[1].split("\n## ")[0]
     return {
         name: (kind, frozenset(n.strip() for n in labels.split(",") if n.strip()))
         for name, kind, labels in ROW.findall(section)
     }
+
+
+def contract() -> dict[str, tuple[str, frozenset[str]]]:
+    """The contract's metrics: docs/INTERFACE.md's table."""
+    return table(INTERFACE, "Prometheus metrics")
+
+
+def test_the_readme_shows_the_contract_s_metrics_table() -> None:
+    # The README repeats the table for its readers: it must say what the contract says.
+    assert contract(), "docs/INTERFACE.md has no metrics table"
+    assert table(README, "Metrics") == contract()
 
 
 @pytest.fixture
@@ -122,7 +135,9 @@ def test_every_metric_of_the_contract_with_its_type_and_labels(proxy: str) -> No
         if f.name.startswith("energy_proxy_") and not f.name.endswith("_created")
     }
     documented = {n.removesuffix("_total") for n in expected}
-    assert exposed <= documented, f"exposed but not in the README: {sorted(exposed - documented)}"
+    assert exposed <= documented, (
+        f"exposed but not in docs/INTERFACE.md: {sorted(exposed - documented)}"
+    )
 
 
 def test_a_model_no_backend_lists_is_labelled_other(proxy: str) -> None:
