@@ -59,11 +59,12 @@ TARGET_BYTES = 300.0
 TARGET_RATE = 5000.0
 TARGET_STALL_MS = 2.0
 STORE_MB = 100_000.0  # the bench measures the store, not its size limit
+BASIS = "cost-v1 fitted; queue capacity learnt; timings proxy"  # as the meter writes it
 
 
 def record(i: int, now_s: float, n: int, rng: random.Random) -> RequestRecord:
     """The i-th of n records, finished over the 30 days before `now_s`, as the relay makes
-    them (a live carbon figure, GPU and CPU joules, queue attribution)."""
+    them (a live carbon figure, GPU and CPU joules, the cost model's split and its band)."""
     joules = rng.uniform(5.0, 400.0)
     co2 = joules / 3.6e6 * 350.0
     embodied = rng.uniform(1e-5, 1e-4)
@@ -82,7 +83,9 @@ def record(i: int, now_s: float, n: int, rng: random.Random) -> RequestRecord:
         co2eq_g=co2,
         embodied_g=embodied,
         sci_g=sci_g(co2, embodied),
-        attribution="queue",
+        attribution="model",
+        band_rel=rng.uniform(0.05, 0.45),
+        basis=BASIS,
     )
     return RequestRecord.from_report(
         report,
@@ -229,7 +232,10 @@ def _label_ids(fetch: Callable[[str, tuple[str, ...]], dict[str, int]]) -> dict[
         "category": [fetch("category", CATEGORIES)[c] for c in CATEGORIES],
         "backend": [fetch("backend", BACKENDS)[b] for b in BACKENDS],
         "tenant": [fetch("tenant", TENANTS)[t] for t in TENANTS],
-        "fixed": fetch("fixed", ("backend", "nvml-counter,rapl", "queue", "electricitymaps", "DE")),
+        "fixed": fetch(
+            "fixed",
+            ("backend", "nvml-counter,rapl", "model", "electricitymaps", "DE", BASIS),
+        ),
     }
 
 
@@ -247,9 +253,9 @@ def _select_columns(ids: dict[str, Any], i: str, n: int, now_ms: int, rid: str, 
         0.2 + ({rand} % 20000) / 1000.0, 20 + {rand} % 1980, 1 + {rand} % 800, {f["backend"]},
         5.0 + ({rand} % 395000) / 1000.0, 4.5 + ({rand} % 355000) / 1000.0,
         0.5 + ({rand} % 39000) / 1000.0, 3.0 + ({rand} % 237000) / 1000.0,
-        {f["nvml-counter,rapl"]}, {f["queue"]}, 350.0, {f["electricitymaps"]}, {f["DE"]},
+        {f["nvml-counter,rapl"]}, {f["model"]}, 350.0, {f["electricitymaps"]}, {f["DE"]},
         ({rand} % 3600000) / 1000.0, (5.0 + ({rand} % 395000) / 1000.0) * 350.0 / 3600000.0,
-        ({rand} % 100000) / 1000000000.0, NULL
+        ({rand} % 100000) / 1000000000.0, NULL, 0.05 + ({rand} % 400) / 1000.0, {f[BASIS]}
     """
 
 

@@ -14,11 +14,21 @@ none waits on a sensor: blocking sources are read on threads of their own.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from metering.accounting.attribution import DECODE, Attribution, EngineQueue, Flight
+from metering.accounting.attribution import (
+    DECODE,
+    MODEL,
+    WAITING,
+    Attribution,
+    EngineQueue,
+    Flight,
+    WorkPrice,
+)
+from metering.accounting.cost_model import Coefficients, CostFit, Rates
 from metering.accounting.groups import bind_channels, gpu_share, time_channel
 from metering.accounting.ledger import Ticket
 from metering.accounting.prompt_text import prompt_tokens_estimate
@@ -35,6 +45,9 @@ from metering.sources.base import PowerSource
 from metering.sources.hardware import describe_hardware
 
 __all__ = ["LEDGER_TICK_HZ", "Lane", "Measurement", "Meter", "Plan"]
+
+COST_MODEL_VERSION = "cost-v1"  # the form of cost_model.py's model and its fit
+FIT_EVERY_S = 5.0  # how often each backend's cost model is refitted (on the sampler's tick)
 
 log = logging.getLogger("energy_proxy.meter")
 
@@ -55,11 +68,27 @@ class Plan:
 class Lane:
     """One backend as the meter sees it: the channels its requests draw from (its GPUs,
     the host-wide sources and its time channel), its share of the host's GPUs (SCI's
-    RR/ToR) and the model of its admission queue."""
+    RR/ToR), the model of its admission queue, and its cost model (cost_model.py) with
+    the rates and the requests in flight it is fitted from."""
 
     channels: tuple[str, ...]
     gpu_share: float = 1.0
     queue: EngineQueue = field(default_factory=EngineQueue)
+    fit: CostFit = field(default_factory=CostFit)
+    rates: Rates = field(default_factory=Rates)
+    # Request starts in flight (the fit uses only intervals before the oldest).
+    open_starts: dict[int, float] = field(default_factory=dict)
+    last_tick: tuple[float, float, float] | None = None  # (t, dynamic J, busy s) at the tick
+    next_fit_s: float = 0.0
+    fitted_wall_s: float | None = None  # unix time of the last fit
+
+    @property
+    def energy_channels(self) -> tuple[str, ...]:
+        return tuple(c for c in self.channels if not c.startswith("time:"))
+
+    @property
+    def time_channel(self) -> str | None:
+        return next((c for c in self.channels if c.startswith("time:")), None)
 
 
 @dataclass(slots=True, eq=False)
@@ -70,6 +99,8 @@ class Measurement:
     flight: Flight
     ticket: Ticket
     t0_s: float
+    admitted_s: float | None = None  # when the queue model let it run
+    first_token_s: float | None = None
     report: EnergyReport | None = None
 
     @property
@@ -97,6 +128,9 @@ class Meter:
         self.pue = pue
         self.embodied = embodied
         self._lanes = dict(lanes)
+        for lane in self._lanes.values():
+            self._price(lane)
+        sampler.tick_listeners.append(self.tick)
 
     @classmethod
     def build(
@@ -108,7 +142,7 @@ class Meter:
         idle_watts: float | None = None,
         clock: Callable[[], float] = time.monotonic,
         sample_hz: float = 20.0,
-        attribution: str = "queue",
+        attribution: str = MODEL,
         pue: float = 1.0,
         embodied: Embodied = _DEFAULT_EMBODIED,
     ) -> Meter:
@@ -163,15 +197,24 @@ class Meter:
         prompt_est = prompt_tokens_estimate(payload) if stream or embeddings else 1.0
         flight = Flight(prompt_est, stream=stream, embeddings=embeddings)
         weight = self.attribution.start(flight, queue)
-        ticket, t0_s = self.sampler.start(weight, lane.channels)
-        flight.handle = ticket
-        return Measurement(lane, flight, ticket, t0_s)
+        ticket, t0_s = self.sampler.start(weight, lane.channels, flight.eq)
+        m = Measurement(lane, flight, ticket, t0_s)
+        if flight.phase != WAITING:
+            m.admitted_s = t0_s
+        flight.handle = m
+        lane.open_starts[id(m)] = t0_s
+        return m
 
     def first_token(self, m: Measurement) -> None:
         """Its first token came out: prefill is over (and it was admitted), it decodes."""
         weight = self.attribution.first_token(m.flight, m.lane.queue)
+        now_s = self.sampler.clock()
+        if m.first_token_s is None:
+            m.first_token_s = now_s
+            if m.admitted_s is None:  # it ran although the queue model held it waiting
+                m.admitted_s = m.t0_s
         if weight is not None:
-            self.sampler.reweigh(m.ticket, weight)
+            self.sampler.reweigh(m.ticket, weight, m.flight.eq)
 
     def close(
         self,
@@ -192,10 +235,11 @@ class Meter:
         # Answered while the queue model held it waiting: served out of arrival order, in
         # the place of a request the model admitted (which has not started, then).
         instead = attribution.ran_instead(m.flight, queue) if answered else None
-        shares, t1_s = sampler.finish(m.ticket, instead.handle if instead else None)
+        shares, t1_s = sampler.finish(m.ticket, instead.handle.ticket if instead else None)
         # Its place in the backend's queue model goes to the oldest waiting request.
-        for admitted, weight in attribution.finish(m.flight, queue):
-            sampler.reweigh(admitted.handle, weight)
+        self._admitted(attribution.finish(m.flight, queue), t1_s)
+        m.lane.open_starts.pop(id(m), None)
+        self._learn_work(m, t1_s, tokens)
         # Shares of a time channel are the request's share of busy seconds (carbon/sci.py).
         busy_s = sum(s.energy_j for s in shares if s.name.startswith("time:"))
         domains = sampler.domains
@@ -213,8 +257,44 @@ class Meter:
             embodied_g=embodied_g(self.embodied, busy_s, m.lane.gpu_share, 1.0),
             attribution=attribution.mode,
             client_request_id=client_request_id,
+            band_rel=self._band_rel(m.lane, t1_s - m.t0_s),
+            basis=self._basis(m.lane),
         )
         return m.report
+
+    # --- uncertainty ----------------------------------------------------------------------
+
+    def _band_rel(self, lane: Lane, duration_s: float) -> float:
+        """The relative uncertainty of a request's joules, an estimate: the part of each
+        interval's measured energy its backend's cost model does not explain (the fit's
+        robust relative residual; wide before the fit has data), and the sensor's
+        resolution, half a counter period of the request's own time, combined in
+        quadrature, at most 1."""
+        period_s = 0.0
+        for name in lane.energy_channels:
+            st = self.sampler.by_name.get(name)
+            schedule = getattr(st.source, "schedule", None) if st is not None else None
+            if schedule is not None and getattr(schedule, "period_s", None):
+                period_s = max(period_s, float(schedule.period_s))
+        resolution = 0.5 * period_s / max(duration_s, period_s) if period_s > 0.0 else 0.0
+        return min(1.0, math.hypot(lane.fit.band_rel, resolution))
+
+    def _basis(self, lane: Lane) -> str:
+        """What the split rested on, for the energy object's `attribution_basis`: the cost
+        model's version and whether it is fitted on this host or still the defaults, where
+        the queue's capacity came from, and whose timings were used."""
+        queue = lane.queue
+        if self.attribution.mode != MODEL:
+            model = "no cost model"
+        else:
+            model = f"{COST_MODEL_VERSION} {'fitted' if lane.fit.trusted else 'defaults'}"
+        if queue.configured is not None:
+            capacity = "configured"
+        elif queue.capacity is not None:
+            capacity = "learnt"
+        else:
+            capacity = "unknown"
+        return f"{model}; queue capacity {capacity}; timings proxy"
 
     # --- what the backends tell ------------------------------------------------------------
 
@@ -222,16 +302,94 @@ class Meter:
         """The backend's own running/waiting counts were just read: its queue model learns
         the capacity, and requests it now holds waiting (or admits) change weight."""
         queue = self.lane(backend).queue
-        for flight, weight in self.attribution.observe(queue, running, waiting):
-            self.sampler.reweigh(flight.handle, weight)
+        self._admitted(self.attribution.observe(queue, running, waiting), self.sampler.clock())
+
+    def _admitted(self, changed: list[tuple[Flight, float]], now_s: float) -> None:
+        """Weights the queue model changed (admitted, or sent back to waiting)."""
+        for flight, weight in changed:
+            m: Measurement = flight.handle
+            self.sampler.reweigh(m.ticket, weight, flight.eq)
+            if flight.phase != WAITING and m.admitted_s is None:
+                m.admitted_s = now_s
+
+    # --- the cost model -----------------------------------------------------------------
+
+    def _learn_work(self, m: Measurement, t1_s: float, tokens: Tokens | None) -> None:
+        """What a finished request did, and when, for its backend's fit and rates."""
+        lane = m.lane
+        start_s = m.admitted_s if m.admitted_s is not None else m.t0_s
+        prompt = float(tokens.prompt) if tokens and tokens.prompt else m.flight.prompt_tokens
+        generated = tokens.completion if tokens else 0
+        if m.first_token_s is not None:
+            split_s = m.first_token_s
+            lane.rates.observe(split_s - start_s, t1_s - split_s, generated)
+        else:  # no first token seen: its prefill is taken to last a typical window
+            split_s = min(t1_s, start_s + lane.rates.prefill_window_s)
+        lane.fit.work(start_s, split_s, prompt=prompt)
+        lane.fit.work(split_s, t1_s, decode=float(generated))
+
+    def tick(self, now_s: float) -> None:
+        """The sampler's periodic tick: each backend's interval since the last one goes to
+        its fit, which is refitted every FIT_EVERY_S; then the weights follow the model."""
+        channels = self.sampler.ledger.channels
+        for lane in self._lanes.values():
+            busy_name = lane.time_channel
+            if busy_name is None:
+                continue
+            dyn_j = sum(channels[c].dynamic_j for c in lane.energy_channels if c in channels)
+            busy_s = channels[busy_name].attributed_j
+            if lane.last_tick is not None:
+                t0_s, dyn0_j, busy0_s = lane.last_tick
+                lane.fit.measured(t0_s, now_s, dyn_j - dyn0_j, busy_s - busy0_s)
+            lane.last_tick = (now_s, dyn_j, busy_s)
+            if now_s >= lane.next_fit_s:
+                lane.next_fit_s = now_s + FIT_EVERY_S
+                oldest_s = min(lane.open_starts.values(), default=now_s)
+                if lane.fit.fit(oldest_s, now_s):
+                    lane.fitted_wall_s = time.time()
+            self._price(lane)
+
+    def _price(self, lane: Lane) -> None:
+        """Set the lane's weights from its cost model: the fixed cost per step shared by
+        the running requests (the ledger's `fixed_w`), each one's own work per step."""
+        if self.attribution.mode != MODEL:
+            return
+        c: Coefficients = lane.fit.in_use
+        steps_per_s = max(1e-6, lane.rates.decode_tokens_per_s)
+        lane.queue.price = WorkPrice(c.prefill_j_per_token, c.decode_j_per_token)
+        fixed_j_per_step = c.fixed_w / steps_per_s
+        channels = self.sampler.ledger.channels
+        for name in lane.channels:
+            if name in channels:
+                channels[name].fixed_w = fixed_j_per_step
 
     # --- for readers ------------------------------------------------------------------------
+
+    def cost_models(self) -> dict[str, dict[str, object]]:
+        """Each planned backend's cost model as /readyz and the metrics show it."""
+        out: dict[str, dict[str, object]] = {}
+        for name, lane in self._lanes.items():
+            c, fit, rates = lane.fit.coefficients, lane.fit, lane.rates
+            out[name] = {
+                "version": COST_MODEL_VERSION,
+                "fixed_w": c.fixed_w,
+                "prefill_j_per_token": c.prefill_j_per_token,
+                "decode_j_per_token": c.decode_j_per_token,
+                "fitted_at": lane.fitted_wall_s,
+                "in_use": "fitted" if fit.trusted else "defaults",
+                "intervals": fit.intervals_used,
+                "band_rel": fit.band_rel,
+                "decode_tokens_per_s": rates.decode_tokens_per_s,
+                "prefill_window_s": rates.prefill_window_s,
+            }
+        return out
 
     def lane(self, backend: str) -> Lane:
         """The lane of `backend`; one not planned draws from every source."""
         lane = self._lanes.get(backend)
         if lane is None:
             lane = self._lanes[backend] = Lane(tuple(self.sampler.by_name))
+            self._price(lane)
         return lane
 
     def hardware(self) -> str:

@@ -251,6 +251,7 @@ def create_app(
         intensity.current,
         registry.backends,
         store.status,
+        meter.cost_models,
     )
     live = LiveFeed(meter.sampler, intensity, inflight=registry.inflight)
     metrics.watch_live_streams(live.hub)

@@ -151,7 +151,7 @@ class Settings(BaseModel):
     db_queue_records: int = Field(default=100_000, ge=1)
     # The default window of /v1/energy/summary and the labels: a duration (24h, 7d) or "all".
     summary_window: str = DEFAULT_WINDOW
-    attribution: Literal["queue", "tokens", "equal"] = "queue"
+    attribution: Literal["model", "queue", "tokens", "equal"] = "model"
     pue: float = Field(default=1.0, ge=1.0)
     # Embodied emissions of the host and its lifespan, for SCI's M (sources: metering/carbon/sci.py)
     embodied_kgco2eq: float = Field(default=DEFAULT_EMBODIED_KGCO2EQ, ge=0.0)

@@ -2,9 +2,16 @@
 
 The ledger (ledger.py) splits the energy of every interval among the requests in flight
 in proportion to their weights; this module decides the weights. Pure: no I/O, no clock.
-Three modes (`--attribution`):
+Four modes (`--attribution`):
 
-`queue` (the default). A continuous-batching engine admits a bounded number of requests
+`model` (the default). As `queue` below for who runs and who waits, with the weights of
+the running requests from the backend's cost model fitted on this host (cost_model.py):
+each running request shares the fixed cost of each step equally with the others running
+(the ledger's `eq` part) and pays its own work in the step, `c_prefill * prompt tokens`
+while it prefills and `c_decode` while it decodes (`WorkPrice`, set by the meter from the
+fit): the Shapley split of a step, applied over time.
+
+`queue`. A continuous-batching engine admits a bounded number of requests
 (vLLM's max_num_seqs, TGI's batch) and queues the rest; a request waiting in the queue
 costs the GPU nothing. The proxy keeps a model of each backend's queue: FIFO admission
 under a capacity read from the backend's own metrics (when it reports requests waiting,
@@ -44,10 +51,14 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+from metering.accounting.cost_model import DEFAULT_DECODE_J_PER_TOKEN, DEFAULT_PREFILL_J_PER_TOKEN
+
+MODEL = "model"
 QUEUE = "queue"
 TOKENS = "tokens"
 EQUAL = "equal"
-MODES = (QUEUE, TOKENS, EQUAL)
+MODES = (MODEL, QUEUE, TOKENS, EQUAL)
+QUEUED_MODES = (MODEL, QUEUE)  # the modes that keep a model of the backend's queue
 
 PREFILL_TOKENS_PER_UNIT = 100.0
 # A decoding sequence is one unit of a step's work: one token per step, whatever its prompt.
@@ -67,6 +78,20 @@ class Flight:
     handle: Any = None
     phase: str = WAITING
     weight: float = 0.0
+    eq: float = 0.0  # 1 while it shares the fixed cost of the steps (`model`, running)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkPrice:
+    """The cost model per engine step, for `model` mode: what a running request's own work
+    costs in one step, joules. A prefilling request's whole prompt is taken to go through
+    in one step (`prefill_j_per_token` x its prompt tokens); a decoding one makes one token
+    a step (`decode_j_per_step`). The fixed cost of a step, shared by all running, is the
+    ledger's `fixed_w` in the same unit. One unit for all: every request in a step is
+    charged for the same steps, so the step rate cancels out of the split."""
+
+    prefill_j_per_token: float = DEFAULT_PREFILL_J_PER_TOKEN
+    decode_j_per_step: float = DEFAULT_DECODE_J_PER_TOKEN
 
 
 @dataclass(slots=True)
@@ -78,6 +103,7 @@ class EngineQueue:
     # In arrival order, the oldest first; O(1) to take the oldest or newest, or drop any.
     running: OrderedDict[int, Flight] = field(default_factory=OrderedDict)
     waiting: OrderedDict[int, Flight] = field(default_factory=OrderedDict)
+    price: WorkPrice = field(default_factory=WorkPrice)  # `model` mode's weights
 
     def __post_init__(self) -> None:
         if self.configured is not None:
@@ -104,18 +130,30 @@ class EngineQueue:
 class Attribution:
     """Weights for one mode; the caller applies them to the ledger."""
 
-    def __init__(self, mode: str = QUEUE) -> None:
+    def __init__(self, mode: str = MODEL) -> None:
         if mode not in MODES:
             raise ValueError(f"attribution must be one of {', '.join(MODES)}, not {mode!r}")
         self.mode = mode
 
-    def _running_weight(self, f: Flight) -> float:
+    def _run(self, f: Flight, queue: EngineQueue, phase: str) -> float:
+        """`f` runs now, in `phase`: its weight (and its equal part of the fixed cost)."""
+        f.phase = phase
+        f.eq = 1.0 if self.mode == MODEL else 0.0
+        f.weight = self._running_weight(f, queue)
+        return f.weight
+
+    def _running_weight(self, f: Flight, queue: EngineQueue) -> float:
+        prefilling = f.phase == PREFILL and (f.stream or f.embeddings)
         if self.mode == EQUAL:
             return 1.0
         if self.mode == TOKENS:
-            prefilling = f.phase == PREFILL and (f.stream or f.embeddings)
             return f.prompt_tokens if prefilling else DECODE_WEIGHT
-        if f.phase == PREFILL and (f.stream or f.embeddings):
+        if self.mode == MODEL:
+            price = queue.price
+            if prefilling:
+                return price.prefill_j_per_token * f.prompt_tokens
+            return price.decode_j_per_step
+        if prefilling:
             return 1.0 + f.prompt_tokens / PREFILL_TOKENS_PER_UNIT
         return DECODE_WEIGHT
 
@@ -125,7 +163,7 @@ class Attribution:
         """The backend's own counts: when they reveal a smaller capacity than the model
         ran with, the newest requests still in prefill go back to waiting (what FIFO
         admission would have done); the requests whose weight changes now."""
-        if not queue.learn(running, waiting) or self.mode != QUEUE:
+        if not queue.learn(running, waiting) or self.mode not in QUEUED_MODES:
             return []
         changed: list[tuple[Flight, float]] = []
         for key in reversed(list(queue.running)):
@@ -137,22 +175,20 @@ class Attribution:
             del queue.running[key]
             queue.waiting[key] = f
             queue.waiting.move_to_end(key, last=False)  # it was ahead of later arrivals
-            f.phase, f.weight = WAITING, 0.0
+            f.phase, f.weight, f.eq = WAITING, 0.0, 0.0
             changed.append((f, 0.0))
         changed += self._admit(queue)
         return changed
 
     def start(self, f: Flight, queue: EngineQueue) -> float:
         """A request arrives: its first weight (0 while the queue model holds it)."""
-        if self.mode == QUEUE and (queue.full() or queue.waiting):
+        if self.mode in QUEUED_MODES and (queue.full() or queue.waiting):
             f.phase = WAITING
             queue.waiting[id(f)] = f
-            f.weight = 0.0
+            f.weight, f.eq = 0.0, 0.0
             return 0.0
-        f.phase = PREFILL
         queue.running[id(f)] = f
-        f.weight = self._running_weight(f)
-        return f.weight
+        return self._run(f, queue, PREFILL)
 
     def first_token(self, f: Flight, queue: EngineQueue) -> float | None:
         """Its first streamed token: its new weight, or None if it does not change."""
@@ -164,11 +200,10 @@ class Attribution:
             queue.running[id(f)] = f
             if queue.capacity is not None and queue.configured is None:
                 queue.capacity = max(queue.capacity, len(queue.running))
-        f.phase = DECODE
-        new = self._running_weight(f)
-        if new == f.weight:
+        was = (f.weight, f.eq)
+        new = self._run(f, queue, DECODE)
+        if (new, f.eq) == was:
             return None
-        f.weight = new
         return new
 
     def ran_instead(self, f: Flight, queue: EngineQueue) -> Flight | None:
@@ -182,7 +217,7 @@ class Attribution:
 
         Call before finish(). Non-streaming requests never show a first token, so without
         this a request served out of order would be told 0 J and another twice its due."""
-        if self.mode != QUEUE or f.phase != WAITING:
+        if self.mode not in QUEUED_MODES or f.phase != WAITING:
             return None
         for key in reversed(queue.running):
             candidate = queue.running[key]
@@ -203,8 +238,6 @@ class Attribution:
         admitted: list[tuple[Flight, float]] = []
         while queue.waiting and not queue.full():
             key, nxt = queue.waiting.popitem(last=False)
-            nxt.phase = PREFILL
             queue.running[key] = nxt
-            nxt.weight = self._running_weight(nxt)
-            admitted.append((nxt, nxt.weight))
+            admitted.append((nxt, self._run(nxt, queue, PREFILL)))
         return admitted

@@ -16,6 +16,13 @@ the number of requests in flight. Conservation, the invariant the tests check:
 A second accumulator does the same for the energy above the idle draw (`dynamic`), with
 `dE - idle_power_w * dt` in place of `dE`.
 
+A channel may also have a fixed cost, `fixed_w` (the cost model's F, attribution.py's
+`model` mode): the power of running steps at all, shared equally by the members that run
+(`eq` = 1; a request held waiting has 0). Each interval then splits in two, in proportion
+to `fixed_w` and the members' total weight (their own work, in watts): the first part
+equally among the runners (a second pair of accumulators, per runner), the second by
+weight. With `fixed_w` = 0 (the default) the channel is the plain weighted split above.
+
 The accumulator is reset to zero whenever the channel empties, so it stays small and
 `A1 - A0` keeps its precision under normal traffic. Nothing here does I/O or reads a clock.
 """
@@ -32,15 +39,21 @@ WEIGHT_EPSILON = 1e-9
 class Channel:
     """Accounting for one power source.
 
-    All energies in joules; `acc_j_per_w` is joules per unit of request weight.
+    All energies in joules; `acc_j_per_w` is joules per unit of request weight,
+    `eq_acc_j` joules per runner (the equal share of the fixed cost).
     """
 
     name: str
     acc_j_per_w: float = 0.0
     dyn_acc_j_per_w: float = 0.0
+    eq_acc_j: float = 0.0
+    eq_dyn_acc_j: float = 0.0
     weight: float = 0.0
+    runners: float = 0.0  # members that share the fixed cost (eq = 1)
+    fixed_w: float = 0.0  # the fixed cost model's F, watts (0: a plain weighted split)
     members: int = 0
     measured_j: float = 0.0
+    dynamic_j: float = 0.0  # measured minus the idle draw, whoever was in flight
     attributed_j: float = 0.0
     idle_j: float = 0.0
     last_energy_j: float | None = None
@@ -63,32 +76,46 @@ class Channel:
         if dt_s < 0.0:
             dt_s = 0.0
         self.measured_j += delta_j
+        dyn_j = delta_j - idle_power_w * dt_s
+        self.dynamic_j += dyn_j
         # Weights are >= 0 (a request the queue model holds waiting weighs 0); a total
         # left at float rounding residue by joins and leaves is no weight at all.
-        if self.members > 0 and self.weight > WEIGHT_EPSILON:
-            self.acc_j_per_w += delta_j / self.weight
-            self.dyn_acc_j_per_w += (delta_j - idle_power_w * dt_s) / self.weight
+        fixed = self.fixed_w if self.runners > 0.5 else 0.0
+        total = self.weight + fixed
+        if self.members > 0 and total > WEIGHT_EPSILON:
+            if fixed > 0.0:
+                part = fixed / total / self.runners
+                self.eq_acc_j += delta_j * part
+                self.eq_dyn_acc_j += dyn_j * part
+            self.acc_j_per_w += delta_j / total
+            self.dyn_acc_j_per_w += dyn_j / total
             self.attributed_j += delta_j
         else:
             self.idle_j += delta_j
         return delta_j
 
-    def join(self, weight: float) -> tuple[float, float]:
-        """Add a member of `weight`; returns its starting accumulator values."""
+    def join(self, weight: float, eq: float = 0.0) -> tuple[float, float, float, float]:
+        """Add a member of `weight` (and `eq` 1 if it shares the fixed cost); returns its
+        starting accumulator values."""
         self.members += 1
         self.weight += weight
-        return self.acc_j_per_w, self.dyn_acc_j_per_w
+        self.runners += eq
+        return self.acc_j_per_w, self.dyn_acc_j_per_w, self.eq_acc_j, self.eq_dyn_acc_j
 
-    def leave(self, weight: float) -> None:
+    def leave(self, weight: float, eq: float = 0.0) -> None:
         self.members -= 1
         if self.members <= 0:
             # Nobody holds a start value any more: rebase, which also keeps precision.
             self.members = 0
             self.weight = 0.0
+            self.runners = 0.0
             self.acc_j_per_w = 0.0
             self.dyn_acc_j_per_w = 0.0
+            self.eq_acc_j = 0.0
+            self.eq_dyn_acc_j = 0.0
         else:
             self.weight -= weight
+            self.runners -= eq
 
 
 @dataclass(slots=True)
@@ -99,16 +126,24 @@ class Share:
     weight: float
     start_acc: float
     start_dyn_acc: float
+    eq: float = 0.0
+    start_eq_acc: float = 0.0
+    start_eq_dyn_acc: float = 0.0
     owed_j: float = 0.0
     owed_dynamic_j: float = 0.0
 
     def settle(self) -> None:
-        """Move what has accrued since `start_acc` into `owed_j` (used on weight change)."""
+        """Move what has accrued since the start values into `owed_j` (on weight change)."""
         ch = self.channel
         self.owed_j += self.weight * (ch.acc_j_per_w - self.start_acc)
         self.owed_dynamic_j += self.weight * (ch.dyn_acc_j_per_w - self.start_dyn_acc)
+        if self.eq:
+            self.owed_j += self.eq * (ch.eq_acc_j - self.start_eq_acc)
+            self.owed_dynamic_j += self.eq * (ch.eq_dyn_acc_j - self.start_eq_dyn_acc)
         self.start_acc = ch.acc_j_per_w
         self.start_dyn_acc = ch.dyn_acc_j_per_w
+        self.start_eq_acc = ch.eq_acc_j
+        self.start_eq_dyn_acc = ch.eq_dyn_acc_j
 
 
 @dataclass(slots=True)
@@ -143,8 +178,11 @@ class Ledger:
         """Feed one cumulative reading of source `name`; returns joules since the last one."""
         return self.channels[name].record(energy_j, t_s, idle_power_w)
 
-    def start(self, weight: float = 1.0, names: Iterable[str] | None = None) -> Ticket:
-        """Open a request in the given channels (all of them by default).
+    def start(
+        self, weight: float = 1.0, names: Iterable[str] | None = None, eq: float = 0.0
+    ) -> Ticket:
+        """Open a request in the given channels (all of them by default); `eq` 1 when it
+        shares the channels' fixed cost (it runs).
 
         The caller records a reading of each source *before* starting, so energy drawn
         up to this instant goes to whoever was in flight before.
@@ -154,12 +192,13 @@ class Ledger:
         chans = self._all if names is None else [self.channels[n] for n in names]
         ticket = Ticket()
         for ch in chans:
-            acc, dyn = ch.join(weight)
-            ticket.shares.append(Share(ch, weight, acc, dyn))
+            acc, dyn, eq_acc, eq_dyn = ch.join(weight, eq)
+            ticket.shares.append(Share(ch, weight, acc, dyn, eq, eq_acc, eq_dyn))
         return ticket
 
-    def reweigh(self, ticket: Ticket, weight: float) -> None:
-        """Change a request's weight from now on (token-weighted attribution)."""
+    def reweigh(self, ticket: Ticket, weight: float, eq: float | None = None) -> None:
+        """Change a request's weight (and, given, whether it shares the fixed cost) from
+        now on."""
         if weight < 0.0:
             raise ValueError("a request's weight must not be negative")
         if ticket.finished:
@@ -168,6 +207,9 @@ class Ledger:
             share.settle()
             share.channel.weight += weight - share.weight
             share.weight = weight
+            if eq is not None:
+                share.channel.runners += eq - share.eq
+                share.eq = eq
 
     def exchange(self, a: Ticket, b: Ticket) -> None:
         """Swap what two requests in flight are owed so far, in the channels both are in
@@ -194,7 +236,7 @@ class Ledger:
         if not ticket.finished:
             for share in ticket.shares:
                 share.settle()
-                share.channel.leave(share.weight)
+                share.channel.leave(share.weight, share.eq)
             ticket.finished = True
         return [SourceShare(s.channel.name, s.owed_j, s.owed_dynamic_j) for s in ticket.shares]
 

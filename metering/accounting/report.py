@@ -43,6 +43,18 @@ class EnergyReport:
     sci_g: float
     attribution: str = ""  # how the energy was split among concurrent requests (the mode)
     client_request_id: str | None = None  # the client's own x-request-id, when usable
+    # The relative uncertainty of `energy_j` (an estimate: meter.py, "uncertainty"), and
+    # what the split rested on (the cost model and its state, the queue's source, timings).
+    band_rel: float | None = None
+    basis: str = ""
+
+    @property
+    def joules_low(self) -> float | None:
+        return None if self.band_rel is None else self.energy_j * max(0.0, 1.0 - self.band_rel)
+
+    @property
+    def joules_high(self) -> float | None:
+        return None if self.band_rel is None else self.energy_j * (1.0 + self.band_rel)
 
     @property
     def _per_token_n(self) -> int | None:
@@ -83,6 +95,11 @@ class EnergyReport:
         }
         if self.attribution:
             d["attribution"] = self.attribution
+        if self.band_rel is not None:
+            d["joules_low"] = self.joules_low
+            d["joules_high"] = self.joules_high
+        if self.basis:
+            d["attribution_basis"] = self.basis
         if self.client_request_id is not None:
             d["client_request_id"] = self.client_request_id
         if self.gpu_j is not None:
@@ -131,6 +148,8 @@ def build_report(
     embodied_g: float = 0.0,
     attribution: str = "",
     client_request_id: str | None = None,
+    band_rel: float | None = None,
+    basis: str = "",
 ) -> EnergyReport:
     """Sum a request's per-source shares into its report.
 
@@ -170,4 +189,6 @@ def build_report(
         sci_g=sci_g(co2, embodied_g),
         attribution=attribution,
         client_request_id=client_request_id,
+        band_rel=band_rel,
+        basis=basis,
     )

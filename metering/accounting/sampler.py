@@ -74,6 +74,8 @@ class Sampler:
         self.ledger = Ledger([*self.by_name, *self.time_channels])
         # Per channel set of a boundary: the states and time channels to read.
         self._plans: dict[tuple[str, ...], tuple[list[SourceState], list[str]]] = {}
+        # Called with the clock time after each periodic tick (not after boundary reads).
+        self.tick_listeners: list[Callable[[float], None]] = []
         self.read_all()
 
     def read_all(self) -> float:
@@ -130,19 +132,19 @@ class Sampler:
         return self._read(plan[0], plan[1], observe_idle=False)
 
     def start(
-        self, weight: float = 1.0, names: Sequence[str] | None = None
+        self, weight: float = 1.0, names: Sequence[str] | None = None, eq: float = 0.0
     ) -> tuple[Ticket, float]:
         """Open a request now in the channels `names` (all by default); returns its ticket
-        and the start time."""
+        and the start time. `eq`: 1 when it shares the channels' fixed cost (ledger.py)."""
         key = None if names is None else tuple(names)
         t_s = self._read_for(key)
-        ticket = self.ledger.start(weight, key)
+        ticket = self.ledger.start(weight, key, eq)
         ticket.names = key
         return ticket, t_s
 
-    def reweigh(self, ticket: Ticket, weight: float) -> None:
+    def reweigh(self, ticket: Ticket, weight: float, eq: float | None = None) -> None:
         self._read_for(ticket.names)
-        self.ledger.reweigh(ticket, weight)
+        self.ledger.reweigh(ticket, weight, eq)
 
     def finish(
         self, ticket: Ticket, took_place_of: Ticket | None = None
@@ -165,6 +167,13 @@ class Sampler:
         by_name = self.by_name
         return sorted({by_name[n].source.method for n in names if by_name[n].ok})
 
+    def tick(self) -> float:
+        """The periodic reading: every source, then whoever listens (the meter's fit)."""
+        now_s = self.read_all()
+        for listener in self.tick_listeners:
+            listener(now_s)
+        return now_s
+
     async def run(self, hz: float) -> None:
         """Tick forever at `hz` readings per second (cancel to stop). The tick only feeds
         the ledger (idle learning, gauges, idle joules between requests): boundaries read
@@ -179,7 +188,7 @@ class Sampler:
                 next_s = self.clock()
                 delay_s = 0.0
             await asyncio.sleep(delay_s)
-            self.read_all()
+            self.tick()
 
     def close(self) -> None:
         for st in self.states:

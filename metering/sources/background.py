@@ -206,7 +206,7 @@ class BackgroundSource:
     # --- the thread's side ---------------------------------------------------------------
 
     def _run(self) -> None:
-        clock, src, schedule = self._clock, self.inner, self.schedule
+        clock = self._clock
         next_full_s = clock()
         next_fast_s = next_full_s + self.fast_interval_s
         while True:
@@ -215,27 +215,41 @@ class BackgroundSource:
                 return
             now_s = clock()
             full = now_s >= next_full_s or self._fast is None
-            c0 = time.thread_time()
-            read = src.read if full or self._fast is None else self._fast
-            reading, error = self._attempt(read, now_s)
-            cost_s = time.thread_time() - c0
+            self.poll(now_s, full=full)
             if full:
-                self._full_costs_s.append(cost_s)
-                moved = (src.counter_seen_s == now_s) if self._has_counter else None
-                schedule.observe(now_s, cost_s, moved if reading is not None else False)
-                next_full_s = now_s + schedule.interval_s
-                self._update_limits()
-                if self._has_counter:
-                    # Between counter reads the source interpolates with its power samples:
-                    # allow it to cover the whole gap to the next counter read.
-                    src.interpolation_cap_s = schedule.interval_s + (
-                        schedule.period_s or DEFAULT_COUNTER_PERIOD_S
-                    )
-            else:
-                self._fast_costs_s.append(cost_s)
-            next_fast_s = now_s + self.fast_interval_s
-            last = self._published.reading
-            self._published = Published(reading or last, error, clock())
+                next_full_s = self.next_due_s(now_s, full=True)
+            next_fast_s = self.next_due_s(now_s, full=False)
+
+    def poll(self, now_s: float, *, full: bool, cost_s: float | None = None) -> None:
+        """One read of the sensor at `now_s` (the counter when `full`, else a power
+        sample), published for the loop: the thread's body, also called directly by
+        harnesses that step a virtual clock. `cost_s`: what the read cost in CPU seconds
+        (default: what it took of this thread's CPU time)."""
+        src, schedule = self.inner, self.schedule
+        fast = self._fast
+        c0 = time.thread_time()
+        read = src.read if full or fast is None else fast
+        reading, error = self._attempt(read, now_s)
+        spent_s = time.thread_time() - c0 if cost_s is None else cost_s
+        if full or fast is None:
+            self._full_costs_s.append(spent_s)
+            moved = (src.counter_seen_s == now_s) if self._has_counter else None
+            schedule.observe(now_s, spent_s, moved if reading is not None else False)
+            self._update_limits()
+            if self._has_counter:
+                # Between counter reads the source interpolates with its power samples:
+                # allow it to cover the whole gap to the next counter read.
+                src.interpolation_cap_s = schedule.interval_s + (
+                    schedule.period_s or DEFAULT_COUNTER_PERIOD_S
+                )
+        else:
+            self._fast_costs_s.append(spent_s)
+        last = self._published.reading
+        self._published = Published(reading or last, error, self._clock())
+
+    def next_due_s(self, now_s: float, *, full: bool) -> float:
+        """When the next read of that kind is due after one at `now_s`."""
+        return now_s + (self.schedule.interval_s if full else self.fast_interval_s)
 
     def _attempt(
         self, read: Callable[[float], Reading], now_s: float

@@ -9,20 +9,34 @@ nvml-counter (Volta and newer)
 The GPU's total energy counter (nvmlDeviceGetTotalEnergyConsumption, mJ since the driver
 loaded). energy_j is the counter's growth since the source opened, / 1000.
 
-The counter only moves every 20-100 ms, so a short request read at both ends could see
-0 J. Between moves the source interpolates: it keeps the last counter value and the clock
-time that value was first seen (t_seen). On a read where the counter has not moved it
+The counter only moves every 20-100 ms, and the background reader reads it far less often
+(every 0.75 s at an H100's 3 ms a read), so between counter reads the source interpolates:
+it keeps the last counter value, the clock time that value was first seen (t_seen), and the
+integral of its power samples since then (trapezoids between consecutive samples). It
 reports
 
-    counter + P_latest * min(now - t_seen, 0.1 s)
+    counter + integral of the power samples from t_seen to now   (at most `cap` seconds)
 
-(0.1 s is one maximum update period, so the estimate can never run far ahead of the
-counter). On a read where the counter has moved it reports max(previous report, new
-counter value): energy never decreases, and since every move snaps back to the counter,
-the estimate never drifts from it over time. A report is never below the last counter
-value seen, and never above it by more than 0.1 s of the highest power sampled so far.
+and, on a read where the counter has moved, max(previous report, new counter value):
+energy never decreases, and since every move snaps back to the counter, the estimate never
+drifts from it over time. The integral places each stretch of energy when the power was
+drawn. (The first version carried the *latest* sample back over the whole time since
+t_seen: a prefill's spike of power, sampled 0.5 s after a counter read, put half a second
+of it on the requests prefilling at that moment, and the decoders after it got nothing until
+the counter caught up: the fair split through an H100 was off by 0.16, tests/support/
+metered_sim.py.)
 
-P_latest is the latest power sample, taken on at most one read per 50 ms (field
+Where the GPU has no instant-power field, the power sample is nvmlDeviceGetPowerUsage,
+which on Ampere and newer GPUs is the mean over the last second: integrated as it is, it
+would put a prefill's energy up to a second late, on the requests decoding after it. Such
+a sample is read for what it is, the energy of the last second: the estimate is
+
+    E(now) = E(now - 1 s) + P_average * 1 s
+
+with E(now - 1 s) from the source's own recent estimates (a trail of them, counter values
+included), and the counter still the floor and the truth at every move.
+
+A power sample is taken on at most one read per 50 ms (field
 NVML_FI_DEV_POWER_INSTANT through nvmlDeviceGetFieldValues, checking the field's own
 nvmlReturn; else nvmlDeviceGetPowerUsage), so a request boundary usually costs one NVML
 call. Should the counter ever go backwards (a driver reload or GPU reset while the proxy
@@ -69,6 +83,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+from collections import deque
 from types import TracebackType
 from typing import Any, Final
 
@@ -92,6 +107,10 @@ NVML_POWER_SCOPE_GPU: Final = 0
 COUNTER_MAX_UPDATE_PERIOD_S: Final = 0.1
 # In counter mode, power is sampled on at most one read per this many seconds.
 POWER_SAMPLE_INTERVAL_S: Final = 0.05
+# nvmlDeviceGetPowerUsage averages over the last second on Ampere (but GA100) and newer
+# GPUs (NVML's documentation of the call): what such a reading means for the energy.
+POWER_USAGE_AVERAGE_S: Final = 1.0
+TRAIL_S: Final = 3.0  # how much of its own recent estimate the source keeps
 
 _UNSUPPORTED: Final = frozenset({NVML_ERROR_NOT_SUPPORTED, NVML_ERROR_FUNCTION_NOT_FOUND})
 # nvmlValueType_t -> the member of nvmlValue_t holding the value.
@@ -296,6 +315,14 @@ class NvmlGpuSource:
         self._counter_total_mj = 0
         self._counter_mj = counter_mj if counter_mj is not None else 0
         self._counter_seen_s = start_s
+        # Counter mode: the integral of the power samples since the counter last moved,
+        # up to when, and the sample it ended on.
+        self._since_counter_j = 0.0
+        self._since_t_s = start_s
+        self._since_power_w = self._power_w
+        self._max_power_w = self._power_w
+        self._trail: deque[tuple[float, float]] = deque()  # (t, reported J)
+        self._counter_points: deque[tuple[float, float]] = deque([(start_s, 0.0)])
         self.method = "nvml-counter" if counter_mj is not None else "nvml-power"
 
     @property
@@ -359,11 +386,48 @@ class NvmlGpuSource:
             # else: the counter went backwards (driver reload, GPU reset): rebase, add nothing.
             self._counter_mj = counter_mj
             self._counter_seen_s = now_s
+            points = self._counter_points
+            points.append((now_s, self._counter_total_mj / 1000.0))
+            while len(points) > 2 and points[1][0] < now_s - TRAIL_S:
+                points.popleft()
+            self._since_counter_j = 0.0
+            self._since_t_s = now_s
             estimate_j = self._counter_total_mj / 1000.0
+        elif not self._use_instant_field and (back_j := self._trail_at(now_s)) is not None:
+            # A one-second mean: the energy of the last second, on the estimate of then.
+            # Within a window of the counter's last move, the energy since it is at most
+            # the window's own energy (the ceiling), reached over one counter period: at
+            # the instant it was read, the counter is the truth.
+            counter_j = self._counter_total_mj / 1000.0
+            window_j = self._power_w * POWER_USAGE_AVERAGE_S
+            ahead_s = max(0.0, now_s - self._counter_seen_s)
+            ceiling_j = counter_j + window_j * min(1.0, ahead_s / COUNTER_MAX_UPDATE_PERIOD_S)
+            estimate_j = min(ceiling_j, max(counter_j, back_j + window_j))
         else:
-            ahead_s = min(max(0.0, now_s - self._counter_seen_s), self.interpolation_cap_s)
-            estimate_j = self._counter_total_mj / 1000.0 + self._power_w * ahead_s
+            # The power drawn since the counter last moved, sample by sample (trapezoids),
+            # up to `interpolation_cap_s` past it.
+            end_s = min(now_s, self._counter_seen_s + self.interpolation_cap_s)
+            if end_s > self._since_t_s:
+                self._since_counter_j += (
+                    (self._since_power_w + self._power_w) / 2.0 * (end_s - self._since_t_s)
+                )
+                self._since_t_s = end_s
+            estimate_j = self._counter_total_mj / 1000.0 + self._since_counter_j
+        self._since_power_w = self._power_w
+        self._max_power_w = max(self._max_power_w, self._power_w)
         self._energy_j = max(self._energy_j, estimate_j)
+        trail = self._trail
+        trail.append((now_s, self._energy_j))
+        while trail and trail[0][0] < now_s - TRAIL_S:
+            trail.popleft()
+
+    def _trail_at(self, now_s: float) -> float | None:
+        """The energy one averaging window ago: between two counter values when they
+        bracket that instant (the counter is exact where it moved), else from the source's
+        own recent estimates; None when neither reaches that far back."""
+        t_s = now_s - POWER_USAGE_AVERAGE_S
+        value = _interpolate(self._counter_points, t_s)
+        return value if value is not None else _interpolate(self._trail, t_s)
 
     def _integrate_power(self, power_w: float, now_s: float) -> None:
         dt_s = now_s - self._power_t_s
@@ -388,6 +452,19 @@ class NvmlGpuSource:
             f"NvmlGpuSource(gpu_index={self.gpu_index!r}, method={self.method!r}, "
             f"device_name={self.device_name!r})"
         )
+
+
+def _interpolate(points: deque[tuple[float, float]], t_s: float) -> float | None:
+    """Linear between the two (time, joules) points around `t_s`; None outside them."""
+    prev: tuple[float, float] | None = None
+    for point in points:
+        if point[0] >= t_s:
+            if prev is None:
+                return None
+            (t0, e0), (t1, e1) = prev, point
+            return e0 if t1 <= t0 else e0 + (e1 - e0) * (t_s - t0) / (t1 - t0)
+        prev = point
+    return None
 
 
 def parse_gpu_indices(argument: str) -> list[int] | None:

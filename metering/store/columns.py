@@ -14,7 +14,9 @@ from typing import Any
 
 from metering.store.records import RequestRecord, id_key, id_of
 
-COLUMNS = (
+# The columns of the first compact schema (SQLite v3, PostgreSQL v1): the migrations that
+# shipped with them name these, never the current list.
+COLUMNS_FIRST = (
     "rid",
     "finished_ms",
     "model",
@@ -41,6 +43,8 @@ COLUMNS = (
     "embodied_g",
     "client_request_id",
 )
+# Added by SQLite v4 / PostgreSQL v2: the uncertainty band and what the split rested on.
+COLUMNS = (*COLUMNS_FIRST, "band_rel", "attribution_basis")
 LABEL_COLUMNS = frozenset(
     {
         "model",
@@ -53,6 +57,7 @@ LABEL_COLUMNS = frozenset(
         "attribution",
         "intensity_source",
         "intensity_zone",
+        "attribution_basis",
     }
 )
 # Columns that hold a float the record cannot be without: a NULL there (SQLite stores a
@@ -76,6 +81,7 @@ def label_texts(r: RequestRecord) -> tuple[str, ...]:
         r.attribution,
         r.carbon_intensity_source,
         r.carbon_intensity_zone,
+        r.attribution_basis,
     )
 
 
@@ -110,6 +116,8 @@ def encode(r: RequestRecord, label: Callable[[str], int]) -> tuple[object, ...]:
         float(r.co2eq_g),
         float(r.embodied_g),
         None if r.client_request_id is None else str(r.client_request_id),
+        None if r.band_rel is None else float(r.band_rel),
+        label(r.attribution_basis),
     )
 
 
@@ -145,6 +153,8 @@ def decode(row: Sequence[Any], text: Callable[[int], str]) -> RequestRecord:
         co2eq_g,
         embodied_g,
         client_request_id,
+        band_rel,
+        attribution_basis,
     ) = row
     model_text = text(model)
     group_text = text(model_group)
@@ -174,4 +184,6 @@ def decode(row: Sequence[Any], text: Callable[[int], str]) -> RequestRecord:
         tenant=text(tenant),
         client_request_id=None if client_request_id is None else str(client_request_id),
         model_group="" if group_text == model_text else group_text,
+        band_rel=None if band_rel is None else float(band_rel),
+        attribution_basis=text(attribution_basis),
     )

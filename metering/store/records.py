@@ -61,6 +61,8 @@ class RequestRecord:
     tenant: str = ""
     client_request_id: str | None = None
     model_group: str = ""  # "" means: the model itself
+    band_rel: float | None = None  # the relative uncertainty of `joules` (an estimate)
+    attribution_basis: str = ""  # what the split rested on
 
     @classmethod
     def from_report(
@@ -100,6 +102,8 @@ class RequestRecord:
             tenant=tenant,
             client_request_id=report.client_request_id,
             model_group="" if model_group == report.model else model_group,
+            band_rel=report.band_rel,
+            attribution_basis=report.basis,
         )
 
     @property
@@ -130,6 +134,8 @@ class RequestRecord:
             sci_g=sci_g(self.co2eq_g, self.embodied_g),
             attribution=self.attribution,
             client_request_id=self.client_request_id,
+            band_rel=self.band_rel,
+            basis=self.attribution_basis,
         )
 
     def energy(self) -> dict[str, Any]:

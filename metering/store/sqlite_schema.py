@@ -8,7 +8,7 @@ import functools
 import sqlite3
 from collections.abc import Callable, Sequence
 
-from metering.store.columns import COLUMNS
+from metering.store.columns import COLUMNS, COLUMNS_FIRST
 from metering.store.records import StoreError, id_key
 
 JOURNAL_SIZE_LIMIT_BYTES = 16 * 1024 * 1024  # the WAL is truncated to this after a checkpoint
@@ -130,7 +130,7 @@ def _migrate_v3(conn: sqlite3.Connection) -> None:
     )
     conn.execute(
         f"""
-        INSERT OR IGNORE INTO records ({", ".join(COLUMNS)})
+        INSERT OR IGNORE INTO records ({", ".join(COLUMNS_FIRST)})
         SELECT energy_proxy_id_key(q.request_id), CAST(round(q.finished_at * 1000) AS INTEGER),
                m.id, m.id, b.id, c.id, t.id, q.status, q.duration_s, q.prompt_tokens,
                COALESCE(q.completion_tokens, 0), ts.id, q.joules, q.gpu_joules, q.cpu_joules,
@@ -182,12 +182,24 @@ def rebuild_rollups(conn: sqlite3.Connection) -> None:
     )
 
 
+def _migrate_v4(conn: sqlite3.Connection) -> None:
+    # The uncertainty band of each record and what its split rested on (a label; "" for
+    # the records written before).
+    conn.execute("INSERT OR IGNORE INTO labels (text) VALUES ('')")
+    (empty,) = conn.execute("SELECT id FROM labels WHERE text = ''").fetchone()
+    conn.execute("ALTER TABLE records ADD COLUMN band_rel REAL")
+    conn.execute(
+        f"ALTER TABLE records ADD COLUMN attribution_basis INTEGER NOT NULL DEFAULT {int(empty)}"
+    )
+
+
 # Applied in order: migration i takes the schema from version i to version i + 1
 # (`PRAGMA user_version`). Append only; never edit one that has shipped.
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     _migrate_v1,
     _migrate_v2,
     _migrate_v3,
+    _migrate_v4,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -65,7 +65,11 @@ class HealthApi:
         return {"status": "ok"}
 
     async def readyz(self) -> JSONResponse:
-        backends = [b.describe() for b in self.backends.backends]
+        models = self.meter.cost_models()
+        backends = [
+            b.describe() | ({"cost_model": models[b.name]} if b.name in models else {})
+            for b in self.backends.backends
+        ]
         sources: list[dict[str, Any]] = [
             {
                 "name": st.source.name,

@@ -116,9 +116,10 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--attribution",
-        choices=("queue", "tokens", "equal"),
+        choices=("model", "queue", "tokens", "equal"),
         default=S,
-        help="how energy is split among concurrent requests (default queue)",
+        help="how energy is split among concurrent requests (default model: the backend's "
+        "cost model fitted on this host)",
     )
     p.add_argument("--pue", type=float, default=S, help="power usage effectiveness (>= 1.0)")
     p.add_argument("--max-body-bytes", type=int, default=S, metavar="N")

@@ -39,6 +39,7 @@ def log_buckets(low: float, high: float, per_decade: int) -> tuple[float, ...]:
 ENERGY_BUCKETS_J = log_buckets(0.01, 100_000.0, 3)  # 0.01 J .. 100 kJ
 CO2_BUCKETS_G = log_buckets(1e-6, 100.0, 2)  # 1 ug .. 100 g
 DURATION_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+BAND_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
 
 LABELS = ("model", "category", "backend")
 
@@ -125,6 +126,37 @@ class _BackendCollector(Collector):
         yield gap
 
 
+class _CostModelCollector(Collector):
+    """Each backend's cost model (metering/accounting/cost_model.py), read at scrape time."""
+
+    def __init__(self, cost_models: Callable[[], dict[str, dict[str, Any]]]) -> None:
+        self._cost_models = cost_models
+
+    def collect(self) -> Iterator[Metric]:
+        coef = GaugeMetricFamily(
+            "energy_proxy_cost_model_coefficient",
+            "The backend's cost model: fixed_w (watts while it steps), prefill_j_per_token, "
+            "decode_j_per_token (defaults until fitted on this host).",
+            labels=("backend", "term"),
+        )
+        fitted = GaugeMetricFamily(
+            "energy_proxy_cost_model_fitted_timestamp_seconds",
+            "When the backend's cost model was last fitted (unix seconds; 0: never, defaults).",
+            labels=("backend",),
+        )
+        band = GaugeMetricFamily(
+            "energy_proxy_cost_model_band_ratio",
+            "Relative part of each interval's energy the backend's cost model does not explain.",
+            labels=("backend",),
+        )
+        for name, model in self._cost_models().items():
+            for term in ("fixed_w", "prefill_j_per_token", "decode_j_per_token"):
+                coef.add_metric((name, term), model[term])
+            fitted.add_metric((name,), model["fitted_at"] or 0.0)
+            band.add_metric((name,), model["band_rel"])
+        yield from (coef, fitted, band)
+
+
 class _StoreCollector(Collector):
     """The request store's health, read at scrape time."""
 
@@ -189,6 +221,7 @@ class ProxyMetrics:
         intensity: Callable[[], Intensity],
         backends: Sequence[Backend],
         store_status: Callable[[], StoreStatus] | None = None,
+        cost_models: Callable[[], dict[str, dict[str, Any]]] | None = None,
     ) -> None:
         self.registry = registry
         self._children: dict[tuple[str, str, str, int], tuple[Any, ...]] = {}
@@ -238,7 +271,17 @@ class ProxyMetrics:
             ("tenant",),
             registry=registry,
         )
+        self.band = Histogram(
+            "energy_proxy_request_energy_band_ratio",
+            "Relative uncertainty of each request's joules (an estimate: the cost model's "
+            "residual and the sensor's resolution).",
+            LABELS,
+            buckets=BAND_BUCKETS,
+            registry=registry,
+        )
         registry.register(_SamplerCollector(sampler, intensity))
+        if cost_models is not None:
+            registry.register(_CostModelCollector(cost_models))
         registry.register(_BackendCollector(backends))
         if store_status is not None:
             registry.register(_StoreCollector(store_status))
@@ -275,8 +318,9 @@ class ProxyMetrics:
                 self.duration.labels(*labels),
                 self.tokens.labels(*labels, "prompt"),
                 self.tokens.labels(*labels, "completion"),
+                self.band.labels(*labels),
             )
-        requests, energy, co2, duration, prompt, completion = children
+        requests, energy, co2, duration, prompt, completion, band = children
         requests.inc()
         energy.observe(report.energy_j)
         co2.observe(report.co2eq_g)
@@ -285,6 +329,8 @@ class ProxyMetrics:
             prompt.inc(report.tokens.prompt)
         if report.tokens.completion:
             completion.inc(report.tokens.completion)
+        if report.band_rel is not None:
+            band.observe(report.band_rel)
 
     def count_rejected(self, model_label: str, category: str, backend: str, status: int) -> None:
         """A request refused before it reached a backend (no energy to attribute)."""

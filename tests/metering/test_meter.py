@@ -45,7 +45,7 @@ def close(meter: Meter, m, rid: str, *, answered: bool = True):
 PAYLOAD = {"model": "m", "messages": [{"role": "user", "content": "hello " * 200}]}
 
 
-@pytest.mark.parametrize("mode", ["queue", "tokens", "equal"])
+@pytest.mark.parametrize("mode", ["model", "queue", "tokens", "equal"])
 @pytest.mark.parametrize("power_w", [3.0, 350.0, 7000.0])
 def test_overlapping_requests_share_exactly_what_was_drawn(mode: str, power_w: float) -> None:
     clock = Clock()
@@ -140,17 +140,27 @@ def test_learn_without_counts_changes_nothing() -> None:
     assert m.flight.weight == before
 
 
-def test_first_token_ends_prefill_weight() -> None:
+@pytest.mark.parametrize("mode", ["model", "queue"])
+def test_first_token_ends_prefill_weight(mode: str) -> None:
     clock = Clock()
-    meter = Meter.build([source("box", 10.0)], [Plan("v")], StaticIntensity(0.0), clock=clock)
+    meter = Meter.build(
+        [source("box", 10.0)], [Plan("v")], StaticIntensity(0.0), clock=clock, attribution=mode
+    )
     m = meter.open("v", PAYLOAD, stream=True)
-    assert m.flight.weight > 1.0  # prefill carries the prompt's work
     assert not m.decoding
+    prefill = m.flight.weight
     meter.first_token(m)
     assert m.decoding
-    assert m.flight.weight == 1.0
+    decode = m.flight.weight
+    # Prefill carries the prompt's work (~300 tokens here), a decode step one token's.
+    assert prefill > 50 * decode if mode == "model" else prefill == 1.0 + 300 / 100
+    if mode == "model":
+        price = meter.lane("v").queue.price
+        assert decode == price.decode_j_per_step and m.flight.eq == 1.0
+    else:
+        assert decode == 1.0 and m.flight.eq == 0.0
     meter.first_token(m)  # a second call is harmless
-    assert m.flight.weight == 1.0
+    assert m.flight.weight == decode
 
 
 def test_backends_on_their_own_gpus_share_only_those_and_the_host() -> None:

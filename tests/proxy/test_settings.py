@@ -89,7 +89,7 @@ def test_a_backends_max_running_sets_its_queue_models_capacity(tmp_path: Path) -
         '[[backends]]\nname = "other"\nurl = "http://127.0.0.1:2"\n'
     )
     s = load_settings({"config": str(cfg)}, {})
-    assert s.attribution == "queue"  # the default
+    assert s.attribution == "model"  # the default
     app = create_app(s)
     assert app.meter.lane("vllm").queue.capacity == 12
     assert app.meter.lane("other").queue.capacity is None

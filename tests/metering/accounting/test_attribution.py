@@ -33,7 +33,7 @@ def test_tokens_and_equal_are_the_first_versions_modes() -> None:
 
 
 def test_queue_mode_weights_running_requests_by_phase() -> None:
-    attr, q = Attribution(), EngineQueue()
+    attr, q = Attribution("queue"), EngineQueue()
     rag, chat = Flight(4000.0), Flight(40.0)
     assert attr.start(rag, q) == 1.0 + 4000.0 / PREFILL_TOKENS_PER_UNIT
     assert attr.start(chat, q) == pytest.approx(1.4)
@@ -46,7 +46,7 @@ def test_queue_mode_weights_running_requests_by_phase() -> None:
 
 
 def test_fifo_admission_under_the_capacity() -> None:
-    attr, q = Attribution(), EngineQueue(configured=2)
+    attr, q = Attribution("queue"), EngineQueue(configured=2)
     a, b, c, d = (Flight(100.0) for _ in range(4))
     assert attr.start(a, q) == 2.0 and attr.start(b, q) == 2.0
     assert attr.start(c, q) == 0.0 and c.phase == WAITING  # full: it waits, weight 0
@@ -64,7 +64,7 @@ def test_a_request_served_out_of_order_takes_the_share_of_the_one_admitted_inste
     non-streaming requests (no first token ever shows): a runs, b and c wait; a ends, the
     model admits b, the backend runs c. c's answer arrives while the model holds it waiting:
     c ran in b's place, and b has not started."""
-    attr, q, led = Attribution(), EngineQueue(configured=1), Ledger(["gpu"])
+    attr, q, led = Attribution("queue"), EngineQueue(configured=1), Ledger(["gpu"])
     a, b, c = (Flight(1.0, stream=False) for _ in range(3))
     led.record("gpu", 0.0, 0.0)
     for f in (a, b, c):
@@ -86,7 +86,7 @@ def test_a_request_served_out_of_order_takes_the_share_of_the_one_admitted_inste
 
 
 def test_a_waiting_request_ending_beside_decoding_ones_takes_nobodys_share() -> None:
-    attr, q = Attribution(), EngineQueue(configured=1)
+    attr, q = Attribution("queue"), EngineQueue(configured=1)
     a, b = Flight(10.0), Flight(10.0, stream=False)
     attr.start(a, q)
     attr.start(b, q)
@@ -118,7 +118,7 @@ def test_exchange_swaps_what_is_owed_in_shared_channels_only() -> None:
 
 
 def test_a_first_token_of_a_waiting_request_means_a_larger_capacity() -> None:
-    attr, q = Attribution(), EngineQueue()
+    attr, q = Attribution("queue"), EngineQueue()
     assert q.learn(running=1, waiting=3) and q.capacity == 1
     a, b = Flight(100.0), Flight(100.0)
     attr.start(a, q)
@@ -128,7 +128,7 @@ def test_a_first_token_of_a_waiting_request_means_a_larger_capacity() -> None:
 
 
 def test_metrics_set_the_capacity_and_the_newest_prefills_go_back_to_waiting() -> None:
-    attr, q = Attribution(), EngineQueue()
+    attr, q = Attribution("queue"), EngineQueue()
     flights = [Flight(100.0) for _ in range(5)]
     for f in flights:
         assert attr.start(f, q) == 2.0  # no capacity known: all run
@@ -162,15 +162,22 @@ EVENT = st.one_of(
 )
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.lists(EVENT, max_size=150), st.sampled_from(["queue", "tokens", "equal"]))
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(EVENT, max_size=150),
+    st.sampled_from(["model", "queue", "tokens", "equal"]),
+    st.floats(0.0, 50.0),
+)
 def test_any_schedule_conserves_energy_and_keeps_the_queue_consistent(
-    events: list[tuple[object, ...]], mode: str
+    events: list[tuple[object, ...]], mode: str, fixed_w: float
 ) -> None:
     """Whatever the order of arrivals, first tokens, ends and metrics: weights are never
     negative, the queue never holds a request while there is room, every joule is owed
-    to a request or idle, and every request in flight is either running or waiting."""
+    to a request or idle, and every request in flight is either running or waiting. In
+    `model` mode the channel also has a fixed cost shared by the running requests."""
     attr, q, led = Attribution(mode), EngineQueue(), Ledger(["gpu"])
+    if mode == "model":
+        led.channels["gpu"].fixed_w = fixed_w
     flights: list[Flight] = []
     energy = t = 0.0
     owed = 0.0
@@ -179,20 +186,21 @@ def test_any_schedule_conserves_energy_and_keeps_the_queue_consistent(
     def apply(changes: list[tuple[Flight, float]]) -> None:
         for f, w in changes:
             assert w >= 0.0
-            led.reweigh(f.handle, w)
+            led.reweigh(f.handle, w, f.eq)
 
     for ev in events:
         if ev[0] == "arrive":
             f = Flight(float(ev[1]), stream=bool(ev[2]))  # type: ignore[arg-type]
             w = attr.start(f, q)
             assert w >= 0.0
-            f.handle = led.start(w)
+            assert f.eq == (1.0 if mode == "model" and f.phase != "waiting" else 0.0)
+            f.handle = led.start(w, eq=f.eq)
             flights.append(f)
         elif ev[0] == "first" and flights:
             f = flights[int(ev[1]) % len(flights)]  # type: ignore[call-overload]
             w2 = attr.first_token(f, q)
             if w2 is not None:
-                led.reweigh(f.handle, w2)
+                led.reweigh(f.handle, w2, f.eq)
         elif ev[0] in ("end", "answered") and flights:
             f = flights.pop(int(ev[1]) % len(flights))  # type: ignore[call-overload]
             instead = attr.ran_instead(f, q) if ev[0] == "answered" else None
@@ -216,3 +224,4 @@ def test_any_schedule_conserves_energy_and_keeps_the_queue_consistent(
         owed += sum(s.energy_j for s in led.finish(f.handle))
     ch = led.channels["gpu"]
     assert owed + ch.idle_j == pytest.approx(ch.measured_j, rel=1e-9, abs=1e-6)
+    assert ch.members == 0 and ch.runners == 0.0

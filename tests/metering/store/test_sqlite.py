@@ -54,7 +54,7 @@ def test_schema_wal_and_no_figure_stored_twice(tmp_path: Path) -> None:
         assert store.flush()
         with closing(sqlite3.connect(db)) as c:
             assert c.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-            assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+            assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
             assert c.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # incremental
             tables = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='table'")}
             assert tables == {"labels", "records", "rollups", "rollups_daily"}
@@ -173,7 +173,7 @@ def test_a_version_2_store_is_migrated_with_every_record(
         assert [(r["category"], r["count"]) for r in rows] == [("code", 3)]
         assert rows[0]["mean_joules"] == pytest.approx((0.1 + 0.2 + 10.0 + 2.0) / 3)
     with closing(sqlite3.connect(db)) as c:
-        assert c.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert c.execute("PRAGMA user_version").fetchone()[0] == 4
         assert c.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
         assert not c.execute("SELECT 1 FROM sqlite_master WHERE name = 'requests'").fetchone()
     assert any("compacting 4 records" in r.getMessage() for r in caplog.records)

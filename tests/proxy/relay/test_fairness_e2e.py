@@ -84,13 +84,16 @@ Outcomes = dict[str, tuple[float, dict[str, tuple[float, float]]]]
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory: pytest.TempPathFactory) -> Outcomes:
     tmp = tmp_path_factory.mktemp("fair")
-    return {mode: run(tmp, mode) for mode in ("queue", "tokens", "equal")}
+    return {mode: run(tmp, mode) for mode in ("model", "queue", "tokens", "equal")}
 
 
-def test_queue_mode_splits_like_the_truth_through_the_whole_stack(outcomes: Outcomes) -> None:
-    queue, _ = outcomes["queue"]
-    assert queue <= 0.05, outcomes
-    assert queue <= outcomes["equal"][0], outcomes
+@pytest.mark.parametrize("mode", ["model", "queue"])
+def test_the_queued_modes_split_like_the_truth_through_the_whole_stack(
+    outcomes: Outcomes, mode: str
+) -> None:
+    error, _ = outcomes[mode]
+    assert error <= 0.05, outcomes
+    assert error <= outcomes["equal"][0], outcomes
 
 
 def test_the_old_modes_are_off_when_requests_queue(outcomes: Outcomes) -> None:

@@ -1,0 +1,284 @@
+"""What a backend's work costs, fitted online on this host. Pure: no I/O, no clock.
+
+A continuous-batching engine spends, in any interval of time (energy above idle):
+
+    E = F * busy_s + c_prefill * prompt tokens prefilled + c_decode * tokens generated
+
+`F` (watts) is the cost of running steps at all, whatever the batch: the weights read once
+per step, kernel launches, the fixed part of a step. It is shared equally by the requests
+running (each step's fixed cost is a public good of the requests in it: the Shapley split).
+`c_prefill` and `c_decode` (joules a token) are each request's own.
+
+`CostFit` learns the three from what the proxy sees: the energy the sampler measured in
+each interval (above the idle draw) and the work done in it, known when each request ends
+(its prompt tokens spread over its prefill window, its generated tokens over its decode
+window). An interval is used once every request that overlapped it has ended. The fit is
+a Huber-weighted least squares over the recent intervals, pulled towards the defaults by
+pseudo-observations (a ridge), coefficients kept >= 0; a few dozen intervals move it off
+the defaults. Its residuals give the relative uncertainty of the split (`band_rel`).
+
+The weights attribution.py gives running requests are this model as power: each running
+request holds an equal share of `F` (the ledger's equal part) plus its own work rate,
+`c_prefill * prompt / prefill window` while it prefills and `c_decode * tokens/s` while it
+decodes. The windows and the decode rate are learnt too (`Rates`).
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+# An H100 serving an 8B model: a decode step of 3.4 ms and 0.95 J above idle (280 W of
+# fixed cost while it steps), 5 mJ per prompt token prefilled, 5 mJ per token decoded
+# (figures of the engine model in tests/support/fakes/batching_engine.py, after ML.ENERGY's
+# per-token measurements). Used until the fit has data; only their ratios matter to a split.
+DEFAULT_FIXED_W = 280.0
+DEFAULT_PREFILL_J_PER_TOKEN = 0.005
+DEFAULT_DECODE_J_PER_TOKEN = 0.005
+DEFAULT_DECODE_TOKENS_PER_S = 290.0  # per running sequence: one token per 3.4 ms step
+DEFAULT_PREFILL_WINDOW_S = 0.05
+
+FIT_INTERVALS = 1200  # recent intervals the fit looks at (ten minutes of 2 Hz ticks)
+MIN_INTERVALS_TO_FIT = 8
+# The fit replaces the defaults in the split only once it explains the measured intervals
+# well (its relative residual under this) over enough of them; until then it is reported
+# (readyz, metrics, the band) but the defaults split.
+TRUST_BAND_REL = 0.15
+TRUST_INTERVALS = 60
+PRIOR_WEIGHT = 2.0  # pseudo-observations per coefficient: a ridge for what the data cannot tell
+HUBER_K = 1.5  # residuals beyond 1.5 robust standard deviations are down-weighted
+IRLS_ROUNDS = 6
+RATE_EWMA = 0.1
+
+
+@dataclass(frozen=True, slots=True)
+class Coefficients:
+    fixed_w: float = DEFAULT_FIXED_W
+    prefill_j_per_token: float = DEFAULT_PREFILL_J_PER_TOKEN
+    decode_j_per_token: float = DEFAULT_DECODE_J_PER_TOKEN
+
+    def as_tuple(self) -> tuple[float, float, float]:
+        return (self.fixed_w, self.prefill_j_per_token, self.decode_j_per_token)
+
+
+@dataclass(slots=True)
+class Interval:
+    t0_s: float
+    t1_s: float
+    dynamic_j: float = 0.0
+    busy_s: float = 0.0
+    prompt_tokens: float = 0.0
+    decode_tokens: float = 0.0
+
+    def features(self) -> tuple[float, float, float]:
+        return (self.busy_s, self.prompt_tokens, self.decode_tokens)
+
+
+@dataclass(slots=True)
+class Rates:
+    """Learnt per backend: how long a prefill window lasts and how fast a running sequence
+    decodes (EWMAs of what finished requests showed)."""
+
+    prefill_window_s: float = DEFAULT_PREFILL_WINDOW_S
+    decode_tokens_per_s: float = DEFAULT_DECODE_TOKENS_PER_S
+    seen: int = 0
+
+    def observe(self, prefill_s: float | None, decode_s: float | None, tokens: int) -> None:
+        a = RATE_EWMA if self.seen >= 10 else 1.0 / (self.seen + 1)
+        if prefill_s is not None and prefill_s > 0.0:
+            self.prefill_window_s += a * (prefill_s - self.prefill_window_s)
+        if decode_s is not None and decode_s > 0.0 and tokens > 1:
+            rate = (tokens - 1) / decode_s
+            self.decode_tokens_per_s += a * (rate - self.decode_tokens_per_s)
+        self.seen += 1
+
+
+@dataclass(slots=True)
+class CostFit:
+    """The fit of one backend's cost model over its recent intervals."""
+
+    prior: Coefficients = field(default_factory=Coefficients)
+    coefficients: Coefficients = field(default_factory=Coefficients)
+    band_rel: float = 0.5  # relative uncertainty of a split, before any fit: wide
+    fitted_at_s: float | None = None
+    intervals_used: int = 0
+    _intervals: deque[Interval] = field(default_factory=lambda: deque(maxlen=FIT_INTERVALS))
+    _open: Interval | None = None
+
+    @property
+    def trusted(self) -> bool:
+        """The fit explains enough intervals well enough to split by it."""
+        return (
+            self.fitted_at_s is not None
+            and self.intervals_used >= TRUST_INTERVALS
+            and self.band_rel <= TRUST_BAND_REL
+        )
+
+    @property
+    def in_use(self) -> Coefficients:
+        """The coefficients the split uses: the fit's once trusted, else the defaults."""
+        return self.coefficients if self.trusted else self.prior
+
+    # --- what the sampler measured -----------------------------------------------------
+
+    def measured(self, t0_s: float, t1_s: float, dynamic_j: float, busy_s: float) -> None:
+        """The interval [t0_s, t1_s] closed: its energy above idle and the seconds any
+        request of the backend ran in it."""
+        if t1_s <= t0_s:
+            return
+        iv = self._open if self._open is not None and self._open.t0_s == t0_s else None
+        if iv is None:
+            iv = Interval(t0_s, t1_s)
+        iv.t1_s, iv.dynamic_j, iv.busy_s = t1_s, dynamic_j, busy_s
+        self._intervals.append(iv)
+        self._open = Interval(t1_s, math.inf)
+
+    # --- what the requests did ---------------------------------------------------------
+
+    def work(self, t0_s: float, t1_s: float, *, prompt: float = 0.0, decode: float = 0.0) -> None:
+        """`prompt` tokens prefilled and `decode` tokens generated evenly over [t0_s, t1_s]."""
+        if prompt <= 0.0 and decode <= 0.0:
+            return
+        span = t1_s - t0_s
+        if span <= 0.0:
+            iv = self._find(t1_s)
+            if iv is not None:
+                iv.prompt_tokens += prompt
+                iv.decode_tokens += decode
+            return
+        starts = [iv.t0_s for iv in self._intervals]
+        i = max(0, bisect.bisect_right(starts, t0_s) - 1)
+        targets = list(self._intervals)[i:]
+        if self._open is not None:
+            targets.append(self._open)
+        for iv in targets:
+            lo, hi = max(t0_s, iv.t0_s), min(t1_s, iv.t1_s)
+            if hi > lo:
+                f = (hi - lo) / span
+                iv.prompt_tokens += prompt * f
+                iv.decode_tokens += decode * f
+
+    def _find(self, t_s: float) -> Interval | None:
+        if self._open is not None and t_s >= self._open.t0_s:
+            return self._open
+        for iv in reversed(self._intervals):
+            if iv.t0_s <= t_s <= iv.t1_s:
+                return iv
+        return None
+
+    # --- the fit -------------------------------------------------------------------------
+
+    def fit(self, complete_before_s: float, now_s: float) -> bool:
+        """Refit on the intervals that ended before `complete_before_s` (the start of the
+        oldest request still in flight: later intervals miss work not yet reported).
+        True when the coefficients were fitted (enough busy intervals)."""
+        rows = [
+            iv
+            for iv in self._intervals
+            if iv.t1_s <= complete_before_s and iv.busy_s > 0.0 and iv.dynamic_j >= 0.0
+        ]
+        if len(rows) < MIN_INTERVALS_TO_FIT:
+            return False
+        theta, band = fit_coefficients(
+            [iv.features() for iv in rows], [iv.dynamic_j for iv in rows], self.prior.as_tuple()
+        )
+        self.coefficients = Coefficients(*theta)
+        self.band_rel = band
+        self.fitted_at_s = now_s
+        self.intervals_used = len(rows)
+        return True
+
+
+def fit_coefficients(
+    xs: list[tuple[float, float, float]],
+    ys: list[float],
+    prior: tuple[float, float, float],
+) -> tuple[tuple[float, float, float], float]:
+    """Huber-weighted least squares of `ys` on `xs` (no intercept), pulled towards `prior`
+    by PRIOR_WEIGHT pseudo-observations per coefficient, each coefficient >= 0. Returns the
+    coefficients and the relative residual (the residuals' robust standard deviation,
+    1.4826 x their median absolute value, over the mean interval energy). Absolute
+    residuals, not relative ones: a short interval whose work the proxy placed a little
+    early or late must not outweigh the long ones."""
+    n = len(xs)
+    # Each pseudo-observation weighs like an interval of typical size for its feature.
+    scale = [sum(x[j] for x in xs) / n or 1.0 for j in range(3)]  # no data: the prior holds
+    weights = [1.0] * n
+    theta = prior
+    for _ in range(IRLS_ROUNDS):
+        # Non-negative: a coefficient the data pushes below zero is held at zero, the
+        # most negative first, and the rest solved again (an active set of three).
+        active = [True, True, True]
+        theta = _solve(xs, ys, weights, prior, scale, active)
+        while any(t < 0.0 for t in theta):
+            active[min(range(3), key=lambda j: theta[j])] = False
+            theta = _solve(xs, ys, weights, prior, scale, active)
+        residuals = [y - _dot(x, theta) for x, y in zip(xs, ys, strict=True)]
+        sigma = 1.4826 * _median([abs(r) for r in residuals]) or 1e-12
+        weights = [
+            1.0 if abs(r) <= HUBER_K * sigma else HUBER_K * sigma / abs(r) for r in residuals
+        ]
+    residuals = [y - _dot(x, theta) for x, y in zip(xs, ys, strict=True)]
+    mean_y = sum(abs(y) for y in ys) / n or 1e-12
+    return theta, min(1.0, 1.4826 * _median([abs(r) for r in residuals]) / mean_y)
+
+
+def _dot(x: tuple[float, float, float], t: tuple[float, float, float]) -> float:
+    return x[0] * t[0] + x[1] * t[1] + x[2] * t[2]
+
+
+def _median(values: list[float]) -> float:
+    s = sorted(values)
+    m = len(s) // 2
+    return s[m] if len(s) % 2 else (s[m - 1] + s[m]) / 2.0
+
+
+def _solve(
+    xs: list[tuple[float, float, float]],
+    ys: list[float],
+    weights: list[float],
+    prior: tuple[float, float, float],
+    scale: list[float],
+    active: list[bool],
+) -> tuple[float, float, float]:
+    a = [[0.0] * 3 for _ in range(3)]
+    b = [0.0] * 3
+    for x, y, w in zip(xs, ys, weights, strict=True):
+        for i in range(3):
+            b[i] += w * x[i] * y
+            for j in range(3):
+                a[i][j] += w * x[i] * x[j]
+    for j in range(3):
+        s2 = PRIOR_WEIGHT * scale[j] * scale[j]
+        a[j][j] += s2
+        b[j] += s2 * prior[j]
+    idx = [j for j in range(3) if active[j]]
+    out = [0.0, 0.0, 0.0]
+    if idx:
+        sol = _gauss([[a[i][j] for j in idx] for i in idx], [b[i] for i in idx])
+        for k, j in enumerate(idx):
+            out[j] = sol[k]
+    return (out[0], out[1], out[2])
+
+
+def _gauss(a: list[list[float]], b: list[float]) -> list[float]:
+    """Solve a small symmetric positive system (partial pivoting)."""
+    n = len(b)
+    m = [[*row, b[i]] for i, row in enumerate(a)]
+    for c in range(n):
+        p = max(range(c, n), key=lambda r: abs(m[r][c]))
+        m[c], m[p] = m[p], m[c]
+        if abs(m[c][c]) < 1e-300:
+            continue
+        for r in range(c + 1, n):
+            f = m[r][c] / m[c][c]
+            for k in range(c, n + 1):
+                m[r][k] -= f * m[c][k]
+    x = [0.0] * n
+    for r in range(n - 1, -1, -1):
+        if abs(m[r][r]) < 1e-300:
+            continue
+        x[r] = (m[r][n] - sum(m[r][k] * x[k] for k in range(r + 1, n))) / m[r][r]
+    return x

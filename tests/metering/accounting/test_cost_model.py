@@ -1,0 +1,89 @@
+"""The cost model's fit and the ledger's fixed-cost split, against figures made here."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from metering.accounting.cost_model import Coefficients, CostFit, fit_coefficients
+from metering.accounting.ledger import Ledger
+
+
+def intervals(truth: tuple[float, float, float], n: int, seed: int, noise: float = 0.03):
+    rng = random.Random(seed)
+    xs, ys = [], []
+    for _ in range(n):
+        busy = rng.uniform(0.05, 0.5)
+        prompt = rng.choice([0.0, rng.uniform(0, 20_000)])
+        decode = busy * rng.uniform(0, 64) * rng.uniform(50, 300)
+        x = (busy, prompt, decode)
+        y = sum(a * b for a, b in zip(x, truth, strict=True))
+        xs.append(x)
+        ys.append(y * (1.0 + rng.gauss(0.0, noise)))
+    return xs, ys
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("scale", [(0.25, 4.0, 1.0), (1.0, 1.0, 1.0), (4.0, 0.25, 2.0)])
+def test_the_fit_finds_coefficients_it_was_not_told(seed: int, scale) -> None:
+    # A host unlike the defaults: fixed and prefill costs from a quarter to four times.
+    truth = (280.0 * scale[0], 0.005 * scale[1], 0.005 * scale[2])
+    xs, ys = intervals(truth, 2000, seed)
+    theta, band = fit_coefficients(xs, ys, Coefficients().as_tuple())
+    assert theta[0] == pytest.approx(truth[0], rel=0.1)
+    assert theta[1] == pytest.approx(truth[1], rel=0.1)
+    assert band < 0.1  # 3 % noise: the model explains the intervals
+
+
+def test_outliers_do_not_drag_the_fit() -> None:
+    truth = (150.0, 0.008, 0.004)
+    xs, ys = intervals(truth, 600, 1, noise=0.01)
+    for i in range(0, 600, 20):  # 5 % of the intervals: a sensor glitch, 10x the energy
+        ys[i] *= 10.0
+    theta, _ = fit_coefficients(xs, ys, Coefficients().as_tuple())
+    assert theta[0] == pytest.approx(150.0, rel=0.1)
+    assert theta[1] == pytest.approx(0.008, rel=0.1)
+
+
+def test_no_coefficient_goes_negative_and_missing_work_keeps_its_default() -> None:
+    # Intervals with no prompt work at all: c_prefill cannot be told, the default holds.
+    xs = [(0.5, 0.0, d) for d in range(0, 4000, 40)]
+    ys = [0.5 * 100.0 + 0.002 * d for _, _, d in xs]
+    theta, _ = fit_coefficients(xs, ys, Coefficients().as_tuple())
+    assert theta[1] == pytest.approx(Coefficients().prefill_j_per_token)
+    assert all(t >= 0.0 for t in theta)
+    # Energy that falls as the work grows: held at zero, not made negative.
+    ys = [50.0 - 0.01 * d for _, _, d in xs]
+    theta, _ = fit_coefficients(xs, [max(y, 0.0) for y in ys], Coefficients().as_tuple())
+    assert all(t >= 0.0 for t in theta)
+
+
+def test_work_is_spread_over_the_intervals_it_spans_and_the_fit_waits_for_it() -> None:
+    fit = CostFit()
+    for k in range(20):
+        fit.measured(k * 0.5, (k + 1) * 0.5, 100.0, 0.5)
+    fit.work(1.0, 3.0, prompt=4000.0)  # four intervals, 1,000 tokens each
+    fit.work(9.75, 10.25, decode=100.0)  # half in the last interval, half in the open one
+    got = {iv.t0_s: iv.prompt_tokens for iv in fit._intervals if iv.prompt_tokens}
+    assert got == {1.0: 1000.0, 1.5: 1000.0, 2.0: 1000.0, 2.5: 1000.0}
+    assert fit._intervals[-1].decode_tokens == pytest.approx(50.0)
+    assert fit._open is not None and fit._open.decode_tokens == pytest.approx(50.0)
+    # A request in flight since 0.0: no interval is complete, nothing is fitted.
+    assert not fit.fit(complete_before_s=0.0, now_s=10.0)
+    assert fit.fit(complete_before_s=10.0, now_s=10.0)
+    assert fit.intervals_used == 20
+
+
+def test_the_fixed_cost_is_shared_equally_by_the_runners_and_the_rest_by_weight() -> None:
+    led = Ledger(["gpu"])
+    ch = led.channels["gpu"]
+    ch.fixed_w = 10.0
+    led.record("gpu", 0.0, 0.0)
+    a = led.start(0.0, eq=1.0)  # runs, no work of its own
+    b = led.start(10.0, eq=1.0)  # runs, work worth as much as the fixed cost
+    w = led.start(0.0, eq=0.0)  # held waiting
+    led.record("gpu", 20.0, 1.0)
+    (sa,), (sb,), (sw,) = led.finish(a), led.finish(b), led.finish(w)
+    assert (sa.energy_j, sb.energy_j, sw.energy_j) == pytest.approx((5.0, 15.0, 0.0))
+    assert ch.runners == 0.0 and ch.members == 0

@@ -1,0 +1,103 @@
+"""The fair split through the proxy's real meter and an H100-like sensor, in virtual time
+(tests/support/metered_sim.py): the check the independent simulator runs, on our own
+engine, over cost models it was not tuned to."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from tests.support.fairness import MIXES, requests_for
+from tests.support.fakes.batching_engine import CostModel, EngineConfig, SimRequest
+from tests.support.metered_sim import H100, PERFECT, Sensor, run_metered
+
+BASE = CostModel(decode_j_per_seq=0.005)
+# The four engines of the independent check, and the three kinds it sends, 24 at once.
+ENGINES = {
+    "admits all, whole": EngineConfig(cost=BASE),
+    "admits 12, chunks 2048": EngineConfig(max_running=12, prefill_chunk=2048, cost=BASE),
+}
+KINDS = {"chat": (50, 256), "rag": (4000, 16), "mid": (500, 64)}
+
+
+def two_rounds() -> list[SimRequest]:
+    out, i = [], 0
+    for start in (0.0, 3.0):
+        for kind, (prompt, tokens) in KINDS.items():
+            for _ in range(8):
+                out.append(SimRequest(f"r{i}", kind, start, prompt, tokens))
+                i += 1
+    return out
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_the_split_through_an_h100_sensor_holds_with_the_backend_s_gauges(engine: str) -> None:
+    """The counter read every 0.75 s, power sampled in between: before the source
+    integrated its power samples, this was 0.158 (all admitted) and 0.191 (12 admitted)."""
+    config = ENGINES[engine]
+    model = run_metered(config, two_rounds(), "model", sensor=H100, gauges=True)
+    equal = run_metered(config, two_rounds(), "equal", sensor=H100, gauges=True)
+    assert model.error <= 0.05, model.shares
+    assert model.error < equal.error
+    assert model.conservation_j < 1e-6
+
+
+COSTS = [
+    replace(BASE, fixed_j=BASE.fixed_j * f, prefill_j_per_token=BASE.prefill_j_per_token * p)
+    for f, p in ((0.25, 4.0), (4.0, 0.25), (0.25, 0.25), (4.0, 4.0), (1.0, 1.0))
+]
+
+
+@pytest.mark.parametrize(
+    "cost", COSTS, ids=lambda c: f"fixed{c.fixed_j:g}-prefill{c.prefill_j_per_token:g}"
+)
+@pytest.mark.parametrize(
+    ("config", "rate"),
+    [
+        (EngineConfig(max_running=8, prefill_chunk=512), 40.0),
+        (EngineConfig(), 0.0),
+        (EngineConfig(max_running=12, prefill_chunk=2048), 4.0),
+    ],
+    ids=["admits 8 chunks 512 at 40/s", "admits all burst", "admits 12 chunks 2048 at 4/s"],
+)
+@pytest.mark.parametrize("sensor", [PERFECT, H100], ids=["perfect", "h100"])
+def test_the_default_split_stays_near_the_truth_and_not_worse_than_equal_shares(
+    cost: CostModel, config: EngineConfig, rate: float, sensor: Sensor
+) -> None:
+    """After a minute of traffic (the fit's data: the cost model here is up to 16 times
+    off the defaults' ratios), the scored requests."""
+    cfg = replace(config, cost=cost)
+
+    def requests() -> list[SimRequest]:
+        warm = requests_for(MIXES["chat+rag+mid"], 80, 4.0, seed=5)
+        start = max(r.arrival_s for r in warm) + 5.0
+        scored = requests_for(MIXES["chat+rag+mid"], 6, rate)
+        return [
+            *(SimRequest("w" + r.rid, r.kind, r.arrival_s, r.prompt_tokens, r.max_tokens)
+              for r in warm),
+            *(SimRequest(r.rid, r.kind, start + r.arrival_s, r.prompt_tokens, r.max_tokens)
+              for r in scored),
+        ]  # fmt: skip
+
+    def scored(r: SimRequest) -> bool:
+        return not r.rid.startswith("w")
+
+    model = run_metered(cfg, requests(), "model", sensor=sensor, gauges=True, scored=scored)
+    equal = run_metered(cfg, requests(), "equal", sensor=sensor, gauges=True, scored=scored)
+    # Where the step's fixed cost is 16 times the defaults' share, equal shares are all but
+    # the truth (0.012-0.015 here) and the split is within half a point of them.
+    assert model.error <= equal.error + 0.005, (model.shares, equal.shares)
+    # The goal is 0.05 everywhere; prefill at 4x and the fixed cost at a quarter of the
+    # defaults' reach 0.052-0.067 through the H100's sensor (issue 19's note).
+    assert model.error <= 0.07, model.shares
+    assert model.conservation_j < 1e-6
+
+
+def test_a_one_second_average_is_read_as_one() -> None:
+    """No instant-power field (GetPowerUsage, a one-second mean on Ampere and newer): the
+    source reads each sample as the last second's energy instead of integrating it late."""
+    config = ENGINES["admits 12, chunks 2048"]
+    averaged = run_metered(config, two_rounds(), "model", sensor=Sensor(instant="none"))
+    assert averaged.error <= 0.08, averaged.shares
+    assert averaged.conservation_j < 1e-6

@@ -1,0 +1,229 @@
+"""The engine simulator served through the proxy's real meter, in virtual time, with a
+sensor as real as an H100's: the fairness check of tests/support/fairness.py without its
+perfect counter.
+
+The engine (tests/support/fakes/batching_engine.py) yields what the proxy would see of each
+request (start, first streamed token, end). The proxy's own code does the rest: the Meter
+(metering/meter.py: attribution, sampler, ledger) over a power source, which is either
+
+- `perfect`: the truth at every read (the energy drawn up to that instant), or
+- `h100`: the proxy's NvmlGpuSource over a simulated NVML (tests/support/fakes/gpu_sensor.py:
+  a counter that moves every 100 ms, an instant-power field or only a one-second average),
+  read by the proxy's BackgroundSource on the schedule its real thread keeps: the counter
+  no faster than its measured cost allows (3 ms a read: one read every 0.75 s), power
+  samples at 20 Hz in between;
+
+and the sampler's own 2 Hz tick, the backend's gauges scraped every `scrape_s` (when the
+engine exports them) and each request's boundaries read at its own instant. The error is
+the mean absolute difference of the kinds' shares of the dynamic energy, as the requests
+were told, from the engine's Shapley truth.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from metering.accounting.report import Tokens
+from metering.accounting.sampler import LEDGER_TICK_HZ
+from metering.carbon.intensity import StaticIntensity
+from metering.meter import Measurement, Meter, Plan
+from metering.sources.background import BackgroundSource
+from metering.sources.base import Reading
+from metering.sources.nvml import NvmlGpuSource
+from tests.support.fakes.batching_engine import Engine, EngineConfig, SimRequest
+from tests.support.fakes.gpu_sensor import SimulatedNvml
+
+LEAD_S = 3.0  # idle before the first request: the reader learns the counter's period
+BACKEND = "sim"
+
+
+@dataclass(frozen=True, slots=True)
+class Sensor:
+    kind: str = "h100"  # "perfect" or "h100"
+    instant: str = "exact"  # h100: "exact", "1s-average" or "none"
+    counter_period_s: float = 0.1
+    counter_cost_s: float = 0.003  # CPU seconds of one counter read
+    sample_hz: float = 20.0
+
+
+PERFECT = Sensor("perfect")
+H100 = Sensor()
+
+
+@dataclass(slots=True)
+class Outcome:
+    error: float
+    shares: dict[str, tuple[float, float]]  # kind -> (told, truth)
+    told_j: dict[str, float] = field(default_factory=dict)  # rid -> dynamic joules told
+    conservation_j: float = 0.0  # |attributed + idle - measured| over the run
+    meter: Meter | None = None  # for traces: its lanes' fits and rates
+
+
+class VClock:
+    def __init__(self) -> None:
+        self.t_s = 0.0
+
+    def __call__(self) -> float:
+        return self.t_s
+
+
+class Truth:
+    """The engine's GPU: idle plus each step's energy, spread evenly over the step."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.idle_w = engine.config.cost.idle_w
+
+    def energy_at(self, t_s: float) -> float:
+        return self.idle_w * max(0.0, t_s) + self.engine.dynamic_j_at(t_s - LEAD_S)
+
+    def power_at(self, t_s: float) -> float:
+        steps, t = self.engine.steps, t_s - LEAD_S
+        i = bisect.bisect_right([s.start_s for s in steps], t) - 1
+        if i >= 0 and steps[i].end_s > t:
+            s = steps[i]
+            return self.idle_w + s.energy_j / (s.end_s - s.start_s)
+        return self.idle_w
+
+
+class PerfectSource:
+    name, method, domain = "gpu", "trace", "gpu"
+
+    def __init__(self, truth: Truth) -> None:
+        self.truth = truth
+
+    def read(self, now_s: float) -> Reading:
+        return Reading(self.truth.energy_at(now_s), self.truth.power_at(now_s), now_s)
+
+    def close(self) -> None:
+        return None
+
+
+def payload_of(r: SimRequest) -> dict[str, object]:
+    text = "x" * (4 * r.prompt_tokens)  # the proxy estimates ~4 characters a token
+    if r.max_tokens == 0:
+        return {"model": "m", "input": text}
+    return {"model": "m", "messages": [{"role": "user", "content": text}]}
+
+
+def run_metered(
+    config: EngineConfig,
+    requests: list[SimRequest],
+    mode: str = "queue",
+    *,
+    sensor: Sensor = H100,
+    gauges: bool = True,
+    scrape_s: float = 1.0,
+    warm: bool = True,
+    stream: Callable[[SimRequest], bool] = lambda r: r.max_tokens > 0,
+    scored: Callable[[SimRequest], bool] = lambda r: True,
+) -> Outcome:
+    """Serve `requests` through the meter; the error is over the `scored` ones (the others
+    are warm-up traffic the fit learns from)."""
+    engine = Engine(config)
+    truth = Truth(engine)
+    clock = VClock()
+    polls: list[tuple[float, int, str]] = []  # (due, order, what): the timeline's own events
+    source: object
+    background: BackgroundSource | None = None
+    session: SimulatedNvml | None = None
+    if sensor.kind == "perfect":
+        source = PerfectSource(truth)
+    else:
+        session = SimulatedNvml(
+            truth.energy_at,
+            truth.power_at,
+            counter_period_s=sensor.counter_period_s,
+            instant=sensor.instant,
+        )
+        gpu = NvmlGpuSource(session, 0, start_s=0.0)  # type: ignore[arg-type]
+        background = BackgroundSource(
+            gpu, fast_interval_s=1.0 / sensor.sample_hz, clock=clock, start=False
+        )
+        source = background
+        heapq.heappush(polls, (0.0, 0, "full"))
+        heapq.heappush(polls, (1.0 / sensor.sample_hz, 1, "fast"))
+    meter = Meter.build(
+        [source],  # type: ignore[list-item]
+        [Plan(BACKEND)],
+        StaticIntensity(0.0),
+        idle_watts=truth.idle_w,
+        clock=clock,
+        attribution=mode,
+    )
+    if warm and config.max_running is not None and gauges:
+        meter.learn(BACKEND, config.max_running, 1)  # seen full before, as in steady state
+    heapq.heappush(polls, (1.0 / LEDGER_TICK_HZ, 2, "tick"))
+    if gauges:
+        heapq.heappush(polls, (scrape_s, 3, "scrape"))
+
+    def advance(to_s: float) -> None:
+        while polls and polls[0][0] < to_s:
+            due, order, what = heapq.heappop(polls)
+            clock.t_s = due
+            if session is not None:
+                session.now_s = due
+            if what in ("full", "fast"):
+                assert background is not None
+                background.poll(due, full=what == "full", cost_s=sensor.counter_cost_s)
+                nxt = background.next_due_s(due, full=what == "full")
+                heapq.heappush(polls, (nxt, order, what))
+            elif what == "tick":
+                meter.sampler.tick()
+                heapq.heappush(polls, (due + 1.0 / LEDGER_TICK_HZ, order, what))
+            else:
+                if engine.steps:
+                    last = engine.steps[-1]
+                    meter.learn(BACKEND, last.running, last.waiting)
+                heapq.heappush(polls, (due + scrape_s, order, what))
+
+    shifted = [
+        SimRequest(r.rid, r.kind, r.arrival_s, r.prompt_tokens, r.max_tokens) for r in requests
+    ]
+    by_id = {r.rid: r for r in shifted}
+    open_: dict[str, Measurement] = {}
+    told: dict[str, float] = {}
+    for ev in engine.run(shifted):
+        t = ev.t_s + LEAD_S
+        advance(t)
+        clock.t_s = t
+        if session is not None:
+            session.now_s = t
+        r = by_id[ev.rid]
+        if ev.kind == "start":
+            open_[r.rid] = meter.open(
+                BACKEND, payload_of(r), stream=stream(r), embeddings=r.max_tokens == 0
+            )
+        elif ev.kind == "first_token" and stream(r):
+            meter.first_token(open_[r.rid])
+        elif ev.kind == "end":
+            report = meter.close(
+                open_.pop(r.rid),
+                answered=True,
+                request_id=r.rid,
+                model="m",
+                category="other",
+                tokens=Tokens(r.prompt_tokens, r.generated, "backend"),
+            )
+            told[r.rid] = report.dynamic_j
+    # Let the sensor catch up with the end of the run, then check conservation.
+    advance(clock.t_s + 2.0)
+    clock.t_s += 2.0
+    meter.sampler.read_all()
+    ch = meter.sampler.ledger.channels[meter.sampler.states[0].source.name]
+    conservation = abs(ch.attributed_j + ch.idle_j - ch.measured_j)
+    counted = [r for r in shifted if scored(r)]
+    truth_total = sum(r.truth_j for r in counted)
+    told_total = sum(told[r.rid] for r in counted) or 1.0
+    shares = {}
+    for kind in sorted({r.kind for r in counted}):
+        mine = [r for r in counted if r.kind == kind]
+        shares[kind] = (
+            sum(told[r.rid] for r in mine) / told_total,
+            sum(r.truth_j for r in mine) / truth_total,
+        )
+    error = sum(abs(a - b) for a, b in shares.values()) / len(shares)
+    return Outcome(error, shares, told, conservation, meter)
