@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from metering.accounting.attribution import (
     Flight,
     WorkPrice,
 )
-from metering.accounting.cost_model import Coefficients, CostFit, Rates
+from metering.accounting.cost_model import Coefficients, CostFit, Rates, fit_coefficients
 from metering.accounting.groups import bind_channels, gpu_share, time_channel
 from metering.accounting.ledger import Ticket
 from metering.accounting.prompt_text import prompt_tokens_estimate
@@ -81,6 +82,12 @@ class Lane:
     last_tick: tuple[float, float, float] | None = None  # (t, dynamic J, busy s) at the tick
     next_fit_s: float = 0.0
     fitted_wall_s: float | None = None  # unix time of the last fit
+    fitting: bool = False  # a fit is running on its thread
+    # Finished requests' work, (start, first token or None, end, prompt, generated), taken
+    # into the fit at the next tick: the request path only appends.
+    pending_work: list[tuple[float, float | None, float, float, int]] = field(default_factory=list)
+    period_s: float = 0.0  # the longest counter period of its sources (the band's resolution)
+    basis: str = ""  # what its split rests on now (the energy object's attribution_basis)
 
     @property
     def energy_channels(self) -> tuple[str, ...]:
@@ -121,8 +128,10 @@ class Meter:
         attribution: Attribution | None = None,
         pue: float = 1.0,
         embodied: Embodied = _DEFAULT_EMBODIED,
+        fit_in_thread: bool = False,
     ) -> None:
         self.sampler = sampler
+        self.fit_in_thread = fit_in_thread
         self.intensity = intensity
         self.attribution = attribution or Attribution()
         self.pue = pue
@@ -130,6 +139,7 @@ class Meter:
         self._lanes = dict(lanes)
         for lane in self._lanes.values():
             self._price(lane)
+            self._describe(lane)
         sampler.tick_listeners.append(self.tick)
 
     @classmethod
@@ -145,6 +155,7 @@ class Meter:
         attribution: str = MODEL,
         pue: float = 1.0,
         embodied: Embodied = _DEFAULT_EMBODIED,
+        fit_in_thread: bool = False,
     ) -> Meter:
         """The meter of a proxy: each backend bound to the sources it draws from (device
         groups), one time channel per distinct group (the embodied share), the sampler."""
@@ -174,6 +185,7 @@ class Meter:
             attribution=Attribution(attribution),
             pue=pue,
             embodied=embodied,
+            fit_in_thread=fit_in_thread,
         )
 
     # --- the request path ----------------------------------------------------------------
@@ -193,6 +205,7 @@ class Meter:
         queue = lane.queue
         if serial and queue.capacity is None:
             queue.configured = queue.capacity = 1
+            self._describe(lane)
         # The prompt's size matters only where a request's prefill can be seen.
         prompt_est = prompt_tokens_estimate(payload) if stream or embeddings else 1.0
         flight = Flight(prompt_est, stream=stream, embeddings=embeddings)
@@ -258,7 +271,7 @@ class Meter:
             attribution=attribution.mode,
             client_request_id=client_request_id,
             band_rel=self._band_rel(m.lane, t1_s - m.t0_s),
-            basis=self._basis(m.lane),
+            basis=m.lane.basis,
         )
         return m.report
 
@@ -270,19 +283,22 @@ class Meter:
         robust relative residual; wide before the fit has data), and the sensor's
         resolution, half a counter period of the request's own time, combined in
         quadrature, at most 1."""
+        period_s = lane.period_s
+        resolution = 0.5 * period_s / max(duration_s, period_s) if period_s > 0.0 else 0.0
+        return min(1.0, math.hypot(lane.fit.band_rel, resolution))
+
+    def _describe(self, lane: Lane) -> None:
+        """Refresh what a lane's answers say of their split (at each tick and each read
+        of the backend's gauges, not per request): its sensors' counter period and the
+        `attribution_basis`: the cost model's version and whether it is fitted on this
+        host or still the defaults, where the queue's capacity came from, whose timings."""
         period_s = 0.0
         for name in lane.energy_channels:
             st = self.sampler.by_name.get(name)
             schedule = getattr(st.source, "schedule", None) if st is not None else None
             if schedule is not None and getattr(schedule, "period_s", None):
                 period_s = max(period_s, float(schedule.period_s))
-        resolution = 0.5 * period_s / max(duration_s, period_s) if period_s > 0.0 else 0.0
-        return min(1.0, math.hypot(lane.fit.band_rel, resolution))
-
-    def _basis(self, lane: Lane) -> str:
-        """What the split rested on, for the energy object's `attribution_basis`: the cost
-        model's version and whether it is fitted on this host or still the defaults, where
-        the queue's capacity came from, and whose timings were used."""
+        lane.period_s = period_s
         queue = lane.queue
         if self.attribution.mode != MODEL:
             model = "no cost model"
@@ -294,15 +310,16 @@ class Meter:
             capacity = "learnt"
         else:
             capacity = "unknown"
-        return f"{model}; queue capacity {capacity}; timings proxy"
+        lane.basis = f"{model}; queue capacity {capacity}; timings proxy"
 
     # --- what the backends tell ------------------------------------------------------------
 
     def learn(self, backend: str, running: float | None, waiting: float | None) -> None:
         """The backend's own running/waiting counts were just read: its queue model learns
         the capacity, and requests it now holds waiting (or admits) change weight."""
-        queue = self.lane(backend).queue
-        self._admitted(self.attribution.observe(queue, running, waiting), self.sampler.clock())
+        lane = self.lane(backend)
+        self._admitted(self.attribution.observe(lane.queue, running, waiting), self.sampler.clock())
+        self._describe(lane)
 
     def _admitted(self, changed: list[tuple[Flight, float]], now_s: float) -> None:
         """Weights the queue model changed (admitted, or sent back to waiting)."""
@@ -315,18 +332,23 @@ class Meter:
     # --- the cost model -----------------------------------------------------------------
 
     def _learn_work(self, m: Measurement, t1_s: float, tokens: Tokens | None) -> None:
-        """What a finished request did, and when, for its backend's fit and rates."""
-        lane = m.lane
+        """What a finished request did, and when, for its backend's fit and rates (queued
+        for the next tick: the request path only appends)."""
         start_s = m.admitted_s if m.admitted_s is not None else m.t0_s
         prompt = float(tokens.prompt) if tokens and tokens.prompt else m.flight.prompt_tokens
         generated = tokens.completion if tokens else 0
-        if m.first_token_s is not None:
-            split_s = m.first_token_s
-            lane.rates.observe(split_s - start_s, t1_s - split_s, generated)
-        else:  # no first token seen: its prefill is taken to last a typical window
-            split_s = min(t1_s, start_s + lane.rates.prefill_window_s)
-        lane.fit.work(start_s, split_s, prompt=prompt)
-        lane.fit.work(split_s, t1_s, decode=float(generated))
+        m.lane.pending_work.append((start_s, m.first_token_s, t1_s, prompt, generated))
+
+    def _take_work(self, lane: Lane) -> None:
+        work, lane.pending_work = lane.pending_work, []
+        for start_s, first_s, t1_s, prompt, generated in work:
+            if first_s is not None:
+                split_s = first_s
+                lane.rates.observe(split_s - start_s, t1_s - split_s, generated)
+            else:  # no first token seen: its prefill is taken to last a typical window
+                split_s = min(t1_s, start_s + lane.rates.prefill_window_s)
+            lane.fit.work(start_s, split_s, prompt=prompt)
+            lane.fit.work(split_s, t1_s, decode=float(generated))
 
     def tick(self, now_s: float) -> None:
         """The sampler's periodic tick: each backend's interval since the last one goes to
@@ -336,18 +358,43 @@ class Meter:
             busy_name = lane.time_channel
             if busy_name is None:
                 continue
+            self._take_work(lane)
             dyn_j = sum(channels[c].dynamic_j for c in lane.energy_channels if c in channels)
             busy_s = channels[busy_name].attributed_j
             if lane.last_tick is not None:
                 t0_s, dyn0_j, busy0_s = lane.last_tick
                 lane.fit.measured(t0_s, now_s, dyn_j - dyn0_j, busy_s - busy0_s)
             lane.last_tick = (now_s, dyn_j, busy_s)
-            if now_s >= lane.next_fit_s:
+            if now_s >= lane.next_fit_s and not lane.fitting:
                 lane.next_fit_s = now_s + FIT_EVERY_S
                 oldest_s = min(lane.open_starts.values(), default=now_s)
-                if lane.fit.fit(oldest_s, now_s):
-                    lane.fitted_wall_s = time.time()
+                rows = lane.fit.rows(oldest_s)
+                if rows is not None:
+                    if self.fit_in_thread:
+                        # Some milliseconds of arithmetic: off the event loop.
+                        lane.fitting = True
+                        threading.Thread(
+                            target=self._refit, args=(lane, rows, now_s), daemon=True
+                        ).start()
+                    else:
+                        self._refit(lane, rows, now_s)
             self._price(lane)
+            self._describe(lane)
+
+    def _refit(
+        self,
+        lane: Lane,
+        rows: tuple[list[tuple[float, float, float]], list[float]],
+        now_s: float,
+    ) -> None:
+        try:
+            theta, band = fit_coefficients(*rows, lane.fit.prior.as_tuple())
+            lane.fit.apply(theta, band, len(rows[0]), now_s)
+            lane.fitted_wall_s = time.time()
+        except Exception:  # a fit that fails keeps the last coefficients; the split goes on
+            log.exception("cost model fit failed; keeping the last coefficients")
+        finally:
+            lane.fitting = False
 
     def _price(self, lane: Lane) -> None:
         """Set the lane's weights from its cost model: the fixed cost per step shared by
@@ -390,6 +437,7 @@ class Meter:
         if lane is None:
             lane = self._lanes[backend] = Lane(tuple(self.sampler.by_name))
             self._price(lane)
+            self._describe(lane)
         return lane
 
     def hardware(self) -> str:

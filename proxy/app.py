@@ -236,6 +236,7 @@ def create_app(
         attribution=settings.attribution,
         pue=settings.pue,
         embodied=Embodied.from_kg_years(settings.embodied_kgco2eq, settings.lifespan_years),
+        fit_in_thread=True,  # the fit's arithmetic stays off the event loop
     )
     if upstream is None:
         upstream = make_upstream(settings.upstream_client, settings.backend_timeout)

@@ -25,7 +25,6 @@ decodes. The windows and the decode rate are learnt too (`Rates`).
 
 from __future__ import annotations
 
-import bisect
 import math
 from collections import deque
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ DEFAULT_DECODE_J_PER_TOKEN = 0.005
 DEFAULT_DECODE_TOKENS_PER_S = 290.0  # per running sequence: one token per 3.4 ms step
 DEFAULT_PREFILL_WINDOW_S = 0.05
 
-FIT_INTERVALS = 1200  # recent intervals the fit looks at (ten minutes of 2 Hz ticks)
+FIT_INTERVALS = 480  # recent intervals the fit looks at (four minutes of 2 Hz ticks)
 MIN_INTERVALS_TO_FIT = 8
 # The fit replaces the defaults in the split only once it explains the measured intervals
 # well (its relative residual under this) over enough of them; until then it is reported
@@ -148,17 +147,24 @@ class CostFit:
                 iv.prompt_tokens += prompt
                 iv.decode_tokens += decode
             return
-        starts = [iv.t0_s for iv in self._intervals]
-        i = max(0, bisect.bisect_right(starts, t0_s) - 1)
-        targets = list(self._intervals)[i:]
+        # Newest first: a request's windows are recent, so this touches the few intervals
+        # they overlap (O(1) per request in steady state), never the whole window.
         if self._open is not None:
-            targets.append(self._open)
-        for iv in targets:
-            lo, hi = max(t0_s, iv.t0_s), min(t1_s, iv.t1_s)
-            if hi > lo:
-                f = (hi - lo) / span
-                iv.prompt_tokens += prompt * f
-                iv.decode_tokens += decode * f
+            self._spread(self._open, t0_s, t1_s, span, prompt, decode)
+        for iv in reversed(self._intervals):
+            if iv.t1_s <= t0_s:
+                break
+            self._spread(iv, t0_s, t1_s, span, prompt, decode)
+
+    @staticmethod
+    def _spread(
+        iv: Interval, t0_s: float, t1_s: float, span: float, prompt: float, decode: float
+    ) -> None:
+        lo, hi = max(t0_s, iv.t0_s), min(t1_s, iv.t1_s)
+        if hi > lo:
+            f = (hi - lo) / span
+            iv.prompt_tokens += prompt * f
+            iv.decode_tokens += decode * f
 
     def _find(self, t_s: float) -> Interval | None:
         if self._open is not None and t_s >= self._open.t0_s:
@@ -174,21 +180,32 @@ class CostFit:
         """Refit on the intervals that ended before `complete_before_s` (the start of the
         oldest request still in flight: later intervals miss work not yet reported).
         True when the coefficients were fitted (enough busy intervals)."""
-        rows = [
-            iv
-            for iv in self._intervals
-            if iv.t1_s <= complete_before_s and iv.busy_s > 0.0 and iv.dynamic_j >= 0.0
-        ]
-        if len(rows) < MIN_INTERVALS_TO_FIT:
+        rows = self.rows(complete_before_s)
+        if rows is None:
             return False
-        theta, band = fit_coefficients(
-            [iv.features() for iv in rows], [iv.dynamic_j for iv in rows], self.prior.as_tuple()
-        )
+        self.apply(*fit_coefficients(*rows, self.prior.as_tuple()), len(rows[0]), now_s)
+        return True
+
+    def rows(
+        self, complete_before_s: float
+    ) -> tuple[list[tuple[float, float, float]], list[float]] | None:
+        """The features and energies of the complete busy intervals (a copy, for a fit
+        made elsewhere), or None when there are too few."""
+        xs, ys = [], []
+        for iv in self._intervals:
+            if iv.t1_s <= complete_before_s and iv.busy_s > 0.0 and iv.dynamic_j >= 0.0:
+                xs.append(iv.features())
+                ys.append(iv.dynamic_j)
+        return (xs, ys) if len(xs) >= MIN_INTERVALS_TO_FIT else None
+
+    def apply(
+        self, theta: tuple[float, float, float], band: float, used: int, now_s: float
+    ) -> None:
+        """Take a fit's result (one assignment each: safe from another thread)."""
         self.coefficients = Coefficients(*theta)
         self.band_rel = band
+        self.intervals_used = used
         self.fitted_at_s = now_s
-        self.intervals_used = len(rows)
-        return True
 
 
 def fit_coefficients(
