@@ -29,7 +29,7 @@ from metering.accounting.attribution import (
     Flight,
     WorkPrice,
 )
-from metering.accounting.cost_model import Coefficients, CostFit, Rates, fit_coefficients
+from metering.accounting.cost_model import Coefficients, CostFit, Rates
 from metering.accounting.groups import bind_channels, gpu_share, time_channel
 from metering.accounting.ledger import Ticket
 from metering.accounting.prompt_text import prompt_tokens_estimate
@@ -355,10 +355,12 @@ class Meter:
         its fit, which is refitted every FIT_EVERY_S; then the weights follow the model."""
         channels = self.sampler.ledger.channels
         for lane in self._lanes.values():
+            # Every lane's queue of finished work is emptied, even one without a time
+            # channel to fit against (a backend no plan named): it must not grow.
+            self._take_work(lane)
             busy_name = lane.time_channel
             if busy_name is None:
                 continue
-            self._take_work(lane)
             dyn_j = sum(channels[c].dynamic_j for c in lane.energy_channels if c in channels)
             busy_s = channels[busy_name].attributed_j
             if lane.last_tick is not None:
@@ -388,8 +390,7 @@ class Meter:
         now_s: float,
     ) -> None:
         try:
-            theta, band = fit_coefficients(*rows, lane.fit.prior.as_tuple())
-            lane.fit.apply(theta, band, len(rows[0]), now_s)
+            lane.fit.refit(rows, now_s)
             lane.fitted_wall_s = time.time()
         except Exception:  # a fit that fails keeps the last coefficients; the split goes on
             log.exception("cost model fit failed; keeping the last coefficients")

@@ -17,10 +17,11 @@ a Huber-weighted least squares over the recent intervals, pulled towards the def
 pseudo-observations (a ridge), coefficients kept >= 0; a few dozen intervals move it off
 the defaults. Its residuals give the relative uncertainty of the split (`band_rel`).
 
-The weights attribution.py gives running requests are this model as power: each running
-request holds an equal share of `F` (the ledger's equal part) plus its own work rate,
-`c_prefill * prompt / prefill window` while it prefills and `c_decode * tokens/s` while it
-decodes. The windows and the decode rate are learnt too (`Rates`).
+The weights attribution.py gives running requests are this model per engine step: each
+running request holds an equal share of the step's fixed cost (`F` over the step rate, the
+ledger's equal part) plus its own work in the step, `c_prefill * prompt tokens` while it
+prefills and `c_decode` while it decodes. The step rate (streams' decode rate) and the
+prefill windows are learnt too (`Rates`).
 """
 
 from __future__ import annotations
@@ -183,8 +184,19 @@ class CostFit:
         rows = self.rows(complete_before_s)
         if rows is None:
             return False
-        self.apply(*fit_coefficients(*rows, self.prior.as_tuple()), len(rows[0]), now_s)
+        self.refit(rows, now_s)
         return True
+
+    def refit(
+        self, rows: tuple[list[tuple[float, float, float]], list[float]], now_s: float
+    ) -> None:
+        """Fit `rows` (from `rows()`, possibly on another thread) and take the result, one
+        assignment per figure."""
+        theta, band = fit_coefficients(*rows, self.prior.as_tuple())
+        self.coefficients = Coefficients(*theta)
+        self.band_rel = band
+        self.intervals_used = len(rows[0])
+        self.fitted_at_s = now_s
 
     def rows(
         self, complete_before_s: float
@@ -197,15 +209,6 @@ class CostFit:
                 xs.append(iv.features())
                 ys.append(iv.dynamic_j)
         return (xs, ys) if len(xs) >= MIN_INTERVALS_TO_FIT else None
-
-    def apply(
-        self, theta: tuple[float, float, float], band: float, used: int, now_s: float
-    ) -> None:
-        """Take a fit's result (one assignment each: safe from another thread)."""
-        self.coefficients = Coefficients(*theta)
-        self.band_rel = band
-        self.intervals_used = used
-        self.fitted_at_s = now_s
 
 
 def fit_coefficients(

@@ -320,7 +320,6 @@ class NvmlGpuSource:
         self._since_counter_j = 0.0
         self._since_t_s = start_s
         self._since_power_w = self._power_w
-        self._max_power_w = self._power_w
         self._trail: deque[tuple[float, float]] = deque()  # (t, reported J)
         self._counter_points: deque[tuple[float, float]] = deque([(start_s, 0.0)])
         self.method = "nvml-counter" if counter_mj is not None else "nvml-power"
@@ -414,7 +413,6 @@ class NvmlGpuSource:
                 self._since_t_s = end_s
             estimate_j = self._counter_total_mj / 1000.0 + self._since_counter_j
         self._since_power_w = self._power_w
-        self._max_power_w = max(self._max_power_w, self._power_w)
         self._energy_j = max(self._energy_j, estimate_j)
         trail = self._trail
         trail.append((now_s, self._energy_j))

@@ -12,14 +12,7 @@ from metering.accounting.report import Tokens
 from metering.carbon.intensity import StaticIntensity
 from metering.meter import Meter, Plan
 from metering.sources.constant import ConstantSource
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t_s = 0.0
-
-    def __call__(self) -> float:
-        return self.t_s
+from tests.support.clock import StepClock
 
 
 def source(name: str, power_w: float, *, domain: str = "system", gpu: int | None = None):
@@ -48,7 +41,7 @@ PAYLOAD = {"model": "m", "messages": [{"role": "user", "content": "hello " * 200
 @pytest.mark.parametrize("mode", ["model", "queue", "tokens", "equal"])
 @pytest.mark.parametrize("power_w", [3.0, 350.0, 7000.0])
 def test_overlapping_requests_share_exactly_what_was_drawn(mode: str, power_w: float) -> None:
-    clock = Clock()
+    clock = StepClock()
     meter = Meter.build(
         [source("box", power_w)],
         [Plan("b")],
@@ -80,7 +73,7 @@ def test_overlapping_requests_share_exactly_what_was_drawn(mode: str, power_w: f
 
 
 def test_close_is_once_whatever_comes_after() -> None:
-    clock = Clock()
+    clock = StepClock()
     meter = Meter.build([source("box", 100.0)], [Plan("b")], StaticIntensity(0.0), clock=clock)
     clock.t_s = 1.0
     m = meter.open("b", PAYLOAD, stream=False)
@@ -97,7 +90,7 @@ def test_close_is_once_whatever_comes_after() -> None:
 
 
 def test_a_serial_backend_holds_the_second_request_waiting_then_admits_it() -> None:
-    clock = Clock()
+    clock = StepClock()
     meter = Meter.build([source("box", 60.0)], [Plan("one")], StaticIntensity(0.0), clock=clock)
     clock.t_s = 1.0
     a = meter.open("one", PAYLOAD, stream=True, serial=True)
@@ -115,7 +108,7 @@ def test_a_serial_backend_holds_the_second_request_waiting_then_admits_it() -> N
 
 
 def test_learned_capacity_sends_the_newest_prefill_back_to_waiting() -> None:
-    clock = Clock()
+    clock = StepClock()
     meter = Meter.build([source("box", 10.0)], [Plan("v")], StaticIntensity(0.0), clock=clock)
     clock.t_s = 1.0
     flights = [meter.open("v", PAYLOAD, stream=True) for _ in range(3)]
@@ -131,7 +124,7 @@ def test_learned_capacity_sends_the_newest_prefill_back_to_waiting() -> None:
 
 
 def test_learn_without_counts_changes_nothing() -> None:
-    clock = Clock()
+    clock = StepClock()
     meter = Meter.build([source("box", 10.0)], [Plan("v")], StaticIntensity(0.0), clock=clock)
     m = meter.open("v", PAYLOAD, stream=True)
     before = m.flight.weight
@@ -142,7 +135,7 @@ def test_learn_without_counts_changes_nothing() -> None:
 
 @pytest.mark.parametrize("mode", ["model", "queue"])
 def test_first_token_ends_prefill_weight(mode: str) -> None:
-    clock = Clock()
+    clock = StepClock()
     meter = Meter.build(
         [source("box", 10.0)], [Plan("v")], StaticIntensity(0.0), clock=clock, attribution=mode
     )
@@ -164,7 +157,7 @@ def test_first_token_ends_prefill_weight(mode: str) -> None:
 
 
 def test_backends_on_their_own_gpus_share_only_those_and_the_host() -> None:
-    clock = Clock()
+    clock = StepClock()
     sources = [
         source("gpu0", 300.0, domain="gpu", gpu=0),
         source("gpu1", 200.0, domain="gpu", gpu=1),
@@ -190,7 +183,7 @@ def test_backends_on_their_own_gpus_share_only_those_and_the_host() -> None:
 
 
 def test_an_unplanned_backend_draws_from_every_source() -> None:
-    clock = Clock()
+    clock = StepClock()
     meter = Meter.build(
         [source("gpu0", 100.0, domain="gpu", gpu=0), source("cpu", 10.0, domain="cpu")],
         [Plan("known")],
@@ -211,6 +204,17 @@ def test_hardware_names_every_source_and_method() -> None:
         [source("gpu0", 1.0, domain="gpu", gpu=0), source("cpu", 1.0, domain="cpu")],
         [Plan("b")],
         StaticIntensity(0.0),
-        clock=Clock(),
+        clock=StepClock(),
     )
     assert meter.hardware() == "gpu0 (constant), cpu (constant)"
+
+
+def test_an_unplanned_backend_s_finished_work_does_not_pile_up() -> None:
+    clock = StepClock()
+    meter = Meter.build([source("box", 10.0)], [Plan("known")], StaticIntensity(0.0), clock=clock)
+    for i in range(5):
+        clock.t_s = float(i)
+        close(meter, meter.open("surprise", PAYLOAD, stream=False), f"s{i}")
+    assert len(meter.lane("surprise").pending_work) == 5
+    meter.sampler.tick()
+    assert meter.lane("surprise").pending_work == []

@@ -117,20 +117,28 @@ def run_scenario(
             dynamic[r.rid] = share.dynamic_j
             for admitted, weight in attribution.finish(f, queue):
                 ledger.reweigh(admitted.handle, weight)
-    truth_total = sum(r.truth_j for r in requests)
-    proxy_total = sum(dynamic.values())
-    shares: dict[str, tuple[float, float]] = {}
-    for kind in sorted({r.kind for r in requests}):
-        mine = [r for r in requests if r.kind == kind]
-        shares[kind] = (
-            sum(dynamic[r.rid] for r in mine) / proxy_total,
-            sum(r.truth_j for r in mine) / truth_total,
-        )
-    error = sum(abs(p - t) for p, t in shares.values()) / len(shares)
+    error, shares = kind_shares(requests, dynamic)
     waited = sum(  # waited for admission longer than the step it arrived in
         1 for r in requests if r.admitted_s is not None and r.admitted_s - r.arrival_s > 0.05
     )
     return Outcome(error, shares, waited)
+
+
+def kind_shares(
+    requests: list[SimRequest], told: dict[str, float]
+) -> tuple[float, dict[str, tuple[float, float]]]:
+    """Each kind's share of the dynamic energy as the requests were `told` it (request id
+    -> joules) and as the truth has it, and the mean absolute difference over the kinds."""
+    truth_total = sum(r.truth_j for r in requests)
+    told_total = sum(told[r.rid] for r in requests) or 1.0
+    shares: dict[str, tuple[float, float]] = {}
+    for kind in sorted({r.kind for r in requests}):
+        mine = [r for r in requests if r.kind == kind]
+        shares[kind] = (
+            sum(told[r.rid] for r in mine) / told_total,
+            sum(r.truth_j for r in mine) / truth_total,
+        )
+    return sum(abs(a - b) for a, b in shares.values()) / len(shares), shares
 
 
 def cost_variants() -> dict[str, CostModel]:

@@ -33,6 +33,8 @@ from metering.meter import Measurement, Meter, Plan
 from metering.sources.background import BackgroundSource
 from metering.sources.base import Reading
 from metering.sources.nvml import NvmlGpuSource
+from tests.support.clock import StepClock
+from tests.support.fairness import kind_shares
 from tests.support.fakes.batching_engine import Engine, EngineConfig, SimRequest
 from tests.support.fakes.gpu_sensor import SimulatedNvml
 
@@ -60,14 +62,6 @@ class Outcome:
     told_j: dict[str, float] = field(default_factory=dict)  # rid -> dynamic joules told
     conservation_j: float = 0.0  # |attributed + idle - measured| over the run
     meter: Meter | None = None  # for traces: its lanes' fits and rates
-
-
-class VClock:
-    def __init__(self) -> None:
-        self.t_s = 0.0
-
-    def __call__(self) -> float:
-        return self.t_s
 
 
 class Truth:
@@ -125,7 +119,7 @@ def run_metered(
     are warm-up traffic the fit learns from)."""
     engine = Engine(config)
     truth = Truth(engine)
-    clock = VClock()
+    clock = StepClock()
     polls: list[tuple[float, int, str]] = []  # (due, order, what): the timeline's own events
     source: object
     background: BackgroundSource | None = None
@@ -215,15 +209,5 @@ def run_metered(
     meter.sampler.read_all()
     ch = meter.sampler.ledger.channels[meter.sampler.states[0].source.name]
     conservation = abs(ch.attributed_j + ch.idle_j - ch.measured_j)
-    counted = [r for r in shifted if scored(r)]
-    truth_total = sum(r.truth_j for r in counted)
-    told_total = sum(told[r.rid] for r in counted) or 1.0
-    shares = {}
-    for kind in sorted({r.kind for r in counted}):
-        mine = [r for r in counted if r.kind == kind]
-        shares[kind] = (
-            sum(told[r.rid] for r in mine) / told_total,
-            sum(r.truth_j for r in mine) / truth_total,
-        )
-    error = sum(abs(a - b) for a, b in shares.values()) / len(shares)
+    error, shares = kind_shares([r for r in shifted if scored(r)], told)
     return Outcome(error, shares, told, conservation, meter)

@@ -7,14 +7,7 @@ import pytest
 from metering.accounting.idle import IdlePower
 from metering.accounting.sampler import Sampler
 from metering.sources.base import Reading, SourceError
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t_s = 0.0
-
-    def __call__(self) -> float:
-        return self.t_s
+from tests.support.clock import StepClock
 
 
 class FlakySource:
@@ -39,7 +32,7 @@ class FlakySource:
 
 
 def test_request_window_is_exact_at_boundaries() -> None:
-    clock = Clock()
+    clock = StepClock()
     src = FlakySource(50.0)
     sampler = Sampler([src], idle_watts=10.0, clock=clock)
     clock.t_s = 1.0
@@ -54,7 +47,7 @@ def test_request_window_is_exact_at_boundaries() -> None:
 
 
 def test_failed_reads_degrade_then_catch_up_without_loss() -> None:
-    clock = Clock()
+    clock = StepClock()
     src = FlakySource(20.0)
     sampler = Sampler([src], clock=clock)
     clock.t_s = 1.0
