@@ -183,11 +183,24 @@ class BackendRegistry:
                     self._went_down.wait(), min(period_s, self.DOWN_RECHECK_S) if down else period_s
                 )
             self._went_down.clear()
-            await self.refresh()
+            try:
+                await self.refresh()
+            except Exception:  # one refresh's worth is lost, never the loop (one task)
+                log.exception("refreshing the backends failed; trying again next period")
 
     async def scrape_own_metrics(self) -> None:
-        """Read each backend's own figures from its `/metrics` (kinds that have one)."""
-        await asyncio.gather(*(self._scrape_one(b) for b in self.backends))
+        """Read each backend's own figures from its `/metrics` (kinds that have one). A
+        read, or what is done with it, that fails costs that backend this reading only:
+        it is logged, its figures read as unknown, and the next period reads again."""
+        await asyncio.gather(*(self._scrape_guarded(b) for b in self.backends))
+
+    async def _scrape_guarded(self, b: Backend) -> None:
+        try:
+            await self._scrape_one(b)
+        except Exception:
+            log.exception("reading backend %s's own metrics failed; read again next period", b.name)
+            b.state.own = None
+            b.state.untracked = None
 
     async def _scrape_one(self, b: Backend) -> None:
         if b.spec.serial and b.traffic.inflight:

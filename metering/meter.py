@@ -33,7 +33,7 @@ from metering.accounting.cost_model import Coefficients, CostFit, Rates
 from metering.accounting.groups import bind_channels, gpu_share, time_channel
 from metering.accounting.ledger import Ticket
 from metering.accounting.prompt_text import prompt_tokens_estimate
-from metering.accounting.report import EnergyReport, Tokens, build_report
+from metering.accounting.report import EnergyReport, Timings, Tokens, build_report
 from metering.accounting.sampler import LEDGER_TICK_HZ, Sampler
 from metering.carbon.intensity import IntensityProvider
 from metering.carbon.sci import (
@@ -88,6 +88,7 @@ class Lane:
     pending_work: list[tuple[float, float | None, float, float, int]] = field(default_factory=list)
     period_s: float = 0.0  # the longest counter period of its sources (the band's resolution)
     basis: str = ""  # what its split rests on now (the energy object's attribution_basis)
+    timed: int = 0  # finished requests whose backend reported their phases (Timings)
 
     @property
     def energy_channels(self) -> tuple[str, ...]:
@@ -211,6 +212,7 @@ class Meter:
         flight = Flight(prompt_est, stream=stream, embeddings=embeddings)
         weight = self.attribution.start(flight, queue)
         ticket, t0_s = self.sampler.start(weight, lane.channels, flight.eq)
+        flight.t0_s = t0_s
         m = Measurement(lane, flight, ticket, t0_s)
         if flight.phase != WAITING:
             m.admitted_s = t0_s
@@ -220,8 +222,19 @@ class Meter:
 
     def first_token(self, m: Measurement) -> None:
         """Its first token came out: prefill is over (and it was admitted), it decodes."""
-        weight = self.attribution.first_token(m.flight, m.lane.queue)
         now_s = self.sampler.clock()
+        queue, attribution = m.lane.queue, self.attribution
+        if m.first_token_s is None:
+            changed = [] if queue.gauged else attribution.infer(m.flight, queue, now_s)
+            if changed:
+                self._describe(m.lane)
+            displaced = attribution.make_room(m.flight, queue)
+            if displaced is not None:  # it ran in that one's place: swap what each owes
+                self.sampler.exchange(m.ticket, displaced.handle.ticket)
+                changed.append((displaced, 0.0))
+            if changed:
+                self._admitted(changed, now_s)
+        weight = attribution.first_token(m.flight, queue)
         if m.first_token_s is None:
             m.first_token_s = now_s
             if m.admitted_s is None:  # it ran although the queue model held it waiting
@@ -239,9 +252,11 @@ class Meter:
         category: str,
         tokens: Tokens | None,
         client_request_id: str | None = None,
+        timings: Timings | None = None,
     ) -> EnergyReport:
         """It ended (`answered`: with a success the client received). Closes it once;
-        later calls return the same report."""
+        later calls return the same report. `timings`: its phases as the backend
+        reported them, which place its work in time for the fit."""
         if m.report is not None:
             return m.report
         attribution, sampler, queue = self.attribution, self.sampler, m.lane.queue
@@ -250,9 +265,9 @@ class Meter:
         instead = attribution.ran_instead(m.flight, queue) if answered else None
         shares, t1_s = sampler.finish(m.ticket, instead.handle.ticket if instead else None)
         # Its place in the backend's queue model goes to the oldest waiting request.
-        self._admitted(attribution.finish(m.flight, queue), t1_s)
+        self._admitted(attribution.finish(m.flight, queue, t1_s), t1_s)
         m.lane.open_starts.pop(id(m), None)
-        self._learn_work(m, t1_s, tokens)
+        self._learn_work(m, t1_s, tokens, timings)
         # Shares of a time channel are the request's share of busy seconds (carbon/sci.py).
         busy_s = sum(s.energy_j for s in shares if s.name.startswith("time:"))
         domains = sampler.domains
@@ -271,7 +286,7 @@ class Meter:
             attribution=attribution.mode,
             client_request_id=client_request_id,
             band_rel=self._band_rel(m.lane, t1_s - m.t0_s),
-            basis=m.lane.basis,
+            basis=m.lane.basis + ("backend" if timings is not None else "proxy"),
         )
         return m.report
 
@@ -285,7 +300,7 @@ class Meter:
         quadrature, at most 1."""
         period_s = lane.period_s
         resolution = 0.5 * period_s / max(duration_s, period_s) if period_s > 0.0 else 0.0
-        return min(1.0, math.hypot(lane.fit.band_rel, resolution))
+        return min(1.0, math.hypot(lane.fit.band_in_use, resolution))
 
     def _describe(self, lane: Lane) -> None:
         """Refresh what a lane's answers say of their split (at each tick and each read
@@ -299,18 +314,12 @@ class Meter:
             if schedule is not None and getattr(schedule, "period_s", None):
                 period_s = max(period_s, float(schedule.period_s))
         lane.period_s = period_s
-        queue = lane.queue
         if self.attribution.mode != MODEL:
             model = "no cost model"
         else:
             model = f"{COST_MODEL_VERSION} {'fitted' if lane.fit.trusted else 'defaults'}"
-        if queue.configured is not None:
-            capacity = "configured"
-        elif queue.capacity is not None:
-            capacity = "learnt"
-        else:
-            capacity = "unknown"
-        lane.basis = f"{model}; queue capacity {capacity}; timings proxy"
+        capacity = _capacity_source(lane.queue)
+        lane.basis = f"{model}; queue capacity {capacity}; timings "  # + whose, per request
 
     # --- what the backends tell ------------------------------------------------------------
 
@@ -331,13 +340,23 @@ class Meter:
 
     # --- the cost model -----------------------------------------------------------------
 
-    def _learn_work(self, m: Measurement, t1_s: float, tokens: Tokens | None) -> None:
+    def _learn_work(
+        self, m: Measurement, t1_s: float, tokens: Tokens | None, timings: Timings | None
+    ) -> None:
         """What a finished request did, and when, for its backend's fit and rates (queued
-        for the next tick: the request path only appends)."""
+        for the next tick: the request path only appends). The backend's own timings,
+        where it reported them, place its prefill and decode (counted back from its end,
+        within its time in flight); else the proxy's view: admission and first token."""
         start_s = m.admitted_s if m.admitted_s is not None else m.t0_s
+        first_s = m.first_token_s
+        if timings is not None and timings.decode_s is not None:
+            m.lane.timed += 1
+            first_s = max(m.t0_s, t1_s - timings.decode_s)
+            if timings.prefill_s is not None:
+                start_s = max(m.t0_s, first_s - timings.prefill_s)
         prompt = float(tokens.prompt) if tokens and tokens.prompt else m.flight.prompt_tokens
         generated = tokens.completion if tokens else 0
-        m.lane.pending_work.append((start_s, m.first_token_s, t1_s, prompt, generated))
+        m.lane.pending_work.append((start_s, first_s, t1_s, prompt, generated))
 
     def _take_work(self, lane: Lane) -> None:
         work, lane.pending_work = lane.pending_work, []
@@ -426,9 +445,14 @@ class Meter:
                 "fitted_at": lane.fitted_wall_s,
                 "in_use": "fitted" if fit.trusted else "defaults",
                 "intervals": fit.intervals_used,
-                "band_rel": fit.band_rel,
+                "band_rel": fit.band_in_use,
+                "fit_band_rel": fit.band_rel,
+                "defaults_band_rel": fit.defaults_band_rel,
                 "decode_tokens_per_s": rates.decode_tokens_per_s,
                 "prefill_window_s": rates.prefill_window_s,
+                "queue_capacity": lane.queue.capacity,
+                "queue_capacity_source": _capacity_source(lane.queue),
+                "timed_requests": lane.timed,
             }
         return out
 
@@ -447,3 +471,13 @@ class Meter:
             (st.source.name, str(getattr(st.source, "hardware", "") or ""), st.source.method)
             for st in self.sampler.states
         )
+
+
+def _capacity_source(queue: EngineQueue) -> str:
+    """Where a queue model's capacity came from: `configured`, `learnt` from the backend's
+    gauges, `inferred` from when its answers started, or `unknown` (no limit known)."""
+    if queue.configured is not None:
+        return "configured"
+    if queue.capacity is None:
+        return "unknown"
+    return "learnt" if queue.gauged else "inferred"

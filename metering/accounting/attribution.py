@@ -66,6 +66,12 @@ DECODE_WEIGHT = 1.0
 
 WAITING, PREFILL, DECODE = "waiting", "prefill", "decode"
 
+# Capacity from the answers alone (no gauges): a first token that comes within this
+# fraction of the request's time in flight after another request ended was an admission
+# into the place that end freed; INFER_EVIDENCE of them make the queue model limit.
+FOLLOW_FRACTION = 0.25
+INFER_EVIDENCE = 2
+
 
 @dataclass(slots=True, eq=False)
 class Flight:
@@ -79,6 +85,7 @@ class Flight:
     phase: str = WAITING
     weight: float = 0.0
     eq: float = 0.0  # 1 while it shares the fixed cost of the steps (`model`, running)
+    t0_s: float = 0.0  # when it was sent (the caller's clock; for inferring the capacity)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +111,12 @@ class EngineQueue:
     running: OrderedDict[int, Flight] = field(default_factory=OrderedDict)
     waiting: OrderedDict[int, Flight] = field(default_factory=OrderedDict)
     price: WorkPrice = field(default_factory=WorkPrice)  # `model` mode's weights
+    # Without gauges: what the answers showed of the capacity (`Attribution.infer`).
+    gauged: bool = False  # the backend's own running count has been read: it decides
+    decoding: int = 0  # running requests past their first token
+    last_end_s: float | None = None  # when a request last ended (freeing a place)
+    evidence: int = 0  # first tokens that followed an end as an admission does
+    inferred: int = 0  # the most requests seen running at such an admission
 
     def __post_init__(self) -> None:
         if self.configured is not None:
@@ -114,6 +127,7 @@ class EngineQueue:
         the capacity; a count above the capacity known raises it. True when it changed."""
         if running is None or self.configured is not None:
             return False
+        self.gauged = True
         r = round(running)
         # Requests wait a moment for the next step even with room (a scrape can catch
         # that): the capacity is the most seen running while others waited, never less.
@@ -137,6 +151,8 @@ class Attribution:
 
     def _run(self, f: Flight, queue: EngineQueue, phase: str) -> float:
         """`f` runs now, in `phase`: its weight (and its equal part of the fixed cost)."""
+        if phase == DECODE and f.phase != DECODE:
+            queue.decoding += 1
         f.phase = phase
         f.eq = 1.0 if self.mode == MODEL else 0.0
         f.weight = self._running_weight(f, queue)
@@ -165,18 +181,7 @@ class Attribution:
         admission would have done); the requests whose weight changes now."""
         if not queue.learn(running, waiting) or self.mode not in QUEUED_MODES:
             return []
-        changed: list[tuple[Flight, float]] = []
-        for key in reversed(list(queue.running)):
-            if not queue.capacity or len(queue.running) <= queue.capacity:
-                break
-            f = queue.running[key]
-            if f.phase != PREFILL:
-                continue  # a decoding request is running for certain
-            del queue.running[key]
-            queue.waiting[key] = f
-            queue.waiting.move_to_end(key, last=False)  # it was ahead of later arrivals
-            f.phase, f.weight, f.eq = WAITING, 0.0, 0.0
-            changed.append((f, 0.0))
+        changed = self._requeue(queue)
         changed += self._admit(queue)
         return changed
 
@@ -206,6 +211,26 @@ class Attribution:
             return None
         return new
 
+    def make_room(self, f: Flight, queue: EngineQueue) -> Flight | None:
+        """`f` shows its first token while the model holds it waiting, at the capacity:
+        it ran in the place of the newest admitted request that has shown no token (two
+        arrivals that raced reach the engine in the other order). That one goes back to
+        the front of the waiting line, weightless, and is returned: what it was charged
+        so far was `f`'s, and the caller swaps the two in the ledger (Ledger.exchange)
+        before `first_token`. None when there is none to displace (every running request
+        decodes): the capacity was larger, and `first_token` raises it."""
+        if self.mode not in QUEUED_MODES or f.phase != WAITING or not queue.full():
+            return None
+        for key in reversed(queue.running):
+            g = queue.running[key]
+            if g.phase == PREFILL:
+                del queue.running[key]
+                queue.waiting[key] = g
+                queue.waiting.move_to_end(key, last=False)
+                g.phase, g.weight, g.eq = WAITING, 0.0, 0.0
+                return g
+        return None
+
     def ran_instead(self, f: Flight, queue: EngineQueue) -> Flight | None:
         """`f` ends with an answer while the model still holds it waiting: the backend
         ran it in place of a request the model admitted instead (a backend that does not
@@ -225,13 +250,64 @@ class Attribution:
                 return candidate
         return None
 
-    def finish(self, f: Flight, queue: EngineQueue) -> list[tuple[Flight, float]]:
-        """It ends: the requests whose weight changes now (admitted in its place)."""
+    def finish(
+        self, f: Flight, queue: EngineQueue, now_s: float | None = None
+    ) -> list[tuple[Flight, float]]:
+        """It ends (at `now_s`, the caller's clock): the requests whose weight changes now
+        (admitted in its place)."""
+        if now_s is not None:
+            queue.last_end_s = now_s
         if f.phase == WAITING:
             queue.waiting.pop(id(f), None)
             return []
+        if f.phase == DECODE:
+            queue.decoding -= 1
         queue.running.pop(id(f), None)
         return self._admit(queue)
+
+    def infer(self, f: Flight, queue: EngineQueue, now_s: float) -> list[tuple[Flight, float]]:
+        """`f`'s first token, at `now_s`, on a backend whose gauges are not read and whose
+        capacity is not configured: what it shows of the capacity. A request that waited
+        long and started just after another ended was admitted in its place (FIFO under a
+        limit): the requests then running, itself included, are the capacity, or fewer.
+        From the INFER_EVIDENCE-th such start the queue model runs at the most seen; the
+        newest requests still in prefill beyond it go back to waiting. Returns the
+        requests whose weight changes (call before `first_token`). O(1), more only when
+        the capacity changes."""
+        if self.mode not in QUEUED_MODES or queue.configured is not None or queue.gauged:
+            return []
+        end_s = queue.last_end_s
+        if f.phase == DECODE or end_s is None or end_s <= f.t0_s:
+            return []
+        if now_s - end_s > FOLLOW_FRACTION * (now_s - f.t0_s):
+            return []  # it started on its own, not in a place an end freed
+        queue.evidence += 1
+        queue.inferred = max(queue.inferred, queue.decoding + 1)
+        if queue.evidence < INFER_EVIDENCE:
+            return []
+        if queue.capacity is not None and queue.capacity >= queue.inferred:
+            return []
+        queue.capacity = queue.inferred
+        return self._requeue(queue, keep=f)
+
+    def _requeue(
+        self, queue: EngineQueue, keep: Flight | None = None
+    ) -> list[tuple[Flight, float]]:
+        """More running than the capacity: the newest still in prefill (not `keep`) go
+        back to waiting, ahead of later arrivals (what FIFO admission would have done)."""
+        changed: list[tuple[Flight, float]] = []
+        for key in reversed(list(queue.running)):
+            if not queue.capacity or len(queue.running) <= queue.capacity:
+                break
+            g = queue.running[key]
+            if g.phase != PREFILL or g is keep:
+                continue  # a decoding request is running for certain
+            del queue.running[key]
+            queue.waiting[key] = g
+            queue.waiting.move_to_end(key, last=False)
+            g.phase, g.weight, g.eq = WAITING, 0.0, 0.0
+            changed.append((g, 0.0))
+        return changed
 
     def _admit(self, queue: EngineQueue) -> list[tuple[Flight, float]]:
         """Admit the oldest waiting requests while there is room."""

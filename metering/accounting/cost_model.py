@@ -47,6 +47,11 @@ MIN_INTERVALS_TO_FIT = 8
 # (readyz, metrics, the band) but the defaults split.
 TRUST_BAND_REL = 0.15
 TRUST_INTERVALS = 60
+# ...or once it explains them clearly better than the defaults do (its residual at most
+# this fraction of theirs, on the same intervals): a host whose costs are far from the
+# defaults' ratios, or a sensor too coarse for any model to explain each interval well,
+# still splits by what was learnt there rather than by figures from another machine.
+TRUST_GAIN = 0.8
 PRIOR_WEIGHT = 2.0  # pseudo-observations per coefficient: a ridge for what the data cannot tell
 HUBER_K = 1.5  # residuals beyond 1.5 robust standard deviations are down-weighted
 IRLS_ROUNDS = 6
@@ -102,6 +107,7 @@ class CostFit:
     prior: Coefficients = field(default_factory=Coefficients)
     coefficients: Coefficients = field(default_factory=Coefficients)
     band_rel: float = 0.5  # relative uncertainty of a split, before any fit: wide
+    defaults_band_rel: float | None = None  # the defaults' residual on the same intervals
     fitted_at_s: float | None = None
     intervals_used: int = 0
     _intervals: deque[Interval] = field(default_factory=lambda: deque(maxlen=FIT_INTERVALS))
@@ -110,11 +116,20 @@ class CostFit:
     @property
     def trusted(self) -> bool:
         """The fit explains enough intervals well enough to split by it."""
-        return (
-            self.fitted_at_s is not None
-            and self.intervals_used >= TRUST_INTERVALS
-            and self.band_rel <= TRUST_BAND_REL
-        )
+        if self.fitted_at_s is None or self.intervals_used < TRUST_INTERVALS:
+            return False
+        if self.band_rel <= TRUST_BAND_REL:
+            return True
+        defaults = self.defaults_band_rel
+        return defaults is not None and self.band_rel <= TRUST_GAIN * defaults
+
+    @property
+    def band_in_use(self) -> float:
+        """The relative residual of the coefficients the split uses: the fit's once
+        trusted, else the defaults' on the same intervals (wide before any fit)."""
+        if self.trusted or self.defaults_band_rel is None:
+            return self.band_rel
+        return self.defaults_band_rel
 
     @property
     def in_use(self) -> Coefficients:
@@ -193,6 +208,7 @@ class CostFit:
         """Fit `rows` (from `rows()`, possibly on another thread) and take the result, one
         assignment per figure."""
         theta, band = fit_coefficients(*rows, self.prior.as_tuple())
+        self.defaults_band_rel = relative_residual(*rows, self.prior.as_tuple())
         self.coefficients = Coefficients(*theta)
         self.band_rel = band
         self.intervals_used = len(rows[0])
@@ -240,9 +256,18 @@ def fit_coefficients(
         weights = [
             1.0 if abs(r) <= HUBER_K * sigma else HUBER_K * sigma / abs(r) for r in residuals
         ]
-    residuals = [y - _dot(x, theta) for x, y in zip(xs, ys, strict=True)]
-    mean_y = sum(abs(y) for y in ys) / n or 1e-12
-    return theta, min(1.0, 1.4826 * _median([abs(r) for r in residuals]) / mean_y)
+    return theta, relative_residual(xs, ys, theta)
+
+
+def relative_residual(
+    xs: list[tuple[float, float, float]], ys: list[float], theta: tuple[float, float, float]
+) -> float:
+    """How much of the intervals' energy `theta` leaves unexplained: the residuals'
+    robust standard deviation (1.4826 x their median absolute value) over the mean
+    interval energy, at most 1."""
+    residuals = [abs(y - _dot(x, theta)) for x, y in zip(xs, ys, strict=True)]
+    mean_y = sum(abs(y) for y in ys) / len(ys) or 1e-12
+    return min(1.0, 1.4826 * _median(residuals) / mean_y)
 
 
 def _dot(x: tuple[float, float, float], t: tuple[float, float, float]) -> float:

@@ -26,6 +26,17 @@ class Tokens:
 
 
 @dataclass(frozen=True, slots=True)
+class Timings:
+    """What the backend itself said of one request's phases, seconds (vLLM's per-request
+    metrics, llama.cpp's `timings`); None where it said nothing of a phase. `prefill_s`
+    runs from its admission to its first token, `decode_s` from there to its last."""
+
+    queue_s: float | None = None
+    prefill_s: float | None = None
+    decode_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class EnergyReport:
     request_id: str
     model: str

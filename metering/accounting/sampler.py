@@ -146,6 +146,11 @@ class Sampler:
         self._read_for(ticket.names)
         self.ledger.reweigh(ticket, weight, eq)
 
+    def exchange(self, a: Ticket, b: Ticket) -> None:
+        """Swap what two requests in flight are owed so far (Ledger.exchange), read now."""
+        self._read_for(a.names)
+        self.ledger.exchange(a, b)
+
     def finish(
         self, ticket: Ticket, took_place_of: Ticket | None = None
     ) -> tuple[list[SourceShare], float]:

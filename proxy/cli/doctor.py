@@ -5,6 +5,11 @@ ones with the reason): its method and hardware, each call it makes timed (wall p
 CPU), how often its energy counter moves, the power now, whether GPU power limits can be
 set (for `bench --sweep`), and what the proxy will do with it. Exit 0 when at least one
 source works, 1 when none does, 2 for a malformed SPEC. `--json` prints the same as JSON.
+
+`--proxy URL` also asks a running proxy (its `/readyz`) what each backend's split rests
+on: its cost model (the coefficients, fitted or the defaults, how many intervals, the
+residual, how old), the queue capacity and where it came from, and how many answers
+carried the backend's own timings. A proxy that cannot be read makes the exit code 1.
 """
 
 from __future__ import annotations
@@ -12,7 +17,10 @@ from __future__ import annotations
 import json
 import platform
 import sys
+import time
 from typing import Any
+
+import httpx
 
 from metering.sources.nvml import nvml_factory
 from metering.sources.probe import SourceReport, probe
@@ -61,7 +69,63 @@ def render(reports: list[SourceReport], spec: str) -> str:
     return "\n".join(lines)
 
 
-def run_doctor(power_source: str = "auto", json_out: bool = False, calls: int = 100) -> int:
+READYZ_TIMEOUT_S = 5.0
+
+
+def read_cost_models(proxy_url: str) -> tuple[list[dict[str, Any]], str | None]:
+    """Each backend of the proxy at `proxy_url` with its cost model (from `/readyz`),
+    or why it could not be read."""
+    url = proxy_url.rstrip("/") + "/readyz"
+    try:
+        doc = httpx.get(url, timeout=READYZ_TIMEOUT_S).json()
+    except (httpx.HTTPError, ValueError) as exc:
+        return [], f"could not read {url}: {exc}"
+    backends = doc.get("backends") if isinstance(doc, dict) else None
+    if not isinstance(backends, list):
+        return [], f"{url} answered no backends list (is this an energy-proxy?)"
+    return [b for b in backends if isinstance(b, dict)], None
+
+
+def _num(value: Any) -> float:
+    """A figure from another process's JSON, as a float (NaN where it is not a number)."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    return float(value) if ok else float("nan")
+
+
+def render_cost_models(backends: list[dict[str, Any]], proxy_url: str, now_s: float) -> str:
+    lines = [f"the split at {proxy_url}:"]
+    for b in backends:
+        m = b.get("cost_model")
+        if not isinstance(m, dict):
+            lines.append(f"  {b.get('name')}: no cost model (attribution is not `model`?)")
+            continue
+        fitted_at = _num(m.get("fitted_at"))
+        age = f"fitted {now_s - fitted_at:.0f} s ago" if fitted_at > 0 else "never fitted"
+        lines.append(
+            f"  {b.get('name')}  {m.get('version')} {m.get('in_use')} ({age}, "
+            f"{m.get('intervals')} intervals, residual {_num(m.get('band_rel')):.0%})"
+        )
+        prefill_mj = _num(m.get("prefill_j_per_token")) * 1e3
+        decode_mj = _num(m.get("decode_j_per_token")) * 1e3
+        lines.append(
+            f"    fixed {_num(m.get('fixed_w')):.1f} W, prefill {prefill_mj:.2f} mJ/token, "
+            f"decode {decode_mj:.2f} mJ/token"
+        )
+        capacity = m.get("queue_capacity")
+        lines.append(
+            f"    queue capacity {capacity if capacity is not None else 'none known'} "
+            f"({m.get('queue_capacity_source')}); {m.get('timed_requests')} answers carried "
+            "the backend's own timings"
+        )
+    return "\n".join(lines)
+
+
+def run_doctor(
+    power_source: str = "auto",
+    json_out: bool = False,
+    calls: int = 100,
+    proxy_url: str | None = None,
+) -> int:
     try:
         reports = probe(
             power_source, {"nvml": nvml_factory, "rapl": rapl_factory}, calls=max(10, calls)
@@ -69,13 +133,26 @@ def run_doctor(power_source: str = "auto", json_out: bool = False, calls: int = 
     except ValueError as exc:
         print(f"energy-proxy doctor: {exc}", file=sys.stderr)
         return 2
+    backends, problem = read_cost_models(proxy_url) if proxy_url else ([], None)
     if json_out:
         doc: dict[str, Any] = {
             "power_source": power_source,
             "sources": [r.to_dict() for r in reports],
             "usable": [r.name for r in reports if r.ok],
         }
+        if proxy_url:
+            doc["proxy"] = {
+                "url": proxy_url,
+                "cost_models": {b.get("name"): b.get("cost_model") for b in backends},
+                **({"error": problem} if problem else {}),
+            }
         print(json.dumps(doc, indent=2))
     else:
         print(render(reports, power_source))
+        if proxy_url:
+            print()
+            print(problem or render_cost_models(backends, proxy_url, time.time()))
+    if problem:
+        print(f"energy-proxy doctor: {problem}", file=sys.stderr)
+        return 1
     return 0 if any(r.ok for r in reports) else 1

@@ -214,6 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument(
         "--calls", type=int, default=100, help="how many times each call is timed (default 100)"
     )
+    doctor.add_argument(
+        "--proxy",
+        dest="proxy_url",
+        metavar="URL",
+        help="also show what a running proxy's split rests on: each backend's cost model, "
+        "queue capacity and timings (from its /readyz)",
+    )
     bench = sub.add_parser(
         "bench",
         help="run a prompt set through the proxy and report energy per model and category",

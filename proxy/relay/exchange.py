@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 
 from backends.backend import Backend
-from metering.accounting.report import EnergyReport, Tokens
+from metering.accounting.report import EnergyReport, Timings, Tokens
 from metering.meter import Measurement
 from proxy.asgi import Receive
 from proxy.errors import BadRequest, BodyTooLarge
@@ -139,6 +139,42 @@ def tokens_from_usage(usage: Any, counted: int | None) -> Tokens:
         if isinstance(prompt, int) and isinstance(completion, int | None):
             return Tokens(prompt, completion or 0, "backend")
     return Tokens(None, counted or 0, "proxy")
+
+
+# The longest phase a backend's timings may report, seconds; beyond it they are not read.
+MAX_PHASE_S = 86_400.0
+
+
+def _phase_s(value: Any) -> float | None:
+    """Milliseconds a backend reported, as seconds; None for anything but a finite
+    number from 0 to a day (a hostile or broken backend's figure is not taken)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    s = float(value) / 1000.0
+    return s if 0.0 <= s <= MAX_PHASE_S else None
+
+
+def timings_from_answer(doc: Any) -> Timings | None:
+    """A request's phases as its backend reported them on the answer (or the stream's
+    usage chunk): vLLM's `metrics` (`--enable-per-request-metrics`: `queue_time_ms`,
+    `time_to_first_token_ms` from scheduling, `generation_time_ms`) or llama.cpp's
+    `timings` (`prompt_ms`, `predicted_ms`). None where there are none."""
+    if not isinstance(doc, dict):
+        return None
+    vllm, llamacpp = doc.get("metrics"), doc.get("timings")
+    if isinstance(vllm, dict):
+        t = Timings(
+            _phase_s(vllm.get("queue_time_ms")),
+            _phase_s(vllm.get("time_to_first_token_ms")),
+            _phase_s(vllm.get("generation_time_ms")),
+        )
+    elif isinstance(llamacpp, dict):
+        t = Timings(
+            None, _phase_s(llamacpp.get("prompt_ms")), _phase_s(llamacpp.get("predicted_ms"))
+        )
+    else:
+        return None
+    return t if t != Timings() else None
 
 
 def backend_auth(backend: Backend) -> list[tuple[bytes, bytes]]:

@@ -27,7 +27,7 @@ import orjson
 from backends.backend import Backend
 from backends.registry import BackendRegistry
 from metering.accounting.prompt_text import prompt_text
-from metering.accounting.report import EnergyReport, Tokens
+from metering.accounting.report import EnergyReport, Timings, Tokens
 from metering.categories.classifier import PromptClassifier
 from metering.meter import Meter
 from proxy.asgi import RawHeaders, Receive, Scope, Send, send_error
@@ -59,6 +59,7 @@ from proxy.relay.exchange import (
     backend_auth,
     parse_payload,
     read_body,
+    timings_from_answer,
     tokens_from_usage,
     watch_disconnect,
 )
@@ -220,12 +221,14 @@ class MeteredRoute:
             if ex.client_gone:
                 ex.status = CLIENT_CLOSED
             partial = ex.inspector
-            self._settle(
+            report = self._settle(
                 ex, tokens_from_usage(partial.usage, partial.counted_tokens) if partial else None
             )
             traffic.inflight -= 1
             if resp is not None:
                 await resp.close()
+            if ex.client_gone and partial is not None and report.tokens.prompt is None:
+                await self._tally_cut_prompt(ex)
 
     # --- answers -------------------------------------------------------------------------
 
@@ -238,7 +241,7 @@ class MeteredRoute:
         except orjson.JSONDecodeError:
             doc = None
         usage = doc.get("usage") if isinstance(doc, dict) else None
-        report = self._settle(ex, tokens_from_usage(usage, None))
+        report = self._settle(ex, tokens_from_usage(usage, None), timings_from_answer(doc))
         if isinstance(doc, dict) and doc and data.rstrip().endswith(b"}"):
             # Splice the energy object in without re-encoding the backend's document.
             data = data.rstrip()[:-1] + b',"energy":' + orjson.dumps(ex.energy) + b"}"
@@ -296,7 +299,7 @@ class MeteredRoute:
         tokens = tokens_from_usage(inspector.usage, inspector.counted_tokens)
         if tokens.prompt is None and failure is None:
             tokens = Tokens(await self._count_prompt(ex), tokens.completion, tokens.source)
-        self._settle(ex, tokens)
+        self._settle(ex, tokens, timings_from_answer(inspector.usage_chunk))
         sep = splitter.separator
         final = b""
         if failure is not None:
@@ -328,9 +331,11 @@ class MeteredRoute:
 
     # --- accounting ------------------------------------------------------------------------
 
-    def _settle(self, ex: Exchange, tokens: Tokens | None) -> EnergyReport:
+    def _settle(
+        self, ex: Exchange, tokens: Tokens | None, timings: Timings | None = None
+    ) -> EnergyReport:
         """Close the request's measurement once and tell the observers; later calls
-        return the same report."""
+        return the same report. `timings`: what the backend said of its phases."""
         if ex.report is not None:
             return ex.report
         ctx = self.ctx
@@ -342,6 +347,7 @@ class MeteredRoute:
             category=ex.category,
             tokens=tokens,
             client_request_id=ex.client_id,
+            timings=timings,
         )
         ex.report = report
         ex.energy = report.to_dict()
@@ -384,14 +390,24 @@ class MeteredRoute:
 
     # --- checks --------------------------------------------------------------------------
 
-    async def _count_prompt(self, ex: Exchange) -> int | None:
+    async def _count_prompt(self, ex: Exchange, others_inflight: int = 1) -> int | None:
         """The prompt's tokens by the backend's own tokenizer, for a stream that brought
         no usage; None where it has none, or a serial server has other work in flight
-        (asking it then would cut off another client's stream)."""
+        (asking it then would cut off another client's stream). `others_inflight`: the
+        backend's in-flight count that is this request's own (1 while it runs)."""
         b = ex.backend
-        if b.spec.tokenizer is None or (b.spec.serial and b.traffic.inflight > 1):
+        if b.spec.tokenizer is None or (b.spec.serial and b.traffic.inflight > others_inflight):
             return None
         return await self.ctx.registry.count_tokens(b, ex.model, prompt_text(ex.payload))
+
+    async def _tally_cut_prompt(self, ex: Exchange) -> None:
+        """A stream the client cut off brought no usage, yet the backend read its prompt:
+        counted now (the upstream is closed, the energy settled), into the backend's tally
+        only, so the cross-check does not call a hang-up's prompt work that went around
+        the proxy."""
+        n = await self._count_prompt(ex, others_inflight=0)
+        if n:
+            ex.backend.traffic.tally.prompt += n
 
     def _check_key(self, headers: RawHeaders) -> ApiKey | None:
         """The caller's key (None when the proxy has no keys); 401 without a valid one."""

@@ -102,11 +102,14 @@ class StreamInspector:
     one per token for the servers that send no usage (llama.cpp's servers, some TGI).
     """
 
-    __slots__ = ("client_wants_usage", "counted_tokens", "done", "template", "usage")
+    __slots__ = ("client_wants_usage", "counted_tokens", "done", "template", "usage", "usage_chunk")
 
     def __init__(self, client_wants_usage: bool) -> None:
         self.client_wants_usage = client_wants_usage
         self.usage: dict[str, Any] | None = None
+        # The chunk that carried the usage, parsed: where backends put a request's
+        # timings (vLLM's `metrics`, llama.cpp's `timings`).
+        self.usage_chunk: dict[str, Any] | None = None
         self.counted_tokens = 0
         self.done = False
         self.template: dict[str, Any] | None = None
@@ -136,7 +139,7 @@ class StreamInspector:
                 }
             usage = obj.get("usage")
             if isinstance(usage, dict):
-                self.usage = usage
+                self.usage, self.usage_chunk = usage, obj
                 if not obj.get("choices") and not self.client_wants_usage:
                     return None
                 return event

@@ -24,6 +24,7 @@ from backends.own_metrics import (
 from tests.conftest import serve_proxy
 from tests.support.fakes.kind_servers import recorded
 from tests.support.fakes.openai_backend import FakeState
+from tests.support.polling import wait_for
 
 VLLM = """# HELP vllm:num_requests_running Number of requests currently running on GPU.
 # TYPE vllm:num_requests_running gauge
@@ -193,3 +194,41 @@ def test_untracked_tokens_show_traffic_that_bypasses_the_proxy(
     while untracked(proxy) != {"prompt": 0.0, "completion": 0.0}:
         assert time.monotonic() < deadline + 20, untracked(proxy)
         time.sleep(0.05)
+
+
+def test_a_stream_its_client_cut_off_is_no_untracked_work(
+    fake_server: str, fake: tuple[Any, FakeState], tmp_path: Path
+) -> None:
+    # A vLLM-kind backend: its /tokenize counts the prompt of a stream that brought no
+    # usage. The client hangs up mid-stream: the backend has read the prompt and made
+    # some tokens; the proxy must count that prompt too, or every hang-up would read as
+    # traffic around the proxy.
+    _, state = fake
+    backends = [{"name": "fake", "url": fake_server, "kind": "vllm"}]
+    with serve_proxy(tmp_path, fake_server, backend_metrics_s=0.05, backends=backends) as proxy:
+        deadline = time.monotonic() + 10
+        while untracked(proxy) != {"prompt": 0.0, "completion": 0.0}:
+            assert time.monotonic() < deadline, untracked(proxy)
+            time.sleep(0.05)
+        prompt = "one two three four five six seven"
+        with httpx.stream(
+            "POST",
+            f"{proxy}/v1/completions",
+            json={"model": "fake-model", "prompt": prompt, "max_tokens": 200, "stream": True},
+            headers={"x-fake-token-delay-s": "0.02", "x-request-id": "cut-1"},
+        ) as r:
+            lines = r.iter_lines()
+            assert sum(1 for _, line in zip(range(6), lines, strict=False) if line) >= 3
+        assert wait_for(lambda: state.abandoned == 1)
+        assert wait_for(lambda: httpx.get(f"{proxy}/v1/energy/requests/cut-1").status_code == 200)
+        record = httpx.get(f"{proxy}/v1/energy/requests/cut-1").json()
+        assert record["completion_tokens"] >= 1
+        assert state.tokenize_calls == 1
+        assert state.prompt_tokens_served == 7
+        # Every prompt token is accounted; the completion side differs by exactly the
+        # tokens the backend made that the hang-up left unread (none, or a few).
+        expected_completion = float(state.completion_tokens_served - record["completion_tokens"])
+        while untracked(proxy) != {"prompt": 0.0, "completion": expected_completion}:
+            assert time.monotonic() < deadline + 10, (untracked(proxy), expected_completion)
+            time.sleep(0.05)
+        assert 0 <= expected_completion < 200 - record["completion_tokens"]

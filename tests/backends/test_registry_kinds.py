@@ -142,6 +142,27 @@ async def test_own_metrics_follow_the_kind(client: FakeClient) -> None:
     }
 
 
+async def test_a_failing_reading_costs_one_period_of_one_backend(client: FakeClient) -> None:
+    # What is done with a reading raises once (a meter bug, say): that backend's figures
+    # read as unknown for the period, the other backends' are read, and the next period
+    # reads again. The scrape loop must never die of it (it ran as one task for good).
+    calls: list[str] = []
+
+    def hook(name: str, running: float | None, waiting: float | None) -> None:
+        calls.append(name)
+        if name == "vllm" and calls.count("vllm") == 1:
+            raise RuntimeError("boom")
+
+    reg = BackendRegistry(auto_backends(), client, on_own_metrics=hook)
+    await reg.refresh()
+    await reg.scrape_own_metrics()
+    inflight = {b.name: b.own_inflight for b in reg.backends}
+    assert inflight["vllm"] is None and inflight["tgi"] == 2.0
+    await reg.scrape_own_metrics()
+    assert {b.name: b.own_inflight for b in reg.backends}["vllm"] == 3.0
+    assert calls.count("vllm") == 2
+
+
 async def test_metrics_of_kinds_without_them_are_not_asked_for(client: FakeClient) -> None:
     rec = Recording(client)
     backends = [

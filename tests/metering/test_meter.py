@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from metering.accounting.report import Tokens
+from metering.accounting.report import Timings, Tokens
 from metering.carbon.intensity import StaticIntensity
 from metering.meter import Meter, Plan
 from metering.sources.constant import ConstantSource
@@ -218,3 +218,37 @@ def test_an_unplanned_backend_s_finished_work_does_not_pile_up() -> None:
     assert len(meter.lane("surprise").pending_work) == 5
     meter.sampler.tick()
     assert meter.lane("surprise").pending_work == []
+
+
+def test_backend_timings_place_a_requests_work_for_the_fit() -> None:
+    # The backend said: 2 s queued, 0.5 s prefill, 1.5 s decode, of its 4 s in flight: the
+    # fit gets its prefill at 3.0-3.5 s and its decode at 3.5-5.0 s. Without timings (not
+    # streamed: no first token) the proxy's own view starts its work when it was sent.
+    clock = StepClock()
+    meter = Meter.build(
+        [source("box", 100.0)], [Plan("b")], StaticIntensity(400.0), clock=clock, idle_watts=0.0
+    )
+    lane = meter.lane("b")
+    clock.t_s = 1.0
+    timed = meter.open("b", PAYLOAD, stream=False)
+    untimed = meter.open("b", PAYLOAD, stream=False)
+    clock.t_s = 5.0
+    r = meter.close(
+        timed, answered=True, request_id="t", model="m", category="other",
+        tokens=Tokens(10, 5, "backend"), timings=Timings(2.0, 0.5, 1.5),
+    )  # fmt: skip
+    assert r.basis.endswith("; timings backend")
+    assert lane.pending_work[-1] == (3.0, 3.5, 5.0, 10.0, 5)
+    r2 = close(meter, untimed, "u")
+    assert r2.basis.endswith("; timings proxy")
+    assert lane.pending_work[-1] == (1.0, None, 5.0, 10.0, 5)
+    assert lane.timed == 1
+    # Timings longer than the request was in flight are clipped to it.
+    clock.t_s = 6.0
+    odd = meter.open("b", PAYLOAD, stream=False)
+    clock.t_s = 7.0
+    meter.close(
+        odd, answered=True, request_id="o", model="m", category="other",
+        tokens=Tokens(10, 5, "backend"), timings=Timings(None, 30.0, 60.0),
+    )  # fmt: skip
+    assert lane.pending_work[-1][:3] == (6.0, 6.0, 7.0)

@@ -122,9 +122,27 @@ def test_a_first_token_of_a_waiting_request_means_a_larger_capacity() -> None:
     assert q.learn(running=1, waiting=3) and q.capacity == 1
     a, b = Flight(100.0), Flight(100.0)
     attr.start(a, q)
+    attr.first_token(a, q)  # a decodes: it certainly runs
     assert attr.start(b, q) == 0.0
+    assert attr.make_room(b, q) is None  # nobody it could have run in place of
     assert attr.first_token(b, q) == 1.0  # it runs after all
     assert q.capacity == 2 and b.phase == DECODE and not q.waiting
+
+
+def test_a_first_token_of_a_waiting_request_displaces_the_newest_not_started() -> None:
+    # Two arrivals raced: the engine took b before a. b's first token: a, admitted in the
+    # model but not started, goes back to the front of the line; the capacity holds.
+    attr, q = Attribution("model"), EngineQueue(configured=2)
+    first, a, b, c = (Flight(100.0) for _ in range(4))
+    for f in (first, a, b, c):
+        attr.start(f, q)
+    attr.first_token(first, q)
+    assert b.phase == WAITING and a.phase == PREFILL
+    assert attr.make_room(b, q) is a
+    assert a.phase == WAITING and (a.weight, a.eq) == (0.0, 0.0)
+    attr.first_token(b, q)
+    assert list(q.waiting.values()) == [a, c]  # a first: it was ahead of c
+    assert q.capacity == 2 and list(q.running.values()) == [first, b]
 
 
 def test_metrics_set_the_capacity_and_the_newest_prefills_go_back_to_waiting() -> None:
@@ -142,6 +160,87 @@ def test_metrics_set_the_capacity_and_the_newest_prefills_go_back_to_waiting() -
     # A configured capacity is not overridden by metrics.
     fixed = EngineQueue(configured=4)
     assert not fixed.learn(running=2, waiting=5) and fixed.capacity == 4
+
+
+def serve_fifo(attr: Attribution, q: EngineQueue, flights: list[Flight], limit: int) -> None:
+    """A burst served as a FIFO engine with `limit` places would show it to the proxy:
+    each request runs 1 s; the next one starts 0.05 s after an end frees a place."""
+    for f in flights:
+        f.t0_s = 0.0
+        attr.start(f, q)
+    t = 0.0
+    for f in flights[:limit]:  # the first ones start on their own, at once
+        attr.infer(f, q, 0.05)
+        attr.first_token(f, q)
+    for i, f in enumerate(flights[limit:]):
+        t = 1.0 + i * 0.01
+        attr.finish(flights[i], q, t)
+        attr.infer(f, q, t + 0.05)
+        attr.first_token(f, q)
+
+
+def test_without_gauges_the_capacity_shows_in_starts_that_follow_ends() -> None:
+    attr, q = Attribution("model"), EngineQueue()
+    flights = [Flight(100.0) for _ in range(8)]
+    for f in flights:
+        f.t0_s = 0.0
+        assert attr.start(f, q) > 0.0  # no capacity known: all run
+    for f in flights[:2]:
+        assert attr.infer(f, q, 0.05) == []  # no request has ended: no evidence
+        attr.first_token(f, q)
+    # a ends at 1 s; c, in flight since 0 s, starts 0.05 s later: admitted in a's place.
+    a, b, c, d = flights[:4]
+    attr.finish(a, q, 1.0)
+    assert attr.infer(c, q, 1.05) == [] and q.evidence == 1  # one start is not enough
+    attr.first_token(c, q)
+    attr.finish(b, q, 2.0)
+    changed = attr.infer(d, q, 2.05)
+    # Two such starts: the capacity is the most running at one (2: c and d); the newest
+    # still in prefill go back to waiting, weightless, in arrival order.
+    assert q.capacity == 2
+    assert changed == [(flights[7], 0.0), (flights[6], 0.0), (flights[5], 0.0), (flights[4], 0.0)]
+    assert list(q.waiting.values()) == flights[4:]
+    assert all(f.weight == 0.0 and f.eq == 0.0 for f in flights[4:])
+    attr.first_token(d, q)
+    assert q.decoding == 2 and q.full()
+
+
+def test_starts_on_their_own_show_no_capacity() -> None:
+    # An engine that admits everything: first tokens come when each prefill is done, not
+    # just after ends; one that comes long after an end is no admission either.
+    attr, q = Attribution("model"), EngineQueue()
+    a, b, c, d = (Flight(100.0, t0_s=t0) for t0 in (0.0, 0.0, 0.5, 1.2))
+    for f in (a, b, c, d):
+        attr.start(f, q)
+    assert attr.infer(a, q, 0.1) == []  # no end yet
+    attr.first_token(a, q)
+    attr.finish(a, q, 0.7)
+    assert attr.infer(b, q, 1.5) == []  # 0.8 s after the end, of 1.5 s in flight: its own
+    attr.first_token(b, q)
+    assert attr.infer(d, q, 1.3) == []  # sent after the end: that end freed it nothing
+    attr.first_token(d, q)
+    attr.finish(b, q, 1.6)
+    assert attr.infer(c, q, 1.62) == [] and q.evidence == 1  # one such start: not yet
+    assert q.capacity is None and q.decoding == 1
+
+
+@pytest.mark.parametrize("limit", [1, 3, 12])
+def test_a_fifo_engine_without_gauges_is_learnt_to_its_limit(limit: int) -> None:
+    attr, q = Attribution("model"), EngineQueue()
+    flights = [Flight(100.0) for _ in range(limit + 6)]
+    serve_fifo(attr, q, flights, limit)
+    assert q.capacity == limit
+
+
+def test_gauges_or_a_configured_capacity_leave_nothing_to_infer() -> None:
+    for q in (EngineQueue(configured=4), EngineQueue()):
+        attr = Attribution("model")
+        if q.configured is None:
+            attr.observe(q, running=1.0, waiting=0.0)  # the backend's own count was read
+            assert q.gauged
+        flights = [Flight(100.0) for _ in range(8)]
+        serve_fifo(attr, q, flights, 2)
+        assert q.evidence == 0 and q.capacity == (4 if q.configured else None)
 
 
 def test_observe_in_the_old_modes_changes_no_weight() -> None:
@@ -190,7 +289,7 @@ def test_any_schedule_conserves_energy_and_keeps_the_queue_consistent(
 
     for ev in events:
         if ev[0] == "arrive":
-            f = Flight(float(ev[1]), stream=bool(ev[2]))  # type: ignore[arg-type]
+            f = Flight(float(ev[1]), stream=bool(ev[2]), t0_s=t)  # type: ignore[arg-type]
             w = attr.start(f, q)
             assert w >= 0.0
             assert f.eq == (1.0 if mode == "model" and f.phase != "waiting" else 0.0)
@@ -198,6 +297,12 @@ def test_any_schedule_conserves_energy_and_keeps_the_queue_consistent(
             flights.append(f)
         elif ev[0] == "first" and flights:
             f = flights[int(ev[1]) % len(flights)]  # type: ignore[call-overload]
+            apply(attr.infer(f, q, t))
+            displaced = attr.make_room(f, q)
+            if displaced is not None:
+                assert displaced.phase == WAITING and id(displaced) in q.waiting
+                led.exchange(f.handle, displaced.handle)
+                apply([(displaced, 0.0)])
             w2 = attr.first_token(f, q)
             if w2 is not None:
                 led.reweigh(f.handle, w2, f.eq)
@@ -208,7 +313,7 @@ def test_any_schedule_conserves_energy_and_keeps_the_queue_consistent(
                 assert instead.phase == PREFILL and id(instead) in q.running
                 led.exchange(f.handle, instead.handle)
             owed += sum(s.energy_j for s in led.finish(f.handle))
-            apply(attr.finish(f, q))
+            apply(attr.finish(f, q, t))
         elif ev[0] == "read":
             energy += float(ev[1])  # type: ignore[arg-type]
             t += 0.01
@@ -218,6 +323,7 @@ def test_any_schedule_conserves_energy_and_keeps_the_queue_consistent(
         in_flight = {id(f) for f in flights}
         assert set(q.running) | set(q.waiting) == in_flight
         assert not set(q.running) & set(q.waiting)
+        assert q.decoding == sum(1 for g in q.running.values() if g.phase == DECODE)
         if q.waiting:
             assert q.full()
     for f in flights:

@@ -87,3 +87,33 @@ def test_the_fixed_cost_is_shared_equally_by_the_runners_and_the_rest_by_weight(
     (sa,), (sb,), (sw,) = led.finish(a), led.finish(b), led.finish(w)
     assert (sa.energy_j, sb.energy_j, sw.energy_j) == pytest.approx((5.0, 15.0, 0.0))
     assert ch.runners == 0.0 and ch.members == 0
+
+
+def fitted(truth: tuple[float, float, float], noise: float, n: int = 200) -> CostFit:
+    fit = CostFit()
+    fit.refit(intervals(truth, n, seed=4, noise=noise), now_s=1.0)
+    return fit
+
+
+def test_a_fit_clearly_better_than_the_defaults_is_trusted_though_noisy() -> None:
+    # Fixed cost a quarter, prefill four times the defaults', through a sensor so coarse
+    # that no model explains an interval to within 15 %: the fit still explains them far
+    # better than the defaults do, and the split takes it.
+    fit = fitted((70.0, 0.02, 0.005), noise=0.6)
+    assert fit.band_rel > 0.15
+    assert fit.defaults_band_rel is not None and fit.band_rel < 0.8 * fit.defaults_band_rel
+    assert fit.trusted and fit.in_use == fit.coefficients
+    assert fit.band_in_use == fit.band_rel
+
+
+def test_a_noisy_fit_no_better_than_the_defaults_leaves_them_in_use() -> None:
+    # The host is as the defaults say; noise alone makes the fit differ.
+    fit = fitted(Coefficients().as_tuple(), noise=0.6)
+    assert not fit.trusted and fit.in_use == fit.prior
+    # The band told is the defaults' residual, the coefficients the split uses.
+    assert fit.band_in_use == fit.defaults_band_rel
+
+
+def test_too_few_intervals_are_never_trusted() -> None:
+    fit = fitted((70.0, 0.02, 0.005), noise=0.01, n=30)
+    assert fit.band_rel < 0.15 and not fit.trusted

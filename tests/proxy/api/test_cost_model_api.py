@@ -35,6 +35,9 @@ async def test_readyz_and_metrics_show_each_backend_s_cost_model(
     assert model["version"] == "cost-v1" and model["in_use"] == "defaults"
     assert model["fixed_w"] > 0 and model["prefill_j_per_token"] > 0
     assert model["fitted_at"] is None
+    # One request, nothing waited: no capacity known; the fake reported no timings.
+    assert (model["queue_capacity"], model["queue_capacity_source"]) == (None, "unknown")
+    assert model["timed_requests"] == 0
     families = {
         f.name: f for f in text_string_to_metric_families((await client.get("/metrics")).text)
     }

@@ -7,12 +7,15 @@ import ctypes.util
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
+from tests.conftest import serve_proxy
 from tests.support.fakenvml import H100_LATENCY, build_fake_nvml, fake_nvml_env, write_script
 
 DOCTOR = [sys.executable, "-m", "proxy.cli", "doctor"]
@@ -107,3 +110,31 @@ def test_a_lost_gpu_fails_its_row_and_the_exit_code(nvml_lib: Path, tmp_path: Pa
     done = doctor("--power-source", "nvml", env=gpu_env(nvml_lib, tmp_path, "device 0 lost=1"))
     assert done.returncode == 1
     assert "nvml: not available: nvml:0: cannot read GPU 0" in done.stdout
+
+
+def test_it_shows_a_running_proxys_cost_models(fake_server: str, tmp_path: Path) -> None:
+    with serve_proxy(tmp_path, fake_server) as url:
+        r = httpx.post(
+            url + "/v1/chat/completions",
+            json={"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]},
+            headers={"x-fake-timings": "vllm:1,20,300"},
+            timeout=30,
+        )
+        assert r.status_code == 200
+        done = doctor("--power-source", "constant:100", "--calls", "10", "--proxy", url)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert f"the split at {url}:" in done.stdout
+        assert "fake  cost-v1 defaults (never fitted, 0 intervals" in done.stdout
+        assert "fixed 280.0 W, prefill 5.00 mJ/token, decode 5.00 mJ/token" in done.stdout
+        assert "queue capacity none known (unknown); 1 answers carried" in done.stdout
+        doc = json.loads(doctor("--power-source", "constant:100", "--json", "--proxy", url).stdout)
+        assert doc["proxy"]["cost_models"]["fake"]["timed_requests"] == 1
+
+
+def test_a_proxy_it_cannot_read_is_a_clear_error_and_exit_1() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once closed
+    done = doctor("--power-source", "constant:100", "--proxy", f"http://127.0.0.1:{port}")
+    assert done.returncode == 1
+    assert f"could not read http://127.0.0.1:{port}/readyz" in done.stderr

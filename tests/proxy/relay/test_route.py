@@ -118,11 +118,11 @@ async def test_stream_without_backend_usage_is_counted_by_proxy(
     energy = events[-2]["energy"]
     assert energy["tokens_source"] == "proxy"
     assert energy["completion_tokens"] == 5
-    assert energy["prompt_tokens"] is None
     assert r.text.endswith("data: [DONE]\r\n\r\n")
-    # A kind whose streams carry usage (this fake is detected as vLLM) is not asked to
-    # tokenize: its missing usage here is an anomaly the proxy reports as it is.
-    assert fake[1].tokenize_calls == 0
+    # No usage came: the prompt is counted by the backend's own tokenizer (this fake is
+    # detected as vLLM, whose /tokenize it answers), once.
+    assert fake[1].tokenize_calls == 1
+    assert energy["prompt_tokens"] == 4  # "say hello to me", by the fake's tokenizer
 
 
 async def test_completions_and_embeddings_are_metered(client: httpx.AsyncClient) -> None:

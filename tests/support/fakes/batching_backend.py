@@ -89,13 +89,19 @@ async def _run_engine(st: SimState) -> None:
                 inbox.put_nowait(ev)
 
 
-def make_batching_backend(config: EngineConfig) -> tuple[Starlette, SimState]:
+def make_batching_backend(
+    config: EngineConfig, *, gauges: bool = True
+) -> tuple[Starlette, SimState]:
+    """The simulator as an HTTP backend; `gauges=False`: no /metrics (a server that does
+    not tell how many it runs and queues, as Ollama)."""
     st = SimState(Engine(config), t0_s=time.monotonic())
 
     async def models(_: Request) -> Response:
         return JSONResponse({"object": "list", "data": [{"id": MODEL, "object": "model"}]})
 
     async def metrics(_: Request) -> Response:
+        if not gauges:
+            return PlainTextResponse("404 page not found", status_code=404)
         e = st.engine
         body = (
             "# TYPE vllm:num_requests_running gauge\n"

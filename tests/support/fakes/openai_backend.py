@@ -159,10 +159,29 @@ def make_fake_backend(state: FakeState | None = None) -> tuple[Starlette, FakeSt
             "completion_tokens": len(tokens),
             "total_tokens": prompt_tokens + len(tokens),
         }
+        # As vLLM counts: the prompt when it is read, each answer token as it is made (a
+        # stream cut off early counts only the tokens it made).
         st.prompt_tokens_served += prompt_tokens
-        st.completion_tokens_served += len(tokens)
+        if not body.get("stream"):
+            st.completion_tokens_served += len(tokens)
         cid = "cmpl-fake-1"
         created = int(time.time())
+        # x-fake-timings: the answer carries the request's phases as vLLM (`metrics`, with
+        # --enable-per-request-metrics) or llama.cpp (`timings`) report them; the value
+        # after the kind is "queue_ms,prefill_ms,decode_ms".
+        timings: dict[str, Any] = {}
+        if "x-fake-timings" in h:
+            kind, _, figures = h["x-fake-timings"].partition(":")
+            q_ms, p_ms, d_ms = (float(x) for x in figures.split(","))
+            if kind == "vllm":
+                timings["metrics"] = {
+                    "queue_time_ms": q_ms,
+                    "time_to_first_token_ms": p_ms,
+                    "generation_time_ms": d_ms,
+                }
+            else:
+                timings["timings"] = {"prompt_n": prompt_tokens, "prompt_ms": p_ms,
+                                      "predicted_n": max_tokens, "predicted_ms": d_ms}  # fmt: skip
         if not body.get("stream"):
             text = "".join(tokens)
             choice: dict[str, Any] = (
@@ -179,6 +198,7 @@ def make_fake_backend(state: FakeState | None = None) -> tuple[Starlette, FakeSt
                     "model": body["model"],
                     "choices": [choice],
                     "usage": usage,
+                    **timings,
                 }
             )
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -213,12 +233,13 @@ def make_fake_backend(state: FakeState | None = None) -> tuple[Starlette, FakeSt
                     if token_delay_s:
                         await asyncio.sleep(token_delay_s)
                     piece = {"content": tok} if chat else None
+                    st.completion_tokens_served += 1
                     yield chunk(
                         [{"index": 0, "delta": piece}] if chat else [{"index": 0, "text": tok}]
                     )
                 yield chunk([{"index": 0, "delta": {}, "finish_reason": "length"}])
                 if include_usage:
-                    yield chunk([], {"usage": usage})
+                    yield chunk([], {"usage": usage, **timings})
                 yield "data: [DONE]" + sep
                 finished = True
                 st.completed_streams += 1
@@ -258,8 +279,16 @@ def make_fake_backend(state: FakeState | None = None) -> tuple[Starlette, FakeSt
         st.tokenize_calls += 1
         return JSONResponse({"tokens": list(range(_prompt_tokens({"input": body["input"]})))})
 
+    async def vllm_tokenize(request: Request) -> Response:
+        # vLLM's shape: POST /tokenize {"model", "prompt"} -> {"count", "tokens", ...}
+        body = json.loads(await request.body())
+        st.tokenize_calls += 1
+        n = _prompt_tokens({"prompt": body["prompt"]})
+        return JSONResponse({"count": n, "max_model_len": 8192, "tokens": list(range(n))})
+
     app = Starlette(
         routes=[
+            Route("/tokenize", vllm_tokenize, methods=["POST"]),
             Route("/extras/tokenize", tokenize, methods=["POST"]),
             Route("/metrics", metrics),
             Route("/health", lambda _: Response(b"")),
