@@ -225,7 +225,7 @@ class Meter:
         now_s = self.sampler.clock()
         queue, attribution = m.lane.queue, self.attribution
         if m.first_token_s is None:
-            changed = [] if queue.gauged else attribution.infer(m.flight, queue, now_s)
+            changed = attribution.infer(m.flight, queue, now_s)
             if changed:
                 self._describe(m.lane)
             displaced = attribution.make_room(m.flight, queue)

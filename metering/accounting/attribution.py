@@ -221,15 +221,10 @@ class Attribution:
         decodes): the capacity was larger, and `first_token` raises it."""
         if self.mode not in QUEUED_MODES or f.phase != WAITING or not queue.full():
             return None
-        for key in reversed(queue.running):
-            g = queue.running[key]
-            if g.phase == PREFILL:
-                del queue.running[key]
-                queue.waiting[key] = g
-                queue.waiting.move_to_end(key, last=False)
-                g.phase, g.weight, g.eq = WAITING, 0.0, 0.0
-                return g
-        return None
+        g = _newest_unstarted(queue)
+        if g is not None:
+            _send_back(queue, g)
+        return g
 
     def ran_instead(self, f: Flight, queue: EngineQueue) -> Flight | None:
         """`f` ends with an answer while the model still holds it waiting: the backend
@@ -244,11 +239,7 @@ class Attribution:
         this a request served out of order would be told 0 J and another twice its due."""
         if self.mode not in QUEUED_MODES or f.phase != WAITING:
             return None
-        for key in reversed(queue.running):
-            candidate = queue.running[key]
-            if candidate.phase == PREFILL:
-                return candidate
-        return None
+        return _newest_unstarted(queue)
 
     def finish(
         self, f: Flight, queue: EngineQueue, now_s: float | None = None
@@ -302,10 +293,7 @@ class Attribution:
             g = queue.running[key]
             if g.phase != PREFILL or g is keep:
                 continue  # a decoding request is running for certain
-            del queue.running[key]
-            queue.waiting[key] = g
-            queue.waiting.move_to_end(key, last=False)
-            g.phase, g.weight, g.eq = WAITING, 0.0, 0.0
+            _send_back(queue, g)
             changed.append((g, 0.0))
         return changed
 
@@ -317,3 +305,22 @@ class Attribution:
             queue.running[key] = nxt
             admitted.append((nxt, self._run(nxt, queue, PREFILL)))
         return admitted
+
+
+def _newest_unstarted(queue: EngineQueue) -> Flight | None:
+    """The newest running request that has shown no first token (None: all decode)."""
+    for key in reversed(queue.running):
+        f = queue.running[key]
+        if f.phase == PREFILL:
+            return f
+    return None
+
+
+def _send_back(queue: EngineQueue, f: Flight) -> None:
+    """A running request goes back to waiting, weightless, ahead of every later arrival
+    (the front of the line: it was admitted before them)."""
+    key = id(f)
+    del queue.running[key]
+    queue.waiting[key] = f
+    queue.waiting.move_to_end(key, last=False)
+    f.phase, f.weight, f.eq = WAITING, 0.0, 0.0
