@@ -2,7 +2,7 @@
 through the proxy's real meter and a sensor as real as an H100's.
 
     python -m bench.fairness [--per-kind 8] [--quick] [--modes model,queue,tokens,equal]
-                             [--trace SCENARIO]
+                             [--jobs N] [--csv FILE]
 
 The engine is the simulator in tests/support/fakes/batching_engine.py (continuous batching,
 FIFO admission under a limit, whole or chunked prefill, a stated cost model) and the truth
@@ -31,7 +31,10 @@ checks a subset.
 from __future__ import annotations
 
 import argparse
+import csv
 import itertools
+import multiprocessing
+import os
 import random
 import sys
 from collections import defaultdict
@@ -125,17 +128,32 @@ def run(sc: Scenario, mode: str, per_kind: int) -> float:
     return out.error
 
 
+def _run_all(job: tuple[Scenario, tuple[str, ...], int]) -> dict[str, float]:
+    sc, modes, per_kind = job
+    return {m: run(sc, m, per_kind) for m in modes}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument("--per-kind", type=int, default=8, help="requests of each kind per round")
     p.add_argument("--quick", action="store_true", help="a fixed sample of 160 scenarios")
     p.add_argument("--modes", default=",".join(MODES), help="modes to run")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="processes")
+    p.add_argument("--csv", help="also write every scenario's errors to this file")
     args = p.parse_args()
-    modes = args.modes.split(",")
+    modes = tuple(args.modes.split(","))
     scs = scenarios(args.quick)
-    results: dict[Scenario, dict[str, float]] = {}
-    for sc in scs:
-        results[sc] = {m: run(sc, m, args.per_kind) for m in modes}
+    jobs = [(sc, modes, args.per_kind) for sc in scs]
+    # Each scenario runs in virtual time, so processes running side by side change nothing.
+    with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
+        results = dict(zip(scs, pool.map(_run_all, jobs, chunksize=8), strict=True))
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["engine", "cost", "load", "mix", "sensor", "gauges", "warm", *modes])
+            for sc, r in results.items():
+                w.writerow([sc.engine, sc.cost, sc.load, sc.mix, sc.sensor, sc.gauges, sc.warm,
+                            *(f"{r[m]:.4f}" for m in modes)])  # fmt: skip
     print(f"{len(scs)} scenarios, {args.per_kind} requests of each kind per round")
     print("error = mean |share - truth| over the kinds (worst / mean)")
     dims = ("engine", "cost", "load", "mix", "sensor", "gauges", "warm", "sensor+gauges")
