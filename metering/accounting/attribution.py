@@ -86,6 +86,7 @@ class Flight:
     weight: float = 0.0
     eq: float = 0.0  # 1 while it shares the fixed cost of the steps (`model`, running)
     t0_s: float = 0.0  # when it was sent (the caller's clock; for inferring the capacity)
+    seq: int = 0  # its place in the order of arrival at its backend
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +118,7 @@ class EngineQueue:
     last_end_s: float | None = None  # when a request last ended (freeing a place)
     evidence: int = 0  # first tokens that followed an end as an admission does
     inferred: int = 0  # the most requests seen running at such an admission
+    arrivals: int = 0  # requests started, for each one's `seq`
 
     def __post_init__(self) -> None:
         if self.configured is not None:
@@ -187,6 +189,8 @@ class Attribution:
 
     def start(self, f: Flight, queue: EngineQueue) -> float:
         """A request arrives: its first weight (0 while the queue model holds it)."""
+        queue.arrivals += 1
+        f.seq = queue.arrivals
         if self.mode in QUEUED_MODES and (queue.full() or queue.waiting):
             f.phase = WAITING
             queue.waiting[id(f)] = f
@@ -260,11 +264,13 @@ class Attribution:
         """`f`'s first token, at `now_s`, on a backend whose gauges are not read and whose
         capacity is not configured: what it shows of the capacity. A request that waited
         long and started just after another ended was admitted in its place (FIFO under a
-        limit): the requests then running, itself included, are the capacity, or fewer.
-        From the INFER_EVIDENCE-th such start the queue model runs at the most seen; the
-        newest requests still in prefill beyond it go back to waiting. Returns the
-        requests whose weight changes (call before `first_token`). O(1), more only when
-        the capacity changes."""
+        limit): the requests in flight that arrived before it, itself included, all run
+        then (arrival order), those that show no token too (non-streaming, embeddings),
+        and are the capacity, or fewer. From the INFER_EVIDENCE-th such start the queue
+        model runs at the most seen; the newest requests still in prefill beyond it go
+        back to waiting. Returns the requests whose weight changes (call before
+        `first_token`). O(1) for a start that follows no end; O(in flight) for one that
+        does."""
         if self.mode not in QUEUED_MODES or queue.configured is not None or queue.gauged:
             return []
         end_s = queue.last_end_s
@@ -273,7 +279,7 @@ class Attribution:
         if now_s - end_s > FOLLOW_FRACTION * (now_s - f.t0_s):
             return []  # it started on its own, not in a place an end freed
         queue.evidence += 1
-        queue.inferred = max(queue.inferred, queue.decoding + 1)
+        queue.inferred = max(queue.inferred, _arrived_before(queue, f.seq))
         if queue.evidence < INFER_EVIDENCE:
             return []
         if queue.capacity is not None and queue.capacity >= queue.inferred:
@@ -305,6 +311,15 @@ class Attribution:
             queue.running[key] = nxt
             admitted.append((nxt, self._run(nxt, queue, PREFILL)))
         return admitted
+
+
+def _arrived_before(queue: EngineQueue, seq: int) -> int:
+    """The requests in flight that arrived no later than the `seq`-th. Admitted in
+    arrival order, they all run when that one is admitted: those that show no token too
+    (non-streaming requests, embeddings), which a count of the decoding would miss."""
+    return sum(1 for f in queue.running.values() if f.seq <= seq) + sum(
+        1 for f in queue.waiting.values() if f.seq <= seq
+    )
 
 
 def _newest_unstarted(queue: EngineQueue) -> Flight | None:

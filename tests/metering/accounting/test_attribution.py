@@ -170,13 +170,15 @@ def serve_fifo(attr: Attribution, q: EngineQueue, flights: list[Flight], limit: 
         attr.start(f, q)
     t = 0.0
     for f in flights[:limit]:  # the first ones start on their own, at once
-        attr.infer(f, q, 0.05)
-        attr.first_token(f, q)
+        if f.stream:  # a non-streaming request shows nothing until its end
+            attr.infer(f, q, 0.05)
+            attr.first_token(f, q)
     for i, f in enumerate(flights[limit:]):
         t = 1.0 + i * 0.01
         attr.finish(flights[i], q, t)
-        attr.infer(f, q, t + 0.05)
-        attr.first_token(f, q)
+        if f.stream:
+            attr.infer(f, q, t + 0.05)
+            attr.first_token(f, q)
 
 
 def test_without_gauges_the_capacity_shows_in_starts_that_follow_ends() -> None:
@@ -230,6 +232,28 @@ def test_a_fifo_engine_without_gauges_is_learnt_to_its_limit(limit: int) -> None
     flights = [Flight(100.0) for _ in range(limit + 6)]
     serve_fifo(attr, q, flights, limit)
     assert q.capacity == limit
+
+
+@pytest.mark.parametrize("quiet", [2, 4])
+def test_requests_that_show_no_token_count_in_the_capacity_inferred(quiet: int) -> None:
+    # A FIFO engine with 6 places, a burst of streams with `quiet` non-streaming requests
+    # among the first six: they run but never show a token, so counting the decoding
+    # requests saw 6 - quiet places and sent running requests back to waiting. Every
+    # request that arrived before the one admitted runs (arrival order), shown or not.
+    attr, q = Attribution("model"), EngineQueue()
+    flights = [Flight(100.0, stream=i >= quiet) for i in range(8)]
+    serve_fifo(attr, q, flights, 6)  # two ends, each followed by an admission: the limit
+    assert q.capacity == 6
+    assert len(q.running) == 6 and not q.waiting  # no running request sent back
+
+
+def test_a_burst_at_one_instant_is_ordered_by_arrival_not_by_time() -> None:
+    # All sent at the same clock reading (a burst on a coarse clock): the requests before
+    # the one admitted are those that arrived before it, not every one sent at that time.
+    attr, q = Attribution("model"), EngineQueue()
+    flights = [Flight(100.0) for _ in range(10)]
+    serve_fifo(attr, q, flights, 3)
+    assert q.capacity == 3
 
 
 def test_gauges_or_a_configured_capacity_leave_nothing_to_infer() -> None:
