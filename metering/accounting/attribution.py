@@ -114,7 +114,6 @@ class EngineQueue:
     price: WorkPrice = field(default_factory=WorkPrice)  # `model` mode's weights
     # Without gauges: what the answers showed of the capacity (`Attribution.infer`).
     gauged: bool = False  # the backend's own running count has been read: it decides
-    decoding: int = 0  # running requests past their first token
     last_end_s: float | None = None  # when a request last ended (freeing a place)
     evidence: int = 0  # first tokens that followed an end as an admission does
     inferred: int = 0  # the most requests seen running at such an admission
@@ -139,6 +138,11 @@ class EngineQueue:
             return True
         return False
 
+    @property
+    def decoding(self) -> int:
+        """Running requests past their first token (for inspection; O(running))."""
+        return sum(1 for f in self.running.values() if f.phase == DECODE)
+
     def full(self) -> bool:
         return self.capacity is not None and len(self.running) >= self.capacity
 
@@ -153,8 +157,6 @@ class Attribution:
 
     def _run(self, f: Flight, queue: EngineQueue, phase: str) -> float:
         """`f` runs now, in `phase`: its weight (and its equal part of the fixed cost)."""
-        if phase == DECODE and f.phase != DECODE:
-            queue.decoding += 1
         f.phase = phase
         f.eq = 1.0 if self.mode == MODEL else 0.0
         f.weight = self._running_weight(f, queue)
@@ -255,8 +257,6 @@ class Attribution:
         if f.phase == WAITING:
             queue.waiting.pop(id(f), None)
             return []
-        if f.phase == DECODE:
-            queue.decoding -= 1
         queue.running.pop(id(f), None)
         return self._admit(queue)
 
