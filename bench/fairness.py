@@ -19,7 +19,9 @@ Scenarios are the product of:
   generations and non-streaming requests;
 - sensors: perfect, the H100's (counter + instant power), and one whose power reading is
   a one-second average (no instant field); the backend's queue gauges read or not;
-- a warm-up round first (the fit learns from it) or none.
+- a warm-up round first (the fit learns from it) or none;
+- where the sensor's clocks fall against the arrivals (the counter's and the power
+  samples' phases, each counter read's cost): drawn per scenario, the same for each mode.
 
 The error is the mean absolute difference between the kinds' shares of the dynamic energy
 as the requests were told it and as the truth has it (0.10 = ten points off). It prints
@@ -37,6 +39,7 @@ import multiprocessing
 import os
 import random
 import sys
+import zlib
 from collections import defaultdict
 from dataclasses import dataclass, replace
 
@@ -116,11 +119,13 @@ def run(sc: Scenario, mode: str, per_kind: int) -> float:
     def stream(r: SimRequest) -> bool:
         return r.max_tokens > 0 and not (nonstream and r.kind == "mid")
 
+    # The sensor's phases and read costs are drawn per scenario (the same for every mode).
+    sensor = replace(SENSORS[sc.sensor], seed=zlib.crc32(str(sc).encode()))
     out = run_metered(
         config,
         reqs,
         mode,
-        sensor=SENSORS[sc.sensor],
+        sensor=sensor,
         gauges=sc.gauges,
         stream=stream,
         scored=lambda r: not r.rid.startswith("w"),

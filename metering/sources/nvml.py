@@ -17,9 +17,14 @@ reports
 
     counter + integral of the power samples from t_seen to now   (at most `cap` seconds)
 
-and, on a read where the counter has moved, max(previous report, new counter value):
-energy never decreases, and since every move snaps back to the counter, the estimate never
-drifts from it over time. The integral places each stretch of energy when the power was
+and, on a read where the counter has moved, max(previous report, new counter value + the
+power sample x the value's expected age): the value holds the energy up to the counter's
+last move, some instant of the update period before the read (or of the time since the
+read before, if sooner), so half of that ago on average over where reads fall. (Taken as
+the energy at the read itself, every counter read fell short by the power times that age,
+35 J at 700 W, until the next read 0.75 s later gave it to whoever ran then.) Energy never
+decreases, and since every move snaps back to the counter, the estimate never drifts from
+it over time. The integral places each stretch of energy when the power was
 drawn. (The first version carried the *latest* sample back over the whole time since
 t_seen: a prefill's spike of power, sampled 0.5 s after a counter read, put half a second
 of it on the requests prefilling at that moment, and the decoders after it got nothing until
@@ -315,6 +320,11 @@ class NvmlGpuSource:
         self._counter_total_mj = 0
         self._counter_mj = counter_mj if counter_mj is not None else 0
         self._counter_seen_s = start_s
+        # Counter mode: the counter's update period (the background reader sets the one it
+        # learnt) and when it was last read.
+        self.counter_period_s = COUNTER_MAX_UPDATE_PERIOD_S
+        self._counter_read_s = start_s
+        self._lag_j = 0.0  # what was drawn between the value's writing and its read
         # Counter mode: the integral of the power samples since the counter last moved,
         # up to when, and the sample it ended on.
         self._since_counter_j = 0.0
@@ -356,7 +366,12 @@ class NvmlGpuSource:
                 counter_mj = self._session.total_energy_mj(self._handle)
                 if now_s - self._power_t_s >= POWER_SAMPLE_INTERVAL_S:
                     self._power_w, self._power_t_s = self._sample_power_w(), now_s
-                self._advance_counter(counter_mj, now_s)
+                previous_s, self._counter_read_s = self._counter_read_s, now_s
+                # A value that moved since the last read was written at some instant of
+                # the last update period (or since that read, if sooner): half of it ago,
+                # expected over the phases at which a read can fall.
+                lag_s = max(0.0, min(self.counter_period_s, now_s - previous_s)) / 2.0
+                self._advance_counter(counter_mj, now_s, lag_s)
             else:
                 self._integrate_power(self._sample_power_w(), now_s)
         except NvmlError as exc:
@@ -378,20 +393,24 @@ class NvmlGpuSource:
         self._advance_counter(self._counter_mj, now_s)
         return Reading(energy_j=self._energy_j, power_w=self._power_w, t_s=now_s)
 
-    def _advance_counter(self, counter_mj: int, now_s: float) -> None:
+    def _advance_counter(self, counter_mj: int, now_s: float, lag_s: float = 0.0) -> None:
         if counter_mj != self._counter_mj:
             if counter_mj > self._counter_mj:
                 self._counter_total_mj += counter_mj - self._counter_mj
             # else: the counter went backwards (driver reload, GPU reset): rebase, add nothing.
             self._counter_mj = counter_mj
             self._counter_seen_s = now_s
+            # The value is the energy up to about `lag_s` ago; what was drawn since then is
+            # the power sample's over that lag. (Taken as the energy at the read itself, the
+            # estimate fell short by that much, about 35 J at 700 W, until the next counter
+            # read 0.75 s later handed it to whoever was running then.)
             points = self._counter_points
-            points.append((now_s, self._counter_total_mj / 1000.0))
+            points.append((now_s - lag_s, self._counter_total_mj / 1000.0))
             while len(points) > 2 and points[1][0] < now_s - TRAIL_S:
                 points.popleft()
-            self._since_counter_j = 0.0
+            self._since_counter_j = self._lag_j = self._power_w * lag_s
             self._since_t_s = now_s
-            estimate_j = self._counter_total_mj / 1000.0
+            estimate_j = self._counter_total_mj / 1000.0 + self._since_counter_j
         elif not self._use_instant_field and (back_j := self._trail_at(now_s)) is not None:
             # A one-second mean: the energy of the last second, on the estimate of then.
             # Within a window of the counter's last move, the energy since it is at most
@@ -400,7 +419,9 @@ class NvmlGpuSource:
             counter_j = self._counter_total_mj / 1000.0
             window_j = self._power_w * POWER_USAGE_AVERAGE_S
             ahead_s = max(0.0, now_s - self._counter_seen_s)
-            ceiling_j = counter_j + window_j * min(1.0, ahead_s / COUNTER_MAX_UPDATE_PERIOD_S)
+            ceiling_j = (
+                counter_j + self._lag_j + window_j * min(1.0, ahead_s / COUNTER_MAX_UPDATE_PERIOD_S)
+            )
             estimate_j = min(ceiling_j, max(counter_j, back_j + window_j))
         else:
             # The power drawn since the counter last moved, sample by sample (trapezoids),

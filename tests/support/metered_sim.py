@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import math
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -39,6 +41,9 @@ from tests.support.fakes.batching_engine import Engine, EngineConfig, SimRequest
 from tests.support.fakes.gpu_sensor import SimulatedNvml
 
 LEAD_S = 3.0  # idle before the first request: the reader learns the counter's period
+# A counter read's CPU cost around its median: p99 / p50 = exp(2.33 * sigma) = 16 / 3.
+READ_COST_SIGMA = math.log(16.0 / 3.0) / 2.326
+FAST_READ_COST_S = 3e-6  # the instant-power field
 BACKEND = "sim"
 
 
@@ -47,8 +52,14 @@ class Sensor:
     kind: str = "h100"  # "perfect" or "h100"
     instant: str = "exact"  # h100: "exact", "1s-average" or "none"
     counter_period_s: float = 0.1
-    counter_cost_s: float = 0.003  # CPU seconds of one counter read
+    counter_cost_s: float = 0.003  # CPU seconds of one counter read (the median)
     sample_hz: float = 20.0
+    # Where the sensor's clocks stand against the requests' (a real sensor's are unrelated
+    # to when requests arrive): `seed` draws the counter's phase, the power samples' phase
+    # and each counter read's cost (a lognormal around the median, 16 ms at p99 for 3 ms,
+    # as on an H100), which moves the reads' schedule as it does on a real host. seed None:
+    # every phase 0 and every read the median (sample times line up with round arrivals).
+    seed: int | None = 0
 
 
 PERFECT = Sensor("perfect")
@@ -122,6 +133,8 @@ def run_metered(
     clock = StepClock()
     polls: list[tuple[float, int, str]] = []  # (due, order, what): the timeline's own events
     source: object
+    rng = random.Random(sensor.seed)
+    phased = sensor.seed is not None
     background: BackgroundSource | None = None
     session: SimulatedNvml | None = None
     if sensor.kind == "perfect":
@@ -131,6 +144,7 @@ def run_metered(
             truth.energy_at,
             truth.power_at,
             counter_period_s=sensor.counter_period_s,
+            counter_phase_s=rng.uniform(0.0, sensor.counter_period_s) if phased else 0.037,
             instant=sensor.instant,
         )
         gpu = NvmlGpuSource(session, 0, start_s=0.0)  # type: ignore[arg-type]
@@ -138,8 +152,15 @@ def run_metered(
             gpu, fast_interval_s=1.0 / sensor.sample_hz, clock=clock, start=False
         )
         source = background
-        heapq.heappush(polls, (0.0, 0, "full"))
-        heapq.heappush(polls, (1.0 / sensor.sample_hz, 1, "fast"))
+        fast_phase_s = rng.uniform(0.0, 1.0 / sensor.sample_hz) if phased else 0.0
+        heapq.heappush(polls, (fast_phase_s, 0, "full"))
+        heapq.heappush(polls, (fast_phase_s + 1.0 / sensor.sample_hz, 1, "fast"))
+
+    def read_cost_s() -> float:
+        if sensor.seed is None:
+            return sensor.counter_cost_s
+        return sensor.counter_cost_s * math.exp(READ_COST_SIGMA * rng.gauss(0.0, 1.0))
+
     meter = Meter.build(
         [source],  # type: ignore[list-item]
         [Plan(BACKEND)],
@@ -162,8 +183,9 @@ def run_metered(
                 session.now_s = due
             if what in ("full", "fast"):
                 assert background is not None
-                background.poll(due, full=what == "full", cost_s=sensor.counter_cost_s)
-                nxt = background.next_due_s(due, full=what == "full")
+                full = what == "full"
+                background.poll(due, full=full, cost_s=read_cost_s() if full else FAST_READ_COST_S)
+                nxt = background.next_due_s(due, full=full)
                 heapq.heappush(polls, (nxt, order, what))
             elif what == "tick":
                 meter.sampler.tick()

@@ -61,12 +61,29 @@ def test_schedule_keeps_an_expensive_read_within_the_cpu_budget() -> None:
     # While learning, a 3 ms read is taken at most every 60 ms (5 % of a core).
     s.observe(0.0, 0.003, moved=True)
     assert s.interval_s == pytest.approx(0.06)
-    for i in range(1, 10):
+    for i in range(1, 20):
         s.observe(i * 0.1, 0.003, moved=True)
     assert not s.learning and s.period_s == pytest.approx(0.1)
     # Then 3 ms of CPU per read within 0.5 % of a core: one read per 600 ms.
     assert s.interval_s == pytest.approx(0.6)
     assert s.cost_s / s.interval_s <= 0.005 + 1e-12
+
+
+@pytest.mark.parametrize("phase_s", [0.0, 0.013, 0.051, 0.097])
+def test_schedule_learns_the_period_from_reads_further_apart_than_half_of_it(
+    phase_s: float,
+) -> None:
+    """An H100's 3 ms read is taken every 60 ms while learning: each move is seen up to
+    60 ms late, so the gaps between moves seen are 60 or 120 ms (their median said 120 ms
+    for a 100 ms counter); over the span of the moves seen it is 100 ms."""
+    s = ReadSchedule(0.05, learn=True, budget=FULL_READ_CPU_BUDGET)
+    t, last_move = 0.0, -1
+    while s.learning:
+        t = round(t + 0.06, 9)
+        move = int((t - phase_s) // 0.1)
+        s.observe(t, 0.003, moved=move != last_move)
+        last_move = move
+    assert s.period_s == pytest.approx(0.1, abs=0.006)
 
 
 def test_schedule_without_moves_falls_back_to_the_default_period() -> None:

@@ -126,10 +126,13 @@ def test_counter_mode_energy_is_the_counter_delta(fake: Fake) -> None:
         assert source.read(10.0).energy_j == 0.0
         fake.write("device 0 energy_mj=12000 power_mw=200000\n")
         first = source.read(11.0)
-        assert (first.energy_j, first.power_w, first.t_s) == (7.0, 200.0, 11.0)
+        # The counter's growth, and what was drawn since its value was written: half an
+        # update period ago on average (200 W x 50 ms).
+        lag_j = 200.0 * COUNTER_MAX_UPDATE_PERIOD_S / 2
+        assert (first.energy_j, first.power_w, first.t_s) == (7.0 + lag_j, 200.0, 11.0)
         fake.write("device 0 energy_mj=12500 power_mw=200000\n")
-        assert source.read(12.0).energy_j == 7.5
-        assert source.read(12.0).energy_j == 7.5  # no time passed: nothing interpolated
+        assert source.read(12.0).energy_j == 7.5 + lag_j
+        assert source.read(12.0).energy_j == 7.5 + lag_j  # no time passed: nothing added
     finally:
         source.close()
 
@@ -143,14 +146,16 @@ def test_counter_interpolates_between_updates_and_caps(fake: Fake) -> None:
         cap_j = 100.0 * COUNTER_MAX_UPDATE_PERIOD_S
         assert source.read(0.5).energy_j == pytest.approx(cap_j)
         assert source.read(9.0).energy_j == pytest.approx(cap_j)  # never runs further ahead
-        # The counter moves by less than was interpolated: hold, never go back.
-        fake.write("device 0 energy_mj=6000 instant_mw=100000\n")
-        assert source.read(9.1).energy_j == pytest.approx(cap_j)
-        assert source.read(9.15).energy_j == pytest.approx(cap_j)  # 5 J + 100 W x 50 ms
-        assert source.read(9.17).energy_j == pytest.approx(12.0)
-        # The counter moves past the estimate: snap to it.
+        # The counter moves by less than was interpolated: hold, never go back. (Each new
+        # value is taken as written half an update period before the read: + 100 W x 50 ms.)
+        fake.write("device 0 energy_mj=2000 instant_mw=100000\n")
+        assert source.read(9.1).energy_j == pytest.approx(cap_j)  # 1 J + 5 J: held at 10
+        assert source.read(9.15).energy_j == pytest.approx(11.0)  # 6 J + 100 W x 50 ms
+        assert source.read(9.17).energy_j == pytest.approx(13.0)
+        # The counter moves past the estimate: snap to it, and to what was drawn since it
+        # moved, some time in the 30 ms since the read before: 100 W x 15 ms.
         fake.write("device 0 energy_mj=21000 instant_mw=100000\n")
-        assert source.read(9.2).energy_j == 20.0
+        assert source.read(9.2).energy_j == pytest.approx(21.5)
     finally:
         source.close()
 
@@ -187,7 +192,9 @@ def test_counter_tracks_quantised_counter_without_drift(fake: Fake) -> None:
             assert energy_j >= previous_j
             assert counter_mj / 1000.0 <= energy_j <= counter_mj / 1000.0 + cap_j + EPS_J
             if tick % 10 == 0:
-                assert energy_j == counter_mj / 1000.0  # no drift: back on the counter
+                # No drift: back on the counter, plus what was drawn since it moved (half
+                # the 10 ms since the read before, when it had not).
+                assert energy_j == pytest.approx(counter_mj / 1000.0 + 0.5)
             previous_j = energy_j
         assert previous_j == pytest.approx(300.0, abs=cap_j)
     finally:
@@ -208,7 +215,9 @@ def test_counter_real_time_run_stays_within_the_cap(fake: Fake) -> None:
         (source,) = nvml_factory("0", time.monotonic())
         base_after_j = counter_j()
         try:
-            cap_j = 100.0 * COUNTER_MAX_UPDATE_PERIOD_S
+            # Ahead of the counter by at most the cap, and the half period a new value is
+            # taken to have aged by when read.
+            cap_j = 100.0 * COUNTER_MAX_UPDATE_PERIOD_S * 1.5
             previous_j = 0.0
             deadline_s = time.monotonic() + 0.6
             while time.monotonic() < deadline_s:

@@ -61,12 +61,51 @@ def test_the_counter_still_floors_and_snaps_the_estimate() -> None:
     assert got[1.5] >= energy_at(1.5) - 600.0 * 0.1
 
 
-def test_a_one_second_average_is_read_as_the_last_second_s_energy() -> None:
+@pytest.mark.parametrize("phase_s", [0.0, 0.05, 0.099])
+def test_a_one_second_average_is_read_as_the_last_second_s_energy(phase_s: float) -> None:
     """No instant field: GetPowerUsage, a one-second mean. Integrating it as if it were
-    instant would put the step up half a second late; read as what it is, it is not."""
+    instant would put the step up half a second late (125 J short at 2.5 s); read as what
+    it is, it is not. What is left: the energy a second ago is interpolated between two
+    counter reads 0.75 s apart, linearly across the step (up to 43 J high at 2.7 s)."""
     energy_at, power_at = step_power(2.0, 100.0, 600.0)
-    nvml = SimulatedNvml(energy_at, power_at, counter_phase_s=0.0, instant="none")
+    nvml = SimulatedNvml(energy_at, power_at, counter_phase_s=phase_s, instant="none")
     gpu = source(nvml)
     got = reads(gpu, nvml, 2.7, full_at={0.75, 1.5, 2.25})
     for t in (2.1, 2.2, 2.4, 2.5, 2.6, 2.7):
-        assert got[t] == pytest.approx(energy_at(t), abs=600.0 * 0.06), (t, got[t], energy_at(t))
+        assert got[t] == pytest.approx(energy_at(t), abs=600.0 * 0.08), (t, got[t], energy_at(t))
+
+
+def test_a_counter_value_is_taken_as_half_an_update_period_old() -> None:
+    """The counter holds the energy up to its last move, some instant of the last 100 ms.
+    Taken as the energy at the read itself, every counter read fell short by the power
+    times that age (35 J on average at 700 W) until the next one; taken as half a period
+    old, the estimate right after a counter read is right on average over where the read
+    falls in the counter's period (the schedule's reads fall anywhere in it)."""
+    watts = 700.0
+    errors = []
+    for i in range(40):
+        phase_s = 0.1 * i / 40
+        nvml = SimulatedNvml(
+            lambda t: watts * t, lambda t: watts, counter_phase_s=phase_s, counter_period_s=0.1
+        )
+        gpu = source(nvml)
+        for t in (0.75, 1.5):
+            nvml.now_s = t
+            reported = gpu.read(t).energy_j
+        errors.append(reported - watts * 1.5)
+    mean_j = sum(errors) / len(errors)
+    assert abs(mean_j) < 0.05 * watts * 0.1, errors  # within 3.5 J, where the old fell 35 J short
+    # Each read is off by at most half a period of the power (the read's own phase).
+    assert all(abs(e) <= watts * 0.05 + 1e-6 for e in errors), errors
+
+
+def test_a_counter_read_soon_after_the_previous_one_is_taken_as_fresher() -> None:
+    """Read 20 ms after the last read, a value that moved was written within those 20 ms:
+    its age is taken as half of that, not half a period."""
+    watts = 500.0
+    nvml = SimulatedNvml(lambda t: watts * t, lambda t: watts, counter_phase_s=0.015)
+    gpu = source(nvml)
+    for t in (0.70, 0.72):  # the counter moved at 0.715
+        nvml.now_s = t
+        reported = gpu.read(t).energy_j
+    assert reported == pytest.approx(watts * 0.715 + watts * 0.01, abs=1e-6)
