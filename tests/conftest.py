@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import os
+import signal
 import textwrap
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -39,6 +40,17 @@ def _state_home_of_our_own(tmp_path_factory: pytest.TempPathFactory) -> Iterator
         del os.environ["XDG_STATE_HOME"]
     else:
         os.environ["XDG_STATE_HOME"] = before
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _ctrl_c_reaches_the_programs_under_test() -> None:
+    """A shell without job control starts a command run with `&` with SIGINT ignored, and
+    children inherit that: Python then never raises KeyboardInterrupt, so the tests of what
+    Ctrl-C does (the demo, the bench's partial files and power limits) failed whenever the
+    suite itself was started in the background. Catching SIGINT here again (Python's own
+    handler) gives every child the default disposition back at exec."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)

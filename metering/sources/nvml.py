@@ -20,16 +20,11 @@ reports
 and, on a read where the counter has moved, max(previous report, new counter value + the
 power sample x the value's expected age): the value holds the energy up to the counter's
 last move, some instant of the update period before the read (or of the time since the
-read before, if sooner), so half of that ago on average over where reads fall. (Taken as
-the energy at the read itself, every counter read fell short by the power times that age,
-35 J at 700 W, until the next read 0.75 s later gave it to whoever ran then.) Energy never
-decreases, and since every move snaps back to the counter, the estimate never drifts from
-it over time. The integral places each stretch of energy when the power was
-drawn. (The first version carried the *latest* sample back over the whole time since
-t_seen: a prefill's spike of power, sampled 0.5 s after a counter read, put half a second
-of it on the requests prefilling at that moment, and the decoders after it got nothing until
-the counter caught up: the fair split through an H100 was off by 0.16, tests/support/
-metered_sim.py.)
+read before, if sooner), so half of that ago on average over where reads fall. Energy
+never decreases, and since every move snaps back to the counter, the estimate never drifts
+from it over time. The integral places each stretch of energy when the power was drawn
+(carrying the latest sample back over the time since t_seen put a prefill's spike on
+whoever prefilled when it was sampled: the fair split through an H100 was off by 0.16).
 
 Where the GPU has no instant-power field, the power sample is nvmlDeviceGetPowerUsage,
 which on Ampere and newer GPUs is the mean over the last second: integrated as it is, it
@@ -86,7 +81,6 @@ between (`read_fast`), and the event loop never calls NVML.
 from __future__ import annotations
 
 import contextlib
-import math
 import threading
 from collections import deque
 from types import TracebackType
@@ -546,67 +540,3 @@ def nvml_factory(
                 source.close()
             raise
     return sources
-
-
-# ---------------------------------------------------------------- power limits (benchmarks)
-
-
-def _limit_error(source: NvmlGpuSource, what: str, exc: NvmlError) -> Exception:
-    if exc.code == NVML_ERROR_NO_PERMISSION:
-        return PermissionError(f"{what} of {source.name} needs root: {exc}")
-    if exc.code == NVML_ERROR_NOT_SUPPORTED:
-        return NvmlError(exc.function, exc.code, f"{what} of {source.name} is not supported")
-    return exc
-
-
-def power_limit_constraints_w(source: NvmlGpuSource) -> tuple[float, float]:
-    """(min, max) power limit, watts, that `source`'s GPU accepts. Raises NvmlError."""
-    session, handle = source._device()
-    try:
-        low_mw, high_mw = session.power_limit_constraints_mw(handle)
-    except NvmlError as exc:
-        raise _limit_error(source, "reading the power limit range", exc) from exc
-    return low_mw / 1000.0, high_mw / 1000.0
-
-
-def get_power_limit_w(source: NvmlGpuSource) -> float:
-    """The GPU's current power limit, watts. Raises NvmlError."""
-    session, handle = source._device()
-    try:
-        return session.power_limit_mw(handle) / 1000.0
-    except NvmlError as exc:
-        raise _limit_error(source, "reading the power limit", exc) from exc
-
-
-def default_power_limit_w(source: NvmlGpuSource) -> float:
-    """The GPU's default power limit, watts (what to restore after a benchmark)."""
-    session, handle = source._device()
-    try:
-        return session.default_power_limit_mw(handle) / 1000.0
-    except NvmlError as exc:
-        raise _limit_error(source, "reading the default power limit", exc) from exc
-
-
-def set_power_limit_w(source: NvmlGpuSource, watts: float) -> None:
-    """Set the GPU's power limit to `watts` (rounded to whole milliwatts).
-
-    Raises ValueError outside power_limit_constraints_w (or not finite), PermissionError
-    when NVML refuses for lack of privilege (setting a power limit needs root), NvmlError
-    for other failures.
-    """
-    if not math.isfinite(watts):
-        raise ValueError(f"power limit must be a finite number of watts, got {watts!r}")
-    low_w, high_w = power_limit_constraints_w(source)
-    limit_mw = round(watts * 1000.0)
-    if not low_w * 1000.0 <= limit_mw <= high_w * 1000.0:
-        raise ValueError(
-            f"power limit {watts:g} W is outside what {source.name} accepts: "
-            f"{low_w:g} W to {high_w:g} W"
-        )
-    session, handle = source._device()
-    try:
-        session.set_power_limit_mw(handle, limit_mw)
-    except NvmlError as exc:
-        if exc.code == NVML_ERROR_INVALID_ARGUMENT:
-            raise ValueError(f"{source.name} refused a power limit of {watts:g} W: {exc}") from exc
-        raise _limit_error(source, "setting the power limit", exc) from exc

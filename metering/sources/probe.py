@@ -25,6 +25,8 @@ from metering.sources.nvml import (
     NVML_ERROR_NOT_SUPPORTED,
     NvmlError,
     NvmlGpuSource,
+)
+from metering.sources.nvml_limits import (
     get_power_limit_w,
     power_limit_constraints_w,
     set_power_limit_w,
