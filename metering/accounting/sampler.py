@@ -36,6 +36,9 @@ LEDGER_TICK_HZ = 2.0
 class SourceState:
     source: PowerSource
     idle: IdlePower
+    # A background source's nudge: a request boundary asks its thread for a power sample
+    # a moment later (metering/sources/background.py).
+    nudge: Callable[[float], None] | None = None
     ok: bool = True
     last_power_w: float = 0.0
     failures: int = 0
@@ -63,7 +66,9 @@ class Sampler:
         self.clock = clock
         if background:
             sources = in_background(list(sources), fast_interval_s=fast_interval_s, clock=clock)
-        self.states = [SourceState(s, IdlePower(idle_watts)) for s in sources]
+        self.states = [
+            SourceState(s, IdlePower(idle_watts), getattr(s, "nudge", None)) for s in sources
+        ]
         self.by_name = {st.source.name: st for st in self.states}
         if len(self.by_name) != len(self.states):
             raise ValueError("power source names must be unique")
@@ -89,12 +94,19 @@ class Sampler:
         return self._read(self.states, self.time_channels, observe_idle=False)
 
     def _read(
-        self, states: Sequence[SourceState], time_names: Sequence[str], *, observe_idle: bool
+        self,
+        states: Sequence[SourceState],
+        time_names: Sequence[str],
+        *,
+        observe_idle: bool,
+        boundary: bool = False,
     ) -> float:
         now_s = self.clock()
         channels = self.ledger.channels
         for st in states:
             src = st.source
+            if boundary and st.nudge is not None:
+                st.nudge(now_s)
             try:
                 reading = src.read(now_s)
             except SourceError as exc:
@@ -122,14 +134,14 @@ class Sampler:
         request is not in keeps its weights, so an extra reading there would split nothing
         differently (exact either way), and skipping it keeps a boundary cheap."""
         if names is None:
-            return self._read(self.states, self.time_channels, observe_idle=False)
+            return self._read(self.states, self.time_channels, observe_idle=False, boundary=True)
         plan = self._plans.get(names)
         if plan is None:
             plan = self._plans[names] = (
                 [self.by_name[n] for n in names if n in self.by_name],
                 [n for n in names if n not in self.by_name],
             )
-        return self._read(plan[0], plan[1], observe_idle=False)
+        return self._read(plan[0], plan[1], observe_idle=False, boundary=True)
 
     def start(
         self, weight: float = 1.0, names: Sequence[str] | None = None, eq: float = 0.0

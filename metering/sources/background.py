@@ -36,6 +36,7 @@ lets the published reading age; past `stale_after_s` the loop's `read()` raises 
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 import threading
 import time
@@ -57,6 +58,11 @@ LEARN_MAX_S = 3.0
 LEARN_MOVES = 16  # counter moves to see before the period is taken as known
 DEFAULT_COUNTER_PERIOD_S = 0.1  # if none was seen move while learning
 COST_WINDOW = 64  # full reads whose cost the schedule looks at
+# A request boundary asks for one power sample a moment after it (a prefill's burst of
+# power begins at a start and ends at a first token; 20 Hz samples miss most of a 35 ms
+# one), at most one per NUDGE_MIN_GAP_S (50 a second) however many requests come and go.
+NUDGE_DELAY_S = 0.002
+NUDGE_MIN_GAP_S = 0.02
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,7 +172,11 @@ class BackgroundSource:
         self._fast_costs_s: deque[float] = deque(maxlen=1024)
         self._reported_j = 0.0
         self._update_limits()
-        self._stop = threading.Event()
+        # Set to wake the thread: by close(), or by a boundary's nudge (a sample due soon).
+        self._wake = threading.Event()
+        self._stopping = False
+        self.nudge_due_s: float | None = None  # when the boundary's sample is due
+        self._nudged_s = -math.inf  # when the last nudge was served
         # The reading the source made when it opened is the first one published.
         now_s = clock()
         try:
@@ -210,6 +220,16 @@ class BackgroundSource:
         self._reported_j = energy_j
         return Reading(energy_j=energy_j, power_w=pub.reading.power_w, t_s=now_s)
 
+    def nudge(self, now_s: float) -> None:
+        """A request boundary at `now_s`: have power sampled NUDGE_DELAY_S after it, unless
+        one is pending or the last such sample was less than NUDGE_MIN_GAP_S before. Costs
+        the loop one Event.set at most (no sensor is touched); sources without a fast read
+        ignore it."""
+        if self._fast is None or self.nudge_due_s is not None:
+            return
+        self.nudge_due_s = max(now_s + NUDGE_DELAY_S, self._nudged_s + NUDGE_MIN_GAP_S)
+        self._wake.set()
+
     # --- the thread's side ---------------------------------------------------------------
 
     def _run(self) -> None:
@@ -218,14 +238,22 @@ class BackgroundSource:
         next_fast_s = next_full_s + self.fast_interval_s
         while True:
             due_s = min(next_full_s, next_fast_s) if self._fast is not None else next_full_s
-            if self._stop.wait(max(0.0, due_s - clock())):
+            nudge_s = self.nudge_due_s
+            if nudge_s is not None:
+                due_s = min(due_s, nudge_s)
+            self._wake.wait(max(0.0, due_s - clock()))
+            self._wake.clear()
+            if self._stopping:
                 return
             now_s = clock()
+            if now_s < due_s and self.nudge_due_s != nudge_s:
+                continue  # woken by a nudge: wait again, for it too
             full = now_s >= next_full_s or self._fast is None
             self.poll(now_s, full=full)
             if full:
                 next_full_s = self.next_due_s(now_s, full=True)
-            next_fast_s = self.next_due_s(now_s, full=False)
+            if full or now_s >= next_fast_s:
+                next_fast_s = self.next_due_s(now_s, full=False)
 
     def poll(self, now_s: float, *, full: bool, cost_s: float | None = None) -> None:
         """One read of the sensor at `now_s` (the counter when `full`, else a power
@@ -251,6 +279,9 @@ class BackgroundSource:
                 src.counter_period_s = period_s
         else:
             self._fast_costs_s.append(spent_s)
+        nudge_s = self.nudge_due_s
+        if reading is not None and nudge_s is not None and now_s >= nudge_s - 1e-9:
+            self._nudged_s, self.nudge_due_s = now_s, None  # served
         last = self._published.reading
         self._published = Published(reading or last, error, self._clock())
 
@@ -281,7 +312,8 @@ class BackgroundSource:
         }
 
     def close(self) -> None:
-        self._stop.set()
+        self._stopping = True
+        self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout=2.0)
         if self._thread.is_alive():

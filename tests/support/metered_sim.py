@@ -181,7 +181,11 @@ def run_metered(
             clock.t_s = due
             if session is not None:
                 session.now_s = due
-            if what in ("full", "fast"):
+            if what == "nudge":  # the thread woken by a boundary (BackgroundSource.nudge)
+                assert background is not None
+                if background.nudge_due_s is not None:
+                    background.poll(due, full=False, cost_s=FAST_READ_COST_S)
+            elif what in ("full", "fast"):
                 assert background is not None
                 full = what == "full"
                 background.poll(due, full=full, cost_s=read_cost_s() if full else FAST_READ_COST_S)
@@ -202,6 +206,7 @@ def run_metered(
     by_id = {r.rid: r for r in shifted}
     open_: dict[str, Measurement] = {}
     told: dict[str, float] = {}
+    nudged_s: float | None = None  # the boundary sample last scheduled
     for ev in engine.run(shifted):
         t = ev.t_s + LEAD_S
         advance(t)
@@ -225,6 +230,9 @@ def run_metered(
                 tokens=Tokens(r.prompt_tokens, r.generated, "backend"),
             )
             told[r.rid] = report.dynamic_j
+        if background is not None and background.nudge_due_s not in (None, nudged_s):
+            nudged_s = background.nudge_due_s
+            heapq.heappush(polls, (nudged_s, 4, "nudge"))
     # Let the sensor catch up with the end of the run, then check conservation.
     advance(clock.t_s + 2.0)
     clock.t_s += 2.0

@@ -20,6 +20,8 @@ from metering.sources.background import (
     DEFAULT_COUNTER_PERIOD_S,
     FULL_READ_CPU_BUDGET,
     LEARN_MIN_INTERVAL_S,
+    NUDGE_DELAY_S,
+    NUDGE_MIN_GAP_S,
     BackgroundSource,
     Published,
     ReadSchedule,
@@ -136,6 +138,80 @@ def test_the_loop_side_reports_monotone_estimates_and_degrades_when_stale() -> N
         bg.read(0.2 + bg.stale_after_s + 0.1)
     bg.close()
     assert src.closed
+
+
+class _Sampled(_Scripted):
+    """A scripted source with a fast read (a power sample between counter reads); counts
+    the fast reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fast_reads: list[float] = []
+
+    def read_fast(self, now_s: float) -> Reading:
+        self.fast_reads.append(now_s)
+        return self.read(now_s)
+
+
+def test_a_boundary_asks_for_one_power_sample_a_moment_later() -> None:
+    bg = BackgroundSource(_Sampled(), fast_interval_s=0.05, clock=lambda: 0.0, start=False)
+    bg.nudge(1.0)
+    assert bg.nudge_due_s == pytest.approx(1.0 + NUDGE_DELAY_S)
+    bg.nudge(1.001)  # one pending at a time: a burst of boundaries asks once
+    assert bg.nudge_due_s == pytest.approx(1.0 + NUDGE_DELAY_S)
+    bg.poll(1.0015, full=False, cost_s=0.0)  # the regular sample, before it is due
+    assert bg.nudge_due_s is not None
+    bg.poll(1.0 + NUDGE_DELAY_S, full=False, cost_s=0.0)
+    assert bg.nudge_due_s is None  # served
+    # The next boundary soon after waits for the gap rather than being dropped: at most
+    # one such sample per NUDGE_MIN_GAP_S, each after its boundary.
+    bg.nudge(1.004)
+    assert bg.nudge_due_s == pytest.approx(1.0 + NUDGE_DELAY_S + NUDGE_MIN_GAP_S)
+    bg.nudge_due_s = None
+    bg.nudge(2.0)
+    assert bg.nudge_due_s == pytest.approx(2.0 + NUDGE_DELAY_S)
+    bg.close()
+
+
+def test_a_source_without_a_fast_read_ignores_nudges() -> None:
+    bg = BackgroundSource(_Scripted(), fast_interval_s=0.05, clock=lambda: 0.0, start=False)
+    bg.nudge(1.0)
+    assert bg.nudge_due_s is None
+    bg.close()
+
+
+def test_the_thread_takes_the_nudged_sample_between_its_scheduled_ones() -> None:
+    """Power sampled every 30 s on schedule: the only fast reads that come within the test
+    are the ones its boundaries asked for, each at or after its boundary."""
+    src = _Sampled()
+    bg = BackgroundSource(src, fast_interval_s=30.0, clock=time.monotonic)
+    try:
+        for _ in range(3):
+            asked_s = time.monotonic()
+            before = len(src.fast_reads)
+            bg.nudge(asked_s)
+            wait_until(lambda n=before: len(src.fast_reads) > n, timeout_s=10)  # type: ignore[misc]
+            assert src.fast_reads[-1] >= asked_s + NUDGE_DELAY_S - 1e-6
+        assert len(src.fast_reads) == 3
+    finally:
+        bg.close()
+    assert src.closed
+
+
+def test_request_boundaries_nudge_and_the_tick_does_not() -> None:
+    clock = [0.0]
+    bg = BackgroundSource(_Sampled(), fast_interval_s=0.05, clock=lambda: clock[0], start=False)
+    sampler = Sampler([bg], idle_watts=0.0, clock=lambda: clock[0], background=False)
+    clock[0] = 1.0
+    sampler.tick()
+    assert bg.nudge_due_s is None
+    ticket, _ = sampler.start()
+    assert bg.nudge_due_s == pytest.approx(1.0 + NUDGE_DELAY_S)
+    bg.poll(1.0 + NUDGE_DELAY_S, full=False, cost_s=0.0)
+    clock[0] = 2.0
+    sampler.finish(ticket)
+    assert bg.nudge_due_s == pytest.approx(2.0 + NUDGE_DELAY_S)
+    sampler.close()
 
 
 # --- through the real binding and the fake library --------------------------------------
