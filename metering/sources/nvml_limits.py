@@ -5,14 +5,20 @@ NVML's refusals become PermissionError / ValueError with the GPU's name."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import TypeVar
 
 from metering.sources.nvml import (
     NVML_ERROR_INVALID_ARGUMENT,
     NVML_ERROR_NO_PERMISSION,
     NVML_ERROR_NOT_SUPPORTED,
+    DeviceHandle,
     NvmlError,
     NvmlGpuSource,
+    NvmlSession,
 )
+
+_T = TypeVar("_T")
 
 
 def _limit_error(source: NvmlGpuSource, what: str, exc: NvmlError) -> Exception:
@@ -23,32 +29,32 @@ def _limit_error(source: NvmlGpuSource, what: str, exc: NvmlError) -> Exception:
     return exc
 
 
-def power_limit_constraints_w(source: NvmlGpuSource) -> tuple[float, float]:
-    """(min, max) power limit, watts, that `source`'s GPU accepts. Raises NvmlError."""
+def _ask(source: NvmlGpuSource, what: str, call: Callable[[NvmlSession, DeviceHandle], _T]) -> _T:
+    """`call` on `source`'s GPU, NVML's refusal named for `what` (see _limit_error)."""
     session, handle = source._device()
     try:
-        low_mw, high_mw = session.power_limit_constraints_mw(handle)
+        return call(session, handle)
     except NvmlError as exc:
-        raise _limit_error(source, "reading the power limit range", exc) from exc
+        raise _limit_error(source, what, exc) from exc
+
+
+def power_limit_constraints_w(source: NvmlGpuSource) -> tuple[float, float]:
+    """(min, max) power limit, watts, that `source`'s GPU accepts. Raises NvmlError."""
+    low_mw, high_mw = _ask(
+        source, "reading the power limit range", lambda s, h: s.power_limit_constraints_mw(h)
+    )
     return low_mw / 1000.0, high_mw / 1000.0
 
 
 def get_power_limit_w(source: NvmlGpuSource) -> float:
     """The GPU's current power limit, watts. Raises NvmlError."""
-    session, handle = source._device()
-    try:
-        return session.power_limit_mw(handle) / 1000.0
-    except NvmlError as exc:
-        raise _limit_error(source, "reading the power limit", exc) from exc
+    return _ask(source, "reading the power limit", lambda s, h: s.power_limit_mw(h)) / 1000.0
 
 
 def default_power_limit_w(source: NvmlGpuSource) -> float:
     """The GPU's default power limit, watts (what to restore after a benchmark)."""
-    session, handle = source._device()
-    try:
-        return session.default_power_limit_mw(handle) / 1000.0
-    except NvmlError as exc:
-        raise _limit_error(source, "reading the default power limit", exc) from exc
+    what = "reading the default power limit"
+    return _ask(source, what, lambda s, h: s.default_power_limit_mw(h)) / 1000.0
 
 
 def set_power_limit_w(source: NvmlGpuSource, watts: float) -> None:

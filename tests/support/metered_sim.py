@@ -157,7 +157,7 @@ def run_metered(
         heapq.heappush(polls, (fast_phase_s + 1.0 / sensor.sample_hz, 1, "fast"))
 
     def read_cost_s() -> float:
-        if sensor.seed is None:
+        if not phased:
             return sensor.counter_cost_s
         return sensor.counter_cost_s * math.exp(READ_COST_SIGMA * rng.gauss(0.0, 1.0))
 
