@@ -73,6 +73,11 @@ class BackendRegistry:
             return self.backends[0]
         return None
 
+    def default_backend(self) -> Backend:
+        """Where a request that names no model goes (an API whose model is optional, a
+        passed-through path): the first configured backend."""
+        return self.backends[0]
+
     async def route(self, model: str) -> Backend | None:
         backend = self.lookup(model)
         if backend is None and self._clock() - self._last_refresh_s > self.MISS_REFRESH_S:

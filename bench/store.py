@@ -234,7 +234,7 @@ def _label_ids(fetch: Callable[[str, tuple[str, ...]], dict[str, int]]) -> dict[
         "tenant": [fetch("tenant", TENANTS)[t] for t in TENANTS],
         "fixed": fetch(
             "fixed",
-            ("backend", "nvml-counter,rapl", "model", "electricitymaps", "DE", BASIS),
+            ("backend", "nvml-counter,rapl", "model", "electricitymaps", "DE", BASIS, "chat"),
         ),
     }
 
@@ -255,7 +255,8 @@ def _select_columns(ids: dict[str, Any], i: str, n: int, now_ms: int, rid: str, 
         0.5 + ({rand} % 39000) / 1000.0, 3.0 + ({rand} % 237000) / 1000.0,
         {f["nvml-counter,rapl"]}, {f["model"]}, 350.0, {f["electricitymaps"]}, {f["DE"]},
         ({rand} % 3600000) / 1000.0, (5.0 + ({rand} % 395000) / 1000.0) * 350.0 / 3600000.0,
-        ({rand} % 100000) / 1000000000.0, NULL, 0.05 + ({rand} % 400) / 1000.0, {f[BASIS]}
+        ({rand} % 100000) / 1000000000.0, NULL, 0.05 + ({rand} % 400) / 1000.0, {f[BASIS]},
+        {f["chat"]}, NULL
     """
 
 

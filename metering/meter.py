@@ -3,7 +3,9 @@
 A request is `open`ed when it is sent to its backend, told its `first_token` when the
 first streamed token shows (prefill is over), and `close`d once, when it ends however it
 ends; `close` returns its `EnergyReport`. The registry hands the backend's own running and
-waiting counts to `learn` as soon as it reads them. Everything under it is the accounting
+waiting counts to `learn` as soon as it reads them: the queue model learns from them, and
+requests running beyond the proxy's own are work it did not send, whose energy goes to the
+backend's untracked account (`untracked_joules`). Everything under it is the accounting
 (metering/accounting/): the sampler and its ledger, the attribution weights, the queue
 model of each backend, the device groups, the report. Nothing here does HTTP.
 
@@ -31,10 +33,17 @@ from metering.accounting.attribution import (
 )
 from metering.accounting.cost_model import Coefficients, CostFit, Rates
 from metering.accounting.groups import bind_channels, gpu_share, time_channel
-from metering.accounting.ledger import Ticket
+from metering.accounting.ledger import Ledger, SourceShare, Ticket
 from metering.accounting.prompt_text import prompt_tokens_estimate
-from metering.accounting.report import EnergyReport, Timings, Tokens, build_report
+from metering.accounting.report import (
+    DEFAULT_ENDPOINT,
+    EnergyReport,
+    Timings,
+    Tokens,
+    build_report,
+)
 from metering.accounting.sampler import LEDGER_TICK_HZ, Sampler
+from metering.accounting.untracked import UntrackedWork
 from metering.carbon.intensity import IntensityProvider
 from metering.carbon.sci import (
     DEFAULT_EMBODIED_KGCO2EQ,
@@ -89,6 +98,7 @@ class Lane:
     period_s: float = 0.0  # the longest counter period of its sources (the band's resolution)
     basis: str = ""  # what its split rests on now (the energy object's attribution_basis)
     timed: int = 0  # finished requests whose backend reported their phases (Timings)
+    untracked: UntrackedWork = field(default_factory=UntrackedWork)  # work it did not send
 
     @property
     def energy_channels(self) -> tuple[str, ...]:
@@ -110,6 +120,10 @@ class Measurement:
     admitted_s: float | None = None  # when the queue model let it run
     first_token_s: float | None = None
     report: EnergyReport | None = None
+    # Its lane's untracked account when it opened: whether work the proxy did not send
+    # ran then, and how many times such work had begun (a later start shared with it).
+    untracked_at_open: bool = False
+    untracked_episodes: int = 0
 
     @property
     def decoding(self) -> bool:
@@ -213,7 +227,9 @@ class Meter:
         weight = self.attribution.start(flight, queue)
         ticket, t0_s = self.sampler.start(weight, lane.channels, flight.eq)
         flight.t0_s = t0_s
+        untracked = lane.untracked
         m = Measurement(lane, flight, ticket, t0_s)
+        m.untracked_at_open, m.untracked_episodes = untracked.count > 0, untracked.episodes
         if flight.phase != WAITING:
             m.admitted_s = t0_s
         flight.handle = m
@@ -253,10 +269,13 @@ class Meter:
         tokens: Tokens | None,
         client_request_id: str | None = None,
         timings: Timings | None = None,
+        endpoint: str = DEFAULT_ENDPOINT,
     ) -> EnergyReport:
         """It ended (`answered`: with a success the client received). Closes it once;
         later calls return the same report. `timings`: its phases as the backend
-        reported them, which place its work in time for the fit."""
+        reported them, which place its work in time for the fit. `endpoint`: the API it
+        called (`chat`, `completions`, `embeddings`, `responses`, `messages`, `audio`,
+        `rerank`, `score`, `pooling`, ...), a label of its report and record."""
         if m.report is not None:
             return m.report
         attribution, sampler, queue = self.attribution, self.sampler, m.lane.queue
@@ -267,6 +286,7 @@ class Meter:
         # Its place in the backend's queue model goes to the oldest waiting request.
         self._admitted(attribution.finish(m.flight, queue, t1_s), t1_s)
         m.lane.open_starts.pop(id(m), None)
+        m.lane.untracked.ended(t1_s)
         self._learn_work(m, t1_s, tokens, timings)
         # Shares of a time channel are the request's share of busy seconds (carbon/sci.py).
         busy_s = sum(s.energy_j for s in shares if s.name.startswith("time:"))
@@ -287,6 +307,8 @@ class Meter:
             client_request_id=client_request_id,
             band_rel=self._band_rel(m.lane, t1_s - m.t0_s),
             basis=m.lane.basis + ("backend" if timings is not None else "proxy"),
+            endpoint=endpoint,
+            shared_with_untracked=_shared_with_untracked(m),
         )
         return m.report
 
@@ -325,10 +347,84 @@ class Meter:
 
     def learn(self, backend: str, running: float | None, waiting: float | None) -> None:
         """The backend's own running/waiting counts were just read: its queue model learns
-        the capacity, and requests it now holds waiting (or admits) change weight."""
+        the capacity, and requests it now holds waiting (or admits) change weight; what
+        runs beyond the proxy's own requests in flight is its untracked work."""
         lane = self.lane(backend)
-        self._admitted(self.attribution.observe(lane.queue, running, waiting), self.sampler.clock())
+        now_s = self.sampler.clock()
+        self._admitted(self.attribution.observe(lane.queue, running, waiting), now_s)
+        # The proxy's own count in flight (every open measurement of the lane), not the
+        # queue model's split of it into running and waiting.
+        inflight = len(lane.open_starts)
+        self._set_untracked(lane, lane.untracked.read(now_s, running, inflight))
         self._describe(lane)
+
+    # --- work the proxy did not send ----------------------------------------------------
+
+    def _set_untracked(self, lane: Lane, count: int) -> None:
+        """The lane's untracked account now stands for `count` running requests: its
+        ticket is opened, reweighed or closed (its joules kept in `closed_j`)."""
+        u = lane.untracked
+        if count == u.count:
+            return
+        if u.count == 0:
+            u.episodes += 1
+        u.count = count
+        if count > 0:
+            u.seen_since_tick = True
+            weight, eq = self._untracked_weight(lane)
+            if u.ticket is None:
+                u.ticket, _ = self.sampler.start(weight, lane.channels, eq, untracked=True)
+            else:
+                self.sampler.reweigh(u.ticket, weight, eq)
+        elif u.ticket is not None:
+            shares, _ = self.sampler.finish(u.ticket)
+            u.closed_j += self._energy_j(shares)
+            u.ticket = None
+
+    def _untracked_weight(self, lane: Lane) -> tuple[float, float]:
+        """The weight and equal share of the lane's untracked account: its count of
+        running requests, each weighed as a decoding request under the current mode."""
+        weight, eq = self.attribution.decoding_weight(lane.queue)
+        n = lane.untracked.count
+        return n * weight, n * eq
+
+    def _reweigh_untracked(self, lane: Lane) -> None:
+        """The weight of a decoding request changed (the cost model was refitted)."""
+        ticket = lane.untracked.ticket
+        if ticket is None or not ticket.shares:
+            return
+        weight, eq = self._untracked_weight(lane)
+        share = ticket.shares[0]
+        if (weight, eq) != (share.weight, share.eq):
+            self.sampler.reweigh(ticket, weight, eq)
+
+    def _forget_stale_untracked(self, lane: Lane, now_s: float) -> None:
+        """The gauges stopped coming: what they last said no longer holds."""
+        u = lane.untracked
+        if u.stale(now_s):
+            u.last_read_s = None
+            self._set_untracked(lane, 0)
+
+    def _energy_j(self, shares: Sequence[SourceShare]) -> float:
+        """Joules in `shares`, over the energy sources (not the time channels)."""
+        domains = self.sampler.domains
+        return sum(s.energy_j for s in shares if s.name in domains)
+
+    def untracked_joules(self, backend: str) -> float:
+        """Joules the backend drew for work the proxy did not send, since the start
+        (cumulative, up to the last reading of its sources; a read that changes nothing)."""
+        lane = self._lanes.get(backend)
+        if lane is None:
+            return 0.0
+        u = lane.untracked
+        open_j = self._energy_j(Ledger.owed(u.ticket)) if u.ticket is not None else 0.0
+        return u.closed_j + open_j
+
+    def untracked_requests(self, backend: str) -> int:
+        """Requests the backend runs now that the proxy did not send, as its gauges last
+        said (0 when it has none, or they are not read)."""
+        lane = self._lanes.get(backend)
+        return 0 if lane is None else lane.untracked.count
 
     def _admitted(self, changed: list[tuple[Flight, float]], now_s: float) -> None:
         """Weights the queue model changed (admitted, or sent back to waiting)."""
@@ -377,6 +473,11 @@ class Meter:
             # Every lane's queue of finished work is emptied, even one without a time
             # channel to fit against (a backend no plan named): it must not grow.
             self._take_work(lane)
+            self._forget_stale_untracked(lane, now_s)
+            # The interval's energy is all known work only if nothing untracked ran in it.
+            untracked = lane.untracked
+            clean = not untracked.seen_since_tick
+            untracked.seen_since_tick = untracked.count > 0
             busy_name = lane.time_channel
             if busy_name is None:
                 continue
@@ -384,7 +485,7 @@ class Meter:
             busy_s = channels[busy_name].attributed_j
             if lane.last_tick is not None:
                 t0_s, dyn0_j, busy0_s = lane.last_tick
-                lane.fit.measured(t0_s, now_s, dyn_j - dyn0_j, busy_s - busy0_s)
+                lane.fit.measured(t0_s, now_s, dyn_j - dyn0_j, busy_s - busy0_s, clean=clean)
             lane.last_tick = (now_s, dyn_j, busy_s)
             if now_s >= lane.next_fit_s and not lane.fitting:
                 lane.next_fit_s = now_s + FIT_EVERY_S
@@ -429,6 +530,7 @@ class Meter:
         for name in lane.channels:
             if name in channels:
                 channels[name].fixed_w = fixed_j_per_step
+        self._reweigh_untracked(lane)
 
     # --- for readers ------------------------------------------------------------------------
 
@@ -471,6 +573,15 @@ class Meter:
             (st.source.name, str(getattr(st.source, "hardware", "") or ""), st.source.method)
             for st in self.sampler.states
         )
+
+
+def _shared_with_untracked(m: Measurement) -> bool | None:
+    """Whether work the proxy did not send ran beside `m` at some point (then, or begun
+    since it opened); None when its backend's gauges were not read (nobody can tell)."""
+    u = m.lane.untracked
+    if m.untracked_at_open or u.count > 0 or u.episodes != m.untracked_episodes:
+        return True
+    return False if u.gauged else None
 
 
 def _capacity_source(queue: EngineQueue) -> str:

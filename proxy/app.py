@@ -21,6 +21,7 @@ from fastapi import FastAPI
 from fastapi.responses import Response
 from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from backends.backend import Backend
 from backends.registry import BackendRegistry
@@ -42,14 +43,16 @@ from proxy.api.models import ModelsApi
 from proxy.asgi import Receive, Scope, Send, send_error
 from proxy.auth import KeyRing
 from proxy.carbon_client import HttpxFetch
-from proxy.errors import HeadersTooLarge, ProxyError, error_body
+from proxy.errors import HeadersTooLarge, MethodNotAllowed, ProxyError, error_body
 from proxy.headers import client_request_id, header_limit_problem, header_value
 from proxy.live.feed import LiveFeed
 from proxy.observe.finished import Observer, Observers
 from proxy.observe.metrics import ProxyMetrics
 from proxy.observe.observers import LiveRequests, RequestLines, StoreRecords, TokenTallies
 from proxy.observe.request_log import RequestLog
-from proxy.relay.route import METERED_PATHS, MeteredRoute, RelayContext
+from proxy.relay.passthrough import Passthrough
+from proxy.relay.path_rules import PathRules
+from proxy.relay.route import METERED_PATHS, MeteredRoute, RelayContext, id_headers_for
 from proxy.relay.upstream import UpstreamClient, make_upstream
 from proxy.settings import Settings
 
@@ -78,6 +81,8 @@ class EnergyProxyApp:
         self.metrics = metrics
         self.request_log = request_log
         self._metered = MeteredRoute(ctx)
+        self._passthrough = Passthrough(ctx, PathRules(tuple(settings.passthrough)), self._metered)
+        self._own_routes = list(api.router.routes)
         self._tasks: list[asyncio.Task[None]] = []
         self._metrics_server: _QuietServer | None = None
         self._metrics_task: asyncio.Task[None] | None = None
@@ -89,7 +94,16 @@ class EnergyProxyApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             if scope["path"] in METERED_PATHS:
-                await self._metered(scope, receive, send)
+                method = scope["method"]
+                if method == "POST":
+                    await self._metered(scope, receive, send)
+                elif method == "OPTIONS":  # a browser's preflight: the backend answers it
+                    await self._passthrough(scope, receive, send)
+                else:
+                    await self._method_not_allowed(scope, send)
+                return
+            if not self._own_path(scope):
+                await self._passthrough(scope, receive, send)
                 return
             client_id, _ = client_request_id(header_value(scope["headers"], b"x-request-id"))
             rid = (client_id or self.ctx.ids.new()).encode()
@@ -106,6 +120,16 @@ class EnergyProxyApp:
             await self.api(scope, receive, send_with_id)
             return
         await self.api(scope, receive, send)
+
+    def _own_path(self, scope: Scope) -> bool:
+        """Whether one of the proxy's own endpoints serves this path (by any method)."""
+        return any(r.matches(scope)[0] != Match.NONE for r in self._own_routes)
+
+    async def _method_not_allowed(self, scope: Scope, send: Send) -> None:
+        _, _, id_headers = id_headers_for(self.ctx, scope["headers"])
+        self.ctx.observers.rejected(405)
+        exc = MethodNotAllowed(f"{scope['path']} takes POST, not {scope['method']}")
+        await send_error(send, exc, [*id_headers, (b"allow", b"POST, OPTIONS")])
 
     async def startup(self) -> None:
         ctx, settings = self.ctx, self.settings
@@ -253,6 +277,7 @@ def create_app(
         registry.backends,
         store.status,
         meter.cost_models,
+        lambda name: (meter.untracked_requests(name), meter.untracked_joules(name)),
     )
     live = LiveFeed(meter.sampler, intensity, inflight=registry.inflight)
     metrics.watch_live_streams(live.hub)

@@ -42,6 +42,12 @@ class BadRequest(ProxyError):
     type = "invalid_request_error"
 
 
+class MethodNotAllowed(ProxyError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
 class Unauthorized(ProxyError):
     status = 401
     type = "invalid_request_error"

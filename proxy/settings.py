@@ -27,6 +27,7 @@ from metering.carbon.sci import DEFAULT_EMBODIED_KGCO2EQ, DEFAULT_LIFESPAN_YEARS
 from metering.categories.classifier import DEFAULT_CATEGORIES
 from metering.store.window import DEFAULT_WINDOW, parse_duration_s
 from proxy.auth import ApiKey, KeyRing, make_key, parse_key_spec
+from proxy.relay.path_rules import check_patterns
 
 # World average carbon intensity of electricity generation in 2023: 480 gCO2eq/kWh
 # (Ember, "Global Electricity Review 2024"). Used until a zone is configured.
@@ -174,6 +175,9 @@ class Settings(BaseModel):
     # How often the backends' own /metrics are read (their in-flight counts, the cross-check)
     backend_metrics_s: float = Field(default=5.0, gt=0.0)
     log_level: str = "info"
+    # Paths of the backend's API passed through unmetered beyond the defaults
+    # (proxy/relay/passthrough.py), e.g. "/invocations"; "!PATTERN" refuses one.
+    passthrough: list[str] = Field(default_factory=list)
 
     @field_validator("summary_window")
     @classmethod
@@ -226,6 +230,13 @@ class Settings(BaseModel):
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError("--metrics-listen takes HOST:PORT")
         return v
+
+    @field_validator("passthrough", mode="before")
+    @classmethod
+    def _passthrough(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [p for p in v.replace(",", " ").split() if p]
+        return check_patterns(v) if isinstance(v, list) else v
 
     @field_validator("categories", "api_keys", mode="before")
     @classmethod

@@ -177,6 +177,12 @@ class Attribution:
             return 1.0 + f.prompt_tokens / PREFILL_TOKENS_PER_UNIT
         return DECODE_WEIGHT
 
+    def decoding_weight(self, queue: EngineQueue) -> tuple[float, float]:
+        """The weight and equal share (`eq`) of one running, decoding request under this
+        mode: what a request the proxy did not send is taken to weigh (untracked.py)."""
+        f = Flight(0.0, phase=DECODE)
+        return self._running_weight(f, queue), 1.0 if self.mode == MODEL else 0.0
+
     def observe(
         self, queue: EngineQueue, running: float | None, waiting: float | None
     ) -> list[tuple[Flight, float]]:

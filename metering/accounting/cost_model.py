@@ -76,6 +76,10 @@ class Interval:
     busy_s: float = 0.0
     prompt_tokens: float = 0.0
     decode_tokens: float = 0.0
+    # No work the proxy did not send ran in it (untracked.py): its energy is all the work
+    # the fit knows of. An interval with untracked work is kept (work spreads over it) but
+    # not fitted.
+    clean: bool = True
 
     def features(self) -> tuple[float, float, float]:
         return (self.busy_s, self.prompt_tokens, self.decode_tokens)
@@ -138,15 +142,17 @@ class CostFit:
 
     # --- what the sampler measured -----------------------------------------------------
 
-    def measured(self, t0_s: float, t1_s: float, dynamic_j: float, busy_s: float) -> None:
+    def measured(
+        self, t0_s: float, t1_s: float, dynamic_j: float, busy_s: float, *, clean: bool = True
+    ) -> None:
         """The interval [t0_s, t1_s] closed: its energy above idle and the seconds any
-        request of the backend ran in it."""
+        request of the backend ran in it; `clean`: no untracked work ran in it."""
         if t1_s <= t0_s:
             return
         iv = self._open if self._open is not None and self._open.t0_s == t0_s else None
         if iv is None:
             iv = Interval(t0_s, t1_s)
-        iv.t1_s, iv.dynamic_j, iv.busy_s = t1_s, dynamic_j, busy_s
+        iv.t1_s, iv.dynamic_j, iv.busy_s, iv.clean = t1_s, dynamic_j, busy_s, clean
         self._intervals.append(iv)
         self._open = Interval(t1_s, math.inf)
 
@@ -221,7 +227,8 @@ class CostFit:
         made elsewhere), or None when there are too few."""
         xs, ys = [], []
         for iv in self._intervals:
-            if iv.t1_s <= complete_before_s and iv.busy_s > 0.0 and iv.dynamic_j >= 0.0:
+            complete = iv.t1_s <= complete_before_s and iv.clean
+            if complete and iv.busy_s > 0.0 and iv.dynamic_j >= 0.0:
                 xs.append(iv.features())
                 ys.append(iv.dynamic_j)
         return (xs, ys) if len(xs) >= MIN_INTERVALS_TO_FIT else None

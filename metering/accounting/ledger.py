@@ -11,7 +11,12 @@ A request holding weight `w` from accumulator value `A0` to `A1` is owed `w * (A
 Starting, finishing, changing a weight and recording a reading are all O(1), whatever
 the number of requests in flight. Conservation, the invariant the tests check:
 
-    sum of all requests' shares + idle_j == measured_j      (up to float rounding)
+    sum of all requests' shares + untracked_j + idle_j == measured_j   (up to float rounding)
+
+`untracked_j` is what the tickets marked `untracked` were owed: the meter's account of the
+work a backend ran that the proxy did not send (metering/accounting/untracked.py), a member
+weighed like the requests it stands for, so its energy is not the metered requests'. Per
+channel, `attributed_j` (to requests) + `untracked_j` + `idle_j` == `measured_j`.
 
 A second accumulator does the same for the energy above the idle draw (`dynamic`), with
 `dE - idle_power_w * dt` in place of `dE`.
@@ -52,9 +57,14 @@ class Channel:
     runners: float = 0.0  # members that share the fixed cost (eq = 1)
     fixed_w: float = 0.0  # the fixed cost model's F, watts (0: a plain weighted split)
     members: int = 0
+    # The part of `weight` and `runners` held by untracked tickets (work the proxy did not
+    # send), to tell their energy apart from the requests'.
+    untracked_weight: float = 0.0
+    untracked_runners: float = 0.0
     measured_j: float = 0.0
     dynamic_j: float = 0.0  # measured minus the idle draw, whoever was in flight
-    attributed_j: float = 0.0
+    attributed_j: float = 0.0  # to the proxy's requests
+    untracked_j: float = 0.0  # to work the backend ran that the proxy did not send
     idle_j: float = 0.0
     last_energy_j: float | None = None
     last_t_s: float | None = None
@@ -89,26 +99,46 @@ class Channel:
                 self.eq_dyn_acc_j += dyn_j * part
             self.acc_j_per_w += delta_j / total
             self.dyn_acc_j_per_w += dyn_j / total
-            self.attributed_j += delta_j
+            untracked_j = delta_j * self._untracked_fraction(fixed, total)
+            self.untracked_j += untracked_j
+            self.attributed_j += delta_j - untracked_j
         else:
             self.idle_j += delta_j
         return delta_j
 
-    def join(self, weight: float, eq: float = 0.0) -> tuple[float, float, float, float]:
-        """Add a member of `weight` (and `eq` 1 if it shares the fixed cost); returns its
-        starting accumulator values."""
+    def _untracked_fraction(self, fixed: float, total: float) -> float:
+        """The part of an interval the untracked members are owed: their weight, and their
+        runners' equal parts of the fixed cost, over the whole."""
+        if self.untracked_weight <= 0.0 and self.untracked_runners <= 0.0:
+            return 0.0
+        part = self.untracked_weight
+        if fixed > 0.0:
+            part += fixed * self.untracked_runners / self.runners
+        return min(1.0, max(0.0, part / total))
+
+    def join(
+        self, weight: float, eq: float = 0.0, untracked: bool = False
+    ) -> tuple[float, float, float, float]:
+        """Add a member of `weight` (and `eq` 1 if it shares the fixed cost; `untracked`
+        if it stands for work the proxy did not send); returns its starting accumulator
+        values."""
         self.members += 1
         self.weight += weight
         self.runners += eq
+        if untracked:
+            self.untracked_weight += weight
+            self.untracked_runners += eq
         return self.acc_j_per_w, self.dyn_acc_j_per_w, self.eq_acc_j, self.eq_dyn_acc_j
 
-    def leave(self, weight: float, eq: float = 0.0) -> None:
+    def leave(self, weight: float, eq: float = 0.0, untracked: bool = False) -> None:
         self.members -= 1
         if self.members <= 0:
             # Nobody holds a start value any more: rebase, which also keeps precision.
             self.members = 0
             self.weight = 0.0
             self.runners = 0.0
+            self.untracked_weight = 0.0
+            self.untracked_runners = 0.0
             self.acc_j_per_w = 0.0
             self.dyn_acc_j_per_w = 0.0
             self.eq_acc_j = 0.0
@@ -116,6 +146,17 @@ class Channel:
         else:
             self.weight -= weight
             self.runners -= eq
+            if untracked:
+                self.untracked_weight -= weight
+                self.untracked_runners -= eq
+
+    def change(self, d_weight: float, d_eq: float, untracked: bool = False) -> None:
+        """A member's weight changed by `d_weight` and its equal share by `d_eq`."""
+        self.weight += d_weight
+        self.runners += d_eq
+        if untracked:
+            self.untracked_weight += d_weight
+            self.untracked_runners += d_eq
 
 
 @dataclass(slots=True)
@@ -131,6 +172,17 @@ class Share:
     start_eq_dyn_acc: float = 0.0
     owed_j: float = 0.0
     owed_dynamic_j: float = 0.0
+
+    def owed_now(self) -> tuple[float, float]:
+        """What it is owed up to the channel's last reading, (joules, dynamic joules),
+        without settling: a read that changes nothing (for gauges)."""
+        ch = self.channel
+        owed_j = self.owed_j + self.weight * (ch.acc_j_per_w - self.start_acc)
+        owed_dyn_j = self.owed_dynamic_j + self.weight * (ch.dyn_acc_j_per_w - self.start_dyn_acc)
+        if self.eq:
+            owed_j += self.eq * (ch.eq_acc_j - self.start_eq_acc)
+            owed_dyn_j += self.eq * (ch.eq_dyn_acc_j - self.start_eq_dyn_acc)
+        return owed_j, owed_dyn_j
 
     def settle(self) -> None:
         """Move what has accrued since the start values into `owed_j` (on weight change)."""
@@ -154,6 +206,9 @@ class Ticket:
     finished: bool = False
     # The channel names it was opened in (None: all), for the sampler's boundary reads.
     names: tuple[str, ...] | None = None
+    # It stands for work the backend runs that the proxy did not send (the channels'
+    # `untracked_j`), not for a request.
+    untracked: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,10 +234,17 @@ class Ledger:
         return self.channels[name].record(energy_j, t_s, idle_power_w)
 
     def start(
-        self, weight: float = 1.0, names: Iterable[str] | None = None, eq: float = 0.0
+        self,
+        weight: float = 1.0,
+        names: Iterable[str] | None = None,
+        eq: float = 0.0,
+        *,
+        untracked: bool = False,
     ) -> Ticket:
         """Open a request in the given channels (all of them by default); `eq` 1 when it
-        shares the channels' fixed cost (it runs).
+        shares the channels' fixed cost (it runs), or the number of runners it stands for.
+        `untracked`: it stands for work the proxy did not send (its energy is the
+        channels' `untracked_j`, not `attributed_j`).
 
         The caller records a reading of each source *before* starting, so energy drawn
         up to this instant goes to whoever was in flight before.
@@ -190,9 +252,9 @@ class Ledger:
         if weight < 0.0:
             raise ValueError("a request's weight must not be negative")
         chans = self._all if names is None else [self.channels[n] for n in names]
-        ticket = Ticket()
+        ticket = Ticket(untracked=untracked)
         for ch in chans:
-            acc, dyn, eq_acc, eq_dyn = ch.join(weight, eq)
+            acc, dyn, eq_acc, eq_dyn = ch.join(weight, eq, untracked)
             ticket.shares.append(Share(ch, weight, acc, dyn, eq, eq_acc, eq_dyn))
         return ticket
 
@@ -205,18 +267,18 @@ class Ledger:
             return
         for share in ticket.shares:
             share.settle()
-            share.channel.weight += weight - share.weight
+            d_eq = 0.0 if eq is None else eq - share.eq
+            share.channel.change(weight - share.weight, d_eq, ticket.untracked)
             share.weight = weight
             if eq is not None:
-                share.channel.runners += eq - share.eq
                 share.eq = eq
 
     def exchange(self, a: Ticket, b: Ticket) -> None:
         """Swap what two requests in flight are owed so far, in the channels both are in
         (one took the other's place: metering/accounting/attribution.py, `ran_instead`). Weights
         stay as they are; the sum owed, and so conservation, is unchanged."""
-        if a is b or a.finished or b.finished:
-            return
+        if a is b or a.finished or b.finished or a.untracked != b.untracked:
+            return  # (the untracked account never takes a request's place)
         theirs = {s.channel.name: s for s in b.shares}
         for mine in a.shares:
             other = theirs.get(mine.channel.name)
@@ -236,9 +298,15 @@ class Ledger:
         if not ticket.finished:
             for share in ticket.shares:
                 share.settle()
-                share.channel.leave(share.weight, share.eq)
+                share.channel.leave(share.weight, share.eq, ticket.untracked)
             ticket.finished = True
         return [SourceShare(s.channel.name, s.owed_j, s.owed_dynamic_j) for s in ticket.shares]
+
+    @staticmethod
+    def owed(ticket: Ticket) -> list[SourceShare]:
+        """What a ticket is owed so far (up to each channel's last reading), without
+        closing or settling it: a read only."""
+        return [SourceShare(s.channel.name, *s.owed_now()) for s in ticket.shares]
 
     @property
     def inflight(self) -> int:

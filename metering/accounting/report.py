@@ -14,6 +14,10 @@ from metering.accounting.ledger import SourceShare
 from metering.carbon.intensity import Intensity
 from metering.carbon.sci import operational_g, sci_g
 
+# The endpoint of a request that says none, and of every record stored before endpoints
+# were: chat, completions and embeddings were not told apart then.
+DEFAULT_ENDPOINT = "chat"
+
 
 @dataclass(frozen=True, slots=True)
 class Tokens:
@@ -58,6 +62,13 @@ class EnergyReport:
     # what the split rested on (the cost model and its state, the queue's source, timings).
     band_rel: float | None = None
     basis: str = ""
+    # The API the request called (`chat`, `completions`, `embeddings`, `responses`,
+    # `messages`, `audio`, `rerank`, `score`, `pooling`, ...): a label, as the proxy names it.
+    endpoint: str = DEFAULT_ENDPOINT
+    # Whether the backend ran work the proxy did not send while this request was in flight
+    # (its own gauges showed more running than the proxy had sent): its share of the energy
+    # was then split with that work. None: no gauges were read, so nobody can tell.
+    shared_with_untracked: bool | None = None
 
     @property
     def joules_low(self) -> float | None:
@@ -86,6 +97,7 @@ class EnergyReport:
         d: dict[str, Any] = {
             "request_id": self.request_id,
             "model": self.model,
+            "endpoint": self.endpoint,
             "category": self.category,
             "joules": self.energy_j,
             "dynamic_joules": self.dynamic_j,
@@ -103,6 +115,7 @@ class EnergyReport:
             "embodied_g": self.embodied_g,
             "sci_g": self.sci_g,
             "sci_per_token_g": self.sci_per_token_g,
+            "shared_with_untracked": self.shared_with_untracked,
         }
         if self.attribution:
             d["attribution"] = self.attribution
@@ -161,6 +174,8 @@ def build_report(
     client_request_id: str | None = None,
     band_rel: float | None = None,
     basis: str = "",
+    endpoint: str = DEFAULT_ENDPOINT,
+    shared_with_untracked: bool | None = None,
 ) -> EnergyReport:
     """Sum a request's per-source shares into its report.
 
@@ -202,4 +217,6 @@ def build_report(
         client_request_id=client_request_id,
         band_rel=band_rel,
         basis=basis,
+        endpoint=endpoint,
+        shared_with_untracked=shared_with_untracked,
     )

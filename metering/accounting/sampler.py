@@ -144,13 +144,19 @@ class Sampler:
         return self._read(plan[0], plan[1], observe_idle=False, boundary=True)
 
     def start(
-        self, weight: float = 1.0, names: Sequence[str] | None = None, eq: float = 0.0
+        self,
+        weight: float = 1.0,
+        names: Sequence[str] | None = None,
+        eq: float = 0.0,
+        *,
+        untracked: bool = False,
     ) -> tuple[Ticket, float]:
         """Open a request now in the channels `names` (all by default); returns its ticket
-        and the start time. `eq`: 1 when it shares the channels' fixed cost (ledger.py)."""
+        and the start time. `eq`: 1 when it shares the channels' fixed cost; `untracked`:
+        it stands for work the proxy did not send (ledger.py)."""
         key = None if names is None else tuple(names)
         t_s = self._read_for(key)
-        ticket = self.ledger.start(weight, key, eq)
+        ticket = self.ledger.start(weight, key, eq, untracked=untracked)
         ticket.names = key
         return ticket, t_s
 

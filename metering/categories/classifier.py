@@ -34,10 +34,14 @@ task wins: translation, summarization, sql, code, math, questions, other. A winn
 not in the configured set becomes `other`. It does not fall back to the runner-up: a SQL
 prompt is not a code prompt just because "sql" is not configured.
 
-What is read, and so the cost bound:
-- chat: the system/developer messages among the first `MAX_MESSAGES_SCANNED` messages, and
-  the last user message among the last `MAX_MESSAGES_SCANNED`;
-- completions: `prompt`; embeddings: `input`;
+What is read, and so the cost bound (the shapes of metering/accounting/prompt_text.py):
+- chat, Anthropic messages, Responses items: the system/developer messages among the first
+  `MAX_MESSAGES_SCANNED` messages (and Anthropic's `system`, Responses' `instructions`),
+  and the last user message among the last `MAX_MESSAGES_SCANNED`;
+- completions: `prompt`; embeddings, pooling, classification, Responses: `input` (with
+  the `instructions`); Cohere-style embed: `texts`;
+- rerank: the `query`; score: `text_1` or `queries` (what the documents are scored for:
+  the task, where the documents are material);
 - at most `MAX_PARTS` text parts or strings of each.
 
 Each part is cut to its first `PART_HEAD_CHARS` and last `PART_TAIL_CHARS` characters. The
@@ -97,6 +101,10 @@ SATURATION_KNEE: Final = 4.0
 SATURATION_SLOPE: Final = 0.3
 
 _SYSTEM_ROLES: Final = frozenset({"system", "developer"})
+_TEXT_PARTS: Final = frozenset({"text", "input_text"})
+# Bodies without messages, prompt or input: the field that says what the work is about
+# (rerank's query, score's first text or queries, Cohere-style embed's texts).
+_TASK_FIELDS: Final = ("query", "text_1", "queries", "texts")
 
 WH_FIRST_WEIGHT: Final = 1.3  # an interrogative first word ("why", "pourquoi", ...)
 YESNO_FIRST_WEIGHT: Final = 0.8  # a yes/no question's first word ("is", "kann", ...)
@@ -145,23 +153,28 @@ class PromptClassifier:
         return self._classify((), [text])
 
     def classify_payload(self, payload: Any) -> str:
-        """The category of an OpenAI request body (chat, completions or embeddings)."""
+        """The category of a request body of any metered API (chat, completions,
+        embeddings, Responses, Anthropic messages, rerank, score, pooling, ...)."""
         try:
             if not isinstance(payload, dict):
                 return FALLBACK
+            system = _top_system_texts(payload)
             if "messages" in payload:
-                return self._classify_chat(payload["messages"])
+                return self._classify_chat(payload["messages"], system)
             if "prompt" in payload:
                 return self._classify_prompt(payload["prompt"])
             if "input" in payload:
-                return self._classify_prompt(payload["input"])
+                return self._classify_input(payload["input"], system)
+            for key in _TASK_FIELDS:
+                if key in payload:
+                    return self._classify_prompt(payload[key])
         except Exception:  # a classifier must never fail a request
             return FALLBACK
         return FALLBACK
 
     # --- payload shapes -------------------------------------------------------------------
 
-    def _classify_chat(self, messages: Any) -> str:
+    def _classify_chat(self, messages: Any, top_system: Sequence[str] = ()) -> str:
         if not isinstance(messages, list):
             return FALLBACK
         user: list[str] = []
@@ -171,21 +184,28 @@ class PromptClassifier:
                 break
         if not user:
             return FALLBACK
-        system: list[str] = []
+        system = list(top_system)
         for msg in messages[:MAX_MESSAGES_SCANNED]:
+            if len(system) >= MAX_PARTS:
+                break
             if isinstance(msg, dict) and _is_system(msg.get("role")):
                 system.extend(_content_texts(msg.get("content")))
-                if len(system) >= MAX_PARTS:
-                    break
         return self._classify(system[:MAX_PARTS], user)
 
-    def _classify_prompt(self, prompt: Any) -> str:
+    def _classify_input(self, value: Any, system: Sequence[str]) -> str:
+        """`input`: a string or strings (embeddings, pooling, Responses), or Responses'
+        items, read as chat messages."""
+        if isinstance(value, list) and value and isinstance(value[-1], dict):
+            return self._classify_chat(value, system)
+        return self._classify_prompt(value, system)
+
+    def _classify_prompt(self, prompt: Any, system: Sequence[str] = ()) -> str:
         if isinstance(prompt, str):
-            return self._classify((), [prompt])
+            return self._classify(system, [prompt])
         if isinstance(prompt, list) and prompt:
             head = prompt[:MAX_PARTS]
             if all(isinstance(p, str) for p in head):
-                return self._classify((), head)
+                return self._classify(system, head)
         return FALLBACK  # token ids, empty or mixed lists
 
     # --- scoring --------------------------------------------------------------------------
@@ -372,13 +392,14 @@ class _CueTable:
 
 
 def _content_texts(content: Any) -> list[str]:
-    """The text parts of a message's content: a string, or a list of {"type": "text"} parts."""
+    """The text parts of a message's content: a string, or a list of text parts (chat's
+    and Anthropic's `{"type": "text"}`, Responses' `{"type": "input_text"}`)."""
     if isinstance(content, str):
         return [content]
     out: list[str] = []
     if isinstance(content, list):
         for part in content[: 4 * MAX_PARTS]:  # images and audio parts are skipped
-            if isinstance(part, dict) and part.get("type") == "text":
+            if isinstance(part, dict) and part.get("type") in _TEXT_PARTS:
                 text = part.get("text")
                 if isinstance(text, str):
                     out.append(text)
@@ -387,6 +408,15 @@ def _content_texts(content: Any) -> list[str]:
             if len(out) >= MAX_PARTS:
                 break
     return out
+
+
+def _top_system_texts(payload: dict[str, Any]) -> list[str]:
+    """Instructions beside the messages: Anthropic's `system` (a string or text blocks),
+    Responses' `instructions` (a string)."""
+    out: list[str] = []
+    for key in ("system", "instructions"):
+        out.extend(_content_texts(payload.get(key)))
+    return out[:MAX_PARTS]
 
 
 def _is_system(role: Any) -> bool:

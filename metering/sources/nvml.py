@@ -319,6 +319,7 @@ class NvmlGpuSource:
         self.counter_period_s = COUNTER_MAX_UPDATE_PERIOD_S
         self._counter_read_s = start_s
         self._lag_j = 0.0  # what was drawn between the value's writing and its read
+        self._lag_s = 0.0  # how long before its read the value was taken to be written
         # Counter mode: the integral of the power samples since the counter last moved,
         # up to when, and the sample it ended on.
         self._since_counter_j = 0.0
@@ -402,9 +403,10 @@ class NvmlGpuSource:
             points.append((now_s - lag_s, self._counter_total_mj / 1000.0))
             while len(points) > 2 and points[1][0] < now_s - TRAIL_S:
                 points.popleft()
-            self._since_counter_j = self._lag_j = self._power_w * lag_s
+            self._lag_j, self._lag_s = self._power_w * lag_s, lag_s
+            self._since_counter_j = 0.0
             self._since_t_s = now_s
-            estimate_j = self._counter_total_mj / 1000.0 + self._since_counter_j
+            estimate_j = self._counter_total_mj / 1000.0 + self._lag_j
         elif not self._use_instant_field and (back_j := self._trail_at(now_s)) is not None:
             # A one-second mean: the energy of the last second, on the estimate of then.
             # Within a window of the counter's last move, the energy since it is at most
@@ -419,20 +421,33 @@ class NvmlGpuSource:
             estimate_j = min(ceiling_j, max(counter_j, back_j + window_j))
         else:
             # The power drawn since the counter last moved, sample by sample (trapezoids),
-            # up to `interpolation_cap_s` past it.
+            # up to `interpolation_cap_s` past it, plus the value's age when it was seen.
             end_s = min(now_s, self._counter_seen_s + self.interpolation_cap_s)
             if end_s > self._since_t_s:
                 self._since_counter_j += (
                     (self._since_power_w + self._power_w) / 2.0 * (end_s - self._since_t_s)
                 )
                 self._since_t_s = end_s
-            estimate_j = self._counter_total_mj / 1000.0 + self._since_counter_j
+            estimate_j = (
+                self._counter_total_mj / 1000.0 + self._since_counter_j + self._aged_lag_j(now_s)
+            )
         self._since_power_w = self._power_w
         self._energy_j = max(self._energy_j, estimate_j)
         trail = self._trail
         trail.append((now_s, self._energy_j))
         while trail and trail[0][0] < now_s - TRAIL_S:
             trail.popleft()
+
+    def _aged_lag_j(self, now_s: float) -> float:
+        """The value's expected age, in joules, given that the counter has not moved
+        again by `now_s`: it moves within a period of its writing, so the writing was
+        at most a period ago, and the expected age shrinks as the wait grows (to 0 a
+        period after the move). The estimate stays within a period's draw of the value."""
+        if self._lag_s <= 0.0:
+            return 0.0
+        waited_s = now_s - self._counter_seen_s
+        age_s = min(self._lag_s, max(0.0, self.interpolation_cap_s - waited_s) / 2.0)
+        return self._lag_j * age_s / self._lag_s
 
     def _trail_at(self, now_s: float) -> float | None:
         """The energy one averaging window ago: between two counter values when they

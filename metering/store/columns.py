@@ -1,9 +1,9 @@
 """A record as a row, in the column order both databases use. Pure.
 
-Ten fields are labels (model, backend, category, method, ...): few distinct values, each
-stored once in a `labels` table and referred to by a small integer. The proxy's id is
-stored as its 12 bytes, the finish time as integer milliseconds. Every other figure is
-stored once, as it was told; nothing derived (SCI, per-token figures) is stored.
+Twelve fields are labels (model, backend, category, method, endpoint, ...): few distinct
+values, each stored once in a `labels` table and referred to by a small integer. The
+proxy's id is stored as its 12 bytes, the finish time as integer milliseconds. Every other
+figure is stored once, as it was told; nothing derived (SCI, per-token figures) is stored.
 """
 
 from __future__ import annotations
@@ -44,7 +44,10 @@ COLUMNS_FIRST = (
     "client_request_id",
 )
 # Added by SQLite v4 / PostgreSQL v2: the uncertainty band and what the split rested on.
-COLUMNS = (*COLUMNS_FIRST, "band_rel", "attribution_basis")
+COLUMNS_V4 = (*COLUMNS_FIRST, "band_rel", "attribution_basis")
+# Added by SQLite v5 / PostgreSQL v3: the API the request called (a label), and whether it
+# shared the backend with work the proxy did not send (0/1, NULL: unknown).
+COLUMNS = (*COLUMNS_V4, "endpoint", "shared_with_untracked")
 LABEL_COLUMNS = frozenset(
     {
         "model",
@@ -58,6 +61,7 @@ LABEL_COLUMNS = frozenset(
         "intensity_source",
         "intensity_zone",
         "attribution_basis",
+        "endpoint",
     }
 )
 # Columns that hold a float the record cannot be without: a NULL there (SQLite stores a
@@ -82,6 +86,7 @@ def label_texts(r: RequestRecord) -> tuple[str, ...]:
         r.carbon_intensity_source,
         r.carbon_intensity_zone,
         r.attribution_basis,
+        r.endpoint,
     )
 
 
@@ -118,11 +123,22 @@ def encode(r: RequestRecord, label: Callable[[str], int]) -> tuple[object, ...]:
         None if r.client_request_id is None else str(r.client_request_id),
         None if r.band_rel is None else float(r.band_rel),
         label(r.attribution_basis),
+        label(r.endpoint),
+        _flag(r.shared_with_untracked),
     )
 
 
 def _num(x: float | None) -> float:
     return math.nan if x is None else float(x)
+
+
+def _truth(x: object) -> bool | None:
+    return None if x is None else bool(x)
+
+
+def _flag(x: bool | None) -> int | None:
+    # A truth value as the integer both databases store (NULL: unknown).
+    return None if x is None else int(bool(x))
 
 
 def decode(row: Sequence[Any], text: Callable[[int], str]) -> RequestRecord:
@@ -155,6 +171,8 @@ def decode(row: Sequence[Any], text: Callable[[int], str]) -> RequestRecord:
         client_request_id,
         band_rel,
         attribution_basis,
+        endpoint,
+        shared_with_untracked,
     ) = row
     model_text = text(model)
     group_text = text(model_group)
@@ -186,4 +204,6 @@ def decode(row: Sequence[Any], text: Callable[[int], str]) -> RequestRecord:
         model_group="" if group_text == model_text else group_text,
         band_rel=None if band_rel is None else float(band_rel),
         attribution_basis=text(attribution_basis),
+        endpoint=text(endpoint),
+        shared_with_untracked=_truth(shared_with_untracked),
     )

@@ -8,6 +8,7 @@ from typing import Any
 
 import psycopg
 
+from metering.accounting.report import DEFAULT_ENDPOINT
 from metering.store.columns import COLUMNS, COLUMNS_FIRST
 
 SCHEMA = "energy_proxy"
@@ -31,6 +32,7 @@ _TYPES = {
     "embodied_g": "double precision",
     "client_request_id": "text",
     "band_rel": "double precision",
+    "shared_with_untracked": "boolean",
 }
 
 
@@ -49,6 +51,7 @@ _NULLABLE = frozenset(
         "embodied_g",
         "client_request_id",
         "band_rel",
+        "shared_with_untracked",
     }
 )
 
@@ -114,7 +117,29 @@ def _migrate_v2(cur: psycopg.Cursor[Any]) -> None:
     )
 
 
-MIGRATIONS: tuple[Callable[[psycopg.Cursor[Any]], None], ...] = (_migrate_v1, _migrate_v2)
+def _migrate_v3(cur: psycopg.Cursor[Any]) -> None:
+    # The API each record's request called (a label) and whether it shared its backend with
+    # work the proxy did not send. The records written before were chat, completions and
+    # embeddings, not told apart: they read as "chat", the documented default, and as
+    # not known to have shared (NULL).
+    cur.execute(
+        f"INSERT INTO {SCHEMA}.labels (text) VALUES (%s) ON CONFLICT (text) DO NOTHING",
+        (DEFAULT_ENDPOINT,),
+    )
+    cur.execute(f"SELECT id FROM {SCHEMA}.labels WHERE text = %s", (DEFAULT_ENDPOINT,))
+    row = cur.fetchone()
+    assert row is not None
+    cur.execute(
+        f"ALTER TABLE {SCHEMA}.records ADD COLUMN endpoint integer NOT NULL DEFAULT {int(row[0])}"
+    )
+    cur.execute(f"ALTER TABLE {SCHEMA}.records ADD COLUMN shared_with_untracked boolean")
+
+
+MIGRATIONS: tuple[Callable[[psycopg.Cursor[Any]], None], ...] = (
+    _migrate_v1,
+    _migrate_v2,
+    _migrate_v3,
+)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from metering.accounting.report import EnergyReport, Tokens
+from metering.accounting.report import DEFAULT_ENDPOINT, EnergyReport, Tokens
 from metering.carbon.intensity import Intensity
 from metering.carbon.sci import sci_g
 
@@ -63,6 +63,9 @@ class RequestRecord:
     model_group: str = ""  # "" means: the model itself
     band_rel: float | None = None  # the relative uncertainty of `joules` (an estimate)
     attribution_basis: str = ""  # what the split rested on
+    endpoint: str = DEFAULT_ENDPOINT  # the API it called ("chat" for records from before)
+    # It shared the backend with work the proxy did not send (None: no gauges told).
+    shared_with_untracked: bool | None = None
 
     @classmethod
     def from_report(
@@ -104,6 +107,8 @@ class RequestRecord:
             model_group="" if model_group == report.model else model_group,
             band_rel=report.band_rel,
             attribution_basis=report.basis,
+            endpoint=report.endpoint,
+            shared_with_untracked=report.shared_with_untracked,
         )
 
     @property
@@ -136,6 +141,8 @@ class RequestRecord:
             client_request_id=self.client_request_id,
             band_rel=self.band_rel,
             basis=self.attribution_basis,
+            endpoint=self.endpoint,
+            shared_with_untracked=self.shared_with_untracked,
         )
 
     def energy(self) -> dict[str, Any]:

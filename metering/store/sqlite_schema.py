@@ -8,6 +8,7 @@ import functools
 import sqlite3
 from collections.abc import Callable, Sequence
 
+from metering.accounting.report import DEFAULT_ENDPOINT
 from metering.store.columns import COLUMNS, COLUMNS_FIRST
 from metering.store.records import StoreError, id_key
 
@@ -193,6 +194,17 @@ def _migrate_v4(conn: sqlite3.Connection) -> None:
     )
 
 
+def _migrate_v5(conn: sqlite3.Connection) -> None:
+    # The API each record's request called (a label) and whether it shared its backend with
+    # work the proxy did not send. The records written before were chat, completions and
+    # embeddings, not told apart: they read as "chat", the documented default, and as
+    # not known to have shared (NULL).
+    conn.execute("INSERT OR IGNORE INTO labels (text) VALUES (?)", (DEFAULT_ENDPOINT,))
+    (chat,) = conn.execute("SELECT id FROM labels WHERE text = ?", (DEFAULT_ENDPOINT,)).fetchone()
+    conn.execute(f"ALTER TABLE records ADD COLUMN endpoint INTEGER NOT NULL DEFAULT {int(chat)}")
+    conn.execute("ALTER TABLE records ADD COLUMN shared_with_untracked INTEGER")
+
+
 # Applied in order: migration i takes the schema from version i to version i + 1
 # (`PRAGMA user_version`). Append only; never edit one that has shipped.
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
@@ -200,6 +212,7 @@ MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     _migrate_v2,
     _migrate_v3,
     _migrate_v4,
+    _migrate_v5,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

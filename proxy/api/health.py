@@ -64,10 +64,20 @@ class HealthApi:
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
 
+    def _untracked(self, backend: str) -> dict[str, float]:
+        """Work the backend ran that the proxy did not send: how many requests now (its
+        gauges' count beyond the proxy's own) and their joules so far."""
+        return {
+            "requests": self.meter.untracked_requests(backend),
+            "joules": self.meter.untracked_joules(backend),
+        }
+
     async def readyz(self) -> JSONResponse:
         models = self.meter.cost_models()
         backends = [
-            b.describe() | ({"cost_model": models[b.name]} if b.name in models else {})
+            b.describe()
+            | ({"cost_model": models[b.name]} if b.name in models else {})
+            | {"untracked": self._untracked(b.name)}
             for b in self.backends.backends
         ]
         sources: list[dict[str, Any]] = [

@@ -158,6 +158,14 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--categories", default=S, help="comma-separated prompt categories")
     p.add_argument(
+        "--passthrough",
+        action="append",
+        default=S,
+        metavar="PATTERN",
+        help="a backend path passed through unmetered beyond the defaults (/invocations; "
+        "!PATTERN refuses one); repeatable",
+    )
+    p.add_argument(
         "--upstream-client",
         choices=("aiohttp", "httpx"),
         default=S,

@@ -1,8 +1,9 @@
 """What the live page shows, kept as it happens: power samples and finished requests.
 
 `power_sample` is the math (pure): from two readings of the ledger's cumulative counters,
-each source's mean power over the interval, split into the part attributed to requests and
-the part drawn with none in flight (idle). `LiveFeed` keeps the last minutes of samples and
+each source's mean power over the interval, split into the part attributed to requests, the
+part drawn by work the backend ran that the proxy did not send (untracked), and the part
+drawn with none in flight (idle). `LiveFeed` keeps the last minutes of samples and
 the latest requests for a page that connects, and publishes both through an `EventHub`.
 """
 
@@ -44,6 +45,7 @@ class Counters:
     measured_j: float
     attributed_j: float
     idle_j: float
+    untracked_j: float = 0.0  # drawn by work the backend ran that the proxy did not send
 
 
 def power_sample(before: Counters, after: Counters) -> dict[str, float] | None:
@@ -60,6 +62,7 @@ def power_sample(before: Counters, after: Counters) -> dict[str, float] | None:
         "watts": watts(before.measured_j, after.measured_j),
         "attributed_watts": watts(before.attributed_j, after.attributed_j),
         "idle_watts": watts(before.idle_j, after.idle_j),
+        "untracked_watts": watts(before.untracked_j, after.untracked_j),
     }
 
 
@@ -126,6 +129,7 @@ class LiveFeed:
                 channels[st.source.name].measured_j,
                 channels[st.source.name].attributed_j,
                 channels[st.source.name].idle_j,
+                channels[st.source.name].untracked_j,
             )
             for st in self.sampler.states
         }

@@ -41,7 +41,11 @@ CO2_BUCKETS_G = log_buckets(1e-6, 100.0, 2)  # 1 ug .. 100 g
 DURATION_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 BAND_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
 
-LABELS = ("model", "category", "backend")
+# `endpoint`: the API kind (chat, completions, embeddings, responses, messages, audio,
+# rerank, score, pooling); `none` for requests refused before reaching one.
+LABELS = ("model", "category", "backend", "endpoint")
+# A backend's untracked account by name: (requests it stands for now, joules so far).
+UntrackedReader = Callable[[str], tuple[int, float]]
 
 
 class _SamplerCollector(Collector):
@@ -52,7 +56,8 @@ class _SamplerCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         energy = CounterMetricFamily(
             "energy_proxy_energy_joules",
-            "Energy measured, by source; scope=attributed went to requests, idle to none.",
+            "Energy measured, by source; scope=attributed went to the proxy's requests, "
+            "untracked to work the backend ran that the proxy did not send, idle to none.",
             labels=("source", "scope"),
         )
         power = GaugeMetricFamily(
@@ -66,6 +71,7 @@ class _SamplerCollector(Collector):
         for st in self._sampler.states:
             ch = self._sampler.ledger.channels[st.source.name]
             energy.add_metric((st.source.name, "attributed"), ch.attributed_j)
+            energy.add_metric((st.source.name, "untracked"), ch.untracked_j)
             energy.add_metric((st.source.name, "idle"), ch.idle_j)
             power.add_metric((st.source.name,), st.last_power_w)
             up.add_metric((st.source.name, st.source.method), 1.0 if st.ok else 0.0)
@@ -91,8 +97,11 @@ class _BackendCollector(Collector):
     """Requests in flight per backend, as the proxy counts them and as the backend itself
     does (where it exports a count), and the token cross-check."""
 
-    def __init__(self, backends: Sequence[Backend]) -> None:
+    def __init__(
+        self, backends: Sequence[Backend], untracked: UntrackedReader | None = None
+    ) -> None:
         self._backends = backends
+        self._untracked = untracked
 
     def collect(self) -> Iterator[Metric]:
         # The relay keeps Backend.traffic; the gauge is read from it at scrape time.
@@ -113,7 +122,23 @@ class _BackendCollector(Collector):
             "when the backend is idle, as in-flight tokens count on its side first).",
             labels=("backend", "type"),
         )
+        untracked_now = GaugeMetricFamily(
+            "energy_proxy_backend_untracked_requests",
+            "Requests the backend runs beyond the proxy's own (from its gauges): work sent "
+            "around the proxy, held in the untracked account.",
+            labels=("backend",),
+        )
+        untracked_j = CounterMetricFamily(
+            "energy_proxy_backend_untracked_energy_joules",
+            "Joules drawn by work the backend ran that the proxy did not send (not charged "
+            "to the proxy's requests).",
+            labels=("backend",),
+        )
         for b in self._backends:
+            if self._untracked is not None:
+                requests_now, joules = self._untracked(b.name)
+                untracked_now.add_metric((b.name,), requests_now)
+                untracked_j.add_metric((b.name,), joules)
             ours.add_metric((b.name,), b.traffic.inflight)
             if b.own_inflight is not None:
                 own.add_metric((b.name,), b.own_inflight)
@@ -124,6 +149,9 @@ class _BackendCollector(Collector):
         yield ours
         yield own
         yield gap
+        if self._untracked is not None:
+            yield untracked_now
+            yield untracked_j
 
 
 class _CostModelCollector(Collector):
@@ -222,9 +250,10 @@ class ProxyMetrics:
         backends: Sequence[Backend],
         store_status: Callable[[], StoreStatus] | None = None,
         cost_models: Callable[[], dict[str, dict[str, Any]]] | None = None,
+        untracked: UntrackedReader | None = None,
     ) -> None:
         self.registry = registry
-        self._children: dict[tuple[str, str, str, int], tuple[Any, ...]] = {}
+        self._children: dict[tuple[str, str, str, str, int], tuple[Any, ...]] = {}
         self.requests = Counter(
             "energy_proxy_requests",
             "Requests answered, by final status (499: the client hung up).",
@@ -282,7 +311,7 @@ class ProxyMetrics:
         registry.register(_SamplerCollector(sampler, intensity))
         if cost_models is not None:
             registry.register(_CostModelCollector(cost_models))
-        registry.register(_BackendCollector(backends))
+        registry.register(_BackendCollector(backends, untracked))
         if store_status is not None:
             registry.register(_StoreCollector(store_status))
 
@@ -305,12 +334,12 @@ class ProxyMetrics:
         self.tenant_energy.labels(tenant).inc(report.energy_j)
 
     def observe(self, report: EnergyReport, backend: str, status: int, model_label: str) -> None:
-        key = (model_label, report.category, backend, status)
+        key = (model_label, report.category, backend, report.endpoint, status)
         children = self._children.get(key)
         if children is None:
-            # Label sets are bounded (listed models, configured categories and backends),
-            # so this cache is too; it saves four label lookups per request.
-            labels = key[:3]
+            # Label sets are bounded (listed models, configured categories and backends,
+            # the API kinds), so this cache is too; it saves label lookups per request.
+            labels = key[:4]
             children = self._children[key] = (
                 self.requests.labels(*labels, str(status)),
                 self.energy.labels(*labels),
@@ -334,4 +363,4 @@ class ProxyMetrics:
 
     def count_rejected(self, model_label: str, category: str, backend: str, status: int) -> None:
         """A request refused before it reached a backend (no energy to attribute)."""
-        self.requests.labels(model_label, category, backend, str(status)).inc()
+        self.requests.labels(model_label, category, backend, "none", str(status)).inc()

@@ -13,7 +13,10 @@ from metering.accounting.report import EnergyReport, Timings, Tokens
 from metering.meter import Measurement
 from proxy.asgi import Receive
 from proxy.errors import BadRequest, BodyTooLarge
-from proxy.relay.sse import StreamInspector
+from proxy.relay.endpoints import METERED
+from proxy.relay.inspectors import Inspector
+
+CHAT = METERED["/v1/chat/completions"]
 
 CLIENT_CLOSED = 499  # nginx's convention for "the client closed the connection"
 
@@ -46,6 +49,7 @@ class Exchange:
         "category",
         "client_gone",
         "client_id",
+        "endpoint",
         "energy",
         "inspector",
         "measurement",
@@ -82,7 +86,8 @@ class Exchange:
         self.task: asyncio.Task[Any] | None = None
         self.client_gone = False
         self.cancellable = False  # the watcher may cancel the task only inside the try body
-        self.inspector: StreamInspector | None = None
+        self.inspector: Inspector | None = None
+        self.endpoint = CHAT
         self.response_done = False
         self.started = False  # response headers sent
         self.status = 0
@@ -108,7 +113,9 @@ async def read_body(receive: Receive, limit: int) -> bytes | None:
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def parse_payload(body: bytes) -> dict[str, Any]:
+def parse_payload(body: bytes, *, model_required: bool = True) -> dict[str, Any]:
+    """The request's JSON object; 400 when it is not one, or has no `model` where the
+    API needs one (an API whose `model` is optional may leave it out, not make it empty)."""
     try:
         payload = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -116,6 +123,8 @@ def parse_payload(body: bytes) -> dict[str, Any]:
     if not isinstance(payload, dict):
         raise BadRequest("request body must be a JSON object", code="invalid_json")
     model = payload.get("model")
+    if model is None and not model_required:
+        return payload
     if not isinstance(model, str) or not model:
         raise BadRequest("request body has no 'model' (a non-empty string)", code="missing_model")
     return payload
@@ -123,20 +132,46 @@ def parse_payload(body: bytes) -> dict[str, Any]:
 
 def ask_for_usage(payload: dict[str, Any], body: bytes) -> tuple[bytes, bool]:
     """Make the backend send a usage chunk; returns the body to send and whether the
-    client itself asked for usage (then its chunk is forwarded, else kept back)."""
+    client itself asked for usage (then its chunk is forwarded, else kept back).
+
+    Usage the client did not ask for stays off its chunks: vLLM's
+    `continuous_usage_stats` puts usage on every chunk only with `include_usage`, so
+    where the proxy adds the one it turns the other off."""
     opts = payload.get("stream_options")
     if isinstance(opts, dict) and opts.get("include_usage") is True:
         return body, True
     new_opts = dict(opts) if isinstance(opts, dict) else {}
     new_opts["include_usage"] = True
+    if new_opts.get("continuous_usage_stats"):
+        new_opts["continuous_usage_stats"] = False
     return orjson.dumps({**payload, "stream_options": new_opts}), False
 
 
+def _count(usage: dict[str, Any], *names: str) -> int | None:
+    """The first of `names` that holds a token count."""
+    for name in names:
+        value = usage.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+    return None
+
+
 def tokens_from_usage(usage: Any, counted: int | None) -> Tokens:
+    """Tokens from a backend's usage object, in each API's names: OpenAI's
+    `prompt_tokens`/`completion_tokens`, the Responses and Anthropic APIs'
+    `input_tokens`/`output_tokens` (Anthropic's cached input counted in), or a pooling
+    API's `total_tokens` alone (all prompt). Else the proxy's own count of the output."""
     if isinstance(usage, dict):
-        prompt = usage.get("prompt_tokens")
-        completion = usage.get("completion_tokens")
-        if isinstance(prompt, int) and isinstance(completion, int | None):
+        prompt = _count(usage, "prompt_tokens", "input_tokens")
+        completion = _count(usage, "completion_tokens", "output_tokens")
+        if prompt is not None and "input_tokens" in usage and "prompt_tokens" not in usage:
+            prompt += sum(
+                _count(usage, k) or 0
+                for k in ("cache_creation_input_tokens", "cache_read_input_tokens")
+            )
+        if prompt is None and completion is None:
+            prompt = _count(usage, "total_tokens")
+        if prompt is not None:
             return Tokens(prompt, completion or 0, "backend")
     return Tokens(None, counted or 0, "proxy")
 
@@ -184,8 +219,14 @@ def backend_auth(backend: Backend) -> list[tuple[bytes, bytes]]:
     return [(b"authorization", b"Bearer " + key.encode("latin-1"))]
 
 
-async def watch_disconnect(receive: Receive, task: asyncio.Task[Any], ex: Exchange) -> None:
-    """Cancel the request's task if the client hangs up before the answer is complete."""
+async def watch_disconnect(
+    receive: Receive, task: asyncio.Task[Any], ex: Exchange, after: asyncio.Event | None = None
+) -> None:
+    """Cancel the request's task if the client hangs up before the answer is complete.
+    `after`: the request body is still being streamed upstream; its reader has
+    `receive` until then."""
+    if after is not None:
+        await after.wait()
     while True:
         msg = await receive()
         if msg["type"] == "http.disconnect":

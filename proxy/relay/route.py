@@ -20,7 +20,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import zlib
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 
@@ -30,7 +32,7 @@ from metering.accounting.prompt_text import prompt_text
 from metering.accounting.report import EnergyReport, Timings, Tokens
 from metering.categories.classifier import PromptClassifier
 from metering.meter import Meter
-from proxy.asgi import RawHeaders, Receive, Scope, Send, send_error
+from proxy.asgi import Message, RawHeaders, Receive, Scope, Send, send_error
 from proxy.auth import ApiKey, KeyRing
 from proxy.errors import (
     BackendUnreachable,
@@ -41,7 +43,6 @@ from proxy.errors import (
     Unauthorized,
     UnknownModel,
     UpstreamError,
-    error_body,
 )
 from proxy.headers import (
     client_request_id,
@@ -51,6 +52,14 @@ from proxy.headers import (
     upstream_request_headers,
 )
 from proxy.observe.finished import Observers, RequestFinished
+from proxy.relay.encoding import (
+    StreamDecoder,
+    content_coding,
+    decodable,
+    decode_whole,
+    without_coding,
+)
+from proxy.relay.endpoints import METERED, Endpoint
 from proxy.relay.exchange import (
     CLIENT_CLOSED,
     Exchange,
@@ -63,15 +72,19 @@ from proxy.relay.exchange import (
     tokens_from_usage,
     watch_disconnect,
 )
-from proxy.relay.sse import SseSplitter, StreamInspector, done_event, energy_event
+from proxy.relay.inspectors import inspector_for
+from proxy.relay.multipart import boundary_of
+from proxy.relay.sse import SseSplitter
+from proxy.relay.upload import Upload
 from proxy.relay.upstream import UpstreamClient, UpstreamResponse
 
 log = logging.getLogger("energy_proxy.requests")
 
-METERED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
-STREAMABLE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+METERED_PATHS = frozenset(METERED)
 MAX_MODEL_CHARS = 256
 MAX_CATEGORY_CHARS = 64
+# The most of a failed answer's body the proxy reads to relay it with its energy headers.
+MAX_ERROR_BODY_BYTES = 1 << 20
 
 
 @dataclass(slots=True)
@@ -93,118 +106,120 @@ class RelayContext:
     exchanges: set[Exchange] = field(default_factory=set)
 
 
+@dataclass(slots=True)
+class Intake:
+    """A metered request as read: what to send upstream and where."""
+
+    payload: dict[str, Any]
+    body: bytes | Upload
+    model: str
+    backend: Backend
+    category: str
+    key: ApiKey | None
+    stream: bool
+
+
+def id_headers_for(ctx: RelayContext, headers: RawHeaders) -> tuple[str, str | None, RawHeaders]:
+    """The proxy's id of a request, the client's usable own id, and the id headers of
+    the answer. The store's key is always an id the proxy made; the client's own
+    x-request-id, when usable, is kept beside it, forwarded and echoed."""
+    request_id = ctx.ids.new()
+    client_id, rejected = client_request_id(header_value(headers, b"x-request-id"))
+    out = [
+        (b"x-request-id", (client_id or request_id).encode("latin-1")),
+        (b"x-energy-request-id", request_id.encode("latin-1")),
+    ]
+    if rejected:
+        out.append((b"x-request-id-rejected", rejected.encode("latin-1")))
+    return request_id, client_id, out
+
+
+def upstream_url(backend: Backend, scope: Scope) -> str:
+    """The backend's URL for this request: its path, and its query string as sent."""
+    query: bytes = scope.get("query_string", b"")
+    url: str = backend.url + scope["path"]
+    return url + "?" + query.decode("latin-1") if query else url
+
+
 class MeteredRoute:
     def __init__(self, ctx: RelayContext) -> None:
         self.ctx = ctx
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        headers: RawHeaders = scope["headers"]
         ctx = self.ctx
-        # The store's key is always an id the proxy made; the client's own x-request-id,
-        # when usable, is kept beside it, forwarded and echoed.
-        request_id = ctx.ids.new()
-        client_id, rejected = client_request_id(header_value(headers, b"x-request-id"))
-        id_headers = [
-            (b"x-request-id", (client_id or request_id).encode("latin-1")),
-            (b"x-energy-request-id", request_id.encode("latin-1")),
-        ]
-        if rejected:
-            id_headers.append((b"x-request-id-rejected", rejected.encode("latin-1")))
+        endpoint = METERED[scope["path"]]
+        request_id, client_id, id_headers = id_headers_for(ctx, scope["headers"])
         try:
-            if scope["method"] != "POST":
-                raise BadRequest(f"{scope['path']} takes POST", code="method_not_allowed")
-            limit_problem = header_limit_problem(headers)
-            if limit_problem:
-                raise HeadersTooLarge(limit_problem)
-            key = self._check_key(headers)
-            try:
-                async with asyncio.timeout(ctx.client_timeout_s):
-                    body = await read_body(receive, ctx.max_body_bytes)
-            except TimeoutError:
-                raise ClientTooSlow(
-                    f"the request body did not arrive within {ctx.client_timeout_s:g} s"
-                ) from None
-            if body is None:
-                return  # the client left before sending its request
-            payload = parse_payload(body)
-            model = payload["model"]
-            if len(model) > MAX_MODEL_CHARS:
-                raise BadRequest(
-                    f"'model' is longer than {MAX_MODEL_CHARS} characters", code="invalid_model"
-                )
-            category = self._category(headers) or ctx.classifier.classify_payload(payload)
-            backend = await ctx.registry.route(model)
-            if backend is None:
-                known = ", ".join(sorted(ctx.registry.known_models())) or "none listed yet"
-                raise UnknownModel(f"model {model!r} is not served here (models: {known})")
+            intake = await self._intake(scope, receive, endpoint)
         except ProxyError as exc:
             ctx.observers.rejected(exc.status)
             await send_error(send, exc, id_headers)
             return
-
-        stream = scope["path"] in STREAMABLE_PATHS and payload.get("stream") is True
+        if intake is None:
+            return  # the client left before sending its request
+        body = intake.body
         client_wants_usage = False
-        if stream:
-            body, client_wants_usage = ask_for_usage(payload, body)
+        if intake.stream and endpoint.asks_for_usage:
+            assert isinstance(body, bytes)
+            body, client_wants_usage = ask_for_usage(intake.payload, body)
+        backend = intake.backend
         measurement = ctx.meter.open(
             backend.name,
-            payload,
-            stream=stream,
-            embeddings=scope["path"] == "/v1/embeddings",
+            intake.payload,
+            stream=intake.stream,
+            embeddings=endpoint.all_prefill,
             serial=backend.spec.serial,
         )
-        ex = Exchange(request_id, model, category, backend, measurement, payload)
+        ex = Exchange(
+            request_id, intake.model, intake.category, backend, measurement, intake.payload
+        )
+        ex.endpoint = endpoint
         ex.client_id = client_id
-        ex.tenant = key.name if key is not None else ""
+        ex.tenant = intake.key.name if intake.key is not None else ""
         traffic = backend.traffic
         traffic.inflight += 1
         task = asyncio.current_task()
         assert task is not None
         ex.task = task
         ctx.exchanges.add(ex)
-        watcher = asyncio.ensure_future(watch_disconnect(receive, task, ex))
+        upload = body if isinstance(body, Upload) else None
+        watcher = asyncio.ensure_future(
+            watch_disconnect(receive, task, ex, upload.finished if upload else None)
+        )
         resp: UpstreamResponse | None = None
         ex.cancellable = True
         try:
-            forwarded_id = (client_id or request_id).encode("latin-1")
-            up_headers = upstream_request_headers(
-                headers,
-                # The client's key is for the proxy: never passed on unless configured.
-                drop_authorization=not backend.config.forward_authorization,
-                # The client's own x-request-id header is not passed on as it came (any
-                # length, any bytes): the id the proxy echoes goes instead.
-                drop_request_id=True,
-                extra=[
-                    *backend_auth(backend),
-                    *(
-                        [(b"x-request-id", forwarded_id)]
-                        if backend.spec.forwards_request_id
-                        else []
-                    ),
-                ],
-            )
+            up_headers = self._upstream_headers(scope["headers"], backend, client_id or request_id)
+            if upload is not None and upload.length is not None:
+                up_headers.append((b"content-length", upload.length))
             try:
                 resp = await ctx.upstream.send(
-                    "POST", backend.url + scope["path"], up_headers, body
+                    "POST", upstream_url(backend, scope), up_headers, body
                 )
             except UpstreamError as exc:
-                ex.status = exc.status
+                failure: ProxyError = exc
+                if upload is not None and upload.problem is not None:
+                    failure = upload.problem  # the client's upload failed, not the backend
+                    if upload.client_left:
+                        ex.client_gone = True
+                        return
+                ex.status = failure.status
                 ex.started = ex.response_done = True
-                self._note_failure(backend, exc)
-                await send_error(send, exc, id_headers)
+                if failure is exc:
+                    self._note_failure(backend, exc)
+                report = self._settle(ex, None)
+                await send_error(send, failure, [*id_headers, *report.headers()])
                 return
             if not backend.state.ready:
                 ctx.registry.note_answered(backend)
             ex.status = resp.status
             ctype = header_value(resp.headers, b"content-type") or b""
-            if resp.status != 200:
-                await self._relay_raw(resp, send, id_headers, ex)
-            elif stream and ctype.startswith(b"text/event-stream"):
+            if not 200 <= resp.status < 300:
+                await self._relay_failed(resp, send, id_headers, ex)
+            elif endpoint.stream_style is not None and ctype.startswith(b"text/event-stream"):
                 await self._relay_stream(resp, send, id_headers, ex, client_wants_usage)
-            elif ctype.startswith(b"application/json"):
-                await self._relay_json(resp, send, id_headers, ex)
             else:
-                await self._relay_raw(resp, send, id_headers, ex)
+                await self._relay_whole(resp, send, id_headers, ex, ctype)
         except asyncio.CancelledError:
             if not ex.client_gone:
                 raise
@@ -230,31 +245,172 @@ class MeteredRoute:
             if ex.client_gone and partial is not None and report.tokens.prompt is None:
                 await self._tally_cut_prompt(ex)
 
+    async def _intake(self, scope: Scope, receive: Receive, endpoint: Endpoint) -> Intake | None:
+        """Check and read the request; None when the client left before sending it."""
+        ctx = self.ctx
+        headers: RawHeaders = scope["headers"]
+        limit_problem = header_limit_problem(headers)
+        if limit_problem:
+            raise HeadersTooLarge(limit_problem)
+        key = self._check_key(headers)
+        body: bytes | Upload
+        if endpoint.multipart:
+            read = await self._start_upload(receive, headers)
+            if read is None:
+                return None
+            payload, body = read
+            stream = str(payload.get("stream", "")).strip().lower() == "true"
+        else:
+            try:
+                async with asyncio.timeout(ctx.client_timeout_s):
+                    whole = await read_body(receive, ctx.max_body_bytes)
+            except TimeoutError:
+                raise ClientTooSlow(
+                    f"the request body did not arrive within {ctx.client_timeout_s:g} s"
+                ) from None
+            if whole is None:
+                return None
+            body = whole
+            payload = parse_payload(whole, model_required=endpoint.model_required)
+            stream = endpoint.stream_style is not None and payload.get("stream") is True
+        model = payload.get("model")
+        if model is not None and not isinstance(model, str):
+            raise BadRequest("'model' must be a string", code="invalid_model")
+        if model is not None and len(model) > MAX_MODEL_CHARS:
+            raise BadRequest(
+                f"'model' is longer than {MAX_MODEL_CHARS} characters", code="invalid_model"
+            )
+        category = self._category(headers) or ctx.classifier.classify_payload(payload)
+        if model:
+            backend = await ctx.registry.route(model)
+            if backend is None:
+                known = ", ".join(sorted(ctx.registry.known_models())) or "none listed yet"
+                raise UnknownModel(f"model {model!r} is not served here (models: {known})")
+        else:
+            # An API whose model is optional: the default backend and its first model.
+            backend = ctx.registry.default_backend()
+            model = next(iter(backend.state.model_ids), "other")
+        return Intake(payload, body, model, backend, category, key, stream)
+
+    async def _start_upload(
+        self, receive: Receive, headers: RawHeaders
+    ) -> tuple[dict[str, Any], Upload] | None:
+        """A multipart upload's plain fields (read from its head), and the upload to
+        stream upstream (its head first); None when the client left first."""
+        ctx = self.ctx
+        boundary = boundary_of(header_value(headers, b"content-type"))
+        if boundary is None:
+            raise BadRequest(
+                "this endpoint takes a multipart/form-data upload", code="invalid_request"
+            )
+        upload = Upload(receive, ctx.max_body_bytes, ctx.client_timeout_s)
+        upload.length = header_value(headers, b"content-length")
+        try:
+            fields = await upload.read_fields(boundary)
+        except TimeoutError:
+            raise ClientTooSlow(
+                f"the request body did not arrive within {ctx.client_timeout_s:g} s"
+            ) from None
+        if fields is None:
+            return None
+        if "model" not in fields and len(ctx.registry.backends) > 1:
+            raise BadRequest(
+                "the upload names no 'model' before its file", code="missing_model"
+            )
+        return dict(fields), upload
+
+    def _upstream_headers(
+        self, headers: RawHeaders, backend: Backend, forwarded_id: str
+    ) -> RawHeaders:
+        return upstream_request_headers(
+            headers,
+            # The client's key is for the proxy: never passed on unless configured.
+            drop_authorization=not backend.config.forward_authorization,
+            # The client's own x-request-id header is not passed on as it came (any
+            # length, any bytes): the id the proxy echoes goes instead.
+            drop_request_id=True,
+            extra=[
+                *backend_auth(backend),
+                *(
+                    [(b"x-request-id", forwarded_id.encode("latin-1"))]
+                    if backend.spec.forwards_request_id
+                    else []
+                ),
+            ],
+        )
+
     # --- answers -------------------------------------------------------------------------
 
-    async def _relay_json(
-        self, resp: UpstreamResponse, send: Send, id_headers: RawHeaders, ex: Exchange
+    async def _send_timed(self, send: Send, ex: Exchange, message: Message) -> None:
+        """A body send, timed for the watchdog of clients that stop reading."""
+        ex.sending_since = time.monotonic()
+        await send(message)
+        ex.sending_since = 0.0
+
+    async def _relay_whole(
+        self,
+        resp: UpstreamResponse,
+        send: Send,
+        id_headers: RawHeaders,
+        ex: Exchange,
+        ctype: bytes,
     ) -> None:
+        """A non-streamed success: read whole (its headers must carry the energy),
+        decoded if the backend compressed it, the energy spliced into a JSON object."""
         data = await resp.read()
-        try:
-            doc = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            doc = None
+        out = downstream_response_headers(resp.headers)
+        coding = content_coding(out)
+        if coding and decodable(coding):
+            try:
+                data, out = decode_whole(coding, data), without_coding(out)
+            except zlib.error:
+                log.warning("request %s: the backend's %s answer does not decode",
+                            ex.request_id, coding.decode("latin-1"))  # fmt: skip
+        doc = None
+        if ctype.startswith(b"application/json") and not content_coding(out):
+            try:
+                doc = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                doc = None
         usage = doc.get("usage") if isinstance(doc, dict) else None
         report = self._settle(ex, tokens_from_usage(usage, None), timings_from_answer(doc))
         if isinstance(doc, dict) and doc and data.rstrip().endswith(b"}"):
             # Splice the energy object in without re-encoding the backend's document.
             data = data.rstrip()[:-1] + b',"energy":' + orjson.dumps(ex.energy) + b"}"
-        out = downstream_response_headers(resp.headers)
         out.extend(id_headers)
         out.extend(report.headers())
         out.append((b"content-length", str(len(data)).encode()))
         ex.started = True
         await send({"type": "http.response.start", "status": resp.status, "headers": out})
         ex.response_done = True
-        ex.sending_since = time.monotonic()  # the watchdog times a stuck send
-        await send({"type": "http.response.body", "body": data, "more_body": False})
-        ex.sending_since = 0.0
+        await self._send_timed(send, ex, {"type": "http.response.body", "body": data})
+
+    async def _relay_failed(
+        self, resp: UpstreamResponse, send: Send, id_headers: RawHeaders, ex: Exchange
+    ) -> None:
+        """A backend's error answer: its status and body as they came, with the energy
+        it cost in the headers (an error's body is small: read up to a bound first)."""
+        chunks: list[bytes] = []
+        size = 0
+        while size < MAX_ERROR_BODY_BYTES and (chunk := await resp.next_chunk()):
+            chunks.append(chunk)
+            size += len(chunk)
+        more = size >= MAX_ERROR_BODY_BYTES
+        report = self._settle(ex, None)
+        out = downstream_response_headers(resp.headers)
+        out.extend(id_headers)
+        out.extend(report.headers())
+        ex.started = True
+        await send({"type": "http.response.start", "status": resp.status, "headers": out})
+        await self._send_timed(
+            send, ex, {"type": "http.response.body", "body": b"".join(chunks), "more_body": True}
+        )
+        while more and (chunk := await resp.next_chunk()):
+            await self._send_timed(
+                send, ex, {"type": "http.response.body", "body": chunk, "more_body": True}
+            )
+        ex.response_done = True
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _relay_stream(
         self,
@@ -265,17 +421,23 @@ class MeteredRoute:
         client_wants_usage: bool,
     ) -> None:
         out = downstream_response_headers(resp.headers)
+        coding = content_coding(out)
+        decode = StreamDecoder(coding) if coding and decodable(coding) else None
+        if decode is not None:
+            out = without_coding(out)
         out.extend(id_headers)
         out.append((b"x-prompt-category", ex.category.encode()))
         ex.started = True
         await send({"type": "http.response.start", "status": resp.status, "headers": out})
         splitter = SseSplitter()
-        inspector = ex.inspector = StreamInspector(client_wants_usage)
-        failure: UpstreamError | None = None
+        inspector = ex.inspector = inspector_for(ex.endpoint, client_wants_usage)
+        failure: dict[str, Any] | None = None
         process, feed = inspector.process, splitter.feed
         meter, measurement = self.ctx.meter, ex.measurement
         try:
             while chunk := await resp.next_chunk():
+                if decode is not None:
+                    chunk = decode(chunk)
                 events = feed(chunk)
                 if len(events) == 1:  # the usual: one whole event per chunk
                     body = process(events[0])
@@ -284,50 +446,33 @@ class MeteredRoute:
                 if not measurement.decoding and inspector.counted_tokens:
                     meter.first_token(measurement)
                 if body:
-                    ex.sending_since = time.monotonic()  # the watchdog times a stuck send
-                    await send({"type": "http.response.body", "body": body, "more_body": True})
-                    ex.sending_since = 0.0
+                    await self._send_timed(
+                        send, ex, {"type": "http.response.body", "body": body, "more_body": True}
+                    )
         except UpstreamError as exc:
-            failure = exc
+            failure = {"message": exc.message, "type": exc.type, "code": exc.code}
+            ex.status = exc.status
+            self._note_failure(ex.backend, exc)
+        except zlib.error as exc:
+            failure = {"message": f"the backend's compressed stream does not decode: {exc}",
+                       "type": "upstream_error", "code": "backend_unreachable"}  # fmt: skip
+            ex.status = 502
         tail = splitter.rest()
         if tail.strip():
             kept = inspector.process(tail + splitter.separator)
             if kept is not None:
-                ex.sending_since = time.monotonic()  # the watchdog times a stuck send
-                await send({"type": "http.response.body", "body": kept, "more_body": True})
-                ex.sending_since = 0.0
+                await self._send_timed(
+                    send, ex, {"type": "http.response.body", "body": kept, "more_body": True}
+                )
         tokens = tokens_from_usage(inspector.usage, inspector.counted_tokens)
         if tokens.prompt is None and failure is None:
             tokens = Tokens(await self._count_prompt(ex), tokens.completion, tokens.source)
         self._settle(ex, tokens, timings_from_answer(inspector.usage_chunk))
-        sep = splitter.separator
-        final = b""
-        if failure is not None:
-            ex.status = failure.status
-            self._note_failure(ex.backend, failure)
-            final += b"data: " + error_body(failure.message, failure.type, failure.code) + sep
-        final += energy_event(inspector.template, ex.energy, sep)
-        if inspector.done:
-            final += done_event(sep)
+        final = inspector.closing(ex.energy, failure, splitter.separator)
         ex.response_done = True
-        ex.sending_since = time.monotonic()  # the watchdog times a stuck send
-        await send({"type": "http.response.body", "body": final, "more_body": False})
-        ex.sending_since = 0.0
-
-    async def _relay_raw(
-        self, resp: UpstreamResponse, send: Send, id_headers: RawHeaders, ex: Exchange
-    ) -> None:
-        """Status, headers and body exactly as the backend sent them (plus x-request-id)."""
-        out = downstream_response_headers(resp.headers)
-        out.extend(id_headers)
-        ex.started = True
-        await send({"type": "http.response.start", "status": resp.status, "headers": out})
-        async for chunk in resp.chunks():
-            ex.sending_since = time.monotonic()  # the watchdog times a stuck send
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            ex.sending_since = 0.0
-        ex.response_done = True
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        await self._send_timed(
+            send, ex, {"type": "http.response.body", "body": final, "more_body": False}
+        )
 
     # --- accounting ------------------------------------------------------------------------
 
@@ -348,6 +493,7 @@ class MeteredRoute:
             tokens=tokens,
             client_request_id=ex.client_id,
             timings=timings,
+            endpoint=ex.endpoint.kind,
         )
         ex.report = report
         ex.energy = report.to_dict()

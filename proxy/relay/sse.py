@@ -14,6 +14,8 @@ from typing import Any
 
 import orjson
 
+from proxy.errors import error_body
+
 # An event ends with a blank line; servers differ in line endings (sse-starlette: CRLF).
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 _USAGE_NULL = (b',"usage":null', b', "usage": null', b'"usage":null,', b'"usage": null, ')
@@ -114,6 +116,9 @@ class StreamInspector:
         self.done = False
         self.template: dict[str, Any] | None = None
 
+    def closing(self, energy: dict[str, Any], failure: dict[str, Any] | None, sep: bytes) -> bytes:
+        return chunk_stream_closing(self, energy, failure, sep)
+
     def process(self, event: bytes) -> bytes | None:
         """What to forward for this event (None: hold it back)."""
         data = event_data(event)
@@ -148,6 +153,21 @@ class StreamInspector:
                 if pattern in event:
                     return event.replace(pattern, b"", 1)
         return event
+
+
+def chunk_stream_closing(
+    inspector: StreamInspector, energy: dict[str, Any], failure: dict[str, Any] | None, sep: bytes
+) -> bytes:
+    """The end of a chunk stream: the backend's failure as an error event (if it failed),
+    the energy event, then `data: [DONE]` if the backend sent one."""
+    final = b""
+    if failure is not None:
+        final += b"data: " + error_body(failure["message"], failure["type"], failure["code"])
+        final += sep
+    final += energy_event(inspector.template, energy, sep)
+    if inspector.done:
+        final += done_event(sep)
+    return final
 
 
 def energy_event(template: dict[str, Any] | None, energy: dict[str, Any], sep: bytes) -> bytes:

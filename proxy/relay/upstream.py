@@ -11,7 +11,7 @@ connection failures -> BackendUnreachable (502), timeouts -> BackendTimeout (504
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 from typing import Protocol
 
 import aiohttp
@@ -20,6 +20,10 @@ import orjson
 
 from backends.fetch import Headers
 from proxy.errors import BackendTimeout, BackendUnreachable
+
+# A request body: whole, or streamed as it arrives (an upload: sent chunked, or with the
+# client's own content-length).
+Body = bytes | AsyncIterable[bytes]
 
 
 class UpstreamResponse(Protocol):
@@ -46,7 +50,7 @@ class UpstreamResponse(Protocol):
 
 class UpstreamClient(Protocol):
     async def send(
-        self, method: str, url: str, headers: list[tuple[bytes, bytes]], body: bytes
+        self, method: str, url: str, headers: list[tuple[bytes, bytes]], body: Body
     ) -> UpstreamResponse:
         """Send a request; returns once the response headers have arrived."""
         ...
@@ -162,7 +166,7 @@ class AiohttpUpstream(_Fetching):
             self._open()
 
     async def send(
-        self, method: str, url: str, headers: list[tuple[bytes, bytes]], body: bytes
+        self, method: str, url: str, headers: list[tuple[bytes, bytes]], body: Body
     ) -> _AiohttpResponse:
         hdrs = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers]
         try:
@@ -266,7 +270,7 @@ class HttpxUpstream(_Fetching):
         return None  # httpx's client needs no running loop to be built
 
     async def send(
-        self, method: str, url: str, headers: list[tuple[bytes, bytes]], body: bytes
+        self, method: str, url: str, headers: list[tuple[bytes, bytes]], body: Body
     ) -> _HttpxResponse:
         req = self._client.build_request(method, url, headers=headers, content=body)
         try:

@@ -452,7 +452,8 @@ def test_recording_rules_match_the_proxys_metrics(stack: Stack) -> None:
         for _ in range(count):
             stack.chat(category, max_tokens)
     first_round = {
-        _labels(backend="fake", category=c, instance=stack.target, job=JOB, model="fake-model"): n
+        _labels(backend="fake", category=c, endpoint="chat", instance=stack.target, job=JOB,
+                model="fake-model"): n
         for c, (n, _) in MEASURED.items()
     }
     wait_for(
@@ -473,8 +474,9 @@ def test_recording_rules_match_the_proxys_metrics(stack: Stack) -> None:
         MEAN_CO2: {},
     }
     for category, (count, max_tokens) in MEASURED.items():
-        hist = _labels(backend="fake", category=category, model="fake-model")
-        tokens = _labels(backend="fake", category=category, model="fake-model", type="completion")
+        hist = _labels(backend="fake", category=category, endpoint="chat", model="fake-model")
+        tokens = _labels(backend="fake", category=category, endpoint="chat", model="fake-model",
+                         type="completion")
 
         def delta(name: str, labels: tuple[tuple[str, str], ...] = hist) -> float:
             return after[(name, labels)] - before[(name, labels)]
@@ -510,14 +512,14 @@ def test_recording_rules_match_the_proxys_metrics(stack: Stack) -> None:
     assert flat_got == pytest.approx(flat_want, rel=REL_TOL)
 
 
-def test_power_rule_splits_attributed_and_idle(stack: Stack) -> None:
+def test_power_rule_splits_attributed_untracked_and_idle(stack: Stack) -> None:
     got: dict[tuple[tuple[str, str], ...], float] = {}
 
-    def both_scopes() -> bool:
+    def every_scope() -> bool:
         got.update(stack.vector(POWER))
-        return {dict(k).get("scope") for k in got} == {"attributed", "idle"}
+        return {dict(k).get("scope") for k in got} == {"attributed", "untracked", "idle"}
 
-    wait_for(both_scopes, 60, f"{POWER} for both scopes")
+    wait_for(every_scope, 60, f"{POWER} for every scope")
     for labels, watts in got.items():
         assert dict(labels)["source"] == "constant" and dict(labels)["instance"] == stack.target
         assert watts >= 0

@@ -238,6 +238,6 @@ def run_metered(
     clock.t_s += 2.0
     meter.sampler.read_all()
     ch = meter.sampler.ledger.channels[meter.sampler.states[0].source.name]
-    conservation = abs(ch.attributed_j + ch.idle_j - ch.measured_j)
+    conservation = abs(ch.attributed_j + ch.untracked_j + ch.idle_j - ch.measured_j)
     error, shares = kind_shares([r for r in shifted if scored(r)], told)
     return Outcome(error, shares, told, conservation, meter)

@@ -75,6 +75,17 @@ def test_work_is_spread_over_the_intervals_it_spans_and_the_fit_waits_for_it() -
     assert fit.intervals_used == 20
 
 
+def test_intervals_with_untracked_work_take_work_but_are_not_fitted() -> None:
+    fit = CostFit()
+    for k in range(20):
+        # Untracked work ran in every other interval: its energy is not the work known.
+        fit.measured(k * 0.5, (k + 1) * 0.5, 100.0, 0.5, clean=k % 2 == 0)
+    fit.work(1.0, 2.0, prompt=2000.0)
+    assert [iv.prompt_tokens for iv in fit._intervals][2:4] == [1000.0, 1000.0]
+    rows = fit.rows(complete_before_s=10.0)
+    assert rows is not None and len(rows[0]) == 10
+
+
 def test_the_fixed_cost_is_shared_equally_by_the_runners_and_the_rest_by_weight() -> None:
     led = Ledger(["gpu"])
     ch = led.channels["gpu"]

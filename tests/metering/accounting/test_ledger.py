@@ -99,11 +99,12 @@ def test_a_request_of_weight_zero_is_owed_nothing_and_loses_nothing() -> None:
 
 
 # A schedule is a list of steps: ("read", joules drawn since the last reading),
-# ("start", weight) or ("end", index among open requests) or ("reweigh", index, weight).
+# ("start", weight, untracked) or ("end", index among open requests) or ("reweigh", index,
+# weight). An untracked ticket stands for work the proxy did not send (the meter's account).
 step = st.one_of(
     st.tuples(st.just("read"), st.floats(min_value=0.0, max_value=1e4, allow_nan=False)),
     # 0: held waiting by the queue model; 41: 1 + 4000 prompt tokens / 100 in prefill.
-    st.tuples(st.just("start"), st.sampled_from([0.0, 1.0, 2.0, 5.0, 41.0, 128.0])),
+    st.tuples(st.just("start"), st.sampled_from([0.0, 1.0, 2.0, 5.0, 41.0, 128.0]), st.booleans()),
     st.tuples(st.just("end"), st.integers(min_value=0, max_value=50)),
     st.tuples(
         st.just("reweigh"),
@@ -114,9 +115,13 @@ step = st.one_of(
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(step, max_size=120), st.integers(min_value=1, max_value=3))
-def test_conservation_attributed_plus_idle_equals_measured(
-    schedule: list[tuple[object, ...]], n_sources: int
+@given(
+    st.lists(step, max_size=120),
+    st.integers(min_value=1, max_value=3),
+    st.sampled_from([0.0, 0.5, 40.0]),
+)
+def test_conservation_attributed_plus_untracked_plus_idle_equals_measured(
+    schedule: list[tuple[object, ...]], n_sources: int, fixed_w: float
 ) -> None:
     names = [f"s{i}" for i in range(n_sources)]
     led = Ledger(names)
@@ -124,8 +129,16 @@ def test_conservation_attributed_plus_idle_equals_measured(
     t = 0.0
     for n in names:
         led.record(n, 0.0, t)
+        led.channels[n].fixed_w = fixed_w  # `model` mode's fixed cost, shared by runners
     open_: list[Ticket] = []
     owed = dict.fromkeys(names, 0.0)
+    owed_untracked = dict.fromkeys(names, 0.0)
+
+    def settle(ticket: Ticket) -> None:
+        into = owed_untracked if ticket.untracked else owed
+        for share in led.finish(ticket):
+            assert share.energy_j >= -1e-9
+            into[share.name] += share.energy_j
 
     def read(drawn: float) -> None:
         nonlocal t
@@ -140,25 +153,55 @@ def test_conservation_attributed_plus_idle_equals_measured(
             read(float(s[1]))  # type: ignore[arg-type]
         elif kind == "start":
             read(0.5)  # the sampler reads at every boundary
-            open_.append(led.start(weight=float(s[1])))  # type: ignore[arg-type]
+            weight, untracked = float(s[1]), bool(s[2])  # type: ignore[arg-type]
+            # A runner shares the fixed cost; the untracked account stands for two.
+            eq = (2.0 if untracked else 1.0) if weight > 0.0 else 0.0
+            open_.append(led.start(weight, eq=eq, untracked=untracked))
         elif kind == "end" and open_:
             read(0.5)
-            ticket = open_.pop(int(s[1]) % len(open_))  # type: ignore[call-overload]
-            for share in led.finish(ticket):
-                assert share.energy_j >= -1e-9
-                owed[share.name] += share.energy_j
+            settle(open_.pop(int(s[1]) % len(open_)))  # type: ignore[call-overload]
         elif kind == "reweigh" and open_:
             read(0.25)
             led.reweigh(open_[int(s[1]) % len(open_)], float(s[2]))  # type: ignore[call-overload]
     read(1.0)
     for ticket in open_:
-        for share in led.finish(ticket):
-            owed[share.name] += share.energy_j
+        settle(ticket)
     for n in names:
         ch = led.channels[n]
         assert math.isclose(ch.measured_j, energy[n], rel_tol=1e-9, abs_tol=1e-9)
-        assert math.isclose(owed[n] + ch.idle_j, ch.measured_j, rel_tol=1e-9, abs_tol=1e-6)
+        total = owed[n] + owed_untracked[n] + ch.idle_j
+        assert math.isclose(total, ch.measured_j, rel_tol=1e-9, abs_tol=1e-6)
         assert math.isclose(owed[n], ch.attributed_j, rel_tol=1e-9, abs_tol=1e-6)
+        assert math.isclose(owed_untracked[n], ch.untracked_j, rel_tol=1e-9, abs_tol=1e-6)
+        assert ch.attributed_j + ch.untracked_j + ch.idle_j == pytest.approx(ch.measured_j)
+
+
+def test_an_open_tickets_owed_so_far_is_read_without_settling_it() -> None:
+    led = Ledger(["s"])
+    led.record("s", 0.0, 0.0)
+    a = led.start(untracked=True)
+    b = led.start()
+    led.record("s", 10.0, 1.0)
+    (so_far,) = led.owed(a)
+    assert so_far.energy_j == pytest.approx(5.0)
+    assert a.shares[0].owed_j == 0.0  # nothing settled by the read
+    led.record("s", 20.0, 2.0)
+    (sa,), (sb,) = led.finish(a), led.finish(b)
+    assert sa.energy_j == sb.energy_j == pytest.approx(10.0)
+    ch = led.channels["s"]
+    assert ch.untracked_j == pytest.approx(10.0) and ch.attributed_j == pytest.approx(10.0)
+    assert ch.untracked_weight == 0.0 and ch.members == 0
+
+
+def test_the_untracked_account_never_trades_places_with_a_request() -> None:
+    led = Ledger(["s"])
+    led.record("s", 0.0, 0.0)
+    a, u = led.start(), led.start(untracked=True)
+    led.record("s", 10.0, 1.0)
+    led.exchange(a, u)
+    (sa,), (su,) = led.finish(a), led.finish(u)
+    assert sa.energy_j == su.energy_j == pytest.approx(5.0)
+    assert led.channels["s"].untracked_j == pytest.approx(su.energy_j)
 
 
 @settings(max_examples=200, deadline=None)

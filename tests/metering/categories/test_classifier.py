@@ -138,6 +138,62 @@ def test_the_last_user_turn_decides(clf: PromptClassifier) -> None:
     assert clf.classify_payload(body) == "math"
 
 
+GERMAN = "You translate everything the user writes into German."
+WEATHER = "The weather is lovely today."
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"instructions": GERMAN, "input": WEATHER},
+        {"instructions": GERMAN, "input": [{"role": "user", "content": WEATHER}]},
+        {
+            "instructions": GERMAN,
+            "input": [
+                {"type": "message", "role": "user",
+                 "content": [{"type": "input_text", "text": WEATHER}]},
+            ],
+        },
+        {"input": [{"role": "developer", "content": GERMAN},
+                   {"role": "user", "content": [{"type": "input_text", "text": WEATHER}]}]},
+        {"system": GERMAN, "messages": [{"role": "user", "content": WEATHER}]},
+        {"system": [{"type": "text", "text": GERMAN}],
+         "messages": [{"role": "user", "content": [{"type": "text", "text": WEATHER}]}]},
+    ],
+    ids=["responses-string", "responses-easy-items", "responses-items", "responses-developer",
+         "anthropic", "anthropic-blocks"],
+)  # fmt: skip
+def test_instructions_beside_the_input_say_what_to_do(
+    clf: PromptClassifier, body: dict[str, Any]
+) -> None:
+    assert clf.classify_payload(body) == "translation"
+    # Without the instructions beside it (where they are) the same text is no task at all.
+    bare = {k: v for k, v in body.items() if k not in ("system", "instructions")}
+    if bare != body:
+        assert clf.classify_payload(bare) == "other"
+
+
+@pytest.mark.parametrize(
+    ("body", "category"),
+    [
+        ({"query": "How do I reverse a linked list in Python?", "documents": ["def f(): ..."]},
+         "code"),
+        ({"query": "SELECT name FROM users WHERE age > 30;", "documents": [{"text": "..."}]},
+         "sql"),
+        ({"text_1": "What is the derivative of x^3?", "text_2": ["3x^2", "x^4 / 4"]}, "math"),
+        ({"queries": ["What is the derivative of x^3?"], "documents": ["3x^2"]}, "math"),
+        ({"texts": ["SELECT id FROM users WHERE age > 30;"], "input_type": "search_query"},
+         "sql"),
+        ({"input": "Translate into French: good night"}, "translation"),  # pooling, classify
+    ],
+    ids=["rerank", "rerank-objects", "score", "score-queries", "embed-texts", "pooling"],
+)  # fmt: skip
+def test_rerank_score_and_pooling_are_classified_by_their_query(
+    clf: PromptClassifier, body: dict[str, Any], category: str
+) -> None:
+    assert clf.classify_payload(body) == category
+
+
 def test_completions_prompt(clf: PromptClassifier) -> None:
     assert clf.classify_payload({"prompt": "Q: What is 48 divided by 6?\nA:"}) == "math"
     listed = {"prompt": ["# Python\ndef is_prime(n):", "# Python\ndef fib(n):"]}

@@ -145,12 +145,33 @@ def test_counter_interpolates_between_updates_and_caps(fake: Fake) -> None:
         # value is taken as written half an update period before the read: + 100 W x 50 ms.)
         fake.write("device 0 energy_mj=2000 instant_mw=100000\n")
         assert source.read(9.1).energy_j == pytest.approx(cap_j)  # 1 J + 5 J: held at 10
-        assert source.read(9.15).energy_j == pytest.approx(11.0)  # 6 J + 100 W x 50 ms
-        assert source.read(9.17).energy_j == pytest.approx(13.0)
+        # 1 J + 100 W x (50 ms since + the value's age, 25 ms now: see the test below)
+        assert source.read(9.15).energy_j == pytest.approx(cap_j)  # 8.5 J: held at 10
+        assert source.read(9.17).energy_j == pytest.approx(cap_j)  # 9.5 J: held
         # The counter moves past the estimate: snap to it, and to what was drawn since it
         # moved, some time in the 30 ms since the read before: 100 W x 15 ms.
         fake.write("device 0 energy_mj=21000 instant_mw=100000\n")
         assert source.read(9.2).energy_j == pytest.approx(21.5)
+    finally:
+        source.close()
+
+
+def test_a_counter_values_age_shrinks_while_the_counter_does_not_move(fake: Fake) -> None:
+    """A value seen at a read 100 ms after the last one was written, on average, 50 ms
+    before; if the counter has not moved 50 ms later, it was written at most 50 ms before
+    the read (it moves every 100 ms): the expected age halves. A period after the move,
+    the estimate is the value plus one period's draw and goes no further: never more
+    than the counter could be behind."""
+    source = open_one(fake, "device 0 energy_mj=0 instant_mw=100000\n")
+    try:
+        source.read(0.0)
+        fake.write("device 0 energy_mj=20000 instant_mw=100000\n")
+        assert source.read(0.1).energy_j == pytest.approx(25.0)  # 20 J + 100 W x 50 ms
+        assert source.read(0.15).energy_j == pytest.approx(27.5)  # + 5 J since + 2.5 J age
+        assert source.read(0.18).energy_j == pytest.approx(29.0)  # + 8 J since + 1 J age
+        bound_j = 20.0 + 100.0 * COUNTER_MAX_UPDATE_PERIOD_S
+        assert source.read(0.2).energy_j == pytest.approx(bound_j)
+        assert source.read(0.9).energy_j == pytest.approx(bound_j)
     finally:
         source.close()
 

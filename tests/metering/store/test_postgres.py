@@ -7,13 +7,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import replace
 
 import psycopg
 import pytest
 
-from metering.store import RequestStore, StoreError
+from metering.store import RequestRecord, RequestStore, StoreError
+from metering.store.columns import COLUMNS, COLUMNS_V4, encode
 from metering.store.postgres import BYTES_PER_RECORD, PostgresDatabase
-from metering.store.postgres_schema import SCHEMA, SCHEMA_VERSION
+from metering.store.postgres_schema import MIGRATIONS, SCHEMA, SCHEMA_VERSION
 from tests.support.pg import PostgresServer
 from tests.support.polling import wait_until
 from tests.support.storekit import STORE_LOG, make_record, rid
@@ -53,6 +55,73 @@ def test_a_newer_schema_is_refused(pg_url: str) -> None:
         c.execute(f"UPDATE {SCHEMA}.schema_version SET version = %s", (SCHEMA_VERSION + 1,))
     with pytest.raises(StoreError, match="newer"):
         RequestStore.open(pg_url)
+
+
+def _v2_database(url: str, records: list[RequestRecord]) -> None:
+    """A store as energy-proxy wrote it at schema 2: no endpoint, no untracked flag (its
+    rollups are left out: the test reads records)."""
+    with psycopg.connect(url) as c, c.cursor() as cur:
+        cur.execute(f"CREATE SCHEMA {SCHEMA}")
+        cur.execute(f"CREATE TABLE {SCHEMA}.schema_version (version integer NOT NULL)")
+        for m in MIGRATIONS[:2]:
+            m(cur)
+        cur.execute(f"INSERT INTO {SCHEMA}.schema_version VALUES (2)")
+
+        def label(text: str) -> int:
+            cur.execute(
+                f"INSERT INTO {SCHEMA}.labels (text) VALUES (%s) ON CONFLICT (text) DO NOTHING",
+                (text,),
+            )
+            row = cur.execute(f"SELECT id FROM {SCHEMA}.labels WHERE text = %s", (text,))
+            return int(row.fetchone()[0])  # type: ignore[index]
+
+        marks = ", ".join("%s" for _ in COLUMNS_V4)
+        for r in records:
+            row = encode(r, label)[: len(COLUMNS_V4)]
+            cur.execute(
+                f"INSERT INTO {SCHEMA}.records ({', '.join(COLUMNS_V4)}) VALUES ({marks})", row
+            )
+
+
+def test_a_version_2_store_reads_back_its_records_as_chat(pg_url: str) -> None:
+    old = [make_record(rid(1)), make_record(rid(2), status=499, client_request_id="c2")]
+    _v2_database(pg_url, old)
+    with RequestStore.open(pg_url) as store:
+        for r in old:
+            got = store.get(r.request_id)
+            assert got == r.energy()
+            assert got is not None
+            assert got["endpoint"] == "chat" and got["shared_with_untracked"] is None
+        store.add(replace(make_record(rid(3)), endpoint="rerank", shared_with_untracked=True))
+        assert store.flush()
+        got = store.get(rid(3))
+        assert got is not None
+        assert got["endpoint"] == "rerank" and got["shared_with_untracked"] is True
+    with psycopg.connect(pg_url) as c:
+        assert c.execute(f"SELECT version FROM {SCHEMA}.schema_version").fetchall() == [
+            (SCHEMA_VERSION,)
+        ]
+        cols = c.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_schema = %s "
+            "AND table_name = 'records' ORDER BY ordinal_position",
+            (SCHEMA,),
+        ).fetchall()
+        assert tuple(c for (c,) in cols) == ("id", *COLUMNS)
+
+
+def test_every_endpoint_and_untracked_flag_round_trips(pg_url: str) -> None:
+    records = [
+        replace(make_record(rid(i)), endpoint=endpoint, shared_with_untracked=shared)
+        for i, (endpoint, shared) in enumerate(
+            [("responses", True), ("messages", False), ("audio", None), ("pooling", True)]
+        )
+    ]
+    with RequestStore.open(pg_url) as store:
+        for r in records:
+            store.add(r)
+        assert store.flush()
+        for r in records:
+            assert store.get(r.request_id) == r.energy()
 
 
 def test_an_unreachable_server_is_a_clear_error_without_the_password(

@@ -11,15 +11,16 @@ import sys
 import textwrap
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from metering.store import RequestStore, StoreError
-from metering.store.columns import COLUMNS
+from metering.store import RequestRecord, RequestStore, StoreError
+from metering.store.columns import COLUMNS, COLUMNS_V4, encode
 from metering.store.sqlite import SqliteDatabase
-from metering.store.sqlite_schema import MIGRATIONS, SCHEMA_VERSION
+from metering.store.sqlite_schema import MIGRATIONS, SCHEMA_VERSION, rebuild_rollups
 from tests.support.paths import REPO_ROOT
 from tests.support.polling import wait_until
 from tests.support.storekit import STORE_LOG, make_record, make_report, rid
@@ -54,7 +55,7 @@ def test_schema_wal_and_no_figure_stored_twice(tmp_path: Path) -> None:
         assert store.flush()
         with closing(sqlite3.connect(db)) as c:
             assert c.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-            assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+            assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
             assert c.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # incremental
             tables = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='table'")}
             assert tables == {"labels", "records", "rollups", "rollups_daily"}
@@ -64,7 +65,7 @@ def test_schema_wal_and_no_figure_stored_twice(tmp_path: Path) -> None:
             assert row[0] == bytes.fromhex(rid(1)[4:]) and len(row[0]) == 12
             assert row[1] == 1_000_000 and isinstance(row[2], int) and row[3] == 200
             labels = {t for (t,) in c.execute("SELECT text FROM labels")}
-            assert {"m1", "code", "fake", "constant", "queue", "static", ""} <= labels
+            assert {"m1", "code", "fake", "constant", "queue", "static", "", "chat"} <= labels
 
 
 def test_a_record_is_under_its_byte_budget(tmp_path: Path) -> None:
@@ -173,10 +174,69 @@ def test_a_version_2_store_is_migrated_with_every_record(
         assert [(r["category"], r["count"]) for r in rows] == [("code", 3)]
         assert rows[0]["mean_joules"] == pytest.approx((0.1 + 0.2 + 10.0 + 2.0) / 3)
     with closing(sqlite3.connect(db)) as c:
-        assert c.execute("PRAGMA user_version").fetchone()[0] == 4
+        assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert c.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
         assert not c.execute("SELECT 1 FROM sqlite_master WHERE name = 'requests'").fetchone()
     assert any("compacting 4 records" in r.getMessage() for r in caplog.records)
+
+
+def _v4_database(path: Path, records: list[RequestRecord]) -> None:
+    """A store as energy-proxy wrote it at schema 4: no endpoint, no untracked flag."""
+    with closing(sqlite3.connect(path, isolation_level=None)) as c:
+        c.execute("PRAGMA journal_mode=WAL")
+        c.execute("BEGIN")
+        for m in MIGRATIONS[:4]:
+            m(c)
+        c.execute("PRAGMA user_version = 4")
+
+        def label(text: str) -> int:
+            c.execute("INSERT OR IGNORE INTO labels (text) VALUES (?)", (text,))
+            return int(c.execute("SELECT id FROM labels WHERE text = ?", (text,)).fetchone()[0])
+
+        marks = ", ".join("?" for _ in COLUMNS_V4)
+        for r in records:
+            row = encode(r, label)[: len(COLUMNS_V4)]
+            c.execute(f"INSERT INTO records ({', '.join(COLUMNS_V4)}) VALUES ({marks})", row)
+        rebuild_rollups(c)
+        c.execute("COMMIT")
+
+
+def test_a_version_4_store_reads_back_its_records_as_chat(tmp_path: Path) -> None:
+    db = tmp_path / "v4.db"
+    old = [make_record(rid(1)), make_record(rid(2), status=499, client_request_id="c2")]
+    _v4_database(db, old)
+    with RequestStore.open(str(db)) as store:
+        for r in old:
+            got = store.get(r.request_id)
+            assert got == r.energy()  # every figure as it was told
+            assert got is not None
+            assert got["endpoint"] == "chat" and got["shared_with_untracked"] is None
+        # New records beside them keep their own endpoint.
+        store.add(replace(make_record(rid(3)), endpoint="rerank", shared_with_untracked=True))
+        assert store.flush()
+        got = store.get(rid(3))
+        assert got is not None
+        assert got["endpoint"] == "rerank" and got["shared_with_untracked"] is True
+        assert [r["count"] for r in store.summary()] == [2]
+    with closing(sqlite3.connect(db)) as c:
+        assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        cols = [r[1] for r in c.execute("PRAGMA table_info(records)")]
+        assert tuple(cols) == COLUMNS
+
+
+@pytest.mark.parametrize("endpoint", ["responses", "messages", "audio", "score", "pooling"])
+@pytest.mark.parametrize("shared", [True, False, None])
+def test_every_endpoint_and_untracked_flag_round_trips(
+    tmp_path: Path, endpoint: str, shared: bool | None
+) -> None:
+    record = replace(make_record(rid(1)), endpoint=endpoint, shared_with_untracked=shared)
+    with RequestStore.open(str(tmp_path / "s.db")) as store:
+        store.add(record)
+        assert store.flush()
+        got = store.get(rid(1))
+    assert got == record.energy()
+    assert got is not None
+    assert got["endpoint"] == endpoint and got["shared_with_untracked"] is shared
 
 
 def test_newer_schema_is_refused(tmp_path: Path) -> None:

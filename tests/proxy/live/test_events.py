@@ -134,10 +134,14 @@ def test_power_samples_split_what_the_ledger_counted() -> None:
     led.finish(t)
     after = Counters(2.0, ch.measured_j, ch.attributed_j, ch.idle_j)
     sample = power_sample(before, after)
-    assert sample == pytest.approx({"watts": 200.0, "attributed_watts": 150.0, "idle_watts": 50.0})
+    assert sample == pytest.approx(
+        {"watts": 200.0, "attributed_watts": 150.0, "idle_watts": 50.0, "untracked_watts": 0.0}
+    )
     assert power_sample(after, after) is None
     reset = Counters(3.0, 0.0, 0.0, 0.0)  # a counter that went back counts nothing
-    assert power_sample(after, reset) == {"watts": 0.0, "attributed_watts": 0.0, "idle_watts": 0.0}
+    assert power_sample(after, reset) == {
+        "watts": 0.0, "attributed_watts": 0.0, "idle_watts": 0.0, "untracked_watts": 0.0
+    }
 
 
 # --- the endpoint, on a real socket ----------------------------------------------------------

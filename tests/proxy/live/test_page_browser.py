@@ -120,8 +120,8 @@ def test_rows_chart_and_stars_appear_without_a_reload(
             "#requests tbody tr:first-child td", "cells => cells.map(c => c.textContent)"
         )
         last = told[-1]
-        assert top[1:5] == ["fake-model", "code", "fake", "200"]
-        assert float(top[6]) == pytest.approx(last["joules"], abs=0.01)
+        assert top[1:6] == ["fake-model", "chat", "code", "fake", "200"]
+        assert float(top[7]) == pytest.approx(last["joules"], abs=0.01)
         # A click shows the whole energy object.
         page.click("#requests tbody tr:first-child")
         assert json.loads(page.inner_text("#detail")) == last
@@ -163,7 +163,7 @@ def test_hostile_names_stay_text(tmp_path: Path, page: Any) -> None:
         cells = page.eval_on_selector_all(
             "#requests tbody tr:first-child td", "cells => cells.map(c => c.textContent)"
         )
-        assert cells[1:3] == [HOSTILE_MODEL, HOSTILE_CATEGORY]
+        assert [cells[1], cells[3]] == [HOSTILE_MODEL, HOSTILE_CATEGORY]
         page.click("#requests tbody tr:first-child")
         assert json.loads(page.inner_text("#detail")) == told[-1]
         page.wait_for_selector("#models tbody tr [data-stars]")

@@ -90,7 +90,7 @@ def test_the_readme_table_keeps_every_promised_metric() -> None:
     assert set(table) >= PROMISED, sorted(PROMISED - set(table))
     assert table["energy_proxy_requests_total"] == (
         "counter",
-        frozenset({"model", "category", "backend", "status"}),
+        frozenset({"model", "category", "backend", "endpoint", "status"}),
     )
 
 

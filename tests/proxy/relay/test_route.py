@@ -176,12 +176,18 @@ async def test_unknown_category_is_400_naming_allowed(client: httpx.AsyncClient)
     assert r.status_code == 200 and r.headers["x-prompt-category"] == "sql"
 
 
-async def test_backend_error_passes_through_unchanged(client: httpx.AsyncClient) -> None:
+async def test_backend_error_passes_through_unchanged_with_its_energy(
+    client: httpx.AsyncClient,
+) -> None:
     r = await client.post("/v1/chat/completions", json=CHAT, headers={"x-fake-error": "429"})
     assert r.status_code == 429
+    # The body is the backend's, byte for byte; what the failed request cost is in headers.
     assert r.json() == {"error": {"message": "fake backend error", "type": "fake", "code": 429}}
-    assert "energy" not in r.json() and "x-energy-joules" not in r.headers
-    assert r.headers["x-request-id"]
+    assert float(r.headers["x-energy-joules"]) > 0.0
+    assert r.headers["x-energy-method"] == "constant"
+    record = await client.get(f"/v1/energy/requests/{r.headers['x-energy-request-id']}")
+    assert record.status_code == 200
+    assert record.json()["joules"] == float(r.headers["x-energy-joules"])
 
 
 async def test_hop_by_hop_and_encoding_not_forwarded(
@@ -221,9 +227,10 @@ async def test_models_merged_and_readiness(client: httpx.AsyncClient) -> None:
     ]
 
 
-async def test_get_on_metered_route_is_refused(client: httpx.AsyncClient) -> None:
+async def test_get_on_metered_route_is_405(client: httpx.AsyncClient) -> None:
     r = await client.get("/v1/chat/completions")
-    assert r.status_code == 400 and r.json()["error"]["code"] == "method_not_allowed"
+    assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+    assert r.headers["allow"] == "POST, OPTIONS"
 
 
 async def test_one_json_log_line_per_request_without_prompt_text(
@@ -268,10 +275,22 @@ def test_request_log_survives_a_broken_stream() -> None:
     assert log.dropped_lines == 1
 
 
-async def test_unknown_path_gets_openai_error(client: httpx.AsyncClient) -> None:
-    r = await client.get("/v1/nothing-here")
+async def test_a_path_outside_the_passthrough_list_gets_openai_error(
+    client: httpx.AsyncClient, fake: tuple[Any, FakeState]
+) -> None:
+    _, state = fake
+    before = len(state.requests)
+    r = await client.post("/invocations", json=CHAT)
     assert r.status_code == 404
     assert r.json()["error"]["type"] == "invalid_request_error"
+    assert "--passthrough" in r.json()["error"]["message"]
+    assert r.headers["x-request-id"]
+    assert len(state.requests) == before  # it never reached the backend
+
+
+async def test_an_unknown_api_path_is_the_backends_own_answer(client: httpx.AsyncClient) -> None:
+    r = await client.get("/v1/nothing-here")
+    assert r.status_code == 404 and r.text == "Not Found"  # the fake backend's (Starlette's)
     assert r.headers["x-request-id"]
 
 
