@@ -9,6 +9,8 @@ totals serve the same cross-check for tokens (the backend's count against the pr
 
 from __future__ import annotations
 
+import functools
+import re
 from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -89,8 +91,11 @@ def parse_own_metrics(text: str, names: MetricNames = ANY_METRICS) -> OwnMetrics
     prompt: float | None = None
     completion: float | None = None
     waiting: float | None = None
+    # Only the few series read here go to the parser: a vLLM's page is mostly histograms
+    # (tens of KB), and the gauges are read every 0.25 s while requests may be waiting.
+    kept = "\n".join(_sample_lines(names).findall(text))
     try:
-        for family in text_string_to_metric_families(text):
+        for family in text_string_to_metric_families(kept):
             for sample in family.samples:
                 name, value = sample.name, float(sample.value)
                 if name in names.inflight:
@@ -104,6 +109,16 @@ def parse_own_metrics(text: str, names: MetricNames = ANY_METRICS) -> OwnMetrics
     except ValueError:
         return NO_METRICS
     return OwnMetrics(inflight, prompt, completion, waiting)
+
+
+@functools.cache
+def _sample_lines(names: MetricNames) -> re.Pattern[str]:
+    """The sample lines of the series in `names` (with or without labels)."""
+    wanted = sorted(
+        names.inflight | names.prompt_tokens_total | names.completion_tokens_total | names.waiting
+    )
+    alternatives = "|".join(re.escape(n) for n in wanted) or "(?!)"
+    return re.compile(rf"^(?:{alternatives})(?:\{{[^\n]*\}})?[ \t][^\n]*$", re.MULTILINE)
 
 
 def inflight_from_metrics(text: str) -> float | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -61,6 +62,7 @@ class BackendRegistry:
         self._last_refresh_s = -1e9
         self._refresh_lock = asyncio.Lock()
         self._went_down = asyncio.Event()  # a request found a ready backend unreachable
+        self._gauges_wanted = asyncio.Event()  # read the gauges now (wake_gauges)
 
     # --- routing (the hot path: one dict lookup) ---------------------------------------
 
@@ -235,11 +237,33 @@ class BackendRegistry:
             poster, backend.url, model, text, self.TOKENIZE_TIMEOUT_S
         )
 
-    async def run_own_metrics(self, period_s: float) -> None:
-        """Scrape the backends' own metrics now and every `period_s` seconds (cancel to stop)."""
+    def wake_gauges(self, backend: str = "") -> None:
+        """A request opened with more in flight than the backend may run at once: read
+        the gauges now (within `fast_s` of the last read), not at the end of the period."""
+        self._gauges_wanted.set()
+
+    async def run_own_metrics(
+        self,
+        period_s: float,
+        fast_s: float | None = None,
+        wanted: Callable[[str], bool] | None = None,
+    ) -> None:
+        """Scrape the backends' own metrics now and every `period_s` seconds (cancel to
+        stop); every `fast_s` while `wanted(backend)` says requests may be waiting at one
+        of them (their gauges show the queue, and the capacity with it), and at once when
+        `wake_gauges` is called, at most once a `fast_s`."""
+        fast_s = period_s if fast_s is None else min(fast_s, period_s)
+        last_s = -math.inf
         while True:
+            gap_s = fast_s - (self._clock() - last_s)
+            if gap_s > 0:
+                await asyncio.sleep(gap_s)
+            last_s = self._clock()
+            self._gauges_wanted.clear()
             await self.scrape_own_metrics()
-            await asyncio.sleep(period_s)
+            busy = wanted is not None and any(wanted(b.name) for b in self.backends)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._gauges_wanted.wait(), fast_s if busy else period_s)
 
     def merged_models(self) -> dict[str, Any]:
         """`/v1/models`: every backend's entries, first listing of an id wins."""

@@ -156,6 +156,9 @@ class Meter:
             self._price(lane)
             self._describe(lane)
         sampler.tick_listeners.append(self.tick)
+        # Told a backend's name when a request opens with more in flight to it than it may
+        # run at once (the registry reads its gauges at once then, and often after).
+        self.on_gauges_wanted: Callable[[str], None] | None = None
 
     @classmethod
     def build(
@@ -234,7 +237,15 @@ class Meter:
             m.admitted_s = t0_s
         flight.handle = m
         lane.open_starts[id(m)] = t0_s
+        if self.on_gauges_wanted is not None and queue.may_queue():
+            self.on_gauges_wanted(backend)
         return m
+
+    def gauges_wanted(self, backend: str) -> bool:
+        """Whether the backend's requests in flight may be more than it runs at once: its
+        gauges are worth reading often now (`EngineQueue.may_queue`)."""
+        lane = self._lanes.get(backend)
+        return lane is not None and lane.queue.may_queue()
 
     def first_token(self, m: Measurement) -> None:
         """Its first token came out: prefill is over (and it was admitted), it decodes."""
@@ -308,7 +319,9 @@ class Meter:
             band_rel=self._band_rel(m.lane, t1_s - m.t0_s),
             basis=m.lane.basis + ("backend" if timings is not None else "proxy"),
             endpoint=endpoint,
-            shared_with_untracked=_shared_with_untracked(m),
+            shared_with_untracked=m.lane.untracked.shared_with(
+                m.untracked_at_open, m.untracked_episodes
+            ),
         )
         return m.report
 
@@ -340,7 +353,7 @@ class Meter:
             model = "no cost model"
         else:
             model = f"{COST_MODEL_VERSION} {'fitted' if lane.fit.trusted else 'defaults'}"
-        capacity = _capacity_source(lane.queue)
+        capacity = lane.queue.capacity_source()
         lane.basis = f"{model}; queue capacity {capacity}; timings "  # + whose, per request
 
     # --- what the backends tell ------------------------------------------------------------
@@ -553,7 +566,7 @@ class Meter:
                 "decode_tokens_per_s": rates.decode_tokens_per_s,
                 "prefill_window_s": rates.prefill_window_s,
                 "queue_capacity": lane.queue.capacity,
-                "queue_capacity_source": _capacity_source(lane.queue),
+                "queue_capacity_source": lane.queue.capacity_source(),
                 "timed_requests": lane.timed,
             }
         return out
@@ -573,22 +586,3 @@ class Meter:
             (st.source.name, str(getattr(st.source, "hardware", "") or ""), st.source.method)
             for st in self.sampler.states
         )
-
-
-def _shared_with_untracked(m: Measurement) -> bool | None:
-    """Whether work the proxy did not send ran beside `m` at some point (then, or begun
-    since it opened); None when its backend's gauges were not read (nobody can tell)."""
-    u = m.lane.untracked
-    if m.untracked_at_open or u.count > 0 or u.episodes != m.untracked_episodes:
-        return True
-    return False if u.gauged else None
-
-
-def _capacity_source(queue: EngineQueue) -> str:
-    """Where a queue model's capacity came from: `configured`, `learnt` from the backend's
-    gauges, `inferred` from when its answers started, or `unknown` (no limit known)."""
-    if queue.configured is not None:
-        return "configured"
-    if queue.capacity is None:
-        return "unknown"
-    return "learnt" if queue.gauged else "inferred"

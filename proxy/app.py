@@ -138,7 +138,13 @@ class EnergyProxyApp:
         self._tasks = [
             asyncio.create_task(ctx.meter.sampler.run(min(settings.sample_hz, LEDGER_TICK_HZ))),
             asyncio.create_task(ctx.registry.run(settings.models_refresh_s)),
-            asyncio.create_task(ctx.registry.run_own_metrics(settings.backend_metrics_s)),
+            asyncio.create_task(
+                ctx.registry.run_own_metrics(
+                    settings.backend_metrics_s,
+                    settings.backend_metrics_fast_s,
+                    ctx.meter.gauges_wanted,
+                )
+            ),
             asyncio.create_task(self._metered.watch_slow_clients()),
             asyncio.create_task(self.live.run()),
         ]
@@ -270,6 +276,7 @@ def create_app(
         clock=clock,
         on_own_metrics=meter.learn,
     )
+    meter.on_gauges_wanted = registry.wake_gauges
     metrics = ProxyMetrics(
         CollectorRegistry(auto_describe=True),
         meter.sampler,

@@ -174,6 +174,9 @@ class Settings(BaseModel):
     models_refresh_s: float = Field(default=30.0, gt=0.0)
     # How often the backends' own /metrics are read (their in-flight counts, the cross-check)
     backend_metrics_s: float = Field(default=5.0, gt=0.0)
+    # ... and how often while requests may be waiting at a backend (more in flight than
+    # it runs at once, or two or more while that is not known): the queue shows then.
+    backend_metrics_fast_s: float = Field(default=0.25, gt=0.0)
     log_level: str = "info"
     # Paths of the backend's API passed through unmetered beyond the defaults
     # (proxy/relay/passthrough.py), e.g. "/invocations"; "!PATTERN" refuses one.

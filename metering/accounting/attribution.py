@@ -112,8 +112,8 @@ class EngineQueue:
     running: OrderedDict[int, Flight] = field(default_factory=OrderedDict)
     waiting: OrderedDict[int, Flight] = field(default_factory=OrderedDict)
     price: WorkPrice = field(default_factory=WorkPrice)  # `model` mode's weights
-    # Without gauges: what the answers showed of the capacity (`Attribution.infer`).
-    gauged: bool = False  # the backend's own running count has been read: it decides
+    # Until the gauges show it: what the answers showed of the capacity (`Attribution.infer`).
+    gauged: bool = False  # the backend's own counts showed the capacity (a queue): they decide
     last_end_s: float | None = None  # when a request last ended (freeing a place)
     evidence: int = 0  # first tokens that followed an end as an admission does
     inferred: int = 0  # the most requests seen running at such an admission
@@ -128,15 +128,36 @@ class EngineQueue:
         the capacity; a count above the capacity known raises it. True when it changed."""
         if running is None or self.configured is not None:
             return False
-        self.gauged = True
         r = round(running)
         # Requests wait a moment for the next step even with room (a scrape can catch
         # that): the capacity is the most seen running while others waited, never less.
         with_queue = waiting is not None and waiting >= 1 and r >= 1
+        # Gauges read while nothing waited say nothing of the limit: the answers' starts
+        # go on inferring it until a read shows a queue (a burst right after start is
+        # over before a read every few seconds sees one).
+        self.gauged = self.gauged or with_queue
         if (with_queue or self.capacity is not None) and r > (self.capacity or 0):
             self.capacity = r
             return True
         return False
+
+    def may_queue(self) -> bool:
+        """Whether the requests in flight may be more than the backend runs at once: more
+        than the capacity known, or two or more while none is known. Then its gauges are
+        worth reading often (they show the queue, and the capacity with it)."""
+        inflight = len(self.running) + len(self.waiting)
+        if self.capacity is None:
+            return inflight >= 2
+        return inflight > self.capacity
+
+    def capacity_source(self) -> str:
+        """Where the capacity came from: `configured`, `learnt` from the backend's gauges,
+        `inferred` from when its answers started, or `unknown` (no limit known)."""
+        if self.configured is not None:
+            return "configured"
+        if self.capacity is None:
+            return "unknown"
+        return "learnt" if self.gauged else "inferred"
 
     @property
     def decoding(self) -> int:

@@ -10,6 +10,10 @@ holds an account of phantom requests, as many as the difference, each weighed as
 running decoding request (meter.py keeps them as one ticket in the ledger); the energy
 they draw accrues to the account, not to the metered requests.
 
+Readings taken while the proxy has nothing in flight to the backend count none: an idle
+engine's gauges hold their last step's figures until it steps again, so such a reading
+may be stale, and there is no metered request for the difference to protect.
+
 The count is a lower bound: the proxy's own requests that the backend holds waiting count
 as running here (the gauges do not say whose requests wait), and so do those the proxy
 closed in the last `GRACE_S` (the gauges were read a moment before they reach the meter,
@@ -77,6 +81,11 @@ class UntrackedWork:
         self.last_call_s = now_s
         self._forget_ends(now_s)
         count = untracked_count(backend_running, proxy_inflight + len(self.recent_ends_s))
+        if proxy_inflight == 0:
+            # Nothing of the proxy's runs: an idle engine's gauges keep their last step's
+            # count (vLLM updates them as it steps), so the figure may be stale; and there
+            # is no metered request to protect. Drawn now, the energy is idle.
+            count = 0
         self.last_read_s = None if backend_running is None else now_s
         return count
 
@@ -85,6 +94,14 @@ class UntrackedWork:
         longer holds."""
         last_s = self.last_read_s
         return last_s is not None and now_s - last_s > STALE_PERIODS * self.period_s
+
+    def shared_with(self, at_open: bool, episodes_at_open: int) -> bool | None:
+        """Whether untracked work ran beside a request that opened seeing `at_open` and
+        `episodes_at_open` (then, now, or begun and ended since); None when the gauges
+        are not read (nobody can tell)."""
+        if at_open or self.count > 0 or self.episodes != episodes_at_open:
+            return True
+        return False if self.gauged else None
 
     @property
     def gauged(self) -> bool:

@@ -178,6 +178,13 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
         metavar="S",
         help="seconds between reads of the backends' own /metrics (default 5)",
     )
+    p.add_argument(
+        "--backend-metrics-fast-s",
+        type=float,
+        default=S,
+        metavar="S",
+        help="... while requests may be waiting at a backend (default 0.25)",
+    )
     p.add_argument("--log-level", default=S, choices=("debug", "info", "warning", "error"))
 
 

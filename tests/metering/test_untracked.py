@@ -74,9 +74,17 @@ def test_the_count_is_what_runs_beyond_the_proxys_own() -> None:
 def test_requests_closed_a_moment_ago_still_count_as_the_proxys() -> None:
     u = UntrackedWork()
     u.ended(10.0)  # counted by the backend when its gauge was read, ended since
-    assert u.read(10.0 + GRACE_S / 2, 1.0, 0) == 0
-    assert u.read(10.0 + 2 * GRACE_S, 1.0, 0) == 1
+    assert u.read(10.0 + GRACE_S / 2, 2.0, 1) == 0
+    assert u.read(10.0 + 2 * GRACE_S, 2.0, 1) == 1
     assert not u.recent_ends_s  # nothing kept beyond the grace
+
+
+def test_a_reading_with_nothing_of_the_proxys_in_flight_counts_none() -> None:
+    # An idle engine's gauges hold their last step's figures (vLLM steps to update them):
+    # read while the proxy has nothing in flight, they may be stale, and protect nobody.
+    u = UntrackedWork()
+    assert u.read(1.0, 3.0, 0) == 0
+    assert u.read(2.0, 3.0, 1) == 2
 
 
 # --- the split ------------------------------------------------------------------------------
@@ -146,19 +154,17 @@ def test_learning_partway_splits_from_then_on() -> None:
     assert meter.untracked_joules("b") == pytest.approx(700.0 * 1.5 * 2 / 3, rel=1e-9)
 
 
-def test_untracked_work_alone_is_not_idle() -> None:
+def test_gauges_read_while_the_proxy_is_idle_leave_the_energy_idle() -> None:
     clock = StepClock()
     meter = meter_of(clock)
     clock.t_s = 1.0
-    meter.learn("b", 1, 0)
+    meter.learn("b", 1, 0)  # perhaps an idle engine's last figure: not taken
+    assert meter.untracked_requests("b") == 0
     clock.t_s = 3.0
-    meter.learn("b", 0, 0)  # it ended
-    clock.t_s = 4.0
     meter.sampler.read_all()
     ch = meter.sampler.ledger.channels["box"]
-    assert meter.untracked_joules("b") == pytest.approx(1400.0)
-    assert ch.idle_j == pytest.approx(700.0 * 2.0)  # before 1 s and after 3 s
-    assert ch.members == 0  # the account left the ledger with its work
+    assert meter.untracked_joules("b") == 0.0
+    assert ch.idle_j == pytest.approx(700.0 * 3.0)
     assert balance_j(meter, 0.0) == pytest.approx(0.0, abs=1e-6)
 
 
@@ -166,36 +172,38 @@ def test_a_reading_without_a_count_ends_the_account() -> None:
     clock = StepClock()
     meter = meter_of(clock)
     clock.t_s = 1.0
-    meter.learn("b", 2, 0)
+    m = stream(meter)
+    meter.learn("b", 3, 0)
     assert meter.untracked_requests("b") == 2
     clock.t_s = 2.0
     meter.learn("b", None, None)  # the gauges could not be read
     assert meter.untracked_requests("b") == 0
     clock.t_s = 3.0
-    m = stream(meter)
-    clock.t_s = 4.0
-    assert close(meter, m).energy_j == pytest.approx(700.0)
-    assert meter.untracked_joules("b") == pytest.approx(700.0)  # 1 s of 700 W, then none
+    # Equal shares: a third of 1 s at 700 W, then all of the next second.
+    assert close(meter, m).energy_j == pytest.approx(700.0 / 3 + 700.0)
+    assert meter.untracked_joules("b") == pytest.approx(700.0 * 2 / 3)
 
 
 def test_the_account_decays_when_the_gauges_stop_coming() -> None:
     clock = StepClock()
     meter = meter_of(clock)
+    clock.t_s = 0.5
+    long_one = stream(meter)  # the proxy's own, in flight throughout
     for t_s in (1.0, 2.0):  # read every second
         clock.t_s = t_s
-        meter.learn("b", 1, 0)
+        meter.learn("b", 2, 0)
     clock.t_s = 4.5  # 2.5 periods without a reading: still believed
     meter.sampler.tick()
     assert meter.untracked_requests("b") == 1
     clock.t_s = 5.5  # 3.5 periods: what they said no longer holds
     meter.sampler.tick()
     assert meter.untracked_requests("b") == 0
-    m = stream(meter)
     clock.t_s = 6.5
-    r = close(meter, m)
-    assert r.energy_j == pytest.approx(700.0)
-    assert r.shared_with_untracked is None  # the gauges are not being read any more
-    assert meter.untracked_joules("b") == pytest.approx(700.0 * 4.5)
+    r = close(meter, long_one)
+    # Alone until 1 s and after 5.5 s; an equal half from 1 s to 5.5 s.
+    assert r.energy_j == pytest.approx(700.0 * (0.5 + 1.0) + 700.0 * 4.5 / 2)
+    assert r.shared_with_untracked is True
+    assert meter.untracked_joules("b") == pytest.approx(700.0 * 4.5 / 2)
 
 
 def test_a_request_that_opened_before_untracked_work_began_and_ended_after_it_shared() -> None:

@@ -13,8 +13,11 @@ request (start, first streamed token, end). The proxy's own code does the rest: 
   no faster than its measured cost allows (3 ms a read: one read every 0.75 s), power
   samples at 20 Hz in between;
 
-and the sampler's own 2 Hz tick, the backend's gauges scraped every `scrape_s` (when the
-engine exports them) and each request's boundaries read at its own instant. The error is
+and the sampler's own 2 Hz tick, the backend's gauges scraped as the proxy's registry does
+(when the engine exports them): every `scrape_s` (--backend-metrics-s), every
+`fast_scrape_s` while requests may be waiting, and at once (within `fast_scrape_s` of the
+last read) when a request opens with more in flight than the backend may run; and each
+request's boundaries read at its own instant. The error is
 the mean absolute difference of the kinds' shares of the dynamic energy, as the requests
 were told, from the engine's Shapley truth.
 """
@@ -121,7 +124,8 @@ def run_metered(
     *,
     sensor: Sensor = H100,
     gauges: bool = True,
-    scrape_s: float = 1.0,
+    scrape_s: float = 5.0,
+    fast_scrape_s: float = 0.25,
     warm: bool = True,
     stream: Callable[[SimRequest], bool] = lambda r: r.max_tokens > 0,
     scored: Callable[[SimRequest], bool] = lambda r: True,
@@ -172,8 +176,23 @@ def run_metered(
     if warm and config.max_running is not None and gauges:
         meter.learn(BACKEND, config.max_running, 1)  # seen full before, as in steady state
     heapq.heappush(polls, (1.0 / LEDGER_TICK_HZ, 2, "tick"))
+    # The registry's read schedule (BackendRegistry.run_own_metrics): one read is planned
+    # at a time; a wake-up may bring it forward (a plan superseded is skipped).
+    scrape = {"last": -math.inf, "due": math.inf, "plan": 0.0}
+
+    def plan_scrape(due_s: float) -> None:
+        scrape["due"] = due_s
+        scrape["plan"] += 1
+        heapq.heappush(polls, (due_s, 3, f"scrape:{int(scrape['plan'])}"))
+
+    def wake_scrape(_: str) -> None:
+        due_s = max(clock.t_s, scrape["last"] + fast_scrape_s)
+        if due_s < scrape["due"]:
+            plan_scrape(due_s)
+
     if gauges:
-        heapq.heappush(polls, (scrape_s, 3, "scrape"))
+        plan_scrape(0.0)
+        meter.on_gauges_wanted = wake_scrape
 
     def advance(to_s: float) -> None:
         while polls and polls[0][0] < to_s:
@@ -194,11 +213,13 @@ def run_metered(
             elif what == "tick":
                 meter.sampler.tick()
                 heapq.heappush(polls, (due + 1.0 / LEDGER_TICK_HZ, order, what))
-            else:
-                if engine.steps:
-                    last = engine.steps[-1]
-                    meter.learn(BACKEND, last.running, last.waiting)
-                heapq.heappush(polls, (due + scrape_s, order, what))
+            elif int(what.partition(":")[2]) == int(scrape["plan"]):  # a read still planned
+                last = engine.steps[-1] if engine.steps else None
+                # An engine that has not stepped yet shows its gauges at zero.
+                meter.learn(BACKEND, last.running if last else 0, last.waiting if last else 0)
+                scrape["last"] = due
+                wanted = meter.gauges_wanted(BACKEND)
+                plan_scrape(due + (fast_scrape_s if wanted else scrape_s))
 
     shifted = [
         SimRequest(r.rid, r.kind, r.arrival_s, r.prompt_tokens, r.max_tokens) for r in requests

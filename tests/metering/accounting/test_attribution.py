@@ -256,15 +256,43 @@ def test_a_burst_at_one_instant_is_ordered_by_arrival_not_by_time() -> None:
     assert q.capacity == 3
 
 
-def test_gauges_or_a_configured_capacity_leave_nothing_to_infer() -> None:
+def test_gauges_that_showed_the_capacity_or_a_configured_one_leave_nothing_to_infer() -> None:
     for q in (EngineQueue(configured=4), EngineQueue()):
         attr = Attribution("model")
         if q.configured is None:
-            attr.observe(q, running=1.0, waiting=0.0)  # the backend's own count was read
-            assert q.gauged
+            attr.observe(q, running=3.0, waiting=2.0)  # the gauges showed a queue
+            assert q.gauged and q.capacity == 3
         flights = [Flight(100.0) for _ in range(8)]
         serve_fifo(attr, q, flights, 2)
-        assert q.evidence == 0 and q.capacity == (4 if q.configured else None)
+        assert q.evidence == 0 and q.capacity == (4 if q.configured else 3)
+
+
+def test_gauges_read_before_a_queue_showed_do_not_stop_inference() -> None:
+    # A burst right after start: the gauges were read (nothing waiting then), and the
+    # answers' starts still show the limit.
+    attr, q = Attribution("model"), EngineQueue()
+    attr.observe(q, running=1.0, waiting=0.0)
+    assert not q.gauged and q.capacity is None
+    serve_fifo(attr, q, [Flight(100.0) for _ in range(10)], 3)
+    assert q.capacity == 3
+    # A later read that shows a queue decides from then on, and may raise it.
+    attr.observe(q, running=4.0, waiting=2.0)
+    assert q.gauged and q.capacity == 4
+
+
+def test_the_gauges_are_wanted_while_requests_may_queue() -> None:
+    attr = Attribution("model")
+    q = EngineQueue()
+    attr.start(Flight(100.0), q)
+    assert not q.may_queue()  # one request cannot wait
+    attr.start(Flight(100.0), q)
+    assert q.may_queue()  # no limit known: two may already queue
+    limited = EngineQueue(configured=2)
+    for _ in range(2):
+        attr.start(Flight(100.0), limited)
+    assert not limited.may_queue()
+    attr.start(Flight(100.0), limited)
+    assert limited.may_queue()
 
 
 def test_observe_in_the_old_modes_changes_no_weight() -> None:
