@@ -31,7 +31,7 @@ from metering.accounting.attribution import (
     Flight,
     WorkPrice,
 )
-from metering.accounting.cost_model import Coefficients, CostFit, Rates
+from metering.accounting.cost_model import TERMS, Coefficients, CostFit, Rates
 from metering.accounting.groups import bind_channels, gpu_share, time_channel
 from metering.accounting.ledger import Ledger, SourceShare, Ticket
 from metering.accounting.prompt_text import prompt_tokens_estimate
@@ -557,6 +557,10 @@ class Meter:
                 "fixed_w": c.fixed_w,
                 "prefill_j_per_token": c.prefill_j_per_token,
                 "decode_j_per_token": c.decode_j_per_token,
+                # Each coefficient's standard error from the intervals alone, and whether
+                # they identify it (else it is held at its default): cost_model.identify.
+                "std_errors": dict(zip(TERMS, fit.std_errors, strict=True)),
+                "identified": dict(zip(TERMS, fit.identified, strict=True)),
                 "fitted_at": lane.fitted_wall_s,
                 "in_use": "fitted" if fit.trusted else "defaults",
                 "intervals": fit.intervals_used,

@@ -53,6 +53,14 @@ TRUST_INTERVALS = 60
 # still splits by what was learnt there rather than by figures from another machine.
 TRUST_GAIN = 0.8
 PRIOR_WEIGHT = 2.0  # pseudo-observations per coefficient: a ridge for what the data cannot tell
+# A coefficient is identified when the intervals alone pin it down: its standard error,
+# from the data without the prior (collinearity included), at most this fraction of its
+# size (the larger of the fit and the default). Steady batches make the fixed cost and
+# decode move together (busy seconds and decoded tokens in proportion): neither is then
+# identified, and each is held at its default rather than shown as this host's.
+IDENTIFIED_REL_SE = 0.25
+REJECTS_DEFAULT_SE = 2.0  # ... unless the data put the default this many errors away
+TERMS = ("fixed_w", "prefill_j_per_token", "decode_j_per_token")
 HUBER_K = 1.5  # residuals beyond 1.5 robust standard deviations are down-weighted
 IRLS_ROUNDS = 6
 RATE_EWMA = 0.1
@@ -114,6 +122,10 @@ class CostFit:
     defaults_band_rel: float | None = None  # the defaults' residual on the same intervals
     fitted_at_s: float | None = None
     intervals_used: int = 0
+    # Each coefficient's standard error (None: not estimable) and whether the data
+    # identified it (else it is held at the default): `identify`.
+    std_errors: tuple[float | None, float | None, float | None] = (None, None, None)
+    identified: tuple[bool, bool, bool] = (False, False, False)
     _intervals: deque[Interval] = field(default_factory=lambda: deque(maxlen=FIT_INTERVALS))
     _open: Interval | None = None
 
@@ -213,9 +225,14 @@ class CostFit:
     ) -> None:
         """Fit `rows` (from `rows()`, possibly on another thread) and take the result, one
         assignment per figure."""
-        theta, band = fit_coefficients(*rows, self.prior.as_tuple())
-        self.defaults_band_rel = relative_residual(*rows, self.prior.as_tuple())
+        prior = self.prior.as_tuple()
+        theta, band = fit_coefficients(*rows, prior)
+        errors, identified = identify(*rows, theta, prior)
+        if not all(identified):  # what the data cannot tell is held at the default
+            theta, band = fit_coefficients(*rows, prior, free=identified)
+        self.defaults_band_rel = relative_residual(*rows, prior)
         self.coefficients = Coefficients(*theta)
+        self.std_errors, self.identified = errors, identified
         self.band_rel = band
         self.intervals_used = len(rows[0])
         self.fitted_at_s = now_s
@@ -238,6 +255,7 @@ def fit_coefficients(
     xs: list[tuple[float, float, float]],
     ys: list[float],
     prior: tuple[float, float, float],
+    free: tuple[bool, bool, bool] = (True, True, True),
 ) -> tuple[tuple[float, float, float], float]:
     """Huber-weighted least squares of `ys` on `xs` (no intercept), pulled towards `prior`
     by PRIOR_WEIGHT pseudo-observations per coefficient, each coefficient >= 0. Returns the
@@ -250,14 +268,16 @@ def fit_coefficients(
     scale = [sum(x[j] for x in xs) / n or 1.0 for j in range(3)]  # no data: the prior holds
     weights = [1.0] * n
     theta = prior
+    # `free[j]` False: coefficient j stays at its prior (the data do not identify it).
+    fixed = [None if free[j] else prior[j] for j in range(3)]
     for _ in range(IRLS_ROUNDS):
         # Non-negative: a coefficient the data pushes below zero is held at zero, the
         # most negative first, and the rest solved again (an active set of three).
-        active = [True, True, True]
-        theta = _solve(xs, ys, weights, prior, scale, active)
+        active = [f is None for f in fixed]
+        theta = _solve(xs, ys, weights, prior, scale, active, fixed)
         while any(t < 0.0 for t in theta):
             active[min(range(3), key=lambda j: theta[j])] = False
-            theta = _solve(xs, ys, weights, prior, scale, active)
+            theta = _solve(xs, ys, weights, prior, scale, active, fixed)
         residuals = [y - _dot(x, theta) for x, y in zip(xs, ys, strict=True)]
         sigma = 1.4826 * _median([abs(r) for r in residuals]) or 1e-12
         weights = [
@@ -277,6 +297,42 @@ def relative_residual(
     return min(1.0, 1.4826 * _median(residuals) / mean_y)
 
 
+def identify(
+    xs: list[tuple[float, float, float]],
+    ys: list[float],
+    theta: tuple[float, float, float],
+    prior: tuple[float, float, float],
+) -> tuple[tuple[float | None, float | None, float | None], tuple[bool, bool, bool]]:
+    """Each coefficient's standard error from the intervals alone (no prior): the robust
+    residual scale times the square root of the diagonal of (X'X)^-1, which grows with
+    collinearity; and whether the data identify it (see below). A coefficient whose
+    feature never varies (no prefill seen) has none (None)."""
+    residuals = [abs(y - _dot(x, theta)) for x, y in zip(xs, ys, strict=True)]
+    sigma = 1.4826 * _median(residuals)
+    a = [[sum(x[i] * x[j] for x in xs) for j in range(3)] for i in range(3)]
+    errors: list[float | None] = []
+    for j in range(3):
+        unit = [1.0 if k == j else 0.0 for k in range(3)]
+        if a[j][j] <= 0.0:
+            errors.append(None)
+            continue
+        col = _gauss([row[:] for row in a], unit)  # (X'X)^-1 e_j
+        var = col[j]
+        errors.append(sigma * math.sqrt(var) if var > 0.0 and math.isfinite(var) else None)
+    # Identified: pinned down (a small error for its size), or at least clear of the
+    # default (more than two errors from it: the data rule the default out, so the fit,
+    # however loose, is nearer this host than a figure from another machine).
+    identified = tuple(
+        e is not None
+        and (
+            e <= IDENTIFIED_REL_SE * max(abs(theta[j]), abs(prior[j]))
+            or abs(theta[j] - prior[j]) > REJECTS_DEFAULT_SE * e
+        )
+        for j, e in enumerate(errors)
+    )
+    return (errors[0], errors[1], errors[2]), (identified[0], identified[1], identified[2])
+
+
 def _dot(x: tuple[float, float, float], t: tuple[float, float, float]) -> float:
     return x[0] * t[0] + x[1] * t[1] + x[2] * t[2]
 
@@ -294,10 +350,18 @@ def _solve(
     prior: tuple[float, float, float],
     scale: list[float],
     active: list[bool],
+    fixed: list[float | None] | None = None,
 ) -> tuple[float, float, float]:
+    """The ridge solution over the `active` coefficients; the others are 0, or their
+    `fixed` value (held: its part of each interval taken out before solving)."""
+    held = [0.0, 0.0, 0.0]
+    for j, value in enumerate(fixed or ()):
+        if value is not None:
+            held[j] = value
     a = [[0.0] * 3 for _ in range(3)]
     b = [0.0] * 3
     for x, y, w in zip(xs, ys, weights, strict=True):
+        y = y - _dot(x, (held[0], held[1], held[2]))
         for i in range(3):
             b[i] += w * x[i] * y
             for j in range(3):
@@ -307,7 +371,7 @@ def _solve(
         a[j][j] += s2
         b[j] += s2 * prior[j]
     idx = [j for j in range(3) if active[j]]
-    out = [0.0, 0.0, 0.0]
+    out = list(held)
     if idx:
         sol = _gauss([[a[i][j] for j in idx] for i in idx], [b[i] for i in idx])
         for k, j in enumerate(idx):

@@ -92,6 +92,30 @@ def _num(value: Any) -> float:
     return float(value) if ok else float("nan")
 
 
+# term, label, unit, scale, decimals: as `doctor --proxy` prints each coefficient
+_TERMS = (
+    ("fixed_w", "fixed", "W", 1.0, 1),
+    ("prefill_j_per_token", "prefill", "mJ/token", 1e3, 2),
+    ("decode_j_per_token", "decode", "mJ/token", 1e3, 2),
+)
+
+
+def _coefficient(m: dict[str, Any], term: tuple[str, str, str, float, int]) -> str:
+    """`fixed 280.0 ± 5.2 W`, or `... (not identified: the default)` where the intervals
+    cannot pin it down."""
+    key, label, unit, scale, digits = term
+    value = _num(m.get(key)) * scale
+    errors, known = m.get("std_errors") or {}, m.get("identified") or {}
+    err = errors.get(key) if isinstance(errors, dict) else None
+    text = f"{label} {value:.{digits}f}"
+    if isinstance(err, int | float) and not isinstance(err, bool):
+        text += f" ± {err * scale:.{digits}f}"
+    text += f" {unit}"
+    if m.get("fitted_at") and isinstance(known, dict) and not known.get(key):
+        text += " (not identified: the default)"
+    return text
+
+
 def render_cost_models(backends: list[dict[str, Any]], proxy_url: str, now_s: float) -> str:
     lines = [f"the split at {proxy_url}:"]
     for b in backends:
@@ -105,12 +129,7 @@ def render_cost_models(backends: list[dict[str, Any]], proxy_url: str, now_s: fl
             f"  {b.get('name')}  {m.get('version')} {m.get('in_use')} ({age}, "
             f"{m.get('intervals')} intervals, residual {_num(m.get('band_rel')):.0%})"
         )
-        prefill_mj = _num(m.get("prefill_j_per_token")) * 1e3
-        decode_mj = _num(m.get("decode_j_per_token")) * 1e3
-        lines.append(
-            f"    fixed {_num(m.get('fixed_w')):.1f} W, prefill {prefill_mj:.2f} mJ/token, "
-            f"decode {decode_mj:.2f} mJ/token"
-        )
+        lines.append("    " + ", ".join(_coefficient(m, term) for term in _TERMS))
         capacity = m.get("queue_capacity")
         lines.append(
             f"    queue capacity {capacity if capacity is not None else 'none known'} "

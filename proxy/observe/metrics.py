@@ -177,12 +177,28 @@ class _CostModelCollector(Collector):
             "Relative part of each interval's energy the backend's cost model does not explain.",
             labels=("backend",),
         )
+        stderr = GaugeMetricFamily(
+            "energy_proxy_cost_model_coefficient_stderr",
+            "Standard error of each cost-model coefficient from the intervals alone (NaN "
+            "until fitted, or where the work never varied), an estimate.",
+            labels=("backend", "term"),
+        )
+        identified = GaugeMetricFamily(
+            "energy_proxy_cost_model_identified",
+            "1 where the intervals pin the coefficient down (it is this host's), 0 where they "
+            "cannot (held at its default).",
+            labels=("backend", "term"),
+        )
         for name, model in self._cost_models().items():
+            errors, known = model.get("std_errors") or {}, model.get("identified") or {}
             for term in ("fixed_w", "prefill_j_per_token", "decode_j_per_token"):
                 coef.add_metric((name, term), model[term])
+                err = errors.get(term)
+                stderr.add_metric((name, term), float("nan") if err is None else err)
+                identified.add_metric((name, term), 1.0 if known.get(term) else 0.0)
             fitted.add_metric((name,), model["fitted_at"] or 0.0)
             band.add_metric((name,), model["band_rel"])
-        yield from (coef, fitted, band)
+        yield from (coef, stderr, identified, fitted, band)
 
 
 class _StoreCollector(Collector):

@@ -128,3 +128,61 @@ def test_a_noisy_fit_no_better_than_the_defaults_leaves_them_in_use() -> None:
 def test_too_few_intervals_are_never_trusted() -> None:
     fit = fitted((70.0, 0.02, 0.005), noise=0.01, n=30)
     assert fit.band_rel < 0.15 and not fit.trusted
+
+
+# --- what the data identify ----------------------------------------------------------------
+
+
+def _fit_on(xs: list[tuple[float, float, float]], ys: list[float]) -> CostFit:
+    fit = CostFit()
+    fit.refit((xs, ys), now_s=1.0)
+    return fit
+
+
+def test_varied_work_identifies_every_coefficient_with_a_small_error() -> None:
+    truth = (150.0, 0.008, 0.004)
+    xs, ys = intervals(truth, 600, 3)
+    fit = _fit_on(xs, ys)
+    assert fit.identified == (True, True, True)
+    for value, err, true in zip(fit.coefficients.as_tuple(), fit.std_errors, truth, strict=True):
+        assert err is not None and 0.0 < err < 0.1 * true
+        assert value == pytest.approx(true, abs=4 * err + 0.05 * true)
+
+
+def test_steady_batches_leave_fixed_and_decode_unidentified_and_held_at_the_defaults() -> None:
+    # Every interval runs the same batch: decoded tokens in proportion to busy seconds,
+    # so any mix of fixed cost and decode cost explains them alike.
+    rng = random.Random(4)
+    truth = (279.0, 0.005, 0.005)
+    xs, ys = [], []
+    for _ in range(400):
+        busy = rng.uniform(0.1, 0.5)
+        x = (busy, rng.uniform(0, 8000), busy * 24 * 290.0)
+        xs.append(x)
+        ys.append(sum(a * b for a, b in zip(x, truth, strict=True)) * (1 + rng.gauss(0, 0.03)))
+    fit = _fit_on(xs, ys)
+    defaults = Coefficients()
+    assert fit.identified == (False, True, False)
+    assert fit.coefficients.fixed_w == defaults.fixed_w  # held, not shown as this host's
+    assert fit.coefficients.decode_j_per_token == defaults.decode_j_per_token
+    assert fit.coefficients.prefill_j_per_token == pytest.approx(0.005, rel=0.1)
+    errors = fit.std_errors
+    assert errors[0] is not None and errors[0] > 0.25 * defaults.fixed_w
+
+
+def test_a_loose_fit_that_rules_the_default_out_is_kept() -> None:
+    # Prefill is nearly free on this host: loosely measured, but clearly not the default.
+    truth = (300.0, 0.0002, 0.005)
+    xs, ys = intervals(truth, 300, 5, noise=0.2)
+    fit = _fit_on(xs, ys)
+    err = fit.std_errors[1]
+    assert err is not None
+    assert fit.identified[1] and fit.coefficients.prefill_j_per_token < 0.005 - 2 * err
+
+
+def test_no_prompt_work_gives_no_error_and_keeps_the_default() -> None:
+    xs = [(0.5, 0.0, float(d)) for d in range(0, 4000, 40)]
+    ys = [0.5 * 100.0 + 0.002 * d for _, _, d in xs]
+    fit = _fit_on(xs, ys)
+    assert fit.std_errors[1] is None and not fit.identified[1]
+    assert fit.coefficients.prefill_j_per_token == Coefficients().prefill_j_per_token
