@@ -46,7 +46,7 @@ from dataclasses import dataclass, replace
 from metering.accounting.attribution import MODES
 from tests.support.fairness import MIXES, requests_for
 from tests.support.fakes.batching_engine import CostModel, EngineConfig, SimRequest
-from tests.support.metered_sim import PERFECT, Sensor, run_metered
+from tests.support.metered_sim import PERFECT, Outcome, Sensor, run_metered
 
 BASE = CostModel(decode_j_per_seq=0.005)
 COSTS: dict[str, CostModel] = {
@@ -103,6 +103,12 @@ def scenarios(quick: bool) -> list[Scenario]:
 
 
 def run(sc: Scenario, mode: str, per_kind: int) -> float:
+    return outcome(sc, mode, per_kind).error
+
+
+def outcome(sc: Scenario, mode: str, per_kind: int) -> Outcome:
+    """One scenario served in one mode: the kinds' shares against the truth, and each
+    scored request's error beside its band."""
     config = replace(ENGINES[sc.engine], cost=COSTS[sc.cost])
     mix = MIXES[MIX_NAMES[sc.mix]]
     nonstream = sc.mix.endswith("nonstream")
@@ -130,7 +136,7 @@ def run(sc: Scenario, mode: str, per_kind: int) -> float:
         stream=stream,
         scored=lambda r: not r.rid.startswith("w"),
     )
-    return out.error
+    return out
 
 
 def _run_all(job: tuple[Scenario, tuple[str, ...], int]) -> dict[str, float]:

@@ -76,6 +76,9 @@ class Outcome:
     told_j: dict[str, float] = field(default_factory=dict)  # rid -> dynamic joules told
     conservation_j: float = 0.0  # |attributed + idle - measured| over the run
     meter: Meter | None = None  # for traces: its lanes' fits and rates
+    # Scored requests: rid -> (how far the dynamic joules told are from the truth, over
+    # the joules told; the band's relative half-width; whether the fit split it).
+    bands: dict[str, tuple[float, float, bool]] = field(default_factory=dict)
 
 
 class Truth:
@@ -227,6 +230,7 @@ def run_metered(
     by_id = {r.rid: r for r in shifted}
     open_: dict[str, Measurement] = {}
     told: dict[str, float] = {}
+    reports: dict[str, tuple[float, float, bool]] = {}  # rid -> (joules, band, fitted)
     nudged_s: float | None = None  # the boundary sample last scheduled
     for ev in engine.run(shifted):
         t = ev.t_s + LEAD_S
@@ -251,6 +255,7 @@ def run_metered(
                 tokens=Tokens(r.prompt_tokens, r.generated, "backend"),
             )
             told[r.rid] = report.dynamic_j
+            reports[r.rid] = (report.energy_j, report.band_rel or 0.0, "fitted" in report.basis)
         if background is not None and background.nudge_due_s not in (None, nudged_s):
             nudged_s = background.nudge_due_s
             heapq.heappush(polls, (nudged_s, 4, "nudge"))
@@ -261,4 +266,13 @@ def run_metered(
     ch = meter.sampler.ledger.channels[meter.sampler.states[0].source.name]
     conservation = abs(ch.attributed_j + ch.untracked_j + ch.idle_j - ch.measured_j)
     error, shares = kind_shares([r for r in shifted if scored(r)], told)
-    return Outcome(error, shares, told, conservation, meter)
+    bands = {
+        r.rid: (
+            abs(told[r.rid] - r.truth_j) / max(reports[r.rid][0], 1e-12),
+            reports[r.rid][1],
+            reports[r.rid][2],
+        )
+        for r in shifted
+        if scored(r) and r.rid in reports
+    }
+    return Outcome(error, shares, told, conservation, meter, bands)

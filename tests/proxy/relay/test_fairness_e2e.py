@@ -24,9 +24,10 @@ KINDS = {"chat": (160, 48), "rag": (16_000, 6), "mid": (2_000, 16)}
 PER_KIND = 6
 
 
-def send_all(client: openai.OpenAI, mode: str) -> list[tuple[str, str, float]]:
-    """A warm-up (so the proxy has seen the engine's queue gauges, as in steady state),
-    then PER_KIND of each kind at once; (kind, request id, dynamic joules told)."""
+def send_all(client: openai.OpenAI, mode: str, warm: bool = True) -> list[tuple[str, str, float]]:
+    """A warm-up (so the proxy has seen the engine's queue gauges, as in steady state;
+    none when `warm` is false: a burst right after start), then PER_KIND of each kind at
+    once; (kind, request id, dynamic joules told)."""
 
     def one(job: tuple[str, int]) -> tuple[str, str, float]:
         kind, i = job
@@ -44,30 +45,34 @@ def send_all(client: openai.OpenAI, mode: str) -> list[tuple[str, str, float]]:
         assert energy is not None and energy["attribution"] == mode
         return kind, rid, float(energy["dynamic_joules"])
 
-    with ThreadPoolExecutor(8) as pool:
-        list(pool.map(one, [("warm", i) for i in range(8)]))
+    if warm:
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(one, [("warm", i) for i in range(8)]))
     jobs = [(k, i) for k in KINDS for i in range(PER_KIND)]
     with ThreadPoolExecutor(len(jobs)) as pool:
         return list(pool.map(one, jobs))
 
 
 def run(
-    tmp_path: Path, mode: str, gauges: bool = True
+    tmp_path: Path, mode: str, gauges: bool = True, warm: bool = True
 ) -> tuple[float, dict[str, tuple[float, float]], dict[str, Any]]:
+    """`warm` false: no warm-up, and the gauges read at their real period (5 s, 0.25 s
+    while requests may be waiting), as right after a deploy."""
     # Steps 5x as long as the H100-shaped model's (a decode step 17 ms), 6 admitted.
     config = scaled(EngineConfig(max_running=6, prefill_chunk=2048), 5.0)
     app, state = make_batching_backend(config, gauges=gauges)
     with ServerThread(app) as backend:
         settings = proxy_settings(
-            tmp_path / f"{mode}-{gauges}", backends=[f"sim={backend}"], attribution=mode,
-            idle_watts=state.engine.config.cost.idle_w, backend_metrics_s=0.1,
+            tmp_path / f"{mode}-{gauges}-{warm}", backends=[f"sim={backend}"],
+            attribution=mode, idle_watts=state.engine.config.cost.idle_w,
+            backend_metrics_s=0.1 if warm else 5.0,
         )  # fmt: skip
         proxy_app = create_app(settings, sources=[SimulatedGpu(state)])
         with (
             ServerThread(proxy_app) as proxy,
             openai.OpenAI(base_url=f"{proxy}/v1", api_key="x", max_retries=0) as client,
         ):
-            told = send_all(client, mode)
+            told = send_all(client, mode, warm)
             (ready,) = httpx.get(f"{proxy}/readyz").json()["backends"]
         truth = httpx.get(f"{backend}/truth").json()
     told_total = sum(j for _, _, j in told)
@@ -91,6 +96,7 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory) -> Outcomes:
     tmp = tmp_path_factory.mktemp("fair")
     out = {mode: run(tmp, mode) for mode in ("model", "queue", "tokens", "equal")}
     out["model, no gauges"] = run(tmp, "model", gauges=False)
+    out["model, cold"] = run(tmp, "model", warm=False)
     return out
 
 
@@ -126,3 +132,12 @@ def test_the_old_modes_are_off_when_requests_queue(outcomes: Outcomes) -> None:
     told, truth = shares["chat"]
     assert told < truth / 2  # the decoding chats paid for the RAG prompts sitting in line
     assert outcomes["equal"][0] > 0.08, outcomes
+
+
+def test_a_burst_right_after_start_with_gauges_at_their_real_period(outcomes: Outcomes) -> None:
+    """No warm-up, the gauges read at start (idle) and every 5 s, at once and every
+    0.25 s while more are in flight than may run: the queue shows before the burst is
+    over, or the answers' starts show the limit (issue 31's first case)."""
+    error, _, cost_model = outcomes["model, cold"]
+    assert error <= 0.05, outcomes
+    assert cost_model["queue_capacity"] == 6, cost_model
