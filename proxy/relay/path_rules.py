@@ -33,6 +33,8 @@ class PathRules:
     configured: tuple[str, ...] = ()
 
     def allows(self, path: str) -> bool:
+        if not plain_path(path):
+            return False
         for pattern in self.configured:
             refuse = pattern.startswith("!")
             if fnmatchcase(path, pattern[1:] if refuse else pattern):
@@ -40,6 +42,19 @@ class PathRules:
         if any(fnmatchcase(path, p) for p in DEFAULT_REFUSED):
             return False
         return any(fnmatchcase(path, p) for p in DEFAULT_PASSTHROUGH)
+
+
+def plain_path(path: str) -> bool:
+    """A path with no `.` or `..` segment and no empty one (a trailing `/` aside): the
+    HTTP clients and servers on the way normalise those (`/v1/../invocations` is
+    `/invocations` at the backend), so no pattern may match a path that is another one
+    there."""
+    if not path.startswith("/"):
+        return False
+    segments = path[1:].split("/")
+    if segments[-1] == "":
+        segments.pop()  # a trailing slash
+    return all(seg not in ("", ".", "..") for seg in segments)
 
 
 def check_patterns(patterns: Sequence[str]) -> list[str]:

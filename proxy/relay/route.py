@@ -135,9 +135,12 @@ def id_headers_for(ctx: RelayContext, headers: RawHeaders) -> tuple[str, str | N
 
 
 def upstream_url(backend: Backend, scope: Scope) -> str:
-    """The backend's URL for this request: its path, and its query string as sent."""
+    """The backend's URL for this request: its path as the client sent it (still
+    percent-encoded: a decoded `%3F` must not become a query), and its query string."""
+    raw: bytes | None = scope.get("raw_path")
+    path: str = raw.decode("latin-1") if raw else scope["path"]
     query: bytes = scope.get("query_string", b"")
-    url: str = backend.url + scope["path"]
+    url = backend.url + path
     return url + "?" + query.decode("latin-1") if query else url
 
 
@@ -362,12 +365,12 @@ class MeteredRoute:
         coding = content_coding(out)
         if coding and decodable(coding):
             try:
-                data, out = decode_whole(coding, data), without_coding(out)
+                data, out, coding = decode_whole(coding, data), without_coding(out), b""
             except zlib.error:
                 log.warning("request %s: the backend's %s answer does not decode",
                             ex.request_id, coding.decode("latin-1"))  # fmt: skip
         doc = None
-        if ctype.startswith(b"application/json") and not content_coding(out):
+        if ctype.startswith(b"application/json") and not coding:
             try:
                 doc = orjson.loads(data)
             except orjson.JSONDecodeError:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 import threading
 import time
 import warnings
@@ -394,3 +395,39 @@ def test_a_failed_answer_tells_its_energy_and_is_stored_with_its_status(
     record = _stored(proxy_url, r.headers["x-energy-request-id"])
     assert record["endpoint"] == "rerank"
     assert record["joules"] == float(r.headers["x-energy-joules"])
+
+
+def _raw_request(proxy_url: str, head: str) -> bytes:
+    """One request written as is (clients normalise dot segments before sending)."""
+    host, port = proxy_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(head.encode())
+        data = b""
+        while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return data
+
+
+def test_dot_segments_cannot_reach_an_admin_path(
+    proxy_url: str, stand_in: tuple[str, VllmApiState]
+) -> None:
+    before = len(stand_in[1].requests)
+    answer = _raw_request(
+        proxy_url,
+        "POST /v1/../invocations HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+        "content-length: 2\r\nconnection: close\r\n\r\n{}",
+    )
+    assert answer.startswith(b"HTTP/1.1 404"), answer[:200]
+    assert not any(r["path"] == "/invocations" for r in stand_in[1].requests[before:])
+
+
+def test_an_encoded_question_mark_stays_in_the_path(
+    proxy_url: str, stand_in: tuple[str, VllmApiState]
+) -> None:
+    r = httpx.get(f"{proxy_url}/v1/responses/resp_a%3Fb")
+    (seen,) = [q for q in stand_in[1].requests if q["path"].startswith("/v1/responses/")]
+    assert (seen["path"], seen["query"]) == ("/v1/responses/resp_a?b", "")
+    assert r.status_code == 404  # the backend's own answer: no such response

@@ -12,7 +12,7 @@ import pytest
 from proxy.relay.encoding import StreamDecoder, content_coding, decodable, decode_whole
 from proxy.relay.exchange import ask_for_usage, tokens_from_usage
 from proxy.relay.multipart import boundary_of, complete_fields
-from proxy.relay.path_rules import PathRules, check_patterns
+from proxy.relay.path_rules import PathRules, check_patterns, plain_path
 
 
 @pytest.mark.parametrize(
@@ -89,6 +89,12 @@ def test_passthrough_rules() -> None:
         assert default.allows(path), path
     for path in ("/invocations", "/v1/load_lora_adapter", "/sleep", "/reset_prefix_cache", "/"):
         assert not default.allows(path), path
+    # Dot segments are normalised on the way (`/v1/../invocations` is `/invocations` at
+    # the backend): never passed, whatever the patterns.
+    for path in ("/v1/../invocations", "/v1/./x", "/v1//x", "/v1/..", "/v1/x/.."):
+        assert not default.allows(path), path
+        assert not PathRules(("/v1/*",)).allows(path), path
+    assert default.allows("/v1/models/") and plain_path("/v1/models/a.b")
     opened = PathRules(("/invocations", "!/v2/*", "/v1/load_lora_adapter"))
     assert opened.allows("/invocations") and opened.allows("/v1/load_lora_adapter")
     assert not opened.allows("/v2/anything")
