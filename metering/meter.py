@@ -237,15 +237,21 @@ class Meter:
             m.admitted_s = t0_s
         flight.handle = m
         lane.open_starts[id(m)] = t0_s
-        if self.on_gauges_wanted is not None and queue.may_queue():
+        # Read the gauges at once when requests may wait, or when the last reading, taken
+        # while the proxy was idle, showed work it did not send (confirm it, or not).
+        if self.on_gauges_wanted is not None and (queue.may_queue() or untracked.unconfirmed):
             self.on_gauges_wanted(backend)
         return m
 
     def gauges_wanted(self, backend: str) -> bool:
-        """Whether the backend's requests in flight may be more than it runs at once: its
-        gauges are worth reading often now (`EngineQueue.may_queue`)."""
+        """Whether the backend's gauges are worth reading often now: its requests in
+        flight may be more than it runs at once (`EngineQueue.may_queue`), or work around
+        the proxy was seen lately while the proxy has requests of its own in flight."""
         lane = self._lanes.get(backend)
-        return lane is not None and lane.queue.may_queue()
+        if lane is None:
+            return False
+        suspect = lane.open_starts and self.sampler.clock() < lane.untracked.suspect_until_s
+        return lane.queue.may_queue() or bool(suspect)
 
     def first_token(self, m: Measurement) -> None:
         """Its first token came out: prefill is over (and it was admitted), it decodes."""

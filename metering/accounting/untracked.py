@@ -36,6 +36,8 @@ STALE_PERIODS = 3.0
 # How long a request the proxy closed still counts as its own against the gauges: more
 # than a scrape's round trip, far less than a scrape period.
 GRACE_S = 0.5
+# How long after a reading showed work around the proxy its gauges are read often.
+SUSPECT_S = 3.0
 # The reading period until two readings show it: --backend-metrics-s's default.
 DEFAULT_GAUGE_PERIOD_S = 5.0
 
@@ -60,6 +62,13 @@ class UntrackedWork:
     # Times the count rose from zero: a request that saw it change shared its backend.
     episodes: int = 0
     seen_since_tick: bool = False  # present at some point since the meter's last tick
+    # Work a reading showed while the proxy had nothing in flight (perhaps an idle
+    # engine's stale figure): not counted, but worth reading again when a request opens.
+    unconfirmed: int = 0
+    # Until then the gauges are read often while the proxy has requests in flight: work
+    # around the proxy was seen lately, and a read just after a request opened may not
+    # count that request yet (the backend admits it a step later).
+    suspect_until_s: float = -math.inf
     # When the proxy's requests to the backend ended, over the last GRACE_S.
     recent_ends_s: deque[float] = field(default_factory=deque)
 
@@ -81,10 +90,14 @@ class UntrackedWork:
         self.last_call_s = now_s
         self._forget_ends(now_s)
         count = untracked_count(backend_running, proxy_inflight + len(self.recent_ends_s))
+        # Nothing of the proxy's runs: an idle engine's gauges keep their last step's
+        # count (vLLM updates them as it steps), so the figure may be stale; and there is
+        # no metered request to protect. Drawn now, the energy is idle; what it said is
+        # kept, so that the next request to open has the gauges read again at once.
+        self.unconfirmed = count if proxy_inflight == 0 else 0
+        if count > 0:  # seen, counted or not: read often while the proxy's requests run
+            self.suspect_until_s = now_s + SUSPECT_S
         if proxy_inflight == 0:
-            # Nothing of the proxy's runs: an idle engine's gauges keep their last step's
-            # count (vLLM updates them as it steps), so the figure may be stale; and there
-            # is no metered request to protect. Drawn now, the energy is idle.
             count = 0
         self.last_read_s = None if backend_running is None else now_s
         return count

@@ -92,7 +92,9 @@ def test_work_sent_around_the_proxy_is_not_charged_to_metered_requests(
 ) -> None:
     """A stream sent straight to vLLM runs beside a metered request: the metered one is
     told its share of the (constant 100 W) power, not all of it, and says it shared."""
-    ask: Any = {"model": VLLM_MODEL, "prompt": "Count to ten.", "max_tokens": 16,
+    # Long enough (48 tokens, a few seconds on a CPU) that the moment it takes the proxy
+    # to read vLLM's gauges after it opens (at once, then within 0.25 s) is a small part.
+    ask: Any = {"model": VLLM_MODEL, "prompt": "Count to ten.", "max_tokens": 48,
                 "temperature": 0, "extra_body": EXACT}  # fmt: skip
     alone = client.completions.create(**ask)
     alone_energy = (alone.model_extra or {})["energy"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from metering.accounting.report import Tokens
-from metering.accounting.untracked import GRACE_S, UntrackedWork, untracked_count
+from metering.accounting.untracked import GRACE_S, SUSPECT_S, UntrackedWork, untracked_count
 from metering.carbon.intensity import StaticIntensity
 from metering.meter import Measurement, Meter, Plan
 from metering.sources.constant import ConstantSource
@@ -286,3 +286,45 @@ def test_the_endpoint_is_carried_into_the_report() -> None:
         other, answered=True, request_id="x", model="m", category="other", tokens=None
     )
     assert default.endpoint == "chat" and default.to_dict()["endpoint"] == "chat"
+
+
+def test_work_seen_while_the_proxy_was_idle_has_the_gauges_read_at_the_next_open() -> None:
+    clock = StepClock()
+    meter = meter_of(clock)
+    wanted: list[str] = []
+    meter.on_gauges_wanted = wanted.append
+    clock.t_s = 1.0
+    meter.learn("b", 1, 0)  # idle: perhaps stale, so not counted, but kept in mind
+    assert meter.untracked_requests("b") == 0 and meter.lane("b").untracked.unconfirmed == 1
+    stream(meter)
+    assert wanted == ["b"]  # read again at once: confirmed or not within a fast period
+    meter.learn("b", 2, 0)  # confirmed: one runs beside the proxy's own
+    assert meter.untracked_requests("b") == 1 and meter.lane("b").untracked.unconfirmed == 0
+
+
+def test_a_quiet_idle_reading_asks_for_no_read() -> None:
+    clock = StepClock()
+    meter = meter_of(clock)
+    wanted: list[str] = []
+    meter.on_gauges_wanted = wanted.append
+    meter.learn("b", 0, 0)
+    stream(meter)
+    assert wanted == []
+
+
+def test_the_gauges_are_wanted_often_a_while_after_work_around_the_proxy_was_seen() -> None:
+    clock = StepClock()
+    meter = meter_of(clock)
+    clock.t_s = 1.0
+    meter.learn("b", 1, 0)  # seen while the proxy is idle
+    assert not meter.gauges_wanted("b")  # nothing of the proxy's to protect
+    m = stream(meter)
+    assert meter.gauges_wanted("b")
+    clock.t_s = 1.2
+    meter.learn("b", 1, 0)  # the backend has not admitted the proxy's request yet
+    assert meter.untracked_requests("b") == 0 and meter.gauges_wanted("b")
+    clock.t_s = 1.0 + SUSPECT_S - 0.1
+    assert meter.gauges_wanted("b")  # still within a while of the reading that showed it
+    clock.t_s = 1.0 + SUSPECT_S + 0.1
+    assert not meter.gauges_wanted("b")
+    close(meter, m)
