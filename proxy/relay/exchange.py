@@ -12,7 +12,7 @@ from backends.backend import Backend
 from metering.accounting.report import EnergyReport, Timings, Tokens
 from metering.meter import Measurement
 from proxy.asgi import Receive
-from proxy.errors import BadRequest, BodyTooLarge
+from proxy.errors import BadRequest, BodyTooLarge, ClientTooSlow
 from proxy.relay.endpoints import METERED
 from proxy.relay.inspectors import Inspector
 
@@ -111,6 +111,15 @@ async def read_body(receive: Receive, limit: int) -> bytes | None:
             chunks.append(chunk)
         if not msg.get("more_body", False):
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def read_body_within(receive: Receive, limit: int, timeout_s: float) -> bytes | None:
+    """`read_body`, with 408 when the whole body takes longer than `timeout_s`."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await read_body(receive, limit)
+    except TimeoutError:
+        raise ClientTooSlow(f"the request body did not arrive within {timeout_s:g} s") from None
 
 
 def parse_payload(body: bytes, *, model_required: bool = True) -> dict[str, Any]:

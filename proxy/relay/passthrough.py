@@ -17,7 +17,7 @@ import orjson
 
 from backends.backend import Backend
 from proxy.asgi import RawHeaders, Receive, Scope, Send, send_error
-from proxy.errors import ClientTooSlow, HeadersTooLarge, NotFound, ProxyError, UnknownModel
+from proxy.errors import HeadersTooLarge, NotFound, ProxyError, UnknownModel
 from proxy.headers import (
     downstream_response_headers,
     header_limit_problem,
@@ -25,7 +25,7 @@ from proxy.headers import (
     upstream_request_headers,
 )
 from proxy.relay.endpoints import METERED
-from proxy.relay.exchange import backend_auth, read_body
+from proxy.relay.exchange import backend_auth, read_body_within
 from proxy.relay.path_rules import PathRules
 from proxy.relay.route import MeteredRoute, RelayContext, id_headers_for, upstream_url
 
@@ -90,13 +90,7 @@ class Passthrough:
             )
         if method != "OPTIONS":  # a browser's preflight carries no credentials
             self._metered._check_key(headers)
-        try:
-            async with asyncio.timeout(ctx.client_timeout_s):
-                body = await read_body(receive, ctx.max_body_bytes)
-        except TimeoutError:
-            raise ClientTooSlow(
-                f"the request body did not arrive within {ctx.client_timeout_s:g} s"
-            ) from None
+        body = await read_body_within(receive, ctx.max_body_bytes, ctx.client_timeout_s)
         return await self._backend_for(path, headers, body), body
 
     async def _backend_for(self, path: str, headers: RawHeaders, body: bytes | None) -> Backend:

@@ -67,7 +67,7 @@ from proxy.relay.exchange import (
     ask_for_usage,
     backend_auth,
     parse_payload,
-    read_body,
+    read_body_within,
     timings_from_answer,
     tokens_from_usage,
     watch_disconnect,
@@ -264,13 +264,7 @@ class MeteredRoute:
             payload, body = read
             stream = str(payload.get("stream", "")).strip().lower() == "true"
         else:
-            try:
-                async with asyncio.timeout(ctx.client_timeout_s):
-                    whole = await read_body(receive, ctx.max_body_bytes)
-            except TimeoutError:
-                raise ClientTooSlow(
-                    f"the request body did not arrive within {ctx.client_timeout_s:g} s"
-                ) from None
+            whole = await read_body_within(receive, ctx.max_body_bytes, ctx.client_timeout_s)
             if whole is None:
                 return None
             body = whole
