@@ -81,7 +81,7 @@ class EnergyProxyApp:
         self.metrics = metrics
         self.request_log = request_log
         self._metered = MeteredRoute(ctx)
-        self._passthrough = Passthrough(ctx, PathRules(tuple(settings.passthrough)), self._metered)
+        self._passthrough = Passthrough(ctx, PathRules(tuple(settings.passthrough)))
         self._own_routes = list(api.router.routes)
         self._tasks: list[asyncio.Task[None]] = []
         self._metrics_server: _QuietServer | None = None

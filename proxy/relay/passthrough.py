@@ -17,7 +17,7 @@ import orjson
 
 from backends.backend import Backend
 from proxy.asgi import RawHeaders, Receive, Scope, Send, send_error
-from proxy.errors import HeadersTooLarge, NotFound, ProxyError, UnknownModel
+from proxy.errors import HeadersTooLarge, NotFound, ProxyError
 from proxy.headers import (
     downstream_response_headers,
     header_limit_problem,
@@ -27,17 +27,22 @@ from proxy.headers import (
 from proxy.relay.endpoints import METERED
 from proxy.relay.exchange import backend_auth, read_body_within
 from proxy.relay.path_rules import PathRules
-from proxy.relay.route import MeteredRoute, RelayContext, id_headers_for, upstream_url
+from proxy.relay.route import (
+    RelayContext,
+    backend_for_model,
+    check_key,
+    id_headers_for,
+    upstream_url,
+)
 
 log = logging.getLogger("energy_proxy.requests")
 
 class Passthrough:
     """The relay for unmetered paths (and OPTIONS on metered ones)."""
 
-    def __init__(self, ctx: RelayContext, rules: PathRules, metered: MeteredRoute) -> None:
+    def __init__(self, ctx: RelayContext, rules: PathRules) -> None:
         self.ctx = ctx
         self.rules = rules
-        self._metered = metered  # its key check, so keys apply alike
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ctx = self.ctx
@@ -89,7 +94,7 @@ class Passthrough:
                 "configured: --passthrough PATTERN)"
             )
         if method != "OPTIONS":  # a browser's preflight carries no credentials
-            self._metered._check_key(headers)
+            check_key(ctx.keys, headers)  # keys apply as on metered paths
         body = await read_body_within(receive, ctx.max_body_bytes, ctx.client_timeout_s)
         return await self._backend_for(path, headers, body), body
 
@@ -100,11 +105,7 @@ class Passthrough:
         model = _model_in(path, headers, body)
         if model is None:
             return registry.default_backend()
-        backend = await registry.route(model)
-        if backend is None:
-            known = ", ".join(sorted(registry.known_models())) or "none listed yet"
-            raise UnknownModel(f"model {model!r} is not served here (models: {known})")
-        return backend
+        return await backend_for_model(registry, model)
 
 
 def _model_in(path: str, headers: RawHeaders, body: bytes | None) -> str | None:

@@ -144,6 +144,25 @@ def upstream_url(backend: Backend, scope: Scope) -> str:
     return url + "?" + query.decode("latin-1") if query else url
 
 
+def check_key(keys: KeyRing, headers: RawHeaders) -> ApiKey | None:
+    """The caller's key (None when the proxy has no keys); 401 without a valid one."""
+    if not keys.enabled:
+        return None
+    key = keys.identify(header_value(headers, b"authorization"))
+    if key is None:
+        raise Unauthorized("missing or invalid API key for this proxy")
+    return key
+
+
+async def backend_for_model(registry: BackendRegistry, model: str) -> Backend:
+    """The backend that lists `model`; 404 naming the models served when none does."""
+    backend = await registry.route(model)
+    if backend is None:
+        known = ", ".join(sorted(registry.known_models())) or "none listed yet"
+        raise UnknownModel(f"model {model!r} is not served here (models: {known})")
+    return backend
+
+
 class MeteredRoute:
     def __init__(self, ctx: RelayContext) -> None:
         self.ctx = ctx
@@ -255,7 +274,7 @@ class MeteredRoute:
         limit_problem = header_limit_problem(headers)
         if limit_problem:
             raise HeadersTooLarge(limit_problem)
-        key = self._check_key(headers)
+        key = check_key(ctx.keys, headers)
         body: bytes | Upload
         if endpoint.multipart:
             read = await self._start_upload(receive, headers)
@@ -279,10 +298,7 @@ class MeteredRoute:
             )
         category = self._category(headers) or ctx.classifier.classify_payload(payload)
         if model:
-            backend = await ctx.registry.route(model)
-            if backend is None:
-                known = ", ".join(sorted(ctx.registry.known_models())) or "none listed yet"
-                raise UnknownModel(f"model {model!r} is not served here (models: {known})")
+            backend = await backend_for_model(ctx.registry, model)
         else:
             # An API whose model is optional: the default backend and its first model.
             backend = ctx.registry.default_backend()
@@ -551,16 +567,6 @@ class MeteredRoute:
         n = await self._count_prompt(ex, others_inflight=0)
         if n:
             ex.backend.traffic.tally.prompt += n
-
-    def _check_key(self, headers: RawHeaders) -> ApiKey | None:
-        """The caller's key (None when the proxy has no keys); 401 without a valid one."""
-        keys = self.ctx.keys
-        if not keys.enabled:
-            return None
-        key = keys.identify(header_value(headers, b"authorization"))
-        if key is None:
-            raise Unauthorized("missing or invalid API key for this proxy")
-        return key
 
     def _category(self, headers: RawHeaders) -> str | None:
         """The client's own `x-prompt-category` (400 if outside the set), else None."""

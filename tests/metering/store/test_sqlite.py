@@ -225,18 +225,20 @@ def test_a_version_4_store_reads_back_its_records_as_chat(tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize("endpoint", ["responses", "messages", "audio", "score", "pooling"])
-@pytest.mark.parametrize("shared", [True, False, None])
+@pytest.mark.parametrize("with_untracked", [True, False, None])
 def test_every_endpoint_and_untracked_flag_round_trips(
-    tmp_path: Path, endpoint: str, shared: bool | None
+    tmp_path: Path, endpoint: str, with_untracked: bool | None
 ) -> None:
-    record = replace(make_record(rid(1)), endpoint=endpoint, shared_with_untracked=shared)
+    record = replace(
+        make_record(rid(1)), endpoint=endpoint, shared_with_untracked=with_untracked
+    )
     with RequestStore.open(str(tmp_path / "s.db")) as store:
         store.add(record)
         assert store.flush()
         got = store.get(rid(1))
     assert got == record.energy()
     assert got is not None
-    assert got["endpoint"] == endpoint and got["shared_with_untracked"] is shared
+    assert got["endpoint"] == endpoint and got["shared_with_untracked"] is with_untracked
 
 
 def test_newer_schema_is_refused(tmp_path: Path) -> None:
