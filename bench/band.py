@@ -3,17 +3,23 @@ scored on the other.
 
     python -m bench.band [--quick] [--per-kind 8] [--jobs N]
 
-Every scenario of bench/fairness.py is served in the default mode; for each scored
-request, how far the dynamic joules it was told are from the truth's (the engine's
-Shapley share), over the joules it was told, beside the band it was told
-(`joules_high / joules - 1`) and whether the fit or the defaults split it. Scenarios go
-to the calibration half or the scoring half by a hash of their name. On the calibration
-half, the factor by which each state's band must grow to cover 90 % of the requests (the
-90th percentile of error / band); on the scoring half, the band's coverage as told and
-as it would be with that factor, by each dimension, and its median half-width.
+Every scenario of bench/fairness.py is served in the default mode, and a group that
+reaches the fit (`fitted`: 60 s of traffic before the scored round, gauges read, on every
+cost, engine, load and sensor). For each scored request: how far the dynamic joules it
+was told are from the truth's (the engine's Shapley share), in joules, beside the band's
+sources of error (metering/accounting/band.py: the coefficients, the sensor's resolution,
+its own work, the fit's residual, the queue), and whether the fit or the defaults split
+it. Scenarios go to the calibration half or the scoring half by a hash of their name.
 
-The factors printed are what `metering/meter.py` (BAND_SCALE_DEFAULTS, BAND_SCALE_FITTED)
-should hold; once it does, they come out near 1 here. Nothing asserts.
+On the calibration half, for each state of the fit, the factors of the sources that make
+the band cover TARGET of the requests in every row of the tables (each value of each
+dimension), as narrow as that allows (the median half-width, (high - low) / 2 / joules):
+a coordinate search over each factor, with the overall scale set by the worst row. On
+the scoring half: the band's coverage as the proxy tells it now and with those factors,
+and its median half-width, by each dimension.
+
+The factors printed are what metering/accounting/band.py (SCALE_DEFAULTS, SCALE_FITTED)
+should hold; once it does, "as told" and "calibrated" agree. Nothing asserts.
 """
 
 from __future__ import annotations
@@ -24,17 +30,36 @@ import os
 import sys
 import zlib
 from collections import defaultdict
+from dataclasses import dataclass, replace
 
 from bench.fairness import Scenario, outcome, scenarios
+from metering.accounting.band import SCALES, STATES, BandScale, BandTerms, band_j
 
 TARGET = 0.9
-STATES = ("defaults", "fitted")
-Row = tuple[float, float, bool]  # (error over joules, band, fitted)
+MARGIN = 0.01  # calibrate to TARGET + MARGIN: the scoring half is other scenarios
+DIMS = ("engine", "cost", "load", "mix", "sensor", "gauges", "warm")
+FACTORS = ("coefficients", "resolution", "own_work", "residual", "queue", "crowd")
+GRID = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+SWEEPS = 3
 
 
-def _bands(job: tuple[Scenario, int]) -> list[Row]:
+@dataclass(frozen=True, slots=True)
+class Row:
+    error_j: float  # |dynamic joules told - truth|
+    terms: BandTerms
+    keys: tuple[str, ...]  # the scenario's value of each of DIMS
+
+
+def _rows(job: tuple[Scenario, int]) -> list[Row]:
     sc, per_kind = job
-    return list(outcome(sc, "model", per_kind).bands.values())
+    out = outcome(sc, "model", per_kind)
+    keys = tuple(str(getattr(sc, d)) for d in DIMS)
+    rows = []
+    for rid, (error_rel, _, _) in out.bands.items():
+        terms = out.terms.get(rid)
+        if terms is not None:
+            rows.append(Row(error_rel * terms.joules, terms, keys))
+    return rows
 
 
 def calibration_half(sc: Scenario) -> bool:
@@ -48,57 +73,109 @@ def quantile(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))]
 
 
-def factor(rows: list[Row], fitted: bool) -> float:
-    """How much the band of requests in this state must grow to cover TARGET of them."""
-    ratios = [e / b for e, b, f in rows if f == fitted and b > 0.0]
-    return quantile(ratios, TARGET) if ratios else float("nan")
+def _groups(rows: list[Row]) -> list[list[int]]:
+    """Indices of the rows in each row of the tables (each value of each dimension)."""
+    by: dict[tuple[int, str], list[int]] = defaultdict(list)
+    for i, r in enumerate(rows):
+        for d, key in enumerate(r.keys):
+            by[(d, key)].append(i)
+    return list(by.values())
 
 
-def covered(rows: list[Row], scale: dict[bool, float]) -> float:
+def _needed(rows: list[Row], groups: list[list[int]], scale: BandScale) -> tuple[float, float]:
+    """The overall factor `scale` needs for every group to reach TARGET + MARGIN, and the
+    median half-width (over joules) it then gives."""
+    widths = [band_j(r.terms, scale) for r in rows]
+    ratios = [
+        (r.error_j / w if w > 0.0 else (0.0 if r.error_j <= 0.0 else float("inf")))
+        for r, w in zip(rows, widths, strict=True)
+    ]
+    k = max(quantile([ratios[i] for i in g], TARGET + MARGIN) for g in groups)
+    if k == float("inf"):
+        return k, k
+    rel = [k * w / r.terms.joules for r, w in zip(rows, widths, strict=True) if r.terms.joules > 0]
+    return k, quantile(rel, 0.5)
+
+
+def calibrate(rows: list[Row]) -> BandScale:
+    """The narrowest factors (median half-width) that cover TARGET in every group."""
     if not rows:
-        return float("nan")
-    hits = sum(1 for e, b, f in rows if e <= min(1.0, b * scale[f]))
-    return hits / len(rows)
+        return BandScale()
+    groups = _groups(rows)
+    best = BandScale()
+    k, width = _needed(rows, groups, best)
+    for _ in range(SWEEPS):
+        for name in FACTORS:
+            for value in GRID:
+                trial = replace(best, **{name: value})
+                tk, tw = _needed(rows, groups, trial)
+                if tw < width:
+                    best, k, width = trial, tk, tw
+    if k == float("inf"):
+        return best
+    return BandScale(*(k * getattr(best, n) for n in FACTORS))
+
+
+def coverage(rows: list[Row], scales: dict[str, BandScale]) -> tuple[float, float]:
+    """The share of rows the band covers, and its median half-width over joules."""
+    if not rows:
+        return float("nan"), float("nan")
+    hits, rel = 0, []
+    for r in rows:
+        w = band_j(r.terms, scales[r.terms.state])
+        hits += r.error_j <= w
+        if r.terms.joules > 0:
+            rel.append(w / r.terms.joules)
+    return hits / len(rows), quantile(rel, 0.5)
+
+
+def _fmt(scale: BandScale) -> str:
+    return ", ".join(f"{n} {getattr(scale, n):.2f}" for n in FACTORS)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument("--per-kind", type=int, default=8, help="requests of each kind per round")
-    p.add_argument("--quick", action="store_true", help="a fixed sample of 160 scenarios")
+    p.add_argument("--quick", action="store_true", help="a fixed sample of the scenarios")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="processes")
     args = p.parse_args()
-    scs = scenarios(args.quick)
+    scs = scenarios(args.quick, fitted=True)
     with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
-        rows = dict(zip(scs, pool.map(_bands, [(sc, args.per_kind) for sc in scs], chunksize=8),
-                        strict=True))  # fmt: skip
-    calib = [r for sc, rs in rows.items() if calibration_half(sc) for r in rs]
-    scored = {sc: rs for sc, rs in rows.items() if not calibration_half(sc)}
-    k = {False: factor(calib, False), True: factor(calib, True)}
-    print(f"{len(scs)} scenarios; calibration half {len(calib)} requests, "
-          f"scoring half {sum(len(r) for r in scored.values())}")  # fmt: skip
-    print(f"factor to cover {TARGET:.0%}: defaults x{k[False]:.2f}, fitted x{k[True]:.2f}")
-    as_told = {False: 1.0, True: 1.0}
-    calibrated = {f: (v if v == v else 1.0) for f, v in k.items()}  # NaN: no such requests
-    every = [r for rs in scored.values() for r in rs]
-    widths = [min(1.0, b * calibrated[f]) for _, b, f in every]
-    print(f"scoring half: coverage as told {covered(every, as_told):.3f}, calibrated "
-          f"{covered(every, calibrated):.3f}; median half-width {quantile(widths, 0.5):.3f}")
-    for state, fitted in (("defaults", False), ("fitted", True)):
-        mine = [r for r in every if r[2] == fitted]
-        if mine:
-            w = [min(1.0, b * calibrated[fitted]) for _, b, _ in mine]
-            print(f"  {state:<9} {len(mine):>6} requests: coverage as told "
-                  f"{covered(mine, as_told):.3f}, calibrated {covered(mine, calibrated):.3f}, "
-                  f"median half-width {quantile(w, 0.5):.3f}")  # fmt: skip
-    for dim in ("engine", "cost", "load", "mix", "sensor", "gauges", "warm"):
+        results = pool.map(_rows, [(sc, args.per_kind) for sc in scs], chunksize=4)
+    pairs = list(zip(scs, results, strict=True))
+    calib = [r for sc, rs in pairs if calibration_half(sc) for r in rs]
+    scored = [r for sc, rs in pairs if not calibration_half(sc) for r in rs]
+    found = {st: calibrate([r for r in calib if r.terms.state == st]) for st in STATES}
+    print(f"{len(scs)} scenarios; calibration half {len(calib)} requests, scoring half "
+          f"{len(scored)}; target {TARGET:.0%} in every row")  # fmt: skip
+    print("\nfactors found on the calibration half (metering/accounting/band.py SCALES):")
+    for st in STATES:
+        print(f"  {st:<26} {_fmt(found[st])}")
+    print("\nscoring half: coverage as told (median half-width) / calibrated")
+    for st in STATES:
+        mine = [r for r in scored if r.terms.state == st]
+        ct, wt = coverage(mine, SCALES)
+        cc, wc = coverage(mine, found)
+        print(f"  {st:<26}{len(mine):>7} {ct:>7.3f} ({wt:.3f}) /{cc:>6.3f} ({wc:.3f})")
+    ct, wt = coverage(scored, SCALES)
+    cc, wc = coverage(scored, found)
+    print(f"  {'all':<26}{len(scored):>7} {ct:>7.3f} ({wt:.3f}) /{cc:>6.3f} ({wc:.3f})")
+    for d, dim in enumerate(DIMS):
         groups: dict[str, list[Row]] = defaultdict(list)
-        for sc, rs in scored.items():
-            groups[str(getattr(sc, dim))].extend(rs)
-        print(f"\nby {dim}: coverage as told / calibrated, median half-width calibrated")
+        for r in scored:
+            groups[r.keys[d]].append(r)
+        print(f"\nby {dim}: coverage as told (median half-width) / calibrated")
         for key, rs in groups.items():
-            w = [min(1.0, b * calibrated[f]) for _, b, f in rs]
-            print(f"  {key:<28}{covered(rs, as_told):>8.3f} /{covered(rs, calibrated):>6.3f}"
-                  f"{quantile(w, 0.5):>10.3f}")  # fmt: skip
+            ct, wt = coverage(rs, SCALES)
+            cc, wc = coverage(rs, found)
+            print(f"  {key:<28}{ct:>7.3f} ({wt:.3f}) /{cc:>6.3f} ({wc:.3f})")
+    fitted = [r for r in scored if r.terms.state.startswith("fitted")]
+    for sensor in sorted({r.keys[DIMS.index("sensor")] for r in fitted}):
+        mine = [r for r in fitted if r.keys[DIMS.index("sensor")] == sensor]
+        ct, wt = coverage(mine, SCALES)
+        cc, wc = coverage(mine, found)
+        print(f"\nfitted, sensor {sensor}: {len(mine)} requests, coverage as told {ct:.3f} "
+              f"(median half-width {wt:.3f}), calibrated {cc:.3f} ({wc:.3f})")  # fmt: skip
     return 0
 
 

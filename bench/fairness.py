@@ -72,6 +72,8 @@ SENSORS = {
     "h100": Sensor(),
     "1s-average": Sensor(instant="none"),
 }
+FIT_WARMUP_S = 60.0  # the `fitted` group's traffic before the scored round
+WARMUP_ROUND_S = 4.0  # one warm-up round every 4 s (each lasts ~3 s at 8/s)
 MIX_NAMES = {"chat+rag+mid": "chat+rag+mid", "+embed+long+nonstream": "+embeddings+long"}
 
 
@@ -83,25 +85,33 @@ class Scenario:
     mix: str
     sensor: str
     gauges: bool
-    warm: bool
+    warm: str  # "cold", "warm" (one round before) or "fitted" (FIT_WARMUP_S of traffic)
 
     def __str__(self) -> str:
         return (
             f"{self.engine} | {self.cost} | {self.load} | {self.mix} | {self.sensor} | "
-            f"{'gauges' if self.gauges else 'no gauges'} | {'warm' if self.warm else 'cold'}"
+            f"{'gauges' if self.gauges else 'no gauges'} | {self.warm}"
         )
 
 
-def scenarios(quick: bool) -> list[Scenario]:
+def scenarios(quick: bool, fitted: bool = False) -> list[Scenario]:
+    """Every scenario (or a fixed sample of 160); with `fitted`, also the group that
+    reaches the fit: FIT_WARMUP_S of traffic first, gauges read, the first mix, on every
+    cost, engine, load and sensor (or a sample of 40)."""
     every = [
         Scenario(c, e, ld, m, s, g, w)
         for c, e, ld, m, s, g, w in itertools.product(
-            COSTS, ENGINES, LOADS, MIX_NAMES, SENSORS, (True, False), (True, False)
+            COSTS, ENGINES, LOADS, MIX_NAMES, SENSORS, (True, False), ("warm", "cold")
         )
     ]
-    if not quick:
-        return every
-    return random.Random(7).sample(every, 160)
+    group = [
+        Scenario(c, e, ld, next(iter(MIX_NAMES)), s, True, "fitted")
+        for c, e, ld, s in itertools.product(COSTS, ENGINES, LOADS, SENSORS)
+    ]
+    if quick:
+        every = random.Random(7).sample(every, 160)
+        group = random.Random(7).sample(group, 40)
+    return every + group if fitted else every
 
 
 def run(sc: Scenario, mode: str, per_kind: int) -> float:
@@ -115,12 +125,16 @@ def outcome(sc: Scenario, mode: str, per_kind: int) -> Outcome:
     mix = MIXES[MIX_NAMES[sc.mix]]
     nonstream = sc.mix.endswith("nonstream")
     reqs: list[SimRequest] = []
-    if sc.warm:  # a round the fit learns from, then the scored one 4 s after it began
+    # Rounds the fit learns from (one, or FIT_WARMUP_S of them), then the scored one 4 s
+    # after the last began.
+    rounds = {"cold": 0, "warm": 1, "fitted": int(FIT_WARMUP_S / WARMUP_ROUND_S)}[sc.warm]
+    for k in range(rounds):
         reqs += [
-            SimRequest("w" + r.rid, r.kind, r.arrival_s, r.prompt_tokens, r.max_tokens)
-            for r in requests_for(mix, per_kind, 8.0, seed=3)
-        ]
-    start = 4.0 + (max((r.arrival_s for r in reqs), default=0.0) if sc.warm else 0.0)
+            SimRequest(f"w{k}-{r.rid}", r.kind, k * WARMUP_ROUND_S + r.arrival_s,
+                       r.prompt_tokens, r.max_tokens)
+            for r in requests_for(mix, per_kind, 8.0, seed=3 + k)
+        ]  # fmt: skip
+    start = 4.0 + (max((r.arrival_s for r in reqs), default=0.0) if rounds else 0.0)
     for r in requests_for(mix, per_kind, LOADS[sc.load], seed=1):
         reqs.append(SimRequest(r.rid, r.kind, start + r.arrival_s, r.prompt_tokens, r.max_tokens))
 

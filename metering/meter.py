@@ -16,14 +16,11 @@ none waits on a sensor: blocking sources are read on threads of their own.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 
 from metering.accounting.attribution import (
-    DECODE,
     MODEL,
     WAITING,
     Attribution,
@@ -31,9 +28,19 @@ from metering.accounting.attribution import (
     Flight,
     WorkPrice,
 )
-from metering.accounting.cost_model import TERMS, Coefficients, CostFit, Rates
+from metering.accounting.band import (
+    SCALES,
+    BandTerms,
+    band_rel,
+    band_terms,
+    coefficient_log_sds,
+)
+from metering.accounting.cost_model import (
+    DEFAULT_DECODE_TOKENS_PER_S,
+    Coefficients,
+)
 from metering.accounting.groups import bind_channels, gpu_share, time_channel
-from metering.accounting.ledger import Ledger, SourceShare, Ticket
+from metering.accounting.ledger import Ledger, SourceShare
 from metering.accounting.prompt_text import prompt_tokens_estimate
 from metering.accounting.report import (
     DEFAULT_ENDPOINT,
@@ -43,7 +50,6 @@ from metering.accounting.report import (
     build_report,
 )
 from metering.accounting.sampler import LEDGER_TICK_HZ, Sampler
-from metering.accounting.untracked import UntrackedWork
 from metering.carbon.intensity import IntensityProvider
 from metering.carbon.sci import (
     DEFAULT_EMBODIED_KGCO2EQ,
@@ -51,6 +57,7 @@ from metering.carbon.sci import (
     Embodied,
     embodied_g,
 )
+from metering.lane import Lane, Measurement, Plan, cost_model_view
 from metering.sources.base import PowerSource
 from metering.sources.hardware import describe_hardware
 
@@ -62,73 +69,6 @@ FIT_EVERY_S = 5.0  # how often each backend's cost model is refitted (on the sam
 log = logging.getLogger("energy_proxy.meter")
 
 _DEFAULT_EMBODIED = Embodied.from_kg_years(DEFAULT_EMBODIED_KGCO2EQ, DEFAULT_LIFESPAN_YEARS)
-
-
-@dataclass(frozen=True, slots=True)
-class Plan:
-    """What the meter needs to know of one backend: its name, the GPU indices it runs on
-    (None: the GPUs no backend claims) and the most requests it runs at once, if known."""
-
-    name: str
-    gpus: Sequence[int] | None = None
-    max_running: int | None = None
-
-
-@dataclass(slots=True)
-class Lane:
-    """One backend as the meter sees it: the channels its requests draw from (its GPUs,
-    the host-wide sources and its time channel), its share of the host's GPUs (SCI's
-    RR/ToR), the model of its admission queue, and its cost model (cost_model.py) with
-    the rates and the requests in flight it is fitted from."""
-
-    channels: tuple[str, ...]
-    gpu_share: float = 1.0
-    queue: EngineQueue = field(default_factory=EngineQueue)
-    fit: CostFit = field(default_factory=CostFit)
-    rates: Rates = field(default_factory=Rates)
-    # Request starts in flight (the fit uses only intervals before the oldest).
-    open_starts: dict[int, float] = field(default_factory=dict)
-    last_tick: tuple[float, float, float] | None = None  # (t, dynamic J, busy s) at the tick
-    next_fit_s: float = 0.0
-    fitted_wall_s: float | None = None  # unix time of the last fit
-    fitting: bool = False  # a fit is running on its thread
-    # Finished requests' work, (start, first token or None, end, prompt, generated), taken
-    # into the fit at the next tick: the request path only appends.
-    pending_work: list[tuple[float, float | None, float, float, int]] = field(default_factory=list)
-    period_s: float = 0.0  # the longest counter period of its sources (the band's resolution)
-    basis: str = ""  # what its split rests on now (the energy object's attribution_basis)
-    timed: int = 0  # finished requests whose backend reported their phases (Timings)
-    untracked: UntrackedWork = field(default_factory=UntrackedWork)  # work it did not send
-
-    @property
-    def energy_channels(self) -> tuple[str, ...]:
-        return tuple(c for c in self.channels if not c.startswith("time:"))
-
-    @property
-    def time_channel(self) -> str | None:
-        return next((c for c in self.channels if c.startswith("time:")), None)
-
-
-@dataclass(slots=True, eq=False)
-class Measurement:
-    """One request being measured: from `Meter.open` to `Meter.close`."""
-
-    lane: Lane
-    flight: Flight
-    ticket: Ticket
-    t0_s: float
-    admitted_s: float | None = None  # when the queue model let it run
-    first_token_s: float | None = None
-    report: EnergyReport | None = None
-    # Its lane's untracked account when it opened: whether work the proxy did not send
-    # ran then, and how many times such work had begun (a later start shared with it).
-    untracked_at_open: bool = False
-    untracked_episodes: int = 0
-
-    @property
-    def decoding(self) -> bool:
-        """Its first token has been seen (the hot path's check before `first_token`)."""
-        return self.flight.phase == DECODE
 
 
 class Meter:
@@ -159,6 +99,8 @@ class Meter:
         # Told a backend's name when a request opens with more in flight to it than it may
         # run at once (the registry reads its gauges at once then, and often after).
         self.on_gauges_wanted: Callable[[str], None] | None = None
+        # The band's calibrated factors, by the state a request is split in (band.py).
+        self.band_scales = SCALES
 
     @classmethod
     def build(
@@ -224,11 +166,15 @@ class Meter:
         if serial and queue.capacity is None:
             queue.configured = queue.capacity = 1
             self._describe(lane)
-        # The prompt's size matters only where a request's prefill can be seen.
-        prompt_est = prompt_tokens_estimate(payload) if stream or embeddings else 1.0
+        # The prompt's size matters where a request's prefill can be seen, and in `model`
+        # mode, where a non-streamed answer's prefill is spread over its steps.
+        sized = stream or embeddings or self.attribution.mode == MODEL
+        prompt_est = prompt_tokens_estimate(payload) if sized else 1.0
         flight = Flight(prompt_est, stream=stream, embeddings=embeddings)
-        weight = self.attribution.start(flight, queue)
-        ticket, t0_s = self.sampler.start(weight, lane.channels, flight.eq)
+        weight = self.attribution.start(flight, queue, self.sampler.clock())
+        ticket, t0_s = self.sampler.start(
+            weight, lane.channels, flight.eq, prefill=flight.prefill_work
+        )
         flight.t0_s = t0_s
         untracked = lane.untracked
         m = Measurement(lane, flight, ticket, t0_s)
@@ -268,12 +214,15 @@ class Meter:
             if changed:
                 self._admitted(changed, now_s)
         weight = attribution.first_token(m.flight, queue)
+        joined = attribution.step_ended(queue, now_s)
+        if joined:
+            self._admitted(joined, now_s)
         if m.first_token_s is None:
             m.first_token_s = now_s
             if m.admitted_s is None:  # it ran although the queue model held it waiting
                 m.admitted_s = m.t0_s
         if weight is not None:
-            self.sampler.reweigh(m.ticket, weight, m.flight.eq)
+            self.sampler.reweigh(m.ticket, weight, m.flight.eq, m.flight.prefill_work)
 
     def close(
         self,
@@ -299,15 +248,20 @@ class Meter:
         # Answered while the queue model held it waiting: served out of arrival order, in
         # the place of a request the model admitted (which has not started, then).
         instead = attribution.ran_instead(m.flight, queue) if answered else None
+        # An answer whose prefill was seen to its end (embeddings) ends its step.
+        step_over = m.flight.prefill_work
         shares, t1_s = sampler.finish(m.ticket, instead.handle.ticket if instead else None)
         # Its place in the backend's queue model goes to the oldest waiting request.
         self._admitted(attribution.finish(m.flight, queue, t1_s), t1_s)
+        if step_over:
+            self._admitted(attribution.step_ended(queue, t1_s), t1_s)
         m.lane.open_starts.pop(id(m), None)
         m.lane.untracked.ended(t1_s)
         self._learn_work(m, t1_s, tokens, timings)
         # Shares of a time channel are the request's share of busy seconds (carbon/sci.py).
         busy_s = sum(s.energy_j for s in shares if s.name.startswith("time:"))
         domains = sampler.domains
+        terms = self._band_terms(m, shares, t1_s, tokens)
         m.report = build_report(
             request_id=request_id,
             model=model,
@@ -322,26 +276,62 @@ class Meter:
             embodied_g=embodied_g(self.embodied, busy_s, m.lane.gpu_share, 1.0),
             attribution=attribution.mode,
             client_request_id=client_request_id,
-            band_rel=self._band_rel(m.lane, t1_s - m.t0_s),
+            band_rel=band_rel(terms, self.band_scales),
             basis=m.lane.basis + ("backend" if timings is not None else "proxy"),
             endpoint=endpoint,
             shared_with_untracked=m.lane.untracked.shared_with(
                 m.untracked_at_open, m.untracked_episodes
             ),
+            band_terms=terms,
         )
         return m.report
 
     # --- uncertainty ----------------------------------------------------------------------
 
-    def _band_rel(self, lane: Lane, duration_s: float) -> float:
-        """The relative uncertainty of a request's joules, an estimate: the part of each
-        interval's measured energy its backend's cost model does not explain (the fit's
-        robust relative residual; wide before the fit has data), and the sensor's
-        resolution, half a counter period of the request's own time, combined in
-        quadrature, at most 1."""
-        period_s = lane.period_s
-        resolution = 0.5 * period_s / max(duration_s, period_s) if period_s > 0.0 else 0.0
-        return min(1.0, math.hypot(lane.fit.band_in_use, resolution))
+    def _band_terms(
+        self, m: Measurement, shares: Sequence[SourceShare], t1_s: float, tokens: Tokens | None
+    ) -> BandTerms:
+        """The sources of error of a request's joules (accounting/band.py): its
+        sensitivities to the coefficients in use and how uncertain each is, the sensor's
+        resolution for its time, the fit's residual, and how long it waited while the
+        queue's capacity was not known for sure."""
+        lane, domains = m.lane, self.sampler.domains
+        joules = dynamic_j = exposure_j = sens_f = sens_p = sens_d = 0.0
+        for s in shares:
+            if s.name in domains:
+                joules += s.energy_j
+                dynamic_j += s.dynamic_j
+                exposure_j += s.exposure_j
+                sens_f += s.sensitivity_j[0]
+                sens_p += s.sensitivity_j[1]
+                sens_d += s.sensitivity_j[2]
+        fit = lane.fit
+        log_sds = coefficient_log_sds(
+            fit.trusted, fit.in_use.as_tuple(), fit.std_errors, fit.identified
+        )
+        duration_s = t1_s - m.t0_s
+        price = fit.in_use
+        prompt = tokens.prompt if tokens is not None and tokens.prompt else m.flight.prompt_tokens
+        made = tokens.completion if tokens is not None and tokens.completion else 0
+        own_work_j = price.prefill_j_per_token * prompt + price.decode_j_per_token * made
+        started_s = m.first_token_s if m.first_token_s is not None else m.admitted_s
+        waited_s = 0.0
+        if started_s is not None:
+            waited_s = max(0.0, started_s - m.t0_s - lane.rates.prefill_window_s)
+        return band_terms(
+            joules=joules,
+            sensitivity_j=(sens_f, sens_p, sens_d),
+            log_sds=log_sds,
+            own_work_j=own_work_j,
+            period_s=lane.period_s,
+            duration_s=duration_s,
+            residual_rel=fit.band_in_use,
+            waited_s=waited_s,
+            queue_known=lane.queue.capacity_source() in ("configured", "learnt"),
+            exposure_j=exposure_j,
+            dynamic_j=dynamic_j,
+            fitted=fit.trusted,
+        )
 
     def _describe(self, lane: Lane) -> None:
         """Refresh what a lane's answers say of their split (at each tick and each read
@@ -449,7 +439,7 @@ class Meter:
         """Weights the queue model changed (admitted, or sent back to waiting)."""
         for flight, weight in changed:
             m: Measurement = flight.handle
-            self.sampler.reweigh(m.ticket, weight, flight.eq)
+            self.sampler.reweigh(m.ticket, weight, flight.eq, flight.prefill_work)
             if flight.phase != WAITING and m.admitted_s is None:
                 m.admitted_s = now_s
 
@@ -481,6 +471,7 @@ class Meter:
                 lane.rates.observe(split_s - start_s, t1_s - split_s, generated)
             else:  # no first token seen: its prefill is taken to last a typical window
                 split_s = min(t1_s, start_s + lane.rates.prefill_window_s)
+                lane.rates.observe_nonstream(generated)
             lane.fit.work(start_s, split_s, prompt=prompt)
             lane.fit.work(split_s, t1_s, decode=float(generated))
 
@@ -543,8 +534,14 @@ class Meter:
             return
         c: Coefficients = lane.fit.in_use
         steps_per_s = max(1e-6, lane.rates.decode_tokens_per_s)
-        lane.queue.price = WorkPrice(c.prefill_j_per_token, c.decode_j_per_token)
-        fixed_j_per_step = c.fixed_w / steps_per_s
+        lane.queue.price = WorkPrice(
+            c.prefill_j_per_token,
+            c.decode_j_per_token,
+            lane.rates.nonstream_tokens,
+            1.0 / steps_per_s,
+        )
+        # The fit's F is watts at the default step rate (cost_model.py): per step, F / it.
+        fixed_j_per_step = c.fixed_w / DEFAULT_DECODE_TOKENS_PER_S
         channels = self.sampler.ledger.channels
         for name in lane.channels:
             if name in channels:
@@ -555,31 +552,9 @@ class Meter:
 
     def cost_models(self) -> dict[str, dict[str, object]]:
         """Each planned backend's cost model as /readyz and the metrics show it."""
-        out: dict[str, dict[str, object]] = {}
-        for name, lane in self._lanes.items():
-            c, fit, rates = lane.fit.coefficients, lane.fit, lane.rates
-            out[name] = {
-                "version": COST_MODEL_VERSION,
-                "fixed_w": c.fixed_w,
-                "prefill_j_per_token": c.prefill_j_per_token,
-                "decode_j_per_token": c.decode_j_per_token,
-                # Each coefficient's standard error from the intervals alone, and whether
-                # they identify it (else it is held at its default): cost_model.identify.
-                "std_errors": dict(zip(TERMS, fit.std_errors, strict=True)),
-                "identified": dict(zip(TERMS, fit.identified, strict=True)),
-                "fitted_at": lane.fitted_wall_s,
-                "in_use": "fitted" if fit.trusted else "defaults",
-                "intervals": fit.intervals_used,
-                "band_rel": fit.band_in_use,
-                "fit_band_rel": fit.band_rel,
-                "defaults_band_rel": fit.defaults_band_rel,
-                "decode_tokens_per_s": rates.decode_tokens_per_s,
-                "prefill_window_s": rates.prefill_window_s,
-                "queue_capacity": lane.queue.capacity,
-                "queue_capacity_source": lane.queue.capacity_source(),
-                "timed_requests": lane.timed,
-            }
-        return out
+        return {
+            name: cost_model_view(lane, COST_MODEL_VERSION) for name, lane in self._lanes.items()
+        }
 
     def lane(self, backend: str) -> Lane:
         """The lane of `backend`; one not planned draws from every source."""

@@ -11,6 +11,12 @@ each running request shares the fixed cost of each step equally with the others 
 while it prefills and `c_decode` while it decodes (`WorkPrice`, set by the meter from the
 fit): the Shapley split of a step, applied over time.
 
+A request that arrives while another's seen prefill (streamed, or embeddings) has been
+under way for more than a step is not in the step the engine is running (a long
+prefill's step): it weighs 0 (`NEXT_STEP`) until that step ends, which the next first
+token or embeddings answer shows, and then prefills. One that arrives within a step of
+the prefill's start shares its step (a burst).
+
 `queue`. A continuous-batching engine admits a bounded number of requests
 (vLLM's max_num_seqs, TGI's batch) and queues the rest; a request waiting in the queue
 costs the GPU nothing. The proxy keeps a model of each backend's queue: FIFO admission
@@ -34,6 +40,8 @@ constant 100 is calibrated against the engine simulator's H100-shaped cost model
 prompt token) and checked across cost models from half to twice those figures
 (bench/fairness.py). Non-streaming chat/completions show no first token, so they weigh
 1 once running (their prefill under-weighted, as in `tokens`); embeddings are all prefill.
+In `model` mode a non-streamed answer's prefill is spread over the steps it is expected
+to run (`WorkPrice.amortize_steps`): its decode price plus its prompt's price over them.
 
 `tokens` (the first version's default). No queue: a request weighs its prompt tokens from
 its start to its first streamed token (waiting included, which overcharges requests that
@@ -51,7 +59,12 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from metering.accounting.cost_model import DEFAULT_DECODE_J_PER_TOKEN, DEFAULT_PREFILL_J_PER_TOKEN
+from metering.accounting.cost_model import (
+    DEFAULT_DECODE_J_PER_TOKEN,
+    DEFAULT_DECODE_TOKENS_PER_S,
+    DEFAULT_NONSTREAM_TOKENS,
+    DEFAULT_PREFILL_J_PER_TOKEN,
+)
 
 MODEL = "model"
 QUEUE = "queue"
@@ -65,6 +78,10 @@ PREFILL_TOKENS_PER_UNIT = 100.0
 DECODE_WEIGHT = 1.0
 
 WAITING, PREFILL, DECODE = "waiting", "prefill", "decode"
+# Admitted, but the engine is in a step it cannot join: another request's prefill, seen
+# (streamed, or embeddings), is under way. It joins at the step's end, which the next
+# first token (or an embeddings answer) shows: `model` mode.
+NEXT_STEP = "next step"
 
 # Capacity from the answers alone (no gauges): a first token that comes within this
 # fraction of the request's time in flight after another request ended was an admission
@@ -87,6 +104,10 @@ class Flight:
     eq: float = 0.0  # 1 while it shares the fixed cost of the steps (`model`, running)
     t0_s: float = 0.0  # when it was sent (the caller's clock; for inferring the capacity)
     seq: int = 0  # its place in the order of arrival at its backend
+    # Its weight is prefill work priced by the cost model (`model` mode, prefilling): the
+    # ledger's sensitivities tell it from decode work.
+    prefill_work: bool = False
+    prefill_from_s: float | None = None  # when its prefill began, as far as known
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +121,11 @@ class WorkPrice:
 
     prefill_j_per_token: float = DEFAULT_PREFILL_J_PER_TOKEN
     decode_j_per_step: float = DEFAULT_DECODE_J_PER_TOKEN
+    # A non-streamed answer shows no first token: its prefill is spread over the steps it
+    # is expected to run (the tokens such answers generate on this backend, learnt).
+    amortize_steps: float = DEFAULT_NONSTREAM_TOKENS
+    # One engine step: requests that arrive within it of a prefill's start share its step.
+    step_s: float = 1.0 / DEFAULT_DECODE_TOKENS_PER_S
 
 
 @dataclass(slots=True)
@@ -112,6 +138,10 @@ class EngineQueue:
     running: OrderedDict[int, Flight] = field(default_factory=OrderedDict)
     waiting: OrderedDict[int, Flight] = field(default_factory=OrderedDict)
     price: WorkPrice = field(default_factory=WorkPrice)  # `model` mode's weights
+    # Running requests whose prefill is seen and under way, and those waiting for the
+    # step it is in to end (NEXT_STEP).
+    prefilling: dict[int, Flight] = field(default_factory=dict)
+    next_step: dict[int, Flight] = field(default_factory=dict)
     # Until the gauges show it: what the answers showed of the capacity (`Attribution.infer`).
     gauged: bool = False  # the backend's own counts showed the capacity (a queue): they decide
     last_end_s: float | None = None  # when a request last ended (freeing a place)
@@ -176,11 +206,18 @@ class Attribution:
             raise ValueError(f"attribution must be one of {', '.join(MODES)}, not {mode!r}")
         self.mode = mode
 
-    def _run(self, f: Flight, queue: EngineQueue, phase: str) -> float:
-        """`f` runs now, in `phase`: its weight (and its equal part of the fixed cost)."""
+    def _run(self, f: Flight, queue: EngineQueue, phase: str, now_s: float | None = None) -> float:
+        """`f` runs now (`now_s`, if known), in `phase`: its weight (and its equal part of
+        the fixed cost)."""
         f.phase = phase
+        f.prefill_from_s = now_s if phase == PREFILL else None
         f.eq = 1.0 if self.mode == MODEL else 0.0
         f.weight = self._running_weight(f, queue)
+        f.prefill_work = self.mode == MODEL and phase == PREFILL and (f.stream or f.embeddings)
+        if f.prefill_work:
+            queue.prefilling[id(f)] = f
+        else:
+            queue.prefilling.pop(id(f), None)
         return f.weight
 
     def _running_weight(self, f: Flight, queue: EngineQueue) -> float:
@@ -193,6 +230,9 @@ class Attribution:
             price = queue.price
             if prefilling:
                 return price.prefill_j_per_token * f.prompt_tokens
+            if f.phase == PREFILL and not f.stream:  # its prefill unseen: spread over its steps
+                steps = max(1.0, price.amortize_steps)
+                return price.decode_j_per_step + price.prefill_j_per_token * f.prompt_tokens / steps
             return price.decode_j_per_step
         if prefilling:
             return 1.0 + f.prompt_tokens / PREFILL_TOKENS_PER_UNIT
@@ -216,8 +256,10 @@ class Attribution:
         changed += self._admit(queue)
         return changed
 
-    def start(self, f: Flight, queue: EngineQueue) -> float:
-        """A request arrives: its first weight (0 while the queue model holds it)."""
+    def start(self, f: Flight, queue: EngineQueue, now_s: float | None = None) -> float:
+        """A request arrives (at `now_s`, the caller's clock, if given): its first weight
+        (0 while the queue model holds it, or while it waits for the engine's step to end:
+        NEXT_STEP)."""
         queue.arrivals += 1
         f.seq = queue.arrivals
         if self.mode in QUEUED_MODES and (queue.full() or queue.waiting):
@@ -226,12 +268,28 @@ class Attribution:
             f.weight, f.eq = 0.0, 0.0
             return 0.0
         queue.running[id(f)] = f
-        return self._run(f, queue, PREFILL)
+        if self.mode == MODEL and now_s is not None and _step_under_way(queue, now_s):
+            # A prefill's step is under way: the engine's step in progress is not its own.
+            f.phase, f.weight, f.eq = NEXT_STEP, 0.0, 0.0
+            queue.next_step[id(f)] = f
+            return 0.0
+        return self._run(f, queue, PREFILL, now_s)
+
+    def step_ended(self, queue: EngineQueue, now_s: float) -> list[tuple[Flight, float]]:
+        """A step ended at `now_s` (a first token came, or an embeddings answer): the
+        requests that were waiting for it join the next one, in prefill. Returns their
+        new weights."""
+        if not queue.next_step:
+            return []
+        joined = list(queue.next_step.values())
+        queue.next_step.clear()
+        return [(f, self._run(f, queue, PREFILL, now_s)) for f in joined]
 
     def first_token(self, f: Flight, queue: EngineQueue) -> float | None:
         """Its first streamed token: its new weight, or None if it does not change."""
         if f.phase == DECODE:
             return None
+        queue.next_step.pop(id(f), None)
         if f.phase == WAITING:
             # It runs: the model's capacity was too small.
             queue.waiting.pop(id(f), None)
@@ -285,7 +343,9 @@ class Attribution:
             queue.waiting.pop(id(f), None)
             return []
         queue.running.pop(id(f), None)
-        return self._admit(queue)
+        queue.prefilling.pop(id(f), None)
+        queue.next_step.pop(id(f), None)
+        return self._admit(queue, now_s)
 
     def infer(self, f: Flight, queue: EngineQueue, now_s: float) -> list[tuple[Flight, float]]:
         """`f`'s first token, at `now_s`, on a backend whose gauges are not read and whose
@@ -324,20 +384,30 @@ class Attribution:
             if not queue.capacity or len(queue.running) <= queue.capacity:
                 break
             g = queue.running[key]
-            if g.phase != PREFILL or g is keep:
+            if g.phase not in (PREFILL, NEXT_STEP) or g is keep:
                 continue  # a decoding request is running for certain
             _send_back(queue, g)
             changed.append((g, 0.0))
         return changed
 
-    def _admit(self, queue: EngineQueue) -> list[tuple[Flight, float]]:
-        """Admit the oldest waiting requests while there is room."""
+    def _admit(self, queue: EngineQueue, now_s: float | None = None) -> list[tuple[Flight, float]]:
+        """Admit the oldest waiting requests while there is room (at `now_s`, if known)."""
         admitted: list[tuple[Flight, float]] = []
         while queue.waiting and not queue.full():
             key, nxt = queue.waiting.popitem(last=False)
             queue.running[key] = nxt
-            admitted.append((nxt, self._run(nxt, queue, PREFILL)))
+            admitted.append((nxt, self._run(nxt, queue, PREFILL, now_s)))
         return admitted
+
+
+def _step_under_way(queue: EngineQueue, now_s: float) -> bool:
+    """Whether a seen prefill began more than a step before `now_s`: its step is running,
+    and a request arriving now is not in it. The oldest prefilling request began first
+    (they are kept in the order their prefill began)."""
+    for f in queue.prefilling.values():
+        began = f.prefill_from_s
+        return began is not None and began < now_s - queue.price.step_s
+    return False
 
 
 def _arrived_before(queue: EngineQueue, seq: int) -> int:
@@ -353,7 +423,7 @@ def _newest_unstarted(queue: EngineQueue) -> Flight | None:
     """The newest running request that has shown no first token (None: all decode)."""
     for key in reversed(queue.running):
         f = queue.running[key]
-        if f.phase == PREFILL:
+        if f.phase in (PREFILL, NEXT_STEP):
             return f
     return None
 
@@ -363,6 +433,8 @@ def _send_back(queue: EngineQueue, f: Flight) -> None:
     (the front of the line: it was admitted before them)."""
     key = id(f)
     del queue.running[key]
+    queue.prefilling.pop(key, None)
+    queue.next_step.pop(key, None)
     queue.waiting[key] = f
     queue.waiting.move_to_end(key, last=False)
-    f.phase, f.weight, f.eq = WAITING, 0.0, 0.0
+    f.phase, f.weight, f.eq, f.prefill_work = WAITING, 0.0, 0.0, False

@@ -2,10 +2,14 @@
 
 A continuous-batching engine spends, in any interval of time (energy above idle):
 
-    E = F * busy_s + c_prefill * prompt tokens prefilled + c_decode * tokens generated
+    E = F * steps / 290 + c_prefill * prompt tokens prefilled + c_decode * tokens generated
 
-`F` (watts) is the cost of running steps at all, whatever the batch: the weights read once
-per step, kernel launches, the fixed part of a step. It is shared equally by the requests
+`F` (watts at 290 steps a second, an H100's decode step of 3.4 ms: per step, F / 290 joules)
+is the cost of running steps at all, whatever the batch: the weights read once per step,
+kernel launches, the fixed part of a step. The steps of an interval are not seen; they
+are its busy seconds times the step rate its decoding requests showed (each makes one
+token a step; `Interval.features`), so a step that grows with its batch is not taken for
+cheaper fixed cost and free decoding. It is shared equally by the requests
 running (each step's fixed cost is a public good of the requests in it: the Shapley split).
 `c_prefill` and `c_decode` (joules a token) are each request's own.
 
@@ -39,6 +43,9 @@ DEFAULT_PREFILL_J_PER_TOKEN = 0.005
 DEFAULT_DECODE_J_PER_TOKEN = 0.005
 DEFAULT_DECODE_TOKENS_PER_S = 290.0  # per running sequence: one token per 3.4 ms step
 DEFAULT_PREFILL_WINDOW_S = 0.05
+# Tokens a non-streamed answer is taken to generate until its backend's are learnt (the
+# steps its unseen prefill is spread over: attribution.py, `WorkPrice.amortize_steps`).
+DEFAULT_NONSTREAM_TOKENS = 128.0
 
 FIT_INTERVALS = 480  # recent intervals the fit looks at (four minutes of 2 Hz ticks)
 MIN_INTERVALS_TO_FIT = 8
@@ -84,13 +91,24 @@ class Interval:
     busy_s: float = 0.0
     prompt_tokens: float = 0.0
     decode_tokens: float = 0.0
+    # The seconds requests spent decoding in it, summed over the requests: with its decoded
+    # tokens, the engine's step rate (each decoding request makes one token a step).
+    decode_seq_s: float = 0.0
     # No work the proxy did not send ran in it (untracked.py): its energy is all the work
     # the fit knows of. An interval with untracked work is kept (work spreads over it) but
     # not fitted.
     clean: bool = True
 
     def features(self) -> tuple[float, float, float]:
-        return (self.busy_s, self.prompt_tokens, self.decode_tokens)
+        """(its engine steps, in seconds at the default step rate; prompt tokens; decoded
+        tokens). Steps are its busy seconds times the step rate its decoding requests
+        showed (tokens over decode seconds); a step takes longer as the batch grows, and a
+        cost per busy second would then take part of the decode cost for its own."""
+        steps_s = self.busy_s
+        if self.decode_seq_s > 0.0 and self.decode_tokens > 0.0:
+            rate = self.decode_tokens / self.decode_seq_s
+            steps_s = self.busy_s * rate / DEFAULT_DECODE_TOKENS_PER_S
+        return (steps_s, self.prompt_tokens, self.decode_tokens)
 
 
 @dataclass(slots=True)
@@ -100,7 +118,17 @@ class Rates:
 
     prefill_window_s: float = DEFAULT_PREFILL_WINDOW_S
     decode_tokens_per_s: float = DEFAULT_DECODE_TOKENS_PER_S
+    nonstream_tokens: float = DEFAULT_NONSTREAM_TOKENS  # what non-streamed answers generate
     seen: int = 0
+    nonstream_seen: int = 0
+
+    def observe_nonstream(self, tokens: int) -> None:
+        """A non-streamed answer generated `tokens` (no first token is seen of it)."""
+        if tokens <= 0:
+            return
+        a = RATE_EWMA if self.nonstream_seen >= 10 else 1.0 / (self.nonstream_seen + 1)
+        self.nonstream_tokens += a * (tokens - self.nonstream_tokens)
+        self.nonstream_seen += 1
 
     def observe(self, prefill_s: float | None, decode_s: float | None, tokens: int) -> None:
         a = RATE_EWMA if self.seen >= 10 else 1.0 / (self.seen + 1)
@@ -181,24 +209,28 @@ class CostFit:
                 iv.prompt_tokens += prompt
                 iv.decode_tokens += decode
             return
+        seq_s = span if decode > 0.0 else 0.0
         # Newest first: a request's windows are recent, so this touches the few intervals
         # they overlap (O(1) per request in steady state), never the whole window.
         if self._open is not None:
-            self._spread(self._open, t0_s, t1_s, span, prompt, decode)
+            self._spread(self._open, t0_s, t1_s, span, (prompt, decode, seq_s))
         for iv in reversed(self._intervals):
             if iv.t1_s <= t0_s:
                 break
-            self._spread(iv, t0_s, t1_s, span, prompt, decode)
+            self._spread(iv, t0_s, t1_s, span, (prompt, decode, seq_s))
 
     @staticmethod
     def _spread(
-        iv: Interval, t0_s: float, t1_s: float, span: float, prompt: float, decode: float
+        iv: Interval, t0_s: float, t1_s: float, span: float, work: tuple[float, float, float]
     ) -> None:
+        """Add the part of `work` (prompt tokens, decoded tokens, decode seconds) spread
+        evenly over [t0_s, t1_s] that falls in `iv`."""
         lo, hi = max(t0_s, iv.t0_s), min(t1_s, iv.t1_s)
         if hi > lo:
             f = (hi - lo) / span
-            iv.prompt_tokens += prompt * f
-            iv.decode_tokens += decode * f
+            iv.prompt_tokens += work[0] * f
+            iv.decode_tokens += work[1] * f
+            iv.decode_seq_s += work[2] * f
 
     def _find(self, t_s: float) -> Interval | None:
         if self._open is not None and t_s >= self._open.t0_s:

@@ -28,6 +28,21 @@ to `fixed_w` and the members' total weight (their own work, in watts): the first
 equally among the runners (a second pair of accumulators, per runner), the second by
 weight. With `fixed_w` = 0 (the default) the channel is the plain weighted split above.
 
+Sensitivities (the band, metering/accounting/band.py). In `model` mode a member's weight
+is its own work, priced by the cost model's coefficients: `prefill` weight (c_prefill x
+its prompt tokens) or decode weight (c_decode), and the fixed cost `fixed_w` (F). How a
+request's dynamic joules would move if a coefficient were off is, to first order, the
+derivative of its share by the coefficient's logarithm; per interval of dynamic energy
+dE, total T = F + W, runners R, prefill weight P of W:
+
+    d share / d ln F  = dE (e F/(R T) - e F^2/(R T^2) - w F/T^2)
+    d share / d ln cp = dE (wp/T - e F P/(R T^2) - w P/T^2)
+    d share / d ln cd = dE (wd/T - e F D/(R T^2) - w D/T^2)      (D = W - P)
+
+for a member of weight w = wp + wd and equal part e. Six more accumulators of dE over
+powers of T make each O(1) like the shares themselves; the three sum to zero (scaling
+every coefficient changes no split).
+
 The accumulator is reset to zero whenever the channel empties, so it stays small and
 `A1 - A0` keeps its precision under normal traffic. Nothing here does I/O or reads a clock.
 """
@@ -57,6 +72,10 @@ class Channel:
     runners: float = 0.0  # members that share the fixed cost (eq = 1)
     fixed_w: float = 0.0  # the fixed cost model's F, watts (0: a plain weighted split)
     members: int = 0
+    prefill_weight: float = 0.0  # the part of `weight` that is prefill work (sensitivities)
+    # Sensitivity accumulators (dynamic joules; see the module's docstring): dE F^2/(R T^2),
+    # dE F/T^2, dE F P/(R T^2), dE P/T^2, dE F D/(R T^2), dE D/T^2.
+    sens_acc: list[float] = field(default_factory=lambda: [0.0] * 6)
     # The part of `weight` and `runners` held by untracked tickets (work the proxy did not
     # send), to tell their energy apart from the requests'.
     untracked_weight: float = 0.0
@@ -99,12 +118,28 @@ class Channel:
                 self.eq_dyn_acc_j += dyn_j * part
             self.acc_j_per_w += delta_j / total
             self.dyn_acc_j_per_w += dyn_j / total
+            self._sensitivities(dyn_j, fixed, total)
             untracked_j = delta_j * self._untracked_fraction(fixed, total)
             self.untracked_j += untracked_j
             self.attributed_j += delta_j - untracked_j
         else:
             self.idle_j += delta_j
         return delta_j
+
+    def _sensitivities(self, dyn_j: float, fixed: float, total: float) -> None:
+        """Advance the six sensitivity accumulators by one interval's dynamic energy."""
+        acc = self.sens_acc
+        per_t2 = dyn_j / (total * total)
+        prefill = self.prefill_weight
+        decode = self.weight - prefill
+        if fixed > 0.0:
+            per_runner = fixed * per_t2 / self.runners
+            acc[0] += fixed * per_runner
+            acc[1] += fixed * per_t2
+            acc[2] += prefill * per_runner
+            acc[4] += decode * per_runner
+        acc[3] += prefill * per_t2
+        acc[5] += decode * per_t2
 
     def _untracked_fraction(self, fixed: float, total: float) -> float:
         """The part of an interval the untracked members are owed: their weight, and their
@@ -117,26 +152,32 @@ class Channel:
         return min(1.0, max(0.0, part / total))
 
     def join(
-        self, weight: float, eq: float = 0.0, untracked: bool = False
+        self, weight: float, eq: float = 0.0, untracked: bool = False, prefill: bool = False
     ) -> tuple[float, float, float, float]:
         """Add a member of `weight` (and `eq` 1 if it shares the fixed cost; `untracked`
-        if it stands for work the proxy did not send); returns its starting accumulator
-        values."""
+        if it stands for work the proxy did not send; `prefill` if its weight is prefill
+        work); returns its starting accumulator values."""
         self.members += 1
         self.weight += weight
         self.runners += eq
+        if prefill:
+            self.prefill_weight += weight
         if untracked:
             self.untracked_weight += weight
             self.untracked_runners += eq
         return self.acc_j_per_w, self.dyn_acc_j_per_w, self.eq_acc_j, self.eq_dyn_acc_j
 
-    def leave(self, weight: float, eq: float = 0.0, untracked: bool = False) -> None:
+    def leave(
+        self, weight: float, eq: float = 0.0, untracked: bool = False, prefill: bool = False
+    ) -> None:
         self.members -= 1
         if self.members <= 0:
             # Nobody holds a start value any more: rebase, which also keeps precision.
             self.members = 0
             self.weight = 0.0
             self.runners = 0.0
+            self.prefill_weight = 0.0
+            self.sens_acc = [0.0] * 6
             self.untracked_weight = 0.0
             self.untracked_runners = 0.0
             self.acc_j_per_w = 0.0
@@ -146,14 +187,21 @@ class Channel:
         else:
             self.weight -= weight
             self.runners -= eq
+            if prefill:
+                self.prefill_weight = max(0.0, self.prefill_weight - weight)
             if untracked:
                 self.untracked_weight -= weight
                 self.untracked_runners -= eq
 
-    def change(self, d_weight: float, d_eq: float, untracked: bool = False) -> None:
-        """A member's weight changed by `d_weight` and its equal share by `d_eq`."""
+    def change(
+        self, d_weight: float, d_eq: float, untracked: bool = False, d_prefill: float = 0.0
+    ) -> None:
+        """A member's weight changed by `d_weight` (its prefill part by `d_prefill`) and
+        its equal share by `d_eq`."""
         self.weight += d_weight
         self.runners += d_eq
+        if d_prefill:
+            self.prefill_weight = max(0.0, self.prefill_weight + d_prefill)
         if untracked:
             self.untracked_weight += d_weight
             self.untracked_runners += d_eq
@@ -172,6 +220,11 @@ class Share:
     start_eq_dyn_acc: float = 0.0
     owed_j: float = 0.0
     owed_dynamic_j: float = 0.0
+    prefill: bool = False  # its weight is prefill work (the sensitivities' split of it)
+    start_sens: list[float] = field(default_factory=lambda: [0.0] * 6)
+    # How its dynamic joules move per unit of ln F, ln c_prefill, ln c_decode (so far).
+    sens_j: list[float] = field(default_factory=lambda: [0.0] * 3)
+    start_channel_dyn_j: float = 0.0  # the channel's dynamic joules when it joined
 
     def owed_now(self) -> tuple[float, float]:
         """What it is owed up to the channel's last reading, (joules, dynamic joules),
@@ -187,6 +240,7 @@ class Share:
     def settle(self) -> None:
         """Move what has accrued since the start values into `owed_j` (on weight change)."""
         ch = self.channel
+        self._settle_sensitivities(ch)
         self.owed_j += self.weight * (ch.acc_j_per_w - self.start_acc)
         self.owed_dynamic_j += self.weight * (ch.dyn_acc_j_per_w - self.start_dyn_acc)
         if self.eq:
@@ -196,6 +250,23 @@ class Share:
         self.start_dyn_acc = ch.dyn_acc_j_per_w
         self.start_eq_acc = ch.eq_acc_j
         self.start_eq_dyn_acc = ch.eq_dyn_acc_j
+
+    def _settle_sensitivities(self, ch: Channel) -> None:
+        """Add what the intervals since the start values did to its sensitivities (the
+        module's docstring), before the start values move (copied in place: no
+        allocation on the request path)."""
+        acc, start, w, e = ch.sens_acc, self.start_sens, self.weight, self.eq
+        if w or e:
+            a0, a1, a2, a3, a4, a5 = acc
+            s0, s1, s2, s3, s4, s5 = start
+            d_acc = ch.dyn_acc_j_per_w - self.start_dyn_acc
+            wp = w if self.prefill else 0.0
+            sens = self.sens_j
+            d_eq = ch.eq_dyn_acc_j - self.start_eq_dyn_acc
+            sens[0] += e * (d_eq - (a0 - s0)) - w * (a1 - s1)
+            sens[1] += wp * d_acc - e * (a2 - s2) - w * (a3 - s3)
+            sens[2] += (w - wp) * d_acc - e * (a4 - s4) - w * (a5 - s5)
+        start[:] = acc
 
 
 @dataclass(slots=True)
@@ -218,6 +289,12 @@ class SourceShare:
     name: str
     energy_j: float
     dynamic_j: float
+    # How its dynamic joules would move per unit of ln F, ln c_prefill and ln c_decode
+    # (the cost model's coefficients; `model` mode), to first order: the band's input.
+    sensitivity_j: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    # The dynamic joules the channel drew while it was open, whoever they went to: what a
+    # wrong idea of who ran beside it could move its share within.
+    exposure_j: float = 0.0
 
 
 class Ledger:
@@ -240,11 +317,13 @@ class Ledger:
         eq: float = 0.0,
         *,
         untracked: bool = False,
+        prefill: bool = False,
     ) -> Ticket:
         """Open a request in the given channels (all of them by default); `eq` 1 when it
         shares the channels' fixed cost (it runs), or the number of runners it stands for.
         `untracked`: it stands for work the proxy did not send (its energy is the
-        channels' `untracked_j`, not `attributed_j`).
+        channels' `untracked_j`, not `attributed_j`); `prefill`: its weight is prefill
+        work (the sensitivities).
 
         The caller records a reading of each source *before* starting, so energy drawn
         up to this instant goes to whoever was in flight before.
@@ -254,13 +333,18 @@ class Ledger:
         chans = self._all if names is None else [self.channels[n] for n in names]
         ticket = Ticket(untracked=untracked)
         for ch in chans:
-            acc, dyn, eq_acc, eq_dyn = ch.join(weight, eq, untracked)
-            ticket.shares.append(Share(ch, weight, acc, dyn, eq, eq_acc, eq_dyn))
+            acc, dyn, eq_acc, eq_dyn = ch.join(weight, eq, untracked, prefill)
+            share = Share(ch, weight, acc, dyn, eq, eq_acc, eq_dyn, prefill=prefill)
+            share.start_sens = ch.sens_acc.copy()
+            share.start_channel_dyn_j = ch.dynamic_j
+            ticket.shares.append(share)
         return ticket
 
-    def reweigh(self, ticket: Ticket, weight: float, eq: float | None = None) -> None:
+    def reweigh(
+        self, ticket: Ticket, weight: float, eq: float | None = None, prefill: bool = False
+    ) -> None:
         """Change a request's weight (and, given, whether it shares the fixed cost) from
-        now on."""
+        now on; `prefill`: the new weight is prefill work."""
         if weight < 0.0:
             raise ValueError("a request's weight must not be negative")
         if ticket.finished:
@@ -268,8 +352,10 @@ class Ledger:
         for share in ticket.shares:
             share.settle()
             d_eq = 0.0 if eq is None else eq - share.eq
-            share.channel.change(weight - share.weight, d_eq, ticket.untracked)
+            d_prefill = (weight if prefill else 0.0) - (share.weight if share.prefill else 0.0)
+            share.channel.change(weight - share.weight, d_eq, ticket.untracked, d_prefill)
             share.weight = weight
+            share.prefill = prefill
             if eq is not None:
                 share.eq = eq
 
@@ -288,6 +374,7 @@ class Ledger:
             other.settle()
             mine.owed_j, other.owed_j = other.owed_j, mine.owed_j
             mine.owed_dynamic_j, other.owed_dynamic_j = other.owed_dynamic_j, mine.owed_dynamic_j
+            mine.sens_j, other.sens_j = other.sens_j, mine.sens_j
 
     def finish(self, ticket: Ticket) -> list[SourceShare]:
         """Close a request and return what it owes each source.
@@ -298,9 +385,18 @@ class Ledger:
         if not ticket.finished:
             for share in ticket.shares:
                 share.settle()
-                share.channel.leave(share.weight, share.eq, ticket.untracked)
+                share.channel.leave(share.weight, share.eq, ticket.untracked, share.prefill)
             ticket.finished = True
-        return [SourceShare(s.channel.name, s.owed_j, s.owed_dynamic_j) for s in ticket.shares]
+        return [
+            SourceShare(
+                s.channel.name,
+                s.owed_j,
+                s.owed_dynamic_j,
+                (s.sens_j[0], s.sens_j[1], s.sens_j[2]),
+                s.channel.dynamic_j - s.start_channel_dyn_j,
+            )
+            for s in ticket.shares
+        ]
 
     @staticmethod
     def owed(ticket: Ticket) -> list[SourceShare]:

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from metering.accounting.band import BandTerms
 from metering.accounting.ledger import SourceShare
 from metering.carbon.intensity import Intensity
 from metering.carbon.sci import operational_g, sci_g
@@ -69,6 +70,8 @@ class EnergyReport:
     # (its own gauges showed more running than the proxy had sent): its share of the energy
     # was then split with that work. None: no gauges were read, so nobody can tell.
     shared_with_untracked: bool | None = None
+    # The band's sources of error before scaling (band.py): for calibration, not shown.
+    band_terms: BandTerms | None = None
 
     @property
     def joules_low(self) -> float | None:
@@ -176,6 +179,7 @@ def build_report(
     basis: str = "",
     endpoint: str = DEFAULT_ENDPOINT,
     shared_with_untracked: bool | None = None,
+    band_terms: BandTerms | None = None,
 ) -> EnergyReport:
     """Sum a request's per-source shares into its report.
 
@@ -219,4 +223,5 @@ def build_report(
         basis=basis,
         endpoint=endpoint,
         shared_with_untracked=shared_with_untracked,
+        band_terms=band_terms,
     )

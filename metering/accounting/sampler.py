@@ -150,19 +150,23 @@ class Sampler:
         eq: float = 0.0,
         *,
         untracked: bool = False,
+        prefill: bool = False,
     ) -> tuple[Ticket, float]:
         """Open a request now in the channels `names` (all by default); returns its ticket
         and the start time. `eq`: 1 when it shares the channels' fixed cost; `untracked`:
-        it stands for work the proxy did not send (ledger.py)."""
+        it stands for work the proxy did not send; `prefill`: its weight is prefill work
+        (ledger.py)."""
         key = None if names is None else tuple(names)
         t_s = self._read_for(key)
-        ticket = self.ledger.start(weight, key, eq, untracked=untracked)
+        ticket = self.ledger.start(weight, key, eq, untracked=untracked, prefill=prefill)
         ticket.names = key
         return ticket, t_s
 
-    def reweigh(self, ticket: Ticket, weight: float, eq: float | None = None) -> None:
+    def reweigh(
+        self, ticket: Ticket, weight: float, eq: float | None = None, prefill: bool = False
+    ) -> None:
         self._read_for(ticket.names)
-        self.ledger.reweigh(ticket, weight, eq)
+        self.ledger.reweigh(ticket, weight, eq, prefill)
 
     def exchange(self, a: Ticket, b: Ticket) -> None:
         """Swap what two requests in flight are owed so far (Ledger.exchange), read now."""

@@ -62,6 +62,8 @@ COST_WINDOW = 64  # full reads whose cost the schedule looks at
 # power begins at a start and ends at a first token; 20 Hz samples miss most of a 35 ms
 # one), at most one per NUDGE_MIN_GAP_S (50 a second) however many requests come and go.
 NUDGE_DELAY_S = 0.002
+# The loop carries a reading forward at its power for at least this long (`cap_s`).
+MIN_CAP_S = 1.0
 NUDGE_MIN_GAP_S = 0.02
 
 
@@ -197,11 +199,13 @@ class BackgroundSource:
 
     def _update_limits(self) -> None:
         """`cap_s`: how far past its reading the loop may carry an estimate (a little over
-        the gap between two published readings); `stale_after_s`: no attempt finished for
-        this long means a hung read, and the source is degraded."""
+        the gap between two published readings, and at least MIN_CAP_S: a thread starved
+        of CPU on a loaded host publishes late, and a request inside that delay must still
+        be charged for its time); `stale_after_s`: no attempt finished for this long means
+        a hung read, and the source is degraded."""
         interval_s = self.schedule.interval_s
         gap_s = self.fast_interval_s if self._fast is not None else interval_s
-        self.cap_s = 2.0 * gap_s + 0.05
+        self.cap_s = max(MIN_CAP_S, 2.0 * gap_s + 0.05)
         self.stale_after_s = max(2.0, 4.0 * max(interval_s, self.fast_interval_s))
 
     def read(self, now_s: float) -> Reading:

@@ -31,6 +31,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from metering.accounting.band import BandTerms
 from metering.accounting.report import Tokens
 from metering.accounting.sampler import LEDGER_TICK_HZ
 from metering.carbon.intensity import StaticIntensity
@@ -79,6 +80,8 @@ class Outcome:
     # Scored requests: rid -> (how far the dynamic joules told are from the truth, over
     # the joules told; the band's relative half-width; whether the fit split it).
     bands: dict[str, tuple[float, float, bool]] = field(default_factory=dict)
+    # Scored requests: rid -> the band's sources before scaling (for bench/band.py).
+    terms: dict[str, BandTerms] = field(default_factory=dict)
 
 
 class Truth:
@@ -231,6 +234,7 @@ def run_metered(
     open_: dict[str, Measurement] = {}
     told: dict[str, float] = {}
     reports: dict[str, tuple[float, float, bool]] = {}  # rid -> (joules, band, fitted)
+    terms: dict[str, BandTerms] = {}
     nudged_s: float | None = None  # the boundary sample last scheduled
     for ev in engine.run(shifted):
         t = ev.t_s + LEAD_S
@@ -256,6 +260,8 @@ def run_metered(
             )
             told[r.rid] = report.dynamic_j
             reports[r.rid] = (report.energy_j, report.band_rel or 0.0, "fitted" in report.basis)
+            if report.band_terms is not None and scored(r):
+                terms[r.rid] = report.band_terms
         if background is not None and background.nudge_due_s not in (None, nudged_s):
             nudged_s = background.nudge_due_s
             heapq.heappush(polls, (nudged_s, 4, "nudge"))
@@ -275,4 +281,4 @@ def run_metered(
         for r in shifted
         if scored(r) and r.rid in reports
     }
-    return Outcome(error, shares, told, conservation, meter, bands)
+    return Outcome(error, shares, told, conservation, meter, bands, terms)

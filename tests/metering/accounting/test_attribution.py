@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from metering.accounting.attribution import (
     DECODE,
+    NEXT_STEP,
     PREFILL,
     PREFILL_TOKENS_PER_UNIT,
     WAITING,
@@ -383,3 +384,57 @@ def test_any_schedule_conserves_energy_and_keeps_the_queue_consistent(
     ch = led.channels["gpu"]
     assert owed + ch.idle_j == pytest.approx(ch.measured_j, rel=1e-9, abs=1e-6)
     assert ch.members == 0 and ch.runners == 0.0
+
+
+def test_a_request_arriving_during_a_prefill_s_step_joins_the_next_one() -> None:
+    """`model` mode: the engine is in a long prefill's step; a request that arrives more
+    than a step after that prefill began is not in it (weight 0, NEXT_STEP) until the step
+    ends (a first token, or an embeddings answer); one that arrives with it shares it."""
+    attr, q = Attribution("model"), EngineQueue()
+    step_s = q.price.step_s
+    rag = Flight(4000.0)
+    assert attr.start(rag, q, 0.0) == pytest.approx(q.price.prefill_j_per_token * 4000.0)
+    together = Flight(500.0)
+    assert attr.start(together, q, 0.5 * step_s) > 0.0 and together.phase == PREFILL
+    late, later = Flight(40.0), Flight(300.0, stream=False, embeddings=True)
+    assert attr.start(late, q, 5.0 * step_s) == 0.0 and late.phase == NEXT_STEP
+    assert attr.start(later, q, 6.0 * step_s) == 0.0 and later.phase == NEXT_STEP
+    assert attr.step_ended(EngineQueue(), 1.0) == []  # nothing waits for a step there
+    # The long prefill's first token ends the step: both join the next, in prefill.
+    attr.first_token(rag, q)
+    joined = attr.step_ended(q, 0.04)
+    assert [f for f, _ in joined] == [late, later]
+    assert late.phase == PREFILL and late.prefill_from_s == 0.04
+    assert dict((id(f), w) for f, w in joined)[id(later)] == pytest.approx(
+        q.price.prefill_j_per_token * 300.0
+    )
+    # Without a clock (or in another mode) nobody is held.
+    assert attr.start(Flight(10.0), q) > 0.0
+    queue_mode, q2 = Attribution("queue"), EngineQueue()
+    queue_mode.start(Flight(4000.0), q2, 0.0)
+    assert queue_mode.start(Flight(40.0), q2, 1.0) > 0.0
+
+
+def test_a_request_held_for_the_next_step_that_streams_first_decodes() -> None:
+    attr, q = Attribution("model"), EngineQueue(configured=4)
+    rag, chat = Flight(4000.0), Flight(40.0)
+    attr.start(rag, q, 0.0)
+    attr.start(chat, q, 1.0)
+    assert chat.phase == NEXT_STEP
+    assert attr.first_token(chat, q) == q.price.decode_j_per_step and chat.phase == DECODE
+    assert not q.next_step
+    # A held request that ends leaves no trace in the model.
+    other = Flight(40.0)
+    attr.start(other, q, 1.5)
+    assert other.phase == NEXT_STEP
+    attr.finish(other, q, 2.0)
+    assert not q.next_step and id(other) not in q.running
+
+
+def test_a_non_streamed_answer_pays_its_prompt_over_its_expected_steps() -> None:
+    attr, q = Attribution("model"), EngineQueue()
+    plain = Flight(1000.0, stream=False)
+    price = q.price
+    assert attr.start(plain, q, 0.0) == pytest.approx(
+        price.decode_j_per_step + price.prefill_j_per_token * 1000.0 / price.amortize_steps
+    )
