@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from metering.accounting.attribution import DECODE, EngineQueue, Flight
+from metering.accounting.band import PRIOR_LOG_SD
 from metering.accounting.cost_model import TERMS, CostFit, Rates
 from metering.accounting.ledger import Ticket
 from metering.accounting.report import EnergyReport
@@ -46,6 +47,8 @@ class Lane:
     # into the fit at the next tick: the request path only appends.
     pending_work: list[tuple[float, float | None, float, float, int]] = field(default_factory=list)
     period_s: float = 0.0  # the longest counter period of its sources (the band's resolution)
+    # How unsure the log of each coefficient in use is (band.py), set with the prices.
+    log_sds: tuple[float, float, float] = (PRIOR_LOG_SD, PRIOR_LOG_SD, PRIOR_LOG_SD)
     basis: str = ""  # what its split rests on now (the energy object's attribution_basis)
     timed: int = 0  # finished requests whose backend reported their phases (Timings)
     untracked: UntrackedWork = field(default_factory=UntrackedWork)  # work it did not send

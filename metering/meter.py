@@ -306,9 +306,6 @@ class Meter:
                 sens_p += s.sensitivity_j[1]
                 sens_d += s.sensitivity_j[2]
         fit = lane.fit
-        log_sds = coefficient_log_sds(
-            fit.trusted, fit.in_use.as_tuple(), fit.std_errors, fit.identified
-        )
         duration_s = t1_s - m.t0_s
         price = fit.in_use
         prompt = tokens.prompt if tokens is not None and tokens.prompt else m.flight.prompt_tokens
@@ -321,7 +318,7 @@ class Meter:
         return band_terms(
             joules=joules,
             sensitivity_j=(sens_f, sens_p, sens_d),
-            log_sds=log_sds,
+            log_sds=lane.log_sds,
             own_work_j=own_work_j,
             period_s=lane.period_s,
             duration_s=duration_s,
@@ -532,7 +529,11 @@ class Meter:
         the running requests (the ledger's `fixed_w`), each one's own work per step."""
         if self.attribution.mode != MODEL:
             return
-        c: Coefficients = lane.fit.in_use
+        fit = lane.fit
+        c: Coefficients = fit.in_use
+        lane.log_sds = coefficient_log_sds(
+            fit.trusted, c.as_tuple(), fit.std_errors, fit.identified
+        )
         steps_per_s = max(1e-6, lane.rates.decode_tokens_per_s)
         lane.queue.price = WorkPrice(
             c.prefill_j_per_token,

@@ -343,8 +343,7 @@ class Attribution:
             queue.waiting.pop(id(f), None)
             return []
         queue.running.pop(id(f), None)
-        queue.prefilling.pop(id(f), None)
-        queue.next_step.pop(id(f), None)
+        _leave_step(queue, id(f))
         return self._admit(queue, now_s)
 
     def infer(self, f: Flight, queue: EngineQueue, now_s: float) -> list[tuple[Flight, float]]:
@@ -404,10 +403,15 @@ def _step_under_way(queue: EngineQueue, now_s: float) -> bool:
     """Whether a seen prefill began more than a step before `now_s`: its step is running,
     and a request arriving now is not in it. The oldest prefilling request began first
     (they are kept in the order their prefill began)."""
-    for f in queue.prefilling.values():
-        began = f.prefill_from_s
-        return began is not None and began < now_s - queue.price.step_s
-    return False
+    oldest = next(iter(queue.prefilling.values()), None)
+    began = oldest.prefill_from_s if oldest is not None else None
+    return began is not None and began < now_s - queue.price.step_s
+
+
+def _leave_step(queue: EngineQueue, key: int) -> None:
+    """The request `key` no longer prefills, nor waits for a step to end."""
+    queue.prefilling.pop(key, None)
+    queue.next_step.pop(key, None)
 
 
 def _arrived_before(queue: EngineQueue, seq: int) -> int:
@@ -433,8 +437,7 @@ def _send_back(queue: EngineQueue, f: Flight) -> None:
     (the front of the line: it was admitted before them)."""
     key = id(f)
     del queue.running[key]
-    queue.prefilling.pop(key, None)
-    queue.next_step.pop(key, None)
+    _leave_step(queue, key)
     queue.waiting[key] = f
     queue.waiting.move_to_end(key, last=False)
     f.phase, f.weight, f.eq, f.prefill_work = WAITING, 0.0, 0.0, False

@@ -60,22 +60,6 @@ class BandTerms:
     crowd_j: float = 0.0  # the others' joules beside it, while the capacity is unsure
     state: str = "defaults, capacity known"
 
-    @property
-    def relative(self) -> tuple[float, ...]:
-        """Each source over the joules (for reading, not for the band)."""
-        j = self.joules or 1.0
-        return tuple(
-            x / j
-            for x in (
-                self.coefficients_j,
-                self.resolution_j,
-                self.own_work_j,
-                self.residual_j,
-                self.queue_j,
-                self.crowd_j,
-            )
-        )
-
 
 @dataclass(frozen=True, slots=True)
 class BandScale:
