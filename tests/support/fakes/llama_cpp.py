@@ -31,12 +31,16 @@ NATIVE_INFO = (
 )
 
 _DIE = """
-import os, resource, signal
+import os, resource, signal, threading, time
 
 
 def die_of_sigill():
+    # As an illegal instruction does: the signal goes to the thread that ran it, and the
+    # process dies before that thread does anything more (os.kill would signal the
+    # process, and another thread could take it while this one still answers).
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core file in the test's cwd
-    os.kill(os.getpid(), signal.SIGILL)
+    signal.pthread_kill(threading.get_ident(), signal.SIGILL)
+    time.sleep(60)  # never reached: the default action ends the process
 
 
 def mode():
