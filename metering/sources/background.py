@@ -179,6 +179,7 @@ class BackgroundSource:
         self._stopping = False
         self.nudge_due_s: float | None = None  # when the boundary's sample is due
         self._nudged_s = -math.inf  # when the last nudge was served
+        self._boundary_s = -math.inf  # the boundary the pending nudge was asked for
         # The reading the source made when it opened is the first one published.
         now_s = clock()
         try:
@@ -232,6 +233,7 @@ class BackgroundSource:
         if self._fast is None or self.nudge_due_s is not None:
             return
         self.nudge_due_s = max(now_s + NUDGE_DELAY_S, self._nudged_s + NUDGE_MIN_GAP_S)
+        self._boundary_s = now_s
         self._wake.set()
 
     # --- the thread's side ---------------------------------------------------------------
@@ -268,6 +270,11 @@ class BackgroundSource:
         fast = self._fast
         c0 = time.thread_time()
         read = src.read if full or fast is None else fast
+        nudge_s = self.nudge_due_s
+        if hasattr(src, "step_at_s"):
+            # A sample that serves a boundary's nudge: the power stepped at the boundary.
+            serves = nudge_s is not None and now_s >= nudge_s - 1e-9
+            src.step_at_s = self._boundary_s if serves else None
         reading, error = self._attempt(read, now_s)
         spent_s = time.thread_time() - c0 if cost_s is None else cost_s
         if full or fast is None:
@@ -283,7 +290,6 @@ class BackgroundSource:
                 src.counter_period_s = period_s
         else:
             self._fast_costs_s.append(spent_s)
-        nudge_s = self.nudge_due_s
         if reading is not None and nudge_s is not None and now_s >= nudge_s - 1e-9:
             self._nudged_s, self.nudge_due_s = now_s, None  # served
         last = self._published.reading

@@ -272,6 +272,10 @@ class NvmlGpuSource:
         # update period when the counter is read at every read; the background reader
         # widens it to the gap between its counter reads.
         self.interpolation_cap_s = COUNTER_MAX_UPDATE_PERIOD_S
+        # Where the power most likely stepped between the last sample and the next: a
+        # request boundary (a prefill starts or ends there), set by the background reader
+        # for the sample it takes just after one (None: no boundary known).
+        self.step_at_s: float | None = None
         self._session = session
         session.acquire()
         self._closed = False
@@ -326,6 +330,11 @@ class NvmlGpuSource:
         self._since_t_s = start_s
         self._since_power_w = self._power_w
         self._trail: deque[tuple[float, float]] = deque()  # (t, reported J)
+        # One-second means: the energy's shape over time as the means tell it, without the
+        # counter's snaps (t, J from an arbitrary origin), and the last mean's estimate.
+        self._shape: deque[tuple[float, float]] = deque()
+        self._shape_j = 0.0
+        self._mean_estimate_j: float | None = None
         self._counter_points: deque[tuple[float, float]] = deque([(start_s, 0.0)])
         self.method = "nvml-counter" if counter_mj is not None else "nvml-power"
 
@@ -389,6 +398,9 @@ class NvmlGpuSource:
         return Reading(energy_j=self._energy_j, power_w=self._power_w, t_s=now_s)
 
     def _advance_counter(self, counter_mj: int, now_s: float, lag_s: float = 0.0) -> None:
+        back_j = None if self._use_instant_field else self._trail_at(now_s)
+        if back_j is not None:
+            self._follow_shape(back_j + self._power_w * POWER_USAGE_AVERAGE_S, now_s)
         if counter_mj != self._counter_mj:
             if counter_mj > self._counter_mj:
                 self._counter_total_mj += counter_mj - self._counter_mj
@@ -407,7 +419,7 @@ class NvmlGpuSource:
             self._since_counter_j = 0.0
             self._since_t_s = now_s
             estimate_j = self._counter_total_mj / 1000.0 + self._lag_j
-        elif not self._use_instant_field and (back_j := self._trail_at(now_s)) is not None:
+        elif back_j is not None:
             # A one-second mean: the energy of the last second, on the estimate of then.
             # Within a window of the counter's last move, the energy since it is at most
             # the window's own energy (the ceiling), reached over one counter period: at
@@ -424,8 +436,8 @@ class NvmlGpuSource:
             # up to `interpolation_cap_s` past it, plus the value's age when it was seen.
             end_s = min(now_s, self._counter_seen_s + self.interpolation_cap_s)
             if end_s > self._since_t_s:
-                self._since_counter_j += (
-                    (self._since_power_w + self._power_w) / 2.0 * (end_s - self._since_t_s)
+                self._since_counter_j += _between_samples_j(
+                    self._since_t_s, self._since_power_w, end_s, self._power_w, self.step_at_s
                 )
                 self._since_t_s = end_s
             estimate_j = (
@@ -437,6 +449,17 @@ class NvmlGpuSource:
         trail.append((now_s, self._energy_j))
         while trail and trail[0][0] < now_s - TRAIL_S:
             trail.popleft()
+
+    def _follow_shape(self, mean_estimate_j: float, now_s: float) -> None:
+        """One-second means: extend the shape by what this mean's estimate grew since the
+        last one's (the energy drawn between them, as the means tell it)."""
+        if self._mean_estimate_j is not None:
+            self._shape_j += max(0.0, mean_estimate_j - self._mean_estimate_j)
+        self._mean_estimate_j = mean_estimate_j
+        shape = self._shape
+        shape.append((now_s, self._shape_j))
+        while shape and shape[0][0] < now_s - TRAIL_S:
+            shape.popleft()
 
     def _aged_lag_j(self, now_s: float) -> float:
         """The value's expected age, in joules, given that the counter has not moved
@@ -454,7 +477,7 @@ class NvmlGpuSource:
         bracket that instant (the counter is exact where it moved), else from the source's
         own recent estimates; None when neither reaches that far back."""
         t_s = now_s - POWER_USAGE_AVERAGE_S
-        value = _interpolate(self._counter_points, t_s)
+        value = _between_counter_values(self._counter_points, self._shape, t_s)
         return value if value is not None else _interpolate(self._trail, t_s)
 
     def _integrate_power(self, power_w: float, now_s: float) -> None:
@@ -480,6 +503,41 @@ class NvmlGpuSource:
             f"NvmlGpuSource(gpu_index={self.gpu_index!r}, method={self.method!r}, "
             f"device_name={self.device_name!r})"
         )
+
+
+def _between_samples_j(
+    t0_s: float, p0_w: float, t1_s: float, p1_w: float, step_at_s: float | None
+) -> float:
+    """The energy between two power samples: where a request boundary lies between them
+    (the power steps there: a prefill's burst begins at a start and ends at a first
+    token), the first sample's power up to it and the second's after; else a trapezoid."""
+    if step_at_s is not None and t0_s < step_at_s < t1_s:
+        return p0_w * (step_at_s - t0_s) + p1_w * (t1_s - step_at_s)
+    return (p0_w + p1_w) / 2.0 * (t1_s - t0_s)
+
+
+def _between_counter_values(
+    counter: deque[tuple[float, float]], trail: deque[tuple[float, float]], t_s: float
+) -> float | None:
+    """The energy at `t_s` between the two counter values around it, shaped by the
+    source's own estimates in between (a prefill's burst between two counter reads lands
+    when the estimates placed it, not spread evenly over the 0.75 s between them); linear
+    where the estimates do not cover both values. None outside the counter's values."""
+    prev: tuple[float, float] | None = None
+    for point in counter:
+        if point[0] >= t_s:
+            if prev is None:
+                return None
+            (t0, e0), (t1, e1) = prev, point
+            if t1 <= t0:
+                return e0
+            frac = (t_s - t0) / (t1 - t0)
+            a, b, x = _interpolate(trail, t0), _interpolate(trail, t1), _interpolate(trail, t_s)
+            if a is not None and b is not None and x is not None and b > a:
+                frac = min(1.0, max(0.0, (x - a) / (b - a)))
+            return e0 + (e1 - e0) * frac
+        prev = point
+    return None
 
 
 def _interpolate(points: deque[tuple[float, float]], t_s: float) -> float | None:

@@ -109,3 +109,49 @@ def test_a_counter_read_soon_after_the_previous_one_is_taken_as_fresher() -> Non
         nvml.now_s = t
         reported = gpu.read(t).energy_j
     assert reported == pytest.approx(watts * 0.715 + watts * 0.01, abs=1e-6)
+
+
+def burst_power(t0_s: float, t1_s: float, base_w: float, burst_w: float):
+    """`base_w` throughout, `burst_w` from `t0_s` to `t1_s` (a prefill's burst)."""
+
+    def energy_at(t: float) -> float:
+        inside = max(0.0, min(t, t1_s) - t0_s)
+        return base_w * t + (burst_w - base_w) * inside
+
+    def power_at(t: float) -> float:
+        return burst_w if t0_s <= t < t1_s else base_w
+
+    return energy_at, power_at
+
+
+def test_a_burst_a_second_ago_is_placed_where_the_estimates_put_it() -> None:
+    """No instant field: E(now) = E(now - 1 s) + the mean's second. A 40 ms burst at
+    1.6 s, between counter values of 1.45 and 2.2 s: a second later, E(now - 1 s) taken
+    linearly between those two values spreads the burst's 76 J over the 0.75 s (19 J high
+    at 2.6 s, 16 J low at 2.95 s); shaped by what the means told between them (the next
+    mean saw the burst), it is placed where it was drawn."""
+    energy_at, power_at = burst_power(1.6, 1.64, 100.0, 2_000.0)
+    nvml = SimulatedNvml(energy_at, power_at, counter_phase_s=0.0, instant="none")
+    gpu = source(nvml)
+    got = reads(gpu, nvml, 2.95, full_at={0.75, 1.5, 2.25})
+    for t in [t for t in got if 2.5 <= t <= 2.95]:
+        assert got[t] == pytest.approx(energy_at(t), abs=6.0), (t, got[t], energy_at(t))
+
+
+def test_the_power_steps_at_the_boundary_a_sample_was_taken_for() -> None:
+    """A prefill's burst starts at a request's start and ends at its first token, and the
+    background reader samples 2 ms after each (its nudge). Between the sample before and
+    the one just after a boundary, the power is taken to step at the boundary, not to
+    ramp between them (a trapezoid put half of the burst's power on the 20 ms before it
+    began: 21 J early, on whoever ran then)."""
+    energy_at, power_at = burst_power(0.62, 0.652, 100.0, 2_000.0)
+    nvml = SimulatedNvml(energy_at, power_at, counter_phase_s=0.0)
+    gpu = source(nvml)
+    for t in (0.05 * k for k in range(1, 13)):  # samples every 50 ms up to 0.6 s
+        nvml.now_s = t
+        gpu.read_fast(t)
+    for t, boundary_s in ((0.622, 0.62), (0.654, 0.652)):
+        nvml.now_s = t
+        gpu.step_at_s = boundary_s
+        reported = gpu.read_fast(t).energy_j
+        assert reported == pytest.approx(energy_at(t), abs=1.0), (t, reported, energy_at(t))
