@@ -39,7 +39,9 @@ class Lane:
     rates: Rates = field(default_factory=Rates)
     # Request starts in flight (the fit uses only intervals before the oldest).
     open_starts: dict[int, float] = field(default_factory=dict)
-    last_tick: tuple[float, float, float] | None = None  # (t, dynamic J, busy s) at the tick
+    # At the last tick: (t, dynamic J, busy s, tokens streamed, stream-seconds decoding,
+    # seconds any stream decoded).
+    last_tick: tuple[float, float, float, float, float, float] | None = None
     next_fit_s: float = 0.0
     fitted_wall_s: float | None = None  # unix time of the last fit
     fitting: bool = False  # a fit is running on its thread
@@ -82,6 +84,12 @@ class Measurement:
     def decoding(self) -> bool:
         """Its first token has been seen (the hot path's check before `first_token`)."""
         return self.flight.phase == DECODE
+
+    def streamed(self, events: int = 1) -> None:
+        """It streamed `events` more events after its first token (the relay, at each
+        chunk): a token each, one per step of its backend, counted beside other requests'
+        prefills (accounting/chunks.py)."""
+        self.lane.queue.streamed += events
 
 
 def cost_model_view(lane: Lane, version: str) -> dict[str, object]:

@@ -38,6 +38,7 @@ from metering.accounting.band import (
 from metering.accounting.cost_model import (
     DEFAULT_DECODE_TOKENS_PER_S,
     Coefficients,
+    steps_seen,
 )
 from metering.accounting.groups import bind_channels, gpu_share, time_channel
 from metering.accounting.ledger import Ledger, SourceShare
@@ -213,7 +214,7 @@ class Meter:
                 changed.append((displaced, 0.0))
             if changed:
                 self._admitted(changed, now_s)
-        weight = attribution.first_token(m.flight, queue)
+        weight = attribution.first_token(m.flight, queue, now_s)
         joined = attribution.step_ended(queue, now_s)
         if joined:
             self._admitted(joined, now_s)
@@ -490,10 +491,19 @@ class Meter:
                 continue
             dyn_j = sum(channels[c].dynamic_j for c in lane.energy_channels if c in channels)
             busy_s = channels[busy_name].attributed_j
+            queue = lane.queue
+            queue.advance_decoders(now_s)
+            tick = (now_s, dyn_j, busy_s, float(queue.streamed), queue.decoder_s, queue.decoded_s)
             if lane.last_tick is not None:
-                t0_s, dyn0_j, busy0_s = lane.last_tick
-                lane.fit.measured(t0_s, now_s, dyn_j - dyn0_j, busy_s - busy0_s, clean=clean)
-            lane.last_tick = (now_s, dyn_j, busy_s)
+                t0_s, dyn0_j, busy0_s, streamed0, decoder0_s, decoded0_s = lane.last_tick
+                steps = steps_seen(
+                    tick[3] - streamed0, tick[4] - decoder0_s, tick[5] - decoded0_s,
+                    busy_s - busy0_s,
+                )  # fmt: skip
+                lane.fit.measured(
+                    t0_s, now_s, dyn_j - dyn0_j, busy_s - busy0_s, clean=clean, steps=steps
+                )
+            lane.last_tick = tick
             if now_s >= lane.next_fit_s and not lane.fitting:
                 lane.next_fit_s = now_s + FIT_EVERY_S
                 oldest_s = min(lane.open_starts.values(), default=now_s)

@@ -59,6 +59,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+from metering.accounting.chunks import ChunkEstimate
 from metering.accounting.cost_model import (
     DEFAULT_DECODE_J_PER_TOKEN,
     DEFAULT_DECODE_TOKENS_PER_S,
@@ -108,6 +109,10 @@ class Flight:
     # ledger's sensitivities tell it from decode work.
     prefill_work: bool = False
     prefill_from_s: float | None = None  # when its prefill began, as far as known
+    # When its prefill began: the tokens the backend's decoding streams had streamed, and
+    # how many streams decoded (its steps, counted at its first token: chunks.py).
+    streamed_at: int = 0
+    decoders_at: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +153,33 @@ class EngineQueue:
     evidence: int = 0  # first tokens that followed an end as an admission does
     inferred: int = 0  # the most requests seen running at such an admission
     arrivals: int = 0  # requests started, for each one's `seq`
+    # Tokens streamed by its decoding streams (the relay counts each chunk), how many
+    # streams decode now, and what that tells of the tokens a step prefills (chunks.py).
+    streamed: int = 0
+    decode_streams: int = 0
+    chunks: ChunkEstimate = field(default_factory=ChunkEstimate)
+    # Over time (the caller's clock): streams decoding x seconds, the seconds any stream
+    # decoded, and when the count last changed. With `streamed`, the engine's steps in an
+    # interval (the fit's, cost_model.py): tokens streamed over the streams decoding.
+    decoder_s: float = 0.0
+    decoded_s: float = 0.0
+    decoders_since_s: float | None = None
+
+    def count_decoders(self, delta: int, now_s: float | None) -> None:
+        """A stream began (+1) or stopped (-1) decoding at `now_s` (None: not known)."""
+        self.advance_decoders(now_s)
+        self.decode_streams += delta
+
+    def advance_decoders(self, now_s: float | None) -> None:
+        """Bring the decoding integrals up to `now_s`."""
+        if now_s is None:
+            return
+        since = self.decoders_since_s
+        if since is not None and now_s > since and self.decode_streams > 0:
+            self.decoder_s += self.decode_streams * (now_s - since)
+            self.decoded_s += now_s - since
+        if since is None or now_s > since:
+            self.decoders_since_s = now_s
 
     def __post_init__(self) -> None:
         if self.configured is not None:
@@ -211,6 +243,10 @@ class Attribution:
         the fixed cost)."""
         f.phase = phase
         f.prefill_from_s = now_s if phase == PREFILL else None
+        if phase == PREFILL:
+            f.streamed_at, f.decoders_at = queue.streamed, queue.decode_streams
+        elif phase == DECODE and f.stream:
+            queue.count_decoders(+1, now_s)
         f.eq = 1.0 if self.mode == MODEL else 0.0
         f.weight = self._running_weight(f, queue)
         f.prefill_work = self.mode == MODEL and phase == PREFILL and (f.stream or f.embeddings)
@@ -229,7 +265,9 @@ class Attribution:
         if self.mode == MODEL:
             price = queue.price
             if prefilling:
-                return price.prefill_j_per_token * f.prompt_tokens
+                per_step = queue.chunks.tokens_per_step
+                tokens = f.prompt_tokens if per_step is None else min(f.prompt_tokens, per_step)
+                return price.prefill_j_per_token * tokens
             if f.phase == PREFILL and not f.stream:  # its prefill unseen: spread over its steps
                 steps = max(1.0, price.amortize_steps)
                 return price.decode_j_per_step + price.prefill_j_per_token * f.prompt_tokens / steps
@@ -285,8 +323,11 @@ class Attribution:
         queue.next_step.clear()
         return [(f, self._run(f, queue, PREFILL, now_s)) for f in joined]
 
-    def first_token(self, f: Flight, queue: EngineQueue) -> float | None:
-        """Its first streamed token: its new weight, or None if it does not change."""
+    def first_token(
+        self, f: Flight, queue: EngineQueue, now_s: float | None = None
+    ) -> float | None:
+        """Its first streamed token (at `now_s`, the caller's clock, if given): its new
+        weight, or None if it does not change."""
         if f.phase == DECODE:
             return None
         queue.next_step.pop(id(f), None)
@@ -296,8 +337,12 @@ class Attribution:
             queue.running[id(f)] = f
             if queue.capacity is not None and queue.configured is None:
                 queue.capacity = max(queue.capacity, len(queue.running))
+        if f.phase == PREFILL and f.stream and self.mode == MODEL:
+            # What the other streams did meanwhile: the steps its prefill took.
+            decoders = (f.decoders_at + queue.decode_streams) / 2.0
+            queue.chunks.observe(f.prompt_tokens, queue.streamed - f.streamed_at, decoders)
         was = (f.weight, f.eq)
-        new = self._run(f, queue, DECODE)
+        new = self._run(f, queue, DECODE, now_s)
         if (new, f.eq) == was:
             return None
         return new
@@ -343,6 +388,8 @@ class Attribution:
             queue.waiting.pop(id(f), None)
             return []
         queue.running.pop(id(f), None)
+        if f.phase == DECODE and f.stream:
+            queue.count_decoders(-1, now_s)
         _leave_step(queue, id(f))
         return self._admit(queue, now_s)
 
@@ -404,7 +451,12 @@ def _step_under_way(queue: EngineQueue, now_s: float) -> bool:
     and a request arriving now is not in it. The oldest prefilling request began first
     (they are kept in the order their prefill began)."""
     oldest = next(iter(queue.prefilling.values()), None)
-    began = oldest.prefill_from_s if oldest is not None else None
+    if oldest is None:
+        return False
+    per_step = queue.chunks.tokens_per_step
+    if per_step is not None and oldest.prompt_tokens > per_step:
+        return False  # prefilled in chunks, a step each: the next step is a moment away
+    began = oldest.prefill_from_s
     return began is not None and began < now_s - queue.price.step_s
 
 

@@ -60,6 +60,11 @@ TRUST_INTERVALS = 60
 # still splits by what was learnt there rather than by figures from another machine.
 TRUST_GAIN = 0.8
 PRIOR_WEIGHT = 2.0  # pseudo-observations per coefficient: a ridge for what the data cannot tell
+# Once the data identify a coefficient, the ridge only keeps the solve well posed: with
+# PRIOR_WEIGHT it pulled a fixed cost four times the default's back towards it, and the
+# decode cost, whose prior weighs little (a small part of an interval's energy), moved
+# along with steps to make up for it (17 times the host's, "identified").
+IDENTIFIED_PRIOR_WEIGHT = 1e-3
 # A coefficient is identified when the intervals alone pin it down: its standard error,
 # from the data without the prior (collinearity included), at most this fraction of its
 # size (the larger of the fit and the default). Steady batches make the fixed cost and
@@ -98,6 +103,9 @@ class Interval:
     # the fit knows of. An interval with untracked work is kept (work spreads over it) but
     # not fitted.
     clean: bool = True
+    # Its engine steps as its streams showed them (each decoding stream streams a token a
+    # step: `steps_seen`), when streams decoded through nearly all of its busy time.
+    steps_seen: float | None = None
 
     def features(self) -> tuple[float, float, float]:
         """(its engine steps, in seconds at the default step rate; prompt tokens; decoded
@@ -105,7 +113,9 @@ class Interval:
         showed (tokens over decode seconds); a step takes longer as the batch grows, and a
         cost per busy second would then take part of the decode cost for its own."""
         steps_s = self.busy_s
-        if self.decode_seq_s > 0.0 and self.decode_tokens > 0.0:
+        if self.steps_seen is not None:
+            steps_s = self.steps_seen / DEFAULT_DECODE_TOKENS_PER_S
+        elif self.decode_seq_s > 0.0 and self.decode_tokens > 0.0:
             rate = self.decode_tokens / self.decode_seq_s
             steps_s = self.busy_s * rate / DEFAULT_DECODE_TOKENS_PER_S
         return (steps_s, self.prompt_tokens, self.decode_tokens)
@@ -183,16 +193,25 @@ class CostFit:
     # --- what the sampler measured -----------------------------------------------------
 
     def measured(
-        self, t0_s: float, t1_s: float, dynamic_j: float, busy_s: float, *, clean: bool = True
+        self,
+        t0_s: float,
+        t1_s: float,
+        dynamic_j: float,
+        busy_s: float,
+        *,
+        clean: bool = True,
+        steps: float | None = None,
     ) -> None:
         """The interval [t0_s, t1_s] closed: its energy above idle and the seconds any
-        request of the backend ran in it; `clean`: no untracked work ran in it."""
+        request of the backend ran in it; `clean`: no untracked work ran in it; `steps`:
+        the engine's steps in it, as its streams showed them (None: not seen)."""
         if t1_s <= t0_s:
             return
         iv = self._open if self._open is not None and self._open.t0_s == t0_s else None
         if iv is None:
             iv = Interval(t0_s, t1_s)
         iv.t1_s, iv.dynamic_j, iv.busy_s, iv.clean = t1_s, dynamic_j, busy_s, clean
+        iv.steps_seen = steps
         self._intervals.append(iv)
         self._open = Interval(t1_s, math.inf)
 
@@ -258,10 +277,13 @@ class CostFit:
         """Fit `rows` (from `rows()`, possibly on another thread) and take the result, one
         assignment per figure."""
         prior = self.prior.as_tuple()
-        theta, band = fit_coefficients(*rows, prior)
-        errors, identified = identify(*rows, theta, prior)
-        if not all(identified):  # what the data cannot tell is held at the default
-            theta, band = fit_coefficients(*rows, prior, free=identified)
+        # What the intervals say alone, then each coefficient they pin down fitted freely
+        # and the others held at their defaults.
+        alone, _ = fit_coefficients(*rows, prior, prior_weight=IDENTIFIED_PRIOR_WEIGHT)
+        errors, identified = identify(*rows, alone, prior)
+        theta, band = fit_coefficients(
+            *rows, prior, free=identified, prior_weight=IDENTIFIED_PRIOR_WEIGHT
+        )
         self.defaults_band_rel = relative_residual(*rows, prior)
         self.coefficients = Coefficients(*theta)
         self.std_errors, self.identified = errors, identified
@@ -288,9 +310,10 @@ def fit_coefficients(
     ys: list[float],
     prior: tuple[float, float, float],
     free: tuple[bool, bool, bool] = (True, True, True),
+    prior_weight: float = PRIOR_WEIGHT,
 ) -> tuple[tuple[float, float, float], float]:
     """Huber-weighted least squares of `ys` on `xs` (no intercept), pulled towards `prior`
-    by PRIOR_WEIGHT pseudo-observations per coefficient, each coefficient >= 0. Returns the
+    by `prior_weight` pseudo-observations per coefficient, each coefficient >= 0. Returns the
     coefficients and the relative residual (the residuals' robust standard deviation,
     1.4826 x their median absolute value, over the mean interval energy). Absolute
     residuals, not relative ones: a short interval whose work the proxy placed a little
@@ -306,10 +329,10 @@ def fit_coefficients(
         # Non-negative: a coefficient the data pushes below zero is held at zero, the
         # most negative first, and the rest solved again (an active set of three).
         active = [f is None for f in fixed]
-        theta = _solve(xs, ys, weights, prior, scale, active, fixed)
+        theta = _solve(xs, ys, weights, prior, scale, active, fixed, prior_weight)
         while any(t < 0.0 for t in theta):
             active[min(range(3), key=lambda j: theta[j])] = False
-            theta = _solve(xs, ys, weights, prior, scale, active, fixed)
+            theta = _solve(xs, ys, weights, prior, scale, active, fixed, prior_weight)
         residuals = [y - _dot(x, theta) for x, y in zip(xs, ys, strict=True)]
         sigma = 1.4826 * _median([abs(r) for r in residuals]) or 1e-12
         weights = [
@@ -383,6 +406,7 @@ def _solve(
     scale: list[float],
     active: list[bool],
     fixed: list[float | None] | None = None,
+    prior_weight: float = PRIOR_WEIGHT,
 ) -> tuple[float, float, float]:
     """The ridge solution over the `active` coefficients; the others are 0, or their
     `fixed` value (held: its part of each interval taken out before solving)."""
@@ -399,7 +423,7 @@ def _solve(
             for j in range(3):
                 a[i][j] += w * x[i] * x[j]
     for j in range(3):
-        s2 = PRIOR_WEIGHT * scale[j] * scale[j]
+        s2 = prior_weight * scale[j] * scale[j]
         a[j][j] += s2
         b[j] += s2 * prior[j]
     idx = [j for j in range(3) if active[j]]
@@ -430,3 +454,20 @@ def _gauss(a: list[list[float]], b: list[float]) -> list[float]:
             continue
         x[r] = (m[r][n] - sum(m[r][k] * x[k] for k in range(r + 1, n))) / m[r][r]
     return x
+
+
+# Streams must have decoded through this much of an interval's busy time for the tokens
+# they streamed to count its steps (the rest is extrapolated at their rate).
+STEPS_SEEN_COVER = 0.9
+
+
+def steps_seen(streamed: float, decoder_s: float, decoded_s: float, busy_s: float) -> float | None:
+    """An interval's engine steps from its streams: `streamed` tokens over `decoder_s`
+    stream-seconds is the step rate (each decoding stream makes one token a step), over
+    the `decoded_s` seconds any stream decoded, extrapolated to the `busy_s` the backend
+    ran. None when streams decoded through too little of it to tell."""
+    if streamed <= 0.0 or decoder_s <= 0.0 or busy_s <= 0.0:
+        return None
+    if decoded_s < STEPS_SEEN_COVER * busy_s:
+        return None
+    return streamed / decoder_s * max(decoded_s, busy_s)

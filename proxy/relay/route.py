@@ -456,8 +456,11 @@ class MeteredRoute:
                     body = process(events[0])
                 else:
                     body = b"".join([e for e in map(process, events) if e is not None])
-                if not measurement.decoding and inspector.counted_tokens:
+                if measurement.decoding:
+                    measurement.streamed(len(events))
+                elif inspector.counted_tokens:
                     meter.first_token(measurement)
+                    measurement.streamed(len(events) - 1)
                 if body:
                     await self._send_timed(
                         send, ex, {"type": "http.response.body", "body": body, "more_body": True}

@@ -249,6 +249,8 @@ def run_metered(
             )
         elif ev.kind == "first_token" and stream(r):
             meter.first_token(open_[r.rid])
+        elif ev.kind == "token" and stream(r):
+            open_[r.rid].streamed()  # the relay counts each chunk of a stream
         elif ev.kind == "end":
             report = meter.close(
                 open_.pop(r.rid),

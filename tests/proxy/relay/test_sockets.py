@@ -171,3 +171,22 @@ async def test_small_requests_off_the_request_path(fake_server: str, kind: str) 
             await up.get_json(f"{fake_server}/nowhere", 5.0)
     finally:
         await up.aclose()
+
+
+def test_the_relay_counts_a_stream_s_tokens_for_the_split(
+    fake_server: str, tmp_path: Path
+) -> None:
+    """Each chunk a decoding stream relays counts one step of its backend: the split
+    counts the steps a prompt's prefill took by them (metering/accounting/chunks.py)."""
+    server = serve_proxy(tmp_path, fake_server)
+    with server as url:
+        with httpx.stream(
+            "POST", f"{url}/v1/chat/completions", json={**CHAT, "stream": True, "max_tokens": 6}
+        ) as r:
+            chunks = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
+        queue = server.server.config.app.meter.lane("fake").queue
+        # The backend's events after the one that showed the first token (the rest of
+        # its six tokens, its finish, usage and [DONE], however they were chunked): not
+        # fewer than the tokens, not more than the client received.
+        assert 5 <= queue.streamed <= len(chunks), (queue.streamed, chunks)
+        assert queue.decode_streams == 0  # it ended: no stream decodes now
