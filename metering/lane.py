@@ -85,11 +85,11 @@ class Measurement:
         """Its first token has been seen (the hot path's check before `first_token`)."""
         return self.flight.phase == DECODE
 
-    def streamed(self, events: int = 1) -> None:
-        """It streamed `events` more events after its first token (the relay, at each
-        chunk): a token each, one per step of its backend, counted beside other requests'
-        prefills (accounting/chunks.py)."""
-        self.lane.queue.streamed += events
+    def streamed(self, tokens: int = 1) -> None:
+        """It streamed `tokens` more after its first (the relay, at each chunk that
+        carries any): one a step of its backend, which counts the steps the cost model's
+        fit sees in each interval (cost_model.steps_seen)."""
+        self.lane.queue.streamed += tokens
 
 
 def cost_model_view(lane: Lane, version: str) -> dict[str, object]:

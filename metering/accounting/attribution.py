@@ -59,7 +59,6 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from metering.accounting.chunks import ChunkEstimate
 from metering.accounting.cost_model import (
     DEFAULT_DECODE_J_PER_TOKEN,
     DEFAULT_DECODE_TOKENS_PER_S,
@@ -109,10 +108,6 @@ class Flight:
     # ledger's sensitivities tell it from decode work.
     prefill_work: bool = False
     prefill_from_s: float | None = None  # when its prefill began, as far as known
-    # When its prefill began: the tokens the backend's decoding streams had streamed, and
-    # how many streams decoded (its steps, counted at its first token: chunks.py).
-    streamed_at: int = 0
-    decoders_at: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,11 +148,10 @@ class EngineQueue:
     evidence: int = 0  # first tokens that followed an end as an admission does
     inferred: int = 0  # the most requests seen running at such an admission
     arrivals: int = 0  # requests started, for each one's `seq`
-    # Tokens streamed by its decoding streams (the relay counts each chunk), how many
-    # streams decode now, and what that tells of the tokens a step prefills (chunks.py).
+    # Tokens streamed by its decoding streams after their first (the relay counts them)
+    # and how many streams decode now.
     streamed: int = 0
     decode_streams: int = 0
-    chunks: ChunkEstimate = field(default_factory=ChunkEstimate)
     # Over time (the caller's clock): streams decoding x seconds, the seconds any stream
     # decoded, and when the count last changed. With `streamed`, the engine's steps in an
     # interval (the fit's, cost_model.py): tokens streamed over the streams decoding.
@@ -243,9 +237,7 @@ class Attribution:
         the fixed cost)."""
         f.phase = phase
         f.prefill_from_s = now_s if phase == PREFILL else None
-        if phase == PREFILL:
-            f.streamed_at, f.decoders_at = queue.streamed, queue.decode_streams
-        elif phase == DECODE and f.stream:
+        if phase == DECODE and f.stream:
             queue.count_decoders(+1, now_s)
         f.eq = 1.0 if self.mode == MODEL else 0.0
         f.weight = self._running_weight(f, queue)
@@ -265,9 +257,7 @@ class Attribution:
         if self.mode == MODEL:
             price = queue.price
             if prefilling:
-                per_step = queue.chunks.tokens_per_step
-                tokens = f.prompt_tokens if per_step is None else min(f.prompt_tokens, per_step)
-                return price.prefill_j_per_token * tokens
+                return price.prefill_j_per_token * f.prompt_tokens
             if f.phase == PREFILL and not f.stream:  # its prefill unseen: spread over its steps
                 steps = max(1.0, price.amortize_steps)
                 return price.decode_j_per_step + price.prefill_j_per_token * f.prompt_tokens / steps
@@ -337,10 +327,6 @@ class Attribution:
             queue.running[id(f)] = f
             if queue.capacity is not None and queue.configured is None:
                 queue.capacity = max(queue.capacity, len(queue.running))
-        if f.phase == PREFILL and f.stream and self.mode == MODEL:
-            # What the other streams did meanwhile: the steps its prefill took.
-            decoders = (f.decoders_at + queue.decode_streams) / 2.0
-            queue.chunks.observe(f.prompt_tokens, queue.streamed - f.streamed_at, decoders)
         was = (f.weight, f.eq)
         new = self._run(f, queue, DECODE, now_s)
         if (new, f.eq) == was:
@@ -453,9 +439,6 @@ def _step_under_way(queue: EngineQueue, now_s: float) -> bool:
     oldest = next(iter(queue.prefilling.values()), None)
     if oldest is None:
         return False
-    per_step = queue.chunks.tokens_per_step
-    if per_step is not None and oldest.prompt_tokens > per_step:
-        return False  # prefilled in chunks, a step each: the next step is a moment away
     began = oldest.prefill_from_s
     return began is not None and began < now_s - queue.price.step_s
 

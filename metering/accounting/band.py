@@ -84,10 +84,10 @@ STATES = (
 # Calibrated by `python -m bench.band` on its calibration half (each state's factors;
 # docs/fairness.md has the run and the coverage on the other half).
 SCALES: dict[str, BandScale] = {
-    "defaults, capacity known": BandScale(15.75, 0.0, 0.0, 0.98, 3.94, 3.94),
-    "defaults, capacity unsure": BandScale(0.82, 0.82, 0.82, 0.82, 0.0, 0.10),
-    "fitted, capacity known": BandScale(11.47, 2.87, 45.90, 2.87, 11.47, 11.47),
-    "fitted, capacity unsure": BandScale(3.15, 0.0, 12.59, 3.15, 0.79, 0.0),
+    "defaults, capacity known": BandScale(8.32, 8.32, 8.32, 0.52, 2.08, 2.08),
+    "defaults, capacity unsure": BandScale(0.72, 0.72, 0.18, 0.72, 0.09, 0.09),
+    "fitted, capacity known": BandScale(21.75, 2.72, 21.75, 2.72, 5.44, 5.44),
+    "fitted, capacity unsure": BandScale(1.24, 0.0, 4.97, 4.97, 4.97, 0.0),
 }
 
 

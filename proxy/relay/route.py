@@ -447,6 +447,7 @@ class MeteredRoute:
         failure: dict[str, Any] | None = None
         process, feed = inspector.process, splitter.feed
         meter, measurement = self.ctx.meter, ex.measurement
+        counted = 0  # the tokens counted when last told to the meter
         try:
             while chunk := await resp.next_chunk():
                 if decode is not None:
@@ -457,10 +458,13 @@ class MeteredRoute:
                 else:
                     body = b"".join([e for e in map(process, events) if e is not None])
                 if measurement.decoding:
-                    measurement.streamed(len(events))
+                    if inspector.counted_tokens != counted:
+                        measurement.streamed(inspector.counted_tokens - counted)
+                        counted = inspector.counted_tokens
                 elif inspector.counted_tokens:
                     meter.first_token(measurement)
-                    measurement.streamed(len(events) - 1)
+                    measurement.streamed(inspector.counted_tokens - 1)
+                    counted = inspector.counted_tokens
                 if body:
                     await self._send_timed(
                         send, ex, {"type": "http.response.body", "body": body, "more_body": True}

@@ -167,31 +167,28 @@ def test_the_fit_counts_steps_so_a_step_that_grows_with_its_batch_keeps_its_deco
     assert prefill == pytest.approx(BASE.prefill_j_per_token, rel=0.3)
 
 
-@pytest.mark.parametrize(
-    ("chunk", "learnt"), [(512, (400.0, 600.0)), (2048, (1600.0, 2400.0)), (None, None)]
-)
-def test_the_tokens_a_step_prefills_are_learnt_from_the_streams(
-    chunk: int | None, learnt: tuple[float, float] | None
-) -> None:
-    """Each decoding stream makes a token a step: the tokens streamed beside a large
-    prompt's prefill count its steps. Chunks of 512 or 2,048 show as such; whole prompts
-    as none. With the chunk learnt, a request's own share once fitted (perfect sensor,
-    the host's own costs) is as close on a chunked engine as on a whole-prompt one: the
-    whole prompt priced at each of its steps put the 90th percentile of the requests'
-    errors at 0.154 on chunks of 512 (0.065 learnt) and 0.037 on 2,048 (0.021)."""
-    config = EngineConfig(max_running=8, prefill_chunk=chunk, cost=BASE)
+def test_the_fit_counts_the_steps_its_streams_show() -> None:
+    """Each decoding stream streams a token a step: an interval's steps are the tokens
+    streamed in it over the streams decoding, times its busy seconds. On a host whose
+    fixed cost is four times the defaults' (decode 5 mJ), the steps estimated from the
+    decoding requests' average rates were too many where prompts prefilled (a step is
+    longer then), and the fit, with the ridge pulling the fixed cost towards its
+    default, said decode cost 72 mJ, "identified". Counted from the streams and fitted
+    on the data alone, decode is not identified (held at its default), the fixed cost is
+    within 5 % of the host's."""
+    cost = replace(BASE, fixed_j=BASE.fixed_j * 4, prefill_j_per_token=BASE.prefill_j_per_token / 4)
+    config = EngineConfig(max_running=64, cost=cost)
     reqs = []
     for k in range(15):
         for r in requests_for(MIXES["chat+rag+mid"], 8, 8.0, seed=3 + k):
             at_s = 4.0 * k + r.arrival_s
             reqs.append(SimRequest(f"{k}-{r.rid}", r.kind, at_s, r.prompt_tokens, r.max_tokens))
-    out = run_metered(config, reqs, "model", sensor=PERFECT, gauges=True)
+    out = run_metered(config, reqs, "model", sensor=H100, gauges=True)
     assert out.meter is not None
-    per_step = out.meter.lane("sim").queue.chunks.tokens_per_step
-    if learnt is None:
-        assert per_step is None
-    else:
-        assert per_step is not None and learnt[0] <= per_step <= learnt[1], per_step
-    late = sorted(e for rid, (e, _, fitted) in out.bands.items() if fitted)
-    assert late, "the fit was never used"
-    assert late[int(0.9 * len(late))] <= 0.10, late[-20:]
+    lane = out.meter.lane("sim")
+    seen = [iv for iv in lane.fit._intervals if iv.steps_seen is not None]
+    assert len(seen) > 0.5 * len(lane.fit._intervals)
+    fit = lane.fit
+    fixed_w, _, decode = fit.coefficients.as_tuple()
+    assert fixed_w == pytest.approx(cost.fixed_j * 290.0, rel=0.05), fit.coefficients
+    assert not fit.identified[2] and decode == pytest.approx(0.005), fit.coefficients
