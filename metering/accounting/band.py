@@ -85,9 +85,9 @@ STATES = (
 # docs/fairness.md has the run and the coverage on the other half).
 SCALES: dict[str, BandScale] = {
     "defaults, capacity known": BandScale(8.32, 8.32, 8.32, 0.52, 2.08, 2.08),
-    "defaults, capacity unsure": BandScale(0.72, 0.72, 0.18, 0.72, 0.09, 0.09),
-    "fitted, capacity known": BandScale(21.75, 2.72, 21.75, 2.72, 5.44, 5.44),
-    "fitted, capacity unsure": BandScale(1.24, 0.0, 4.97, 4.97, 4.97, 0.0),
+    "defaults, capacity unsure": BandScale(0.68, 0.68, 0.68, 0.68, 0.09, 0.09),
+    "fitted, capacity known": BandScale(22.63, 0.0, 22.63, 2.83, 5.66, 5.66),
+    "fitted, capacity unsure": BandScale(0.0, 1.29, 1.29, 1.29, 0.16, 0.08),
 }
 
 
