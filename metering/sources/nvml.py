@@ -89,6 +89,11 @@ from typing import Any, Final
 import pynvml
 
 from metering.sources.base import Domain, PowerSource, Reading, SourceError, SourceUnavailable
+from metering.sources.nvml_estimate import (
+    between_counter_values,
+    between_samples_j,
+    interpolate,
+)
 
 # nvmlReturn_t values (nvml.h) this module tells apart.
 NVML_SUCCESS: Final = 0
@@ -436,7 +441,7 @@ class NvmlGpuSource:
             # up to `interpolation_cap_s` past it, plus the value's age when it was seen.
             end_s = min(now_s, self._counter_seen_s + self.interpolation_cap_s)
             if end_s > self._since_t_s:
-                self._since_counter_j += _between_samples_j(
+                self._since_counter_j += between_samples_j(
                     self._since_t_s, self._since_power_w, end_s, self._power_w, self.step_at_s
                 )
                 self._since_t_s = end_s
@@ -477,8 +482,8 @@ class NvmlGpuSource:
         bracket that instant (the counter is exact where it moved), else from the source's
         own recent estimates; None when neither reaches that far back."""
         t_s = now_s - POWER_USAGE_AVERAGE_S
-        value = _between_counter_values(self._counter_points, self._shape, t_s)
-        return value if value is not None else _interpolate(self._trail, t_s)
+        value = between_counter_values(self._counter_points, self._shape, t_s)
+        return value if value is not None else interpolate(self._trail, t_s)
 
     def _integrate_power(self, power_w: float, now_s: float) -> None:
         dt_s = now_s - self._power_t_s
@@ -503,54 +508,6 @@ class NvmlGpuSource:
             f"NvmlGpuSource(gpu_index={self.gpu_index!r}, method={self.method!r}, "
             f"device_name={self.device_name!r})"
         )
-
-
-def _between_samples_j(
-    t0_s: float, p0_w: float, t1_s: float, p1_w: float, step_at_s: float | None
-) -> float:
-    """The energy between two power samples: where a request boundary lies between them
-    (the power steps there: a prefill's burst begins at a start and ends at a first
-    token), the first sample's power up to it and the second's after; else a trapezoid."""
-    if step_at_s is not None and t0_s < step_at_s < t1_s:
-        return p0_w * (step_at_s - t0_s) + p1_w * (t1_s - step_at_s)
-    return (p0_w + p1_w) / 2.0 * (t1_s - t0_s)
-
-
-def _between_counter_values(
-    counter: deque[tuple[float, float]], trail: deque[tuple[float, float]], t_s: float
-) -> float | None:
-    """The energy at `t_s` between the two counter values around it, shaped by the
-    source's own estimates in between (a prefill's burst between two counter reads lands
-    when the estimates placed it, not spread evenly over the 0.75 s between them); linear
-    where the estimates do not cover both values. None outside the counter's values."""
-    prev: tuple[float, float] | None = None
-    for point in counter:
-        if point[0] >= t_s:
-            if prev is None:
-                return None
-            (t0, e0), (t1, e1) = prev, point
-            if t1 <= t0:
-                return e0
-            frac = (t_s - t0) / (t1 - t0)
-            a, b, x = _interpolate(trail, t0), _interpolate(trail, t1), _interpolate(trail, t_s)
-            if a is not None and b is not None and x is not None and b > a:
-                frac = min(1.0, max(0.0, (x - a) / (b - a)))
-            return e0 + (e1 - e0) * frac
-        prev = point
-    return None
-
-
-def _interpolate(points: deque[tuple[float, float]], t_s: float) -> float | None:
-    """Linear between the two (time, joules) points around `t_s`; None outside them."""
-    prev: tuple[float, float] | None = None
-    for point in points:
-        if point[0] >= t_s:
-            if prev is None:
-                return None
-            (t0, e0), (t1, e1) = prev, point
-            return e0 if t1 <= t0 else e0 + (e1 - e0) * (t_s - t0) / (t1 - t0)
-        prev = point
-    return None
 
 
 def parse_gpu_indices(argument: str) -> list[int] | None:
