@@ -24,31 +24,36 @@ def between_counter_values(
     source's own estimates in between (a prefill's burst between two counter reads lands
     when the estimates placed it, not spread evenly over the 0.75 s between them); linear
     where the estimates do not cover both values. None outside the counter's values."""
-    prev: tuple[float, float] | None = None
-    for point in counter:
-        if point[0] >= t_s:
-            if prev is None:
-                return None
-            (t0, e0), (t1, e1) = prev, point
-            if t1 <= t0:
-                return e0
-            frac = (t_s - t0) / (t1 - t0)
-            a, b, x = interpolate(trail, t0), interpolate(trail, t1), interpolate(trail, t_s)
-            if a is not None and b is not None and x is not None and b > a:
-                frac = min(1.0, max(0.0, (x - a) / (b - a)))
-            return e0 + (e1 - e0) * frac
-        prev = point
-    return None
+    around = bracket(counter, t_s)
+    if around is None:
+        return None
+    (t0, e0), (t1, e1) = around
+    if t1 <= t0:
+        return e0
+    frac = (t_s - t0) / (t1 - t0)
+    a, b, x = interpolate(trail, t0), interpolate(trail, t1), interpolate(trail, t_s)
+    if a is not None and b is not None and x is not None and b > a:
+        frac = min(1.0, max(0.0, (x - a) / (b - a)))
+    return e0 + (e1 - e0) * frac
 
 
 def interpolate(points: Sequence[tuple[float, float]], t_s: float) -> float | None:
     """Linear between the two (time, joules) points around `t_s`; None outside them."""
+    around = bracket(points, t_s)
+    if around is None:
+        return None
+    (t0, e0), (t1, e1) = around
+    return e0 if t1 <= t0 else e0 + (e1 - e0) * (t_s - t0) / (t1 - t0)
+
+
+def bracket(
+    points: Sequence[tuple[float, float]], t_s: float
+) -> tuple[tuple[float, float], tuple[float, float]] | None:
+    """The two consecutive (time, joules) points around `t_s` (the first at or after it
+    and the one before), or None outside them."""
     prev: tuple[float, float] | None = None
     for point in points:
         if point[0] >= t_s:
-            if prev is None:
-                return None
-            (t0, e0), (t1, e1) = prev, point
-            return e0 if t1 <= t0 else e0 + (e1 - e0) * (t_s - t0) / (t1 - t0)
+            return None if prev is None else (prev, point)
         prev = point
     return None

@@ -146,18 +146,23 @@ def test_each_request_is_told_its_own_share_not_only_each_kind() -> None:
     assert mids and max(mids) <= 0.05, mids
 
 
+def a_minute_of_traffic() -> list[SimRequest]:
+    """Fifteen rounds of the chat, RAG and mid mix at 8/s, one every 4 s: the fit's data."""
+    reqs = []
+    for k in range(15):
+        for r in requests_for(MIXES["chat+rag+mid"], 8, 8.0, seed=3 + k):
+            at_s = 4.0 * k + r.arrival_s
+            reqs.append(SimRequest(f"{k}-{r.rid}", r.kind, at_s, r.prompt_tokens, r.max_tokens))
+    return reqs
+
+
 def test_the_fit_counts_steps_so_a_step_that_grows_with_its_batch_keeps_its_decode_cost() -> None:
     """The engine's step takes longer as its batch grows (50 us a sequence). Fitted on busy
     seconds, the fixed cost took part of the decode cost for its own and decode came out
     0 ("identified"): now the steps are busy seconds times the step rate the decoding
     requests show, and a minute of traffic recovers the host's figures."""
     config = EngineConfig(max_running=64, cost=replace(BASE, decode_j_per_seq=0.02))
-    reqs = []
-    for k in range(15):
-        for r in requests_for(MIXES["chat+rag+mid"], 8, 8.0, seed=3 + k):
-            at_s = 4.0 * k + r.arrival_s
-            reqs.append(SimRequest(f"{k}-{r.rid}", r.kind, at_s, r.prompt_tokens, r.max_tokens))
-    out = run_metered(config, reqs, "model", sensor=PERFECT, gauges=True)
+    out = run_metered(config, a_minute_of_traffic(), "model", sensor=PERFECT, gauges=True)
     assert out.meter is not None
     fit = out.meter.lane("sim").fit
     assert fit.trusted and all(fit.identified), (fit.coefficients, fit.identified)
@@ -178,12 +183,7 @@ def test_the_fit_counts_the_steps_its_streams_show() -> None:
     within 5 % of the host's."""
     cost = replace(BASE, fixed_j=BASE.fixed_j * 4, prefill_j_per_token=BASE.prefill_j_per_token / 4)
     config = EngineConfig(max_running=64, cost=cost)
-    reqs = []
-    for k in range(15):
-        for r in requests_for(MIXES["chat+rag+mid"], 8, 8.0, seed=3 + k):
-            at_s = 4.0 * k + r.arrival_s
-            reqs.append(SimRequest(f"{k}-{r.rid}", r.kind, at_s, r.prompt_tokens, r.max_tokens))
-    out = run_metered(config, reqs, "model", sensor=H100, gauges=True)
+    out = run_metered(config, a_minute_of_traffic(), "model", sensor=H100, gauges=True)
     assert out.meter is not None
     lane = out.meter.lane("sim")
     seen = [iv for iv in lane.fit._intervals if iv.steps_seen is not None]
