@@ -19,6 +19,8 @@ A backend's own error status and body are not ProxyErrors: they pass through unc
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
 
 
@@ -115,6 +117,12 @@ class BackendTimeout(UpstreamError):
     code = "backend_timeout"
 
 
-def error_body(message: str, type_: str, code: str | None) -> bytes:
-    """`{"error": {"message", "type", "code"}}`, as OpenAI's API answers errors."""
-    return orjson.dumps({"error": {"message": message, "type": type_, "code": code}})
+def error_body(
+    message: str, type_: str, code: str | None, *, energy: dict[str, Any] | None = None
+) -> bytes:
+    """`{"error": {"message", "type", "code"}}`, as OpenAI's API answers errors; with
+    `energy`, the energy used before the failure beside them (a stream broken off)."""
+    error: dict[str, Any] = {"message": message, "type": type_, "code": code}
+    if energy is not None:
+        error["energy"] = energy
+    return orjson.dumps({"error": error})

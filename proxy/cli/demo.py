@@ -230,11 +230,18 @@ def _ask(client: OpenAI, category: str, stream: bool, kwargs: dict[str, Any]) ->
         resp = client.chat.completions.create(**kwargs)
         return DemoRow(category, "json", (resp.model_extra or {})["energy"])
     energy: dict[str, Any] = {}
-    with client.chat.completions.create(stream=True, **kwargs) as events:
-        for chunk in events:
-            extra = chunk.model_extra or {}
-            if "energy" in extra:
-                energy = extra["energy"]
+    try:
+        with client.chat.completions.create(stream=True, **kwargs) as events:
+            for chunk in events:
+                extra = chunk.model_extra or {}
+                if "energy" in extra:
+                    energy = extra["energy"]
+    except APIError as exc:
+        # A stream the backend broke off: the proxy sends its energy before the error
+        # event, so the row keeps what the answer so far cost beside why it failed.
+        if not energy:
+            raise
+        return DemoRow(category, "stream", energy, f"broken off: {exc}")
     return DemoRow(category, "stream", energy, "" if energy else "no energy event in the stream")
 
 
@@ -256,7 +263,7 @@ def _print_table(console: Console, rows: list[DemoRow], proxy_url: str) -> None:
         prompt = e.get("prompt_tokens")
         table.add_row(
             r.category,
-            r.mode,
+            f"{r.mode} [red](cut)[/]" if r.error else r.mode,
             f"{'?' if prompt is None else prompt}/{e.get('completion_tokens')}",
             _fmt(e.get("joules")),
             _fmt(e.get("joules_per_token")),
@@ -280,6 +287,14 @@ def _print_table(console: Console, rows: list[DemoRow], proxy_url: str) -> None:
             "'?' prompt tokens: the backend sent no usage in its stream and has no tokenize "
             "endpoint; the proxy counted the completion tokens itself (tokens_source=proxy)."
         )
+    for r in rows:
+        if r.energy and r.error:
+            console.print(
+                f"{r.category} (cut): {escape(r.error)}; its joules are what the answer cost "
+                "until then",
+                soft_wrap=True,
+                highlight=False,
+            )
     console.print(f"metrics were at {proxy_url}/metrics while the demo ran")
 
 

@@ -158,13 +158,17 @@ class StreamInspector:
 def chunk_stream_closing(
     inspector: StreamInspector, energy: dict[str, Any], failure: dict[str, Any] | None, sep: bytes
 ) -> bytes:
-    """The end of a chunk stream: the backend's failure as an error event (if it failed),
-    the energy event, then `data: [DONE]` if the backend sent one."""
-    final = b""
+    """The end of a chunk stream: the energy event, then the backend's failure as an error
+    event (if it failed), then `data: [DONE]` if the backend sent one. The energy comes
+    first: an SDK raises at an error event (the `openai` client does), and an app that
+    catches it has already been given the energy chunk; the error event carries the same
+    `energy` object beside its message, for the app that only sees the exception."""
+    final = energy_event(inspector.template, energy, sep)
     if failure is not None:
-        final += b"data: " + error_body(failure["message"], failure["type"], failure["code"])
+        final += b"data: " + error_body(
+            failure["message"], failure["type"], failure["code"], energy=energy
+        )
         final += sep
-    final += energy_event(inspector.template, energy, sep)
     if inspector.done:
         final += done_event(sep)
     return final

@@ -1,5 +1,6 @@
 """The demo's prompt loop against the proxy and the fake backend on real sockets: a prompt
-whose stream the backend breaks off is one failed row, not the end of the demo."""
+whose stream the backend breaks off is one row marked cut, with the energy the proxy sent
+before the error event, not the end of the demo."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from tests.conftest import serve_proxy
 from tests.support.fakes.openai_backend import FakeState
 
 
-def test_a_broken_stream_is_one_failed_row(
+def test_a_broken_stream_is_one_cut_row_with_its_energy(
     fake_server: str, fake: tuple[Any, FakeState], tmp_path: Path
 ) -> None:
     _, state = fake
@@ -24,9 +25,11 @@ def test_a_broken_stream_is_one_failed_row(
         _print_table(console, rows, proxy)
     assert [r.category for r in rows] == [c for c, _, _ in DEMO_PROMPTS]
     for row, (_, _, stream) in zip(rows, DEMO_PROMPTS, strict=True):
+        assert row.energy["joules"] > 0
         if stream:
-            assert not row.energy and row.error
+            assert row.error.startswith("broken off:")
         else:
-            assert row.energy["joules"] > 0 and not row.error
+            assert not row.error
     out = console.export_text()
-    assert out.count("failed:") == sum(1 for _, _, s in DEMO_PROMPTS if s)
+    assert "failed:" not in out
+    assert out.count("(cut)") == 2 * sum(1 for _, _, s in DEMO_PROMPTS if s)

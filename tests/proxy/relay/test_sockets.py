@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -118,11 +119,39 @@ def test_backend_dies_mid_stream(proxy_url: str) -> None:
     )
     assert r.status_code == 200  # headers were already out when it died
     datas = [json.loads(ln[6:]) for ln in r.text.splitlines() if ln.startswith("data: {")]
-    assert datas[-2]["error"]["code"] == "backend_unreachable"
-    assert datas[-1]["energy"]["joules"] > 0
+    # The energy first (an SDK raises at the error event), then the error, with the same
+    # energy beside its message.
+    assert datas[-2]["energy"]["joules"] > 0
+    assert datas[-1]["error"]["code"] == "backend_unreachable"
+    assert datas[-1]["error"]["energy"] == datas[-2]["energy"]
     assert "[DONE]" not in r.text
     # The proxy survives and serves the next request.
     assert httpx.post(f"{proxy_url}/v1/chat/completions", json=CHAT).status_code == 200
+
+
+def test_openai_client_gets_the_energy_of_a_stream_the_backend_broke_off(
+    proxy_url: str,
+) -> None:
+    """The `openai` client raises at an error event: the app iterating the stream has the
+    energy chunk before the exception, and the exception's body carries it too."""
+    client = openai.OpenAI(base_url=f"{proxy_url}/v1", api_key="none", max_retries=0)
+    stream = client.chat.completions.create(
+        model=CHAT["model"],
+        messages=CHAT["messages"],
+        stream=True,
+        max_tokens=10,
+        extra_headers={"x-fake-die-after": "2"},
+    )
+    energies: list[dict[str, Any]] = []
+    with pytest.raises(openai.APIError) as raised:
+        for chunk in stream:
+            extra = chunk.model_extra or {}
+            if "energy" in extra:
+                energies.append(extra["energy"])
+    assert len(energies) == 1 and energies[0]["joules"] > 0
+    assert isinstance(raised.value.body, dict)
+    assert raised.value.body["energy"] == energies[0]
+    assert raised.value.body["code"] == "backend_unreachable"
 
 
 def test_backend_down_is_502_and_proxy_stays_up(tmp_path: Path) -> None:
