@@ -6,6 +6,7 @@ final SSE event; all three are rendered from one `EnergyReport`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -155,9 +156,26 @@ class EnergyReport:
         return h
 
 
+HEADER_SIGNIFICANT_DIGITS = 4
+
+
+def header_number(x: float) -> str:
+    """A header's value: `HEADER_SIGNIFICANT_DIGITS` significant digits in plain decimal
+    (never an exponent), whole numbers from 1,000 up, trailing zeros dropped: 3.2233289 J
+    is `3.223`, 0.000028412 g is `0.00002841`, 12,345.6 J is `12346`. The JSON body keeps
+    the full float."""
+    v = float(x)
+    if v == 0.0 or not math.isfinite(v):
+        return "0" if v == 0.0 else repr(v)
+    decimals = max(0, HEADER_SIGNIFICANT_DIGITS - 1 - math.floor(math.log10(abs(v))))
+    text = f"{v:.{decimals}f}"
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return "0" if text in ("-0", "") else text
+
+
 def _num(x: float) -> bytes:
-    # Shortest round-tripping form: a header parses back to the body's exact float.
-    return repr(float(x)).encode()
+    return header_number(x).encode()
 
 
 def build_report(

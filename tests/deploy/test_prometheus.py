@@ -369,7 +369,8 @@ class Stack:
             headers={"x-prompt-category": category},
         )
         assert r.status_code == 200, r.text
-        return float(r.headers["x-energy-joules"])
+        # The body's figure: the header is rounded to four significant digits.
+        return float(r.json()["energy"]["joules"])
 
 
 def prometheus_config(target: str, path: Path) -> None:

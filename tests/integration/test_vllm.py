@@ -141,7 +141,7 @@ def test_non_streaming_chat_carries_energy_and_vllm_usage(client: OpenAI) -> Non
     assert completion.usage.prompt_tokens > 0
 
     assert raw.headers["x-request-id"] == energy["request_id"]
-    assert float(raw.headers["x-energy-joules"]) == pytest.approx(energy["joules"])
+    assert float(raw.headers["x-energy-joules"]) == pytest.approx(energy["joules"], rel=5e-4)
     assert energy["joules"] > 0
     assert raw.headers["x-energy-method"] == energy["method"] == "constant"
     assert float(raw.headers["x-co2eq-grams"]) > 0

@@ -12,6 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from backends.local.launch import ChildServer, proxy_server
+from metering.accounting.report import header_number
 from tests.support.fakenvml import build_fake_nvml, fake_nvml_env, write_script
 from tests.support.polling import wait_for
 
@@ -72,7 +73,10 @@ def test_gpu_energy_is_measured_by_the_counter_and_grouped(gpu_proxy: tuple[str,
     energy = r.json()["energy"]
     assert gpu_j == pytest.approx(300.0 * energy["duration_s"], rel=0.35)
     attributed = samples(url, "energy_proxy_energy_joules_total")
-    assert attributed[(("scope", "attributed"), ("source", "nvml:0"))] == pytest.approx(gpu_j)
+    assert attributed[(("scope", "attributed"), ("source", "nvml:0"))] == pytest.approx(
+        energy["gpu_joules"]
+    )
+    assert r.headers["x-energy-gpu-joules"] == header_number(energy["gpu_joules"])
     assert attributed[(("scope", "attributed"), ("source", "nvml:1"))] == 0.0
     assert attributed[(("scope", "idle"), ("source", "nvml:1"))] > 0.0
     power = samples(url, "energy_proxy_power_watts")
