@@ -53,9 +53,9 @@ from metering.accounting.report import (
 from metering.accounting.sampler import LEDGER_TICK_HZ, Sampler
 from metering.carbon.intensity import IntensityProvider
 from metering.carbon.sci import (
-    DEFAULT_EMBODIED_KGCO2EQ,
     DEFAULT_LIFESPAN_YEARS,
     Embodied,
+    embodied_for_host,
     embodied_g,
 )
 from metering.lane import Lane, Measurement, Plan, cost_model_view
@@ -69,9 +69,6 @@ FIT_EVERY_S = 5.0  # how often each backend's cost model is refitted (on the sam
 
 log = logging.getLogger("energy_proxy.meter")
 
-_DEFAULT_EMBODIED = Embodied.from_kg_years(DEFAULT_EMBODIED_KGCO2EQ, DEFAULT_LIFESPAN_YEARS)
-
-
 class Meter:
     """Opens, follows and closes each request's measurement; owns the sampler."""
 
@@ -83,7 +80,7 @@ class Meter:
         *,
         attribution: Attribution | None = None,
         pue: float = 1.0,
-        embodied: Embodied = _DEFAULT_EMBODIED,
+        embodied: Embodied | None = None,
         fit_in_thread: bool = False,
     ) -> None:
         self.sampler = sampler
@@ -91,7 +88,9 @@ class Meter:
         self.intensity = intensity
         self.attribution = attribution or Attribution()
         self.pue = pue
-        self.embodied = embodied
+        # None: the default for the hardware measured (carbon/sci.py, embodied_for_host).
+        gpus = sum(1 for domain in sampler.domains.values() if domain == "gpu")
+        self.embodied = embodied or embodied_for_host(gpus, None, DEFAULT_LIFESPAN_YEARS)
         self._lanes = dict(lanes)
         for lane in self._lanes.values():
             self._price(lane)
@@ -115,7 +114,7 @@ class Meter:
         sample_hz: float = 20.0,
         attribution: str = MODEL,
         pue: float = 1.0,
-        embodied: Embodied = _DEFAULT_EMBODIED,
+        embodied: Embodied | None = None,
         fit_in_thread: bool = False,
     ) -> Meter:
         """The meter of a proxy: each backend bound to the sources it draws from (device
@@ -275,6 +274,7 @@ class Meter:
             intensity=self.intensity.current(),
             pue=self.pue,
             embodied_g=embodied_g(self.embodied, busy_s, m.lane.gpu_share, 1.0),
+            embodied_basis=self.embodied.basis,
             attribution=attribution.mode,
             client_request_id=client_request_id,
             band_rel=band_rel(terms, self.band_scales),

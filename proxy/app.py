@@ -27,7 +27,7 @@ from backends.backend import Backend
 from backends.registry import BackendRegistry
 from metering.carbon.electricitymaps import ElectricityMapsIntensity
 from metering.carbon.intensity import IntensityProvider, RefreshingIntensity, StaticIntensity
-from metering.carbon.sci import Embodied
+from metering.carbon.sci import embodied_for_host
 from metering.categories.classifier import PromptClassifier
 from metering.meter import LEDGER_TICK_HZ, Meter, Plan
 from metering.sources.base import PowerSource
@@ -50,6 +50,7 @@ from proxy.observe.finished import Observer, Observers
 from proxy.observe.metrics import ProxyMetrics
 from proxy.observe.observers import LiveRequests, RequestLines, StoreRecords, TokenTallies
 from proxy.observe.request_log import RequestLog
+from proxy.observe.startup import Figures, SourceLine, describe_intensity
 from proxy.relay.passthrough import Passthrough
 from proxy.relay.path_rules import PathRules
 from proxy.relay.route import METERED_PATHS, MeteredRoute, RelayContext, id_headers_for
@@ -90,6 +91,31 @@ class EnergyProxyApp:
     @property
     def meter(self) -> Meter:
         return self.ctx.meter
+
+    def figures(self) -> Figures:
+        """Every figure the proxy measures and counts with (the startup line)."""
+        s = self.settings
+        return Figures(
+            sources=[
+                SourceLine(
+                    st.source.name, st.source.method, str(getattr(st.source, "hardware", ""))
+                )
+                for st in self.meter.sampler.states
+            ],
+            intensity=describe_intensity(
+                static_g_per_kwh=s.carbon_intensity,
+                zone=s.carbon_zone,
+                lat=s.carbon_lat,
+                lon=s.carbon_lon,
+                refresh_s=s.carbon_refresh_s,
+            ),
+            embodied=self.meter.embodied.basis,
+            pue=self.meter.pue,
+            store=self.store.where,
+            keys=len(s.api_keys) + len(s.keys),
+            attribution=s.attribution,
+            request_log=self.request_log is not None,
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -265,7 +291,11 @@ def create_app(
         sample_hz=settings.sample_hz,
         attribution=settings.attribution,
         pue=settings.pue,
-        embodied=Embodied.from_kg_years(settings.embodied_kgco2eq, settings.lifespan_years),
+        embodied=embodied_for_host(
+            sum(1 for s in sources if s.domain == "gpu"),
+            settings.embodied_kgco2eq,
+            settings.lifespan_years,
+        ),
         fit_in_thread=True,  # the fit's arithmetic stays off the event loop
     )
     if upstream is None:

@@ -23,7 +23,7 @@ from pydantic import (
 
 from backends.backend import BackendConfig
 from backends.kinds import AUTO, KIND_NAMES
-from metering.carbon.sci import DEFAULT_EMBODIED_KGCO2EQ, DEFAULT_LIFESPAN_YEARS
+from metering.carbon.sci import DEFAULT_LIFESPAN_YEARS
 from metering.categories.classifier import DEFAULT_CATEGORIES
 from metering.store.window import DEFAULT_WINDOW, parse_duration_s
 from proxy.auth import ApiKey, KeyRing, make_key, parse_key_spec
@@ -154,8 +154,9 @@ class Settings(BaseModel):
     summary_window: str = DEFAULT_WINDOW
     attribution: Literal["model", "queue", "tokens", "equal"] = "model"
     pue: float = Field(default=1.0, ge=1.0)
-    # Embodied emissions of the host and its lifespan, for SCI's M (sources: metering/carbon/sci.py)
-    embodied_kgco2eq: float = Field(default=DEFAULT_EMBODIED_KGCO2EQ, ge=0.0)
+    # Embodied emissions of the host and its lifespan, for SCI's M (metering/carbon/sci.py).
+    # None: the default for the hardware measured (318 kg per GPU; none without a GPU).
+    embodied_kgco2eq: float | None = Field(default=None, ge=0.0)
     lifespan_years: float = Field(default=DEFAULT_LIFESPAN_YEARS, gt=0.0)
     max_body_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
     backend_timeout: float = Field(default=600.0, gt=0.0)
@@ -178,6 +179,8 @@ class Settings(BaseModel):
     # it runs at once, or two or more while that is not known): the queue shows then.
     backend_metrics_fast_s: float = Field(default=0.25, gt=0.0)
     log_level: str = "info"
+    # One JSON line per finished request on standard error (README "Operations").
+    request_log: bool = True
     # Paths of the backend's API passed through unmetered beyond the defaults
     # (proxy/relay/passthrough.py), e.g. "/invocations"; "!PATTERN" refuses one.
     passthrough: list[str] = Field(default_factory=list)
@@ -352,9 +355,20 @@ def load_settings(flags: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
 
 def describe_errors(exc: ValidationError) -> str:
     """One line per problem, naming the flag but never echoing a value (keys are values)."""
+    flags = {field: flag for flag, field in FLAG_ALIASES.items()}
     lines = []
     for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
-        lines.append(f"--{where.replace('_', '-')}: {msg}" if where else msg)
+        if not err["loc"]:
+            lines.append(msg)
+            continue
+        # The flag the user wrote (--backend, not the field's --backends.url); a config
+        # file's or the environment's name for it is the same word.
+        field = str(err["loc"][0])
+        flag = f"--{flags.get(field, field).replace('_', '-')}"
+        # A key inside it (a [[backends]] table's max_running), unless the message names it.
+        inner = [str(p) for p in err["loc"][1:] if not isinstance(p, int)]
+        if inner and inner[-1] not in msg and inner[-1].replace("_", " ") not in msg:
+            flag += f": {inner[-1].replace('_', '-')}"
+        lines.append(f"{flag}: {msg}")
     return "invalid settings: " + "; ".join(lines)

@@ -56,21 +56,34 @@ def bundled_model_path() -> Path:
     return path
 
 
+# Held while a child is forked: Ctrl-C, and the signals a command treats as Ctrl-C.
+DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 @contextmanager
-def _sigint_deferred() -> Iterator[None]:
-    """Hold Ctrl-C while a child is forked, so that no child exists that we hold no
-    handle to; the interrupt is raised as soon as the handle is stored."""
+def _signals_deferred() -> Iterator[None]:
+    """Hold Ctrl-C, SIGTERM and SIGHUP while a child is forked, so that no child exists
+    that we hold no handle to; each is delivered to its own handler as soon as the handle
+    is stored (SIGINT's raises KeyboardInterrupt)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     pending: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    previous = {
+        signum: signal.signal(signum, lambda signum, frame: pending.append(signum))
+        for signum in DEFERRED_SIGNALS
+    }
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-        if pending:
-            raise KeyboardInterrupt
+        for held, handler in previous.items():
+            signal.signal(held, handler)
+        for got in dict.fromkeys(pending):
+            handler = previous[signal.Signals(got)]
+            if callable(handler):
+                handler(got, None)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), got)
 
 
 def free_port() -> int:
@@ -147,7 +160,7 @@ class ChildServer:
                     else subprocess.PIPE
                 )
                 # The child keeps its own copy of the log file; ours closes here.
-                with _sigint_deferred():
+                with _signals_deferred():
                     self.proc = subprocess.Popen(
                         self.argv,
                         stdout=log,
@@ -233,18 +246,26 @@ def llama_cpp_python_server(
 ) -> ChildServer:
     """The bundled CPU backend (not started yet: use it as a context manager).
     `alias` is the model name it serves (two servers with two settings need two)."""
-    model = bundled_model_path()
     port = port or free_port()
-    argv = [
+    argv = llama_cpp_server_argv(port=port, n_ctx=n_ctx, alias=alias)
+    return ChildServer(argv, port, "/v1/models", name="llama-cpp-python server", log_path=log_path)
+
+
+def llama_cpp_server_argv(
+    *, port: int, host: str = "127.0.0.1", n_ctx: int = 2048, alias: str = BUNDLED_MODEL_ALIAS
+) -> list[str]:
+    """The command line that serves the bundled model (the demo's backend, and
+    `python -m backends.local.bundled serve`)."""
+    return [
         sys.executable,
         "-m",
         "llama_cpp.server",
         "--model",
-        str(model),
+        str(bundled_model_path()),
         "--model_alias",
         alias,
         "--host",
-        "127.0.0.1",
+        host,
         "--port",
         str(port),
         "--n_ctx",
@@ -256,7 +277,6 @@ def llama_cpp_python_server(
         "--interrupt_requests",
         "False",
     ]
-    return ChildServer(argv, port, "/v1/models", name="llama-cpp-python server", log_path=log_path)
 
 
 def proxy_server(

@@ -73,6 +73,8 @@ class EnergyReport:
     shared_with_untracked: bool | None = None
     # The band's sources of error before scaling (band.py): for calibration, not shown.
     band_terms: BandTerms | None = None
+    # What the embodied figure behind `embodied_g` is (carbon/sci.py, embodied_for_host).
+    embodied_basis: str = ""
 
     @property
     def joules_low(self) -> float | None:
@@ -117,6 +119,7 @@ class EnergyReport:
             "carbon_intensity_age_s": self.intensity.age_s,
             "co2eq_g": self.co2eq_g,
             "embodied_g": self.embodied_g,
+            "embodied_basis": self.embodied_basis or None,
             "sci_g": self.sci_g,
             "sci_per_token_g": self.sci_per_token_g,
             "shared_with_untracked": self.shared_with_untracked,
@@ -198,6 +201,7 @@ def build_report(
     endpoint: str = DEFAULT_ENDPOINT,
     shared_with_untracked: bool | None = None,
     band_terms: BandTerms | None = None,
+    embodied_basis: str = "",
 ) -> EnergyReport:
     """Sum a request's per-source shares into its report.
 
@@ -242,4 +246,5 @@ def build_report(
         endpoint=endpoint,
         shared_with_untracked=shared_with_untracked,
         band_terms=band_terms,
+        embodied_basis=embodied_basis,
     )

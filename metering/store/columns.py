@@ -1,6 +1,6 @@
 """A record as a row, in the column order both databases use. Pure.
 
-Twelve fields are labels (model, backend, category, method, endpoint, ...): few distinct
+Thirteen fields are labels (model, backend, category, method, endpoint, ...): few distinct
 values, each stored once in a `labels` table and referred to by a small integer. The
 proxy's id is stored as its 12 bytes, the finish time as integer milliseconds. Every other
 figure is stored once, as it was told; nothing derived (SCI, per-token figures) is stored.
@@ -47,7 +47,9 @@ COLUMNS_FIRST = (
 COLUMNS_V4 = (*COLUMNS_FIRST, "band_rel", "attribution_basis")
 # Added by SQLite v5 / PostgreSQL v3: the API the request called (a label), and whether it
 # shared the backend with work the proxy did not send (0/1, NULL: unknown).
-COLUMNS = (*COLUMNS_V4, "endpoint", "shared_with_untracked")
+COLUMNS_V5 = (*COLUMNS_V4, "endpoint", "shared_with_untracked")
+# Added by SQLite v6 / PostgreSQL v4: what the embodied figure behind `embodied_g` is (a label).
+COLUMNS = (*COLUMNS_V5, "embodied_basis")
 LABEL_COLUMNS = frozenset(
     {
         "model",
@@ -62,6 +64,7 @@ LABEL_COLUMNS = frozenset(
         "intensity_zone",
         "attribution_basis",
         "endpoint",
+        "embodied_basis",
     }
 )
 # Columns that hold a float the record cannot be without: a NULL there (SQLite stores a
@@ -87,6 +90,7 @@ def label_texts(r: RequestRecord) -> tuple[str, ...]:
         r.carbon_intensity_zone,
         r.attribution_basis,
         r.endpoint,
+        r.embodied_basis,
     )
 
 
@@ -125,6 +129,7 @@ def encode(r: RequestRecord, label: Callable[[str], int]) -> tuple[object, ...]:
         label(r.attribution_basis),
         label(r.endpoint),
         _flag(r.shared_with_untracked),
+        label(r.embodied_basis),
     )
 
 
@@ -173,6 +178,7 @@ def decode(row: Sequence[Any], text: Callable[[int], str]) -> RequestRecord:
         attribution_basis,
         endpoint,
         shared_with_untracked,
+        embodied_basis,
     ) = row
     model_text = text(model)
     group_text = text(model_group)
@@ -206,4 +212,5 @@ def decode(row: Sequence[Any], text: Callable[[int], str]) -> RequestRecord:
         attribution_basis=text(attribution_basis),
         endpoint=text(endpoint),
         shared_with_untracked=_truth(shared_with_untracked),
+        embodied_basis=text(embodied_basis),
     )

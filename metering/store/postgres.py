@@ -193,7 +193,10 @@ class PostgresDatabase:
                 MIGRATIONS[v](cur)
                 cur.execute(f"DELETE FROM {SCHEMA}.schema_version")
                 cur.execute(f"INSERT INTO {SCHEMA}.schema_version VALUES (%s)", (v + 1,))
-                log.info("request store %s: schema migrated to version %d", self.where, v + 1)
+                if version > 0:  # a new store says so once, below
+                    log.info("request store %s: schema migrated to version %d", self.where, v + 1)
+            if version == 0:
+                log.info("request store %s: created (schema %d)", self.where, SCHEMA_VERSION)
         conn.commit()
 
     # --- the writer side -----------------------------------------------------------------

@@ -135,10 +135,24 @@ def _migrate_v3(cur: psycopg.Cursor[Any]) -> None:
     cur.execute(f"ALTER TABLE {SCHEMA}.records ADD COLUMN shared_with_untracked boolean")
 
 
+def _migrate_v4(cur: psycopg.Cursor[Any]) -> None:
+    # What the embodied figure behind each record's embodied_g was (a label; "" for the
+    # records written before, which read as not said).
+    cur.execute(f"INSERT INTO {SCHEMA}.labels (text) VALUES ('') ON CONFLICT (text) DO NOTHING")
+    cur.execute(f"SELECT id FROM {SCHEMA}.labels WHERE text = ''")
+    row = cur.fetchone()
+    assert row is not None
+    cur.execute(
+        f"ALTER TABLE {SCHEMA}.records ADD COLUMN embodied_basis integer NOT NULL "
+        f"DEFAULT {int(row[0])}"
+    )
+
+
 MIGRATIONS: tuple[Callable[[psycopg.Cursor[Any]], None], ...] = (
     _migrate_v1,
     _migrate_v2,
     _migrate_v3,
+    _migrate_v4,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

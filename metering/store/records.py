@@ -66,6 +66,7 @@ class RequestRecord:
     endpoint: str = DEFAULT_ENDPOINT  # the API it called ("chat" for records from before)
     # It shared the backend with work the proxy did not send (None: no gauges told).
     shared_with_untracked: bool | None = None
+    embodied_basis: str = ""  # what the embodied figure was ("" for records from before)
 
     @classmethod
     def from_report(
@@ -109,6 +110,7 @@ class RequestRecord:
             attribution_basis=report.basis,
             endpoint=report.endpoint,
             shared_with_untracked=report.shared_with_untracked,
+            embodied_basis=report.embodied_basis,
         )
 
     @property
@@ -143,6 +145,7 @@ class RequestRecord:
             basis=self.attribution_basis,
             endpoint=self.endpoint,
             shared_with_untracked=self.shared_with_untracked,
+            embodied_basis=self.embodied_basis,
         )
 
     def energy(self) -> dict[str, Any]:

@@ -130,6 +130,7 @@ class SqliteDatabase:
     def _migrate(self, conn: sqlite3.Connection) -> None:
         path = self.path
         migrated_rows = False
+        created = False  # a new file: one line when it is ready, not one per migration
         while True:
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -160,10 +161,15 @@ class SqliteDatabase:
                     migrated_rows = n > 0
                     if migrated_rows:
                         log.info("request store %s: compacting %d records (schema 3)", path, n)
+                created = created or version == 0
                 MIGRATIONS[version](conn)
                 conn.execute(f"PRAGMA user_version = {version + 1}")
                 conn.execute("COMMIT")
-                log.info("request store %s: schema migrated to version %d", path, version + 1)
+                if created:
+                    if version + 1 == SCHEMA_VERSION:
+                        log.info("request store %s: created (schema %d)", path, SCHEMA_VERSION)
+                else:
+                    log.info("request store %s: schema migrated to version %d", path, version + 1)
             except BaseException:
                 rollback(conn)
                 raise

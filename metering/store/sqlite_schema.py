@@ -205,6 +205,16 @@ def _migrate_v5(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE records ADD COLUMN shared_with_untracked INTEGER")
 
 
+def _migrate_v6(conn: sqlite3.Connection) -> None:
+    # What the embodied figure behind each record's embodied_g was (a label; "" for the
+    # records written before, which read as not said).
+    conn.execute("INSERT OR IGNORE INTO labels (text) VALUES ('')")
+    (empty,) = conn.execute("SELECT id FROM labels WHERE text = ''").fetchone()
+    conn.execute(
+        f"ALTER TABLE records ADD COLUMN embodied_basis INTEGER NOT NULL DEFAULT {int(empty)}"
+    )
+
+
 # Applied in order: migration i takes the schema from version i to version i + 1
 # (`PRAGMA user_version`). Append only; never edit one that has shipped.
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
@@ -213,6 +223,7 @@ MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     _migrate_v3,
     _migrate_v4,
     _migrate_v5,
+    _migrate_v6,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

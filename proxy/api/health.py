@@ -96,6 +96,9 @@ class HealthApi:
         carbon = intensity.current().to_dict()
         if isinstance(intensity, ElectricityMapsIntensity) and intensity.failures:
             carbon["error"] = intensity.last_error
+        # The other figures of SCI: the facility's PUE and the embodied figure in use.
+        carbon["pue"] = self.meter.pue
+        carbon["embodied"] = self.meter.embodied.to_dict()
         # Nor does the store: a failing database costs records (counted), never answers.
         return JSONResponse(
             {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -22,6 +23,8 @@ from rich.table import Table
 
 from backends.local.exit_status import describe_exit, exit_advice
 from backends.local.launch import ChildServer, LaunchError, llama_cpp_python_server, proxy_server
+from proxy.cli.output import output_console
+from proxy.cli.signals import Terminated, terminated_on_signals
 
 DEMO_PROMPTS: tuple[tuple[str, str, bool], ...] = (
     ("code", "Write a Python function that returns the reverse of a string.", False),
@@ -54,11 +57,29 @@ def run_demo(
     max_tokens: int = 48,
     keep: bool = False,
 ) -> int:
-    console = Console()
+    console = output_console()
+    # Its servers' logs and the request store: removed when the demo ends well, kept (and
+    # named) when it fails, for the logs.
     logs = Path(tempfile.mkdtemp(prefix="energy-proxy-demo-"))
+    code = _run(console, logs, backend, model, port, power_source, max_tokens, keep)
+    if code in (0, 130) or code > 128:
+        shutil.rmtree(logs, ignore_errors=True)
+    return code
+
+
+def _run(
+    console: Console,
+    logs: Path,
+    backend: str | None,
+    model: str | None,
+    port: int,
+    power_source: str,
+    max_tokens: int,
+    keep: bool,
+) -> int:
     started: ChildServer | None = None  # the bundled backend, when the demo started it
     try:
-        with ExitStack() as stack:
+        with terminated_on_signals(), ExitStack() as stack:
             if backend is None:
                 console.print(
                     "[bold]Starting the bundled CPU backend[/] (llama-cpp-python, SmolLM2-135M)"
@@ -99,6 +120,10 @@ def run_demo(
     except KeyboardInterrupt:
         console.print("[yellow]interrupted; servers stopped[/]")
         return 130
+    except Terminated as exc:
+        # SIGTERM or SIGHUP, as Ctrl-C: the servers were stopped on the way out.
+        console.print(f"[yellow]{exc}; servers stopped[/]")
+        return 0 if keep else exc.exit_code
     return 0
 
 
@@ -109,7 +134,8 @@ def _keep_serving(
     the live page and for your own requests; a server that dies ends it, saying why."""
     console.print(
         f"\n[bold]Still serving[/] at {proxy.url} (OpenAI base URL {proxy.url}/v1); "
-        f"live page: {proxy.url}/ . Ctrl-C to stop.",
+        f"live page: {proxy.url}/ ; logs in {logs} (removed when it stops). "
+        "Ctrl-C or SIGTERM to stop.",
         highlight=False,
         soft_wrap=True,
     )

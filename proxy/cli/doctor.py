@@ -15,6 +15,7 @@ carried the backend's own timings. A proxy that cannot be read makes the exit co
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sys
 import time
@@ -22,9 +23,13 @@ from typing import Any
 
 import httpx
 
+from metering.carbon.sci import embodied_for_host
 from metering.sources.nvml import nvml_factory
 from metering.sources.probe import SourceReport, probe
 from metering.sources.rapl import rapl_factory
+from metering.store.postgres import redact
+from proxy.observe.startup import Figures, SourceLine, describe_intensity, startup_line
+from proxy.settings import ConfigError, load_settings
 
 
 def _fmt_s(seconds: float) -> str:
@@ -139,6 +144,40 @@ def render_cost_models(backends: list[dict[str, Any]], proxy_url: str, now_s: fl
     return "\n".join(lines)
 
 
+def serve_figures(reports: list[SourceReport], power_source: str) -> tuple[str, dict[str, Any]]:
+    """The line `serve` would print at its start with these sources and this host's
+    settings (ENERGY_PROXY_* and ENERGY_PROXY_CONFIG), and its embodied figure; or what is
+    wrong with the settings."""
+    try:
+        settings = load_settings({"power_source": power_source}, os.environ)
+    except ConfigError as exc:
+        return f"energy-proxy: {exc}", {}
+    working = [r for r in reports if r.ok]
+    embodied = embodied_for_host(
+        sum(1 for r in working if r.method.startswith("nvml")),
+        settings.embodied_kgco2eq,
+        settings.lifespan_years,
+    )
+    db = settings.db
+    figures = Figures(
+        sources=[SourceLine(r.name, r.method, r.hardware) for r in working],
+        intensity=describe_intensity(
+            static_g_per_kwh=settings.carbon_intensity,
+            zone=settings.carbon_zone,
+            lat=settings.carbon_lat,
+            lon=settings.carbon_lon,
+            refresh_s=settings.carbon_refresh_s,
+        ),
+        embodied=embodied.basis,
+        pue=settings.pue,
+        store=redact(db) if db.startswith(("postgresql:", "postgres:")) else db,
+        keys=len(settings.api_keys) + len(settings.keys),
+        attribution=settings.attribution,
+        request_log=settings.request_log,
+    )
+    return startup_line(figures), embodied.to_dict()
+
+
 def run_doctor(
     power_source: str = "auto",
     json_out: bool = False,
@@ -153,11 +192,14 @@ def run_doctor(
         print(f"energy-proxy doctor: {exc}", file=sys.stderr)
         return 2
     backends, problem = read_cost_models(proxy_url) if proxy_url else ([], None)
+    line, embodied = serve_figures(reports, power_source)
     if json_out:
         doc: dict[str, Any] = {
             "power_source": power_source,
             "sources": [r.to_dict() for r in reports],
             "usable": [r.name for r in reports if r.ok],
+            "serve_would_say": line,
+            "embodied": embodied,
         }
         if proxy_url:
             doc["proxy"] = {
@@ -168,6 +210,9 @@ def run_doctor(
         print(json.dumps(doc, indent=2))
     else:
         print(render(reports, power_source))
+        print()
+        print("`energy-proxy serve` with these sources and this host's settings would start with:")
+        print(line)
         if proxy_url:
             print()
             print(problem or render_cost_models(backends, proxy_url, time.time()))

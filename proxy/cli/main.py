@@ -15,25 +15,29 @@ S = argparse.SUPPRESS  # only flags the user gave reach the settings (flag > env
 
 
 def _serve_flags(p: argparse.ArgumentParser) -> None:
+    from metering.categories.classifier import DEFAULT_CATEGORIES
+
     p.add_argument("--host", default=S, help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=S, help="port to listen on (default 8080)")
-    p.add_argument("--config", default=S, help="TOML config file")
+    p.add_argument("--config", default=S, help="TOML config file (default: none)")
     p.add_argument(
         "--backend",
         action="append",
         default=S,
         metavar="URL|NAME=URL",
-        help="an OpenAI-compatible backend; repeat for several (routed by model name)",
+        help="an OpenAI-compatible backend; repeat for several, routed by model name (default: "
+        "none; at least one here, in --config or in ENERGY_PROXY_BACKENDS)",
     )
     p.add_argument(
         "--power-source",
         default=S,
         metavar="SPEC",
-        help="auto, nvml[:0,1], rapl, cpu-estimate[:tdp=W], constant:W, trace:PATH, A+B",
+        help="auto, nvml[:0,1], rapl, cpu-estimate[:tdp=W], constant:W, trace:PATH, A+B "
+        "(default auto: NVML GPUs, plus RAPL or else the CPU estimate)",
     )
     p.add_argument("--sample-hz", type=float, default=S, help="sampling rate (default 20)")
     p.add_argument(
-        "--idle-watts", default=S, help="'auto' (learn it, the default) or a fixed draw in W"
+        "--idle-watts", default=S, help="'auto' (learn it) or a fixed draw in W (default auto)"
     )
     p.add_argument(
         "--carbon-intensity",
@@ -46,10 +50,15 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
         "--carbon-zone",
         default=S,
         metavar="ZONE",
-        help="Electricity Maps zone for live intensity (needs ELECTRICITYMAPS_API_KEY)",
+        help="Electricity Maps zone for live intensity (needs ELECTRICITYMAPS_API_KEY; default: "
+        "none, the static --carbon-intensity)",
     )
-    p.add_argument("--carbon-lat", type=float, default=S, metavar="DEG", help="or a latitude")
-    p.add_argument("--carbon-lon", type=float, default=S, metavar="DEG", help="and a longitude")
+    p.add_argument(
+        "--carbon-lat", type=float, default=S, metavar="DEG", help="or a latitude (default: none)"
+    )
+    p.add_argument(
+        "--carbon-lon", type=float, default=S, metavar="DEG", help="and a longitude (default: none)"
+    )
     p.add_argument(
         "--electricitymaps-url",
         default=S,
@@ -68,7 +77,8 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
         type=float,
         default=S,
         metavar="KG",
-        help="embodied emissions of the host, kgCO2eq (default 2544: an 8-GPU server)",
+        help="embodied emissions of the host, kgCO2eq (default: from the hardware measured, "
+        "318 a GPU; none without a GPU)",
     )
     p.add_argument(
         "--lifespan-years",
@@ -121,8 +131,19 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
         help="how energy is split among concurrent requests (default model: the backend's "
         "cost model fitted on this host)",
     )
-    p.add_argument("--pue", type=float, default=S, help="power usage effectiveness (>= 1.0)")
-    p.add_argument("--max-body-bytes", type=int, default=S, metavar="N")
+    p.add_argument(
+        "--pue",
+        type=float,
+        default=S,
+        help="power usage effectiveness of the data centre, >= 1.0 (default 1.0: none counted)",
+    )
+    p.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=S,
+        metavar="N",
+        help="the largest request body accepted; larger ones get 413 (default 16777216, 16 MiB)",
+    )
     p.add_argument(
         "--backend-timeout",
         type=float,
@@ -134,29 +155,37 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
         "--api-key",
         action="append",
         default=S,
-        help="an admin key clients must send (repeatable; prefer --key-hash: flags show in ps)",
+        help="an admin key clients must send (repeatable; prefer --key-hash: flags show in ps; "
+        "default: none, no key needed)",
     )
     p.add_argument(
         "--key-hash",
         action="append",
         default=S,
         metavar="NAME:SHA256[:admin]",
-        help="a tenant's key by its hash (energy-proxy hash-key); repeatable",
+        help="a tenant's key by its hash (energy-proxy hash-key); repeatable (default: none)",
     )
     p.add_argument(
         "--protect-metrics", action="store_true", default=S, help="/metrics needs an admin key"
     )
     p.add_argument(
-        "--metrics-listen", default=S, metavar="HOST:PORT", help="serve /metrics there instead"
+        "--metrics-listen",
+        default=S,
+        metavar="HOST:PORT",
+        help="serve /metrics there instead (default: on the main port)",
     )
     p.add_argument(
         "--client-timeout",
         type=float,
         default=S,
         metavar="S",
-        help="seconds a client may take to send its body or leave an answer unread (60)",
+        help="seconds a client may take to send its body or leave an answer unread (default 60)",
     )
-    p.add_argument("--categories", default=S, help="comma-separated prompt categories")
+    p.add_argument(
+        "--categories",
+        default=S,
+        help="comma-separated prompt categories (default: " + ",".join(DEFAULT_CATEGORIES) + ")",
+    )
     p.add_argument(
         "--passthrough",
         action="append",
@@ -185,7 +214,19 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
         metavar="S",
         help="... while requests may be waiting at a backend (default 0.25)",
     )
-    p.add_argument("--log-level", default=S, choices=("debug", "info", "warning", "error"))
+    p.add_argument(
+        "--log-level",
+        default=S,
+        choices=("debug", "info", "warning", "error"),
+        help="the log's threshold (default info)",
+    )
+    p.add_argument(
+        "--request-log",
+        action=argparse.BooleanOptionalAction,
+        default=S,
+        help="one JSON line per finished request on standard error: id, model, backend, "
+        "category, status, joules, duration, tokens, never the prompt (default on)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -199,11 +240,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo", help="start a bundled CPU backend and the proxy, send prompts, print a table"
     )
-    demo.add_argument("--backend", default=None, metavar="URL", help="use a running backend")
+    demo.add_argument(
+        "--backend",
+        default=None,
+        metavar="URL",
+        help="use a running backend (default: start the bundled CPU backend)",
+    )
     demo.add_argument("--model", default=None, help="model name (default: the backend's first)")
     demo.add_argument("--port", type=int, default=0, help="proxy port (default: a free one)")
-    demo.add_argument("--power-source", default="auto", metavar="SPEC")
-    demo.add_argument("--max-tokens", type=int, default=48)
+    demo.add_argument(
+        "--power-source", default="auto", metavar="SPEC", help="as serve's (default auto)"
+    )
+    demo.add_argument(
+        "--max-tokens", type=int, default=48, help="tokens each answer may have (default 48)"
+    )
     demo.add_argument(
         "--keep",
         action="store_true",
@@ -214,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
         "hash-key",
         help="print the SHA-256 of an API key (read from standard input), for --key-hash",
     )
-    hk.add_argument("--name", default="tenant", help="the tenant the key is for")
+    hk.add_argument("--name", default="tenant", help="the tenant the key is for (default tenant)")
     hk.add_argument("--admin", action="store_true", help="mark it an admin key")
     hk.add_argument("--new", action="store_true", help="make a new random key and print it too")
     doctor = sub.add_parser(
@@ -223,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
         "what the proxy will do with it",
     )
     doctor.add_argument(
-        "--power-source", default="auto", metavar="SPEC", help="the sources to check"
+        "--power-source", default="auto", metavar="SPEC", help="the sources to check (default auto)"
     )
     doctor.add_argument("--json", dest="json_out", action="store_true", help="print JSON")
     doctor.add_argument(
@@ -234,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="proxy_url",
         metavar="URL",
         help="also show what a running proxy's split rests on: each backend's cost model, "
-        "queue capacity and timings (from its /readyz)",
+        "queue capacity and timings (from its /readyz; default: none)",
     )
     bench = sub.add_parser(
         "bench",
@@ -269,7 +319,8 @@ def _bench_flags(p: argparse.ArgumentParser) -> None:
     target.add_argument(
         "--backend",
         metavar="URL",
-        help="start `energy-proxy serve --backend URL` for the run, and stop it at the end",
+        help="start `energy-proxy serve --backend URL` for the run, and stop it at the end "
+        "(default: use the running --proxy)",
     )
     p.add_argument("--models", metavar="A,B", help="models to run (default: all the proxy lists)")
     p.add_argument(
@@ -279,16 +330,31 @@ def _bench_flags(p: argparse.ArgumentParser) -> None:
         help="the prompt set (default builtin:v1)",
     )
     p.add_argument(
-        "--per-category", type=_count(1), metavar="N", help="only the first N prompts of each"
+        "--per-category",
+        type=_count(1),
+        metavar="N",
+        help="only the first N prompts of each (default: all)",
     )
     p.add_argument(
-        "--warmup", type=_count(0), default=1, metavar="N", help="uncounted requests per model"
+        "--warmup",
+        type=_count(0),
+        default=1,
+        metavar="N",
+        help="uncounted requests per model (default 1)",
     )
     p.add_argument(
-        "--repetitions", type=_count(1), default=3, metavar="N", help="passes over the set"
+        "--repetitions",
+        type=_count(1),
+        default=3,
+        metavar="N",
+        help="passes over the set (default 3)",
     )
     p.add_argument(
-        "--concurrency", type=_count(1), default=1, metavar="N", help="requests in flight"
+        "--concurrency",
+        type=_count(1),
+        default=1,
+        metavar="N",
+        help="requests in flight (default 1)",
     )
     p.add_argument(
         "--idle-s",
@@ -305,7 +371,10 @@ def _bench_flags(p: argparse.ArgumentParser) -> None:
         help="pause between models so the hardware cools, seconds (default 10)",
     )
     p.add_argument(
-        "--max-tokens", type=_count(1), metavar="N", help="override every prompt's max_tokens"
+        "--max-tokens",
+        type=_count(1),
+        metavar="N",
+        help="override every prompt's max_tokens (default: each prompt's own)",
     )
     p.add_argument(
         "--timeout-s",
@@ -315,11 +384,17 @@ def _bench_flags(p: argparse.ArgumentParser) -> None:
         help="per request, without a byte from the proxy (default 600)",
     )
     p.add_argument(
-        "--power-source", metavar="SPEC", help="with --backend: the started proxy's source"
+        "--power-source",
+        metavar="SPEC",
+        help="with --backend: the started proxy's source (default auto)",
     )
     p.add_argument("--sweep", action="store_true", help="sweep concurrency and recommend settings")
-    p.add_argument("--slo-ttft-ms", type=float, metavar="MS", help="time-to-first-token SLO")
-    p.add_argument("--slo-tpot-ms", type=float, metavar="MS", help="time-per-output-token SLO")
+    p.add_argument(
+        "--slo-ttft-ms", type=float, metavar="MS", help="time-to-first-token SLO (default: none)"
+    )
+    p.add_argument(
+        "--slo-tpot-ms", type=float, metavar="MS", help="time-per-output-token SLO (default: none)"
+    )
     p.add_argument(
         "--out", metavar="DIR", help="output directory (default ./bench-results/<timestamp>)"
     )
@@ -341,6 +416,8 @@ def serve(args: dict[str, Any]) -> int:
     from metering.sources.base import SourceUnavailable
     from metering.store import StoreError
     from proxy.app import create_app
+    from proxy.observe.request_log import RequestLog
+    from proxy.observe.startup import startup_line
     from proxy.server import ProxyServer
     from proxy.settings import ConfigError, load_settings
 
@@ -351,7 +428,8 @@ def serve(args: dict[str, Any]) -> int:
                 "no backend: give --backend URL (or NAME=URL), or set one in --config"
             )
         setup_logging(settings.log_level)
-        app = create_app(settings)
+        app = create_app(settings, request_log=RequestLog() if settings.request_log else None)
+        logging.getLogger("energy_proxy").info("%s", startup_line(app.figures()))
     except (ConfigError, ValueError, OSError, SourceUnavailable, StoreError) as exc:
         print(f"energy-proxy: {exc}", file=sys.stderr)
         return 2

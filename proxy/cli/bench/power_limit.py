@@ -72,6 +72,7 @@ from metering.sources.nvml import (
     NvmlError,
     NvmlSession,
 )
+from proxy.cli.signals import TERMINATING_SIGNALS
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -79,7 +80,6 @@ _T = TypeVar("_T")
 # Signals whose default action ends the process without unwinding Python frames, and that are
 # sent to end a program politely: kill/systemd/docker stop (SIGTERM), a closed terminal
 # (SIGHUP). SIGINT already raises KeyboardInterrupt; SIGKILL cannot be caught.
-TERMINATING_SIGNALS: Final = (signal.SIGTERM, signal.SIGHUP)
 
 
 class PowerLimitError(Exception):

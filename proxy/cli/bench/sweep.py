@@ -78,6 +78,7 @@ from proxy.cli.bench.sweep_plan import (
     plan_power,
     plan_settings,
 )
+from proxy.cli.output import output_console
 
 # ---------------------------------------------------------------------- the run
 
@@ -118,7 +119,7 @@ def run_sweep_command(
     power_limits: builds the GPU power-limit controller (None: NVML's; tests pass a fake);
     on_setting: called with (model, setting) before each setting runs. Exit codes as `bench`.
     """
-    console = console or Console()
+    console = console or output_console()
     options = options.with_env()
     problem = options.usage_problem()
     if problem:

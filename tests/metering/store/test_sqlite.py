@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from metering.store import RequestRecord, RequestStore, StoreError
-from metering.store.columns import COLUMNS, COLUMNS_V4, encode
+from metering.store.columns import COLUMNS, COLUMNS_V4, COLUMNS_V5, encode
 from metering.store.sqlite import SqliteDatabase
 from metering.store.sqlite_schema import MIGRATIONS, SCHEMA_VERSION, rebuild_rollups
 from tests.support.paths import REPO_ROOT
@@ -55,7 +55,7 @@ def test_schema_wal_and_no_figure_stored_twice(tmp_path: Path) -> None:
         assert store.flush()
         with closing(sqlite3.connect(db)) as c:
             assert c.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-            assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+            assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
             assert c.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # incremental
             tables = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='table'")}
             assert tables == {"labels", "records", "rollups", "rollups_daily"}
@@ -180,25 +180,53 @@ def test_a_version_2_store_is_migrated_with_every_record(
     assert any("compacting 4 records" in r.getMessage() for r in caplog.records)
 
 
-def _v4_database(path: Path, records: list[RequestRecord]) -> None:
-    """A store as energy-proxy wrote it at schema 4: no endpoint, no untracked flag."""
+def _old_database(
+    path: Path, records: list[RequestRecord], version: int, columns: tuple[str, ...]
+) -> None:
+    """A store as energy-proxy wrote it at schema `version`, with that version's columns."""
     with closing(sqlite3.connect(path, isolation_level=None)) as c:
         c.execute("PRAGMA journal_mode=WAL")
         c.execute("BEGIN")
-        for m in MIGRATIONS[:4]:
+        for m in MIGRATIONS[:version]:
             m(c)
-        c.execute("PRAGMA user_version = 4")
+        c.execute(f"PRAGMA user_version = {version}")
 
         def label(text: str) -> int:
             c.execute("INSERT OR IGNORE INTO labels (text) VALUES (?)", (text,))
             return int(c.execute("SELECT id FROM labels WHERE text = ?", (text,)).fetchone()[0])
 
-        marks = ", ".join("?" for _ in COLUMNS_V4)
+        marks = ", ".join("?" for _ in columns)
         for r in records:
-            row = encode(r, label)[: len(COLUMNS_V4)]
-            c.execute(f"INSERT INTO records ({', '.join(COLUMNS_V4)}) VALUES ({marks})", row)
+            row = encode(r, label)[: len(columns)]
+            c.execute(f"INSERT INTO records ({', '.join(columns)}) VALUES ({marks})", row)
         rebuild_rollups(c)
         c.execute("COMMIT")
+
+
+def _v4_database(path: Path, records: list[RequestRecord]) -> None:
+    """A store as energy-proxy wrote it at schema 4: no endpoint, no untracked flag."""
+    _old_database(path, [replace(r, embodied_basis="") for r in records], 4, COLUMNS_V4)
+
+
+def test_a_version_5_store_reads_back_its_records_without_an_embodied_basis(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "v5.db"
+    old = [make_record(rid(1)), replace(make_record(rid(2)), endpoint="rerank")]
+    _old_database(db, old, 5, COLUMNS_V5)
+    with RequestStore.open(str(db)) as store:
+        for r in old:
+            got = store.get(r.request_id)
+            assert got == r.energy()  # every figure as it was told
+            assert got is not None and got["embodied_basis"] is None
+        store.add(replace(make_record(rid(3)), embodied_basis="318 kgCO2eq over 4 years: ..."))
+        assert store.flush()
+        got = store.get(rid(3))
+        assert got is not None and got["embodied_basis"] == "318 kgCO2eq over 4 years: ..."
+    with closing(sqlite3.connect(db)) as c:
+        assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        cols = [r[1] for r in c.execute("PRAGMA table_info(records)")]
+        assert tuple(cols) == COLUMNS
 
 
 def test_a_version_4_store_reads_back_its_records_as_chat(tmp_path: Path) -> None:

@@ -51,6 +51,11 @@ def test_without_a_gpu_it_says_why_nvml_is_absent_and_what_works() -> None:
     out = done.stdout
     assert "nvml: not available: NVML library libnvidia-ml.so.1 not found" in out
     assert "usable: " in out
+    # Every figure serve would use, and no GPU server's embodied figure on this host.
+    line = next(ln for ln in out.splitlines() if ln.startswith("energy-proxy: power "))
+    for part in ("carbon intensity 480 gCO2eq/kWh, static", "PUE 1", "embodied none:",
+                 "store ", "keys off", "attribution model", "request log on"):
+        assert part in line, line  # fmt: skip
     doc = json.loads(doctor("--json", "--calls", "10").stdout)
     assert doc["usable"], doc
     for src in doc["sources"]:
@@ -89,8 +94,14 @@ def test_an_h100_slow_gpu(nvml_lib: Path, tmp_path: Path) -> None:
     assert gpu["power_w"] == pytest.approx(71.0)
     assert "read on the sampler thread every 0.7" in gpu["plan"]  # 3 ms / 0.4 % of a core
     assert "never on a request" in gpu["plan"]
+    # What serve would say at its start: the GPU measured, one GPU's embodied figure.
+    doc = json.loads(done.stdout)
+    assert "nvml:0 NVIDIA-H100-80GB-HBM3 (nvml-counter, measured" in doc["serve_would_say"]
+    assert doc["embodied"]["kgco2eq"] == pytest.approx(318.0)
+    assert "1 GPU x 318 kg" in doc["embodied"]["basis"]
     text = doctor("--power-source", "nvml", env=gpu_env(nvml_lib, tmp_path, H100)).stdout
     assert "nvml:0  NVIDIA-H100-80GB-HBM3  nvml-counter  ok" in text
+    assert "embodied 318 kgCO2eq over 4 years: 1 GPU x 318 kg" in text
     assert re.search(r"energy counter moves every 0\.(0[7-9]|1[0-3])\d s", text), text
 
 

@@ -294,12 +294,44 @@ async def test_an_unknown_api_path_is_the_backends_own_answer(client: httpx.Asyn
     assert r.headers["x-request-id"]
 
 
-async def test_sci_and_embodied_in_headers_and_body(client: httpx.AsyncClient) -> None:
+async def test_a_host_without_a_gpu_gets_no_gpu_servers_embodied_figure(
+    client: httpx.AsyncClient,
+) -> None:
     r = await client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 4})
     energy = r.json()["energy"]
-    # Alone on a host without GPUs: charged the whole host for its whole duration.
+    # No GPU measured (a constant source): no default fits, none is used, and it says so.
+    assert energy["embodied_g"] == 0.0
+    assert energy["embodied_basis"].startswith("none: ")
+    assert energy["sci_g"] == energy["co2eq_g"]
+    assert r.headers["x-sci-grams"] == r.headers["x-co2eq-grams"]
+    carbon = (await client.get("/readyz")).json()["carbon"]
+    assert carbon["embodied"] == {
+        "kgco2eq": 0.0,
+        "lifespan_years": 4.0,
+        "basis": energy["embodied_basis"],
+    }
+    assert carbon["pue"] == 1.0
+
+
+async def test_sci_and_a_configured_embodied_figure_in_headers_and_body(
+    fake: tuple[Any, FakeState], tmp_path: Path
+) -> None:
+    backend_app, _ = fake
+    app = create_app(
+        proxy_settings(tmp_path, embodied_kgco2eq=2544.0),
+        upstream=HttpxUpstream(30.0, transport=httpx.ASGITransport(app=backend_app)),
+        sources=[ConstantSource(100.0, start_s=0.0)],
+    )
+    async with (
+        app.running(),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://proxy") as c,
+    ):
+        r = await c.post("/v1/chat/completions", json={**CHAT, "max_tokens": 4})
+    energy = r.json()["energy"]
+    # Alone on the host: charged the whole host for its whole duration.
     te_g, el_s = 2_544_000.0, 4 * 365 * 24 * 3600
     assert energy["embodied_g"] == pytest.approx(te_g * energy["duration_s"] / el_s, rel=1e-6)
+    assert energy["embodied_basis"].startswith("2544 kgCO2eq over 4 years, configured")
     assert energy["sci_g"] == pytest.approx(energy["co2eq_g"] + energy["embodied_g"], rel=1e-12)
     assert r.headers["x-sci-grams"] == header_number(energy["sci_g"])
     assert energy["sci_per_token_g"] == pytest.approx(energy["sci_g"] / 4)

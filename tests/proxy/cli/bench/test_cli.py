@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -120,3 +123,27 @@ def test_rows_with_enough_requests_get_stars(
     for r in rows:
         assert r["stars"] == 5  # one model per category: nothing uses less
         assert r["wh_per_1000_queries"] == pytest.approx(r["mean_joules"] / 3.6)
+
+
+def test_the_table_comes_out_whole_through_a_pipe(
+    proxy_url: str, prompt_file: Path, tmp_path: Path
+) -> None:
+    """No terminal (a pipe, `| tee`, a CI log) and no COLUMNS: the names are not folded,
+    no column is cut, and the rating note is one line."""
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    argv = ["bench", "--proxy", proxy_url, "--prompts", str(prompt_file), "--per-category", "2"]
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy.cli", *argv, *QUICK, "--max-tokens", "2",
+         "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    header = next(line for line in lines if "category" in line and "J/req" in line)
+    assert "±sd J" in header and "TTFT90 s" in header  # the wide columns, not dropped
+    for model in ("fake-model", "fake-b"):
+        for category in ("code", "math", "questions"):
+            assert any(f"│ {model} " in ln and f"│ {category} " in ln for ln in lines), done.stdout
+    note = next(line for line in lines if line.startswith("stars: none yet"))
+    assert note.endswith("(raise --repetitions or --per-category).")
+    assert "at most 2" in note
