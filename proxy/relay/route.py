@@ -28,7 +28,6 @@ import orjson
 
 from backends.backend import Backend
 from backends.registry import BackendRegistry
-from metering.accounting.prompt_text import prompt_text
 from metering.accounting.report import EnergyReport, Timings, Tokens
 from metering.categories.classifier import PromptClassifier
 from metering.meter import Meter
@@ -74,6 +73,7 @@ from proxy.relay.exchange import (
 )
 from proxy.relay.inspectors import inspector_for
 from proxy.relay.multipart import boundary_of
+from proxy.relay.prompt_count import PromptCounter
 from proxy.relay.sse import SseSplitter
 from proxy.relay.upload import Upload
 from proxy.relay.upstream import UpstreamClient, UpstreamResponse
@@ -166,6 +166,7 @@ async def backend_for_model(registry: BackendRegistry, model: str) -> Backend:
 class MeteredRoute:
     def __init__(self, ctx: RelayContext) -> None:
         self.ctx = ctx
+        self._prompts = PromptCounter(ctx.registry)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ctx = self.ctx
@@ -265,7 +266,7 @@ class MeteredRoute:
             if resp is not None:
                 await resp.close()
             if ex.client_gone and partial is not None and report.tokens.prompt is None:
-                await self._tally_cut_prompt(ex)
+                await self._prompts.tally_cut(ex)
 
     async def _intake(self, scope: Scope, receive: Receive, endpoint: Endpoint) -> Intake | None:
         """Check and read the request; None when the client left before sending it."""
@@ -386,7 +387,8 @@ class MeteredRoute:
             except orjson.JSONDecodeError:
                 doc = None
         usage = doc.get("usage") if isinstance(doc, dict) else None
-        report = self._settle(ex, tokens_from_usage(usage, None), timings_from_answer(doc))
+        tokens = tokens_from_usage(usage, None)
+        report = self._settle(ex, tokens, timings_from_answer(doc))
         if isinstance(doc, dict) and doc and data.rstrip().endswith(b"}"):
             # Splice the energy object in without re-encoding the backend's document.
             data = data.rstrip()[:-1] + b',"energy":' + orjson.dumps(ex.energy) + b"}"
@@ -397,6 +399,8 @@ class MeteredRoute:
         await send({"type": "http.response.start", "status": resp.status, "headers": out})
         ex.response_done = True
         await self._send_timed(send, ex, {"type": "http.response.body", "body": data})
+        if tokens.prompt is not None and tokens.source == "backend":
+            await self._prompts.learn_template(ex, tokens.prompt)
 
     async def _relay_failed(
         self, resp: UpstreamResponse, send: Send, id_headers: RawHeaders, ex: Exchange
@@ -486,7 +490,7 @@ class MeteredRoute:
                 )
         tokens = tokens_from_usage(inspector.usage, inspector.counted_tokens)
         if tokens.prompt is None and failure is None:
-            tokens = Tokens(await self._count_prompt(ex), tokens.completion, tokens.source)
+            tokens = await self._prompts.stream_tokens(ex, tokens)
         self._settle(ex, tokens, timings_from_answer(inspector.usage_chunk))
         final = inspector.closing(ex.energy, failure, splitter.separator)
         ex.response_done = True
@@ -555,25 +559,6 @@ class MeteredRoute:
             self.ctx.registry.note_unreachable(backend, exc.message)
 
     # --- checks --------------------------------------------------------------------------
-
-    async def _count_prompt(self, ex: Exchange, others_inflight: int = 1) -> int | None:
-        """The prompt's tokens by the backend's own tokenizer, for a stream that brought
-        no usage; None where it has none, or a serial server has other work in flight
-        (asking it then would cut off another client's stream). `others_inflight`: the
-        backend's in-flight count that is this request's own (1 while it runs)."""
-        b = ex.backend
-        if b.spec.tokenizer is None or (b.spec.serial and b.traffic.inflight > others_inflight):
-            return None
-        return await self.ctx.registry.count_tokens(b, ex.model, prompt_text(ex.payload))
-
-    async def _tally_cut_prompt(self, ex: Exchange) -> None:
-        """A stream the client cut off brought no usage, yet the backend read its prompt:
-        counted now (the upstream is closed, the energy settled), into the backend's tally
-        only, so the cross-check does not call a hang-up's prompt work that went around
-        the proxy."""
-        n = await self._count_prompt(ex, others_inflight=0)
-        if n:
-            ex.backend.traffic.tally.prompt += n
 
     def _category(self, headers: RawHeaders) -> str | None:
         """The client's own `x-prompt-category` (400 if outside the set), else None."""

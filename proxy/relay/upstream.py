@@ -216,7 +216,7 @@ class AiohttpUpstream(_Fetching):
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise BackendTimeout(f"{method} {url} timed out") from exc
         except aiohttp.ClientError as exc:
-            raise BackendUnreachable(f"{method} {url} failed: {exc}") from exc
+            raise BackendUnreachable(f"{method} {url} failed: {unreachable(exc, url)}") from exc
 
     async def aclose(self) -> None:
         if self._session is not None:

@@ -117,14 +117,43 @@ def test_streaming_tokens_counted_by_proxy_match_model_output(client: OpenAI) ->
             if choice.delta.content:
                 pieces.append(choice.delta.content)
     # llama-cpp-python sends no usage in streams: the proxy counted the completion tokens
-    # itself, and its /extras/tokenize counted the prompt's text (without the chat
-    # template's tokens, hence below the backend's own prompt count).
+    # itself, and its /extras/tokenize the prompt's text, plus the chat template's tokens
+    # learnt from the non-streamed answer above: the same count as the backend's own.
     assert energy["tokens_source"] == "proxy"
     assert "".join(pieces) == reference.choices[0].message.content
     assert energy["completion_tokens"] == reference.usage.completion_tokens
-    assert isinstance(energy["prompt_tokens"], int)
-    assert 0 < energy["prompt_tokens"] <= reference.usage.prompt_tokens
+    assert energy["prompt_tokens"] == reference.usage.prompt_tokens
     assert isinstance(energy["joules"], float) and energy["joules"] > 0
+
+
+def _streamed_energy(client: OpenAI, messages: list[dict[str, str]]) -> dict[str, object]:
+    energy: dict[str, object] = {}
+    for chunk in client.chat.completions.create(
+        model=BUNDLED_MODEL_ALIAS, messages=messages, max_tokens=2, stream=True
+    ):
+        energy = (chunk.model_extra or {}).get("energy", energy)
+    return energy
+
+
+def test_a_prompt_counts_the_same_streamed_and_not(client: OpenAI) -> None:
+    """A shape (three messages) no non-streamed answer has shown yet: the stream's count is
+    the text's alone, and says so; once the backend has counted one, streams match it."""
+    messages = [
+        {"role": "system", "content": "You answer in one word."},
+        {"role": "user", "content": "Name a colour."},
+        {"role": "user", "content": "Another one, please."},
+    ]
+    first = _streamed_energy(client, messages)
+    assert first["tokens_source"] == "proxy; prompt text only"
+    plain = client.chat.completions.create(
+        model=BUNDLED_MODEL_ALIAS, messages=messages, max_tokens=2
+    )
+    assert plain.usage is not None
+    assert isinstance(first["prompt_tokens"], int)
+    assert 0 < first["prompt_tokens"] < plain.usage.prompt_tokens  # the template is missing
+    again = _streamed_energy(client, messages)
+    assert again["tokens_source"] == "proxy"
+    assert again["prompt_tokens"] == plain.usage.prompt_tokens
 
 
 def test_raw_stream_ends_with_energy_then_done(proxy: ChildServer) -> None:

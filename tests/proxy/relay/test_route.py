@@ -116,13 +116,27 @@ async def test_stream_without_backend_usage_is_counted_by_proxy(
     )
     events = sse_payloads(r.text)
     energy = events[-2]["energy"]
-    assert energy["tokens_source"] == "proxy"
+    # No non-streamed answer of this model has shown what its chat template adds yet.
+    assert energy["tokens_source"] == "proxy; prompt text only"
     assert energy["completion_tokens"] == 5
     assert r.text.endswith("data: [DONE]\r\n\r\n")
     # No usage came: the prompt is counted by the backend's own tokenizer (this fake is
     # detected as vLLM, whose /tokenize it answers), once.
     assert fake[1].tokenize_calls == 1
     assert energy["prompt_tokens"] == 4  # "say hello to me", by the fake's tokenizer
+    # A non-streamed answer carries the backend's count: its text is counted once more,
+    # and the template's share (none, for this fake) learnt for this model and shape.
+    plain = await client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 5})
+    assert plain.json()["usage"]["prompt_tokens"] == 4 and fake[1].tokenize_calls == 2
+    r = await client.post(
+        "/v1/chat/completions",
+        json={**CHAT, "max_tokens": 5, "stream": True},
+        headers={"x-fake-no-usage": "1"},
+    )
+    energy = sse_payloads(r.text)[-2]["energy"]
+    assert energy["tokens_source"] == "proxy" and energy["prompt_tokens"] == 4
+    await client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 5})
+    assert fake[1].tokenize_calls == 3  # learnt once, never asked again for it
 
 
 async def test_completions_and_embeddings_are_metered(client: httpx.AsyncClient) -> None:
@@ -365,7 +379,7 @@ async def test_a_kind_without_stream_usage_gets_its_prompt_counted_by_its_tokeni
     ):
         r = await c.post("/v1/chat/completions", json=chat, headers={"x-fake-no-usage": "1"})
         energy = sse_payloads(r.text)[-2]["energy"]
-        assert energy["tokens_source"] == "proxy"
+        assert energy["tokens_source"] == "proxy; prompt text only"
         assert energy["completion_tokens"] == 4
         assert energy["prompt_tokens"] == 5  # "be brief" + "one two three", by its tokenizer
         assert state.tokenize_calls == 1

@@ -1,0 +1,35 @@
+"""What a chat template adds to a prompt, learnt from the backend's own counts."""
+
+from __future__ import annotations
+
+from metering.accounting.prompt_template import (
+    MAX_SHAPES,
+    TemplateTokens,
+    prompt_shape,
+)
+
+
+def test_the_shape_is_the_number_of_messages_or_a_prompt() -> None:
+    assert prompt_shape({"messages": [{"role": "user", "content": "hi"}]}) == 1
+    assert prompt_shape({"prompt": "1, 2, 3"}) == 0
+    assert prompt_shape({"input": "embed me"}) is None
+
+
+def test_a_learnt_template_completes_the_texts_count() -> None:
+    t = TemplateTokens()
+    assert t.count("m", 1, 6) == (6, False)  # not learnt yet: the text alone, said so
+    t.learn("m", 1, backend_count=36, text_count=6)
+    assert t.count("m", 1, 6) == (36, True)
+    assert t.count("m", 1, 10) == (40, True)
+    assert t.count("m", 2, 10) == (10, False)  # another shape: more role markers
+    assert t.count("other", 1, 10) == (10, False)
+    assert not t.wants("m", 1) and t.wants("m", 2)
+
+
+def test_a_difference_no_template_makes_is_not_learnt() -> None:
+    t = TemplateTokens()
+    t.learn("m", 1, backend_count=5, text_count=9)  # fewer than the text: not a template's
+    assert t.count("m", 1, 9) == (9, False)
+    for shape in range(MAX_SHAPES + 5):
+        t.learn("m", shape + 10, backend_count=3, text_count=1)
+    assert len(t.added) == MAX_SHAPES  # bounded
