@@ -46,7 +46,7 @@ from typing import Any
 
 from metering.accounting.report import EnergyReport, Tokens
 from metering.carbon.intensity import Intensity
-from metering.carbon.sci import sci_g
+from metering.carbon.sci import embodied_for_host, sci_g
 from metering.store import RequestRecord, RequestStore
 
 MODELS = ("llama-3.1-8b-instruct", "qwen2.5-7b-instruct", "mistral-7b-instruct")
@@ -60,6 +60,7 @@ TARGET_RATE = 5000.0
 TARGET_STALL_MS = 2.0
 STORE_MB = 100_000.0  # the bench measures the store, not its size limit
 BASIS = "cost-v1 fitted; queue capacity learnt; timings proxy"  # as the meter writes it
+EMBODIED_BASIS = embodied_for_host(8, None, 4.0).basis  # an 8-GPU host's default
 
 
 def record(i: int, now_s: float, n: int, rng: random.Random) -> RequestRecord:
@@ -86,6 +87,7 @@ def record(i: int, now_s: float, n: int, rng: random.Random) -> RequestRecord:
         attribution="model",
         band_rel=rng.uniform(0.05, 0.45),
         basis=BASIS,
+        embodied_basis=EMBODIED_BASIS,
     )
     return RequestRecord.from_report(
         report,
@@ -234,7 +236,10 @@ def _label_ids(fetch: Callable[[str, tuple[str, ...]], dict[str, int]]) -> dict[
         "tenant": [fetch("tenant", TENANTS)[t] for t in TENANTS],
         "fixed": fetch(
             "fixed",
-            ("backend", "nvml-counter,rapl", "model", "electricitymaps", "DE", BASIS, "chat"),
+            (
+                "backend", "nvml-counter,rapl", "model", "electricitymaps", "DE", BASIS, "chat",
+                EMBODIED_BASIS,
+            ),
         ),
     }
 
@@ -256,7 +261,7 @@ def _select_columns(ids: dict[str, Any], i: str, n: int, now_ms: int, rid: str, 
         {f["nvml-counter,rapl"]}, {f["model"]}, 350.0, {f["electricitymaps"]}, {f["DE"]},
         ({rand} % 3600000) / 1000.0, (5.0 + ({rand} % 395000) / 1000.0) * 350.0 / 3600000.0,
         ({rand} % 100000) / 1000000000.0, NULL, 0.05 + ({rand} % 400) / 1000.0, {f[BASIS]},
-        {f["chat"]}, NULL
+        {f["chat"]}, NULL, {f[EMBODIED_BASIS]}
     """
 
 
