@@ -26,6 +26,24 @@ _REQUEST_DROP = HOP_BY_HOP | {b"host", b"content-length", b"accept-encoding", b"
 # x-request-id: the proxy sets its own (the client's, or one it made); a backend's would
 # make two values (llama-cpp-python makes its own for every answer).
 _RESPONSE_DROP = HOP_BY_HOP | {b"content-length", b"server", b"date", b"x-request-id"}
+# The figures this proxy tells: a backend's own (or another energy-proxy's in front of it)
+# would reach the client twice, with other values. Dropped, whatever their case.
+OWN_RESPONSE_HEADERS = frozenset(
+    {
+        b"x-energy-joules",
+        b"x-energy-gpu-joules",
+        b"x-energy-cpu-joules",
+        b"x-energy-method",
+        b"x-energy-request-id",
+        b"x-carbon-intensity",
+        b"x-carbon-intensity-source",
+        b"x-carbon-intensity-age-s",
+        b"x-co2eq-grams",
+        b"x-sci-grams",
+        b"x-prompt-category",
+        b"x-request-id-rejected",
+    }
+)
 
 
 def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
@@ -71,7 +89,7 @@ def downstream_response_headers(
 ) -> list[tuple[bytes, bytes]]:
     """The backend's response headers as the client should see them (names lower-cased)."""
     lowered = [(k.lower(), v) for k, v in headers]
-    drop = _RESPONSE_DROP | _connection_tokens(lowered)
+    drop = _RESPONSE_DROP | OWN_RESPONSE_HEADERS | _connection_tokens(lowered)
     return [(k, v) for k, v in lowered if k not in drop]
 
 

@@ -94,6 +94,26 @@ def label_texts(r: RequestRecord) -> tuple[str, ...]:
     )
 
 
+# The largest token count or status a record may hold: far beyond any request (the relay
+# reads a backend's absurd usage as not said), far below what the stores' sums overflow at
+# (SQLite's INTEGER, 2**63). A record beyond it is refused alone, never its batch.
+MAX_STORED_COUNT = 2**40
+
+
+def _count(x: object, name: str) -> int:
+    if isinstance(x, bool) or not isinstance(x, int) or not 0 <= x <= MAX_STORED_COUNT:
+        raise ValueError(f"{name} {x!r} is not a count from 0 to {MAX_STORED_COUNT}")
+    return x
+
+
+def _figure(x: object, name: str) -> float:
+    """A float the store can sum: finite, or NaN (stored as NULL, read back as NaN)."""
+    v = float(x)  # type: ignore[arg-type]
+    if math.isinf(v) or abs(v) > 1e300:
+        raise ValueError(f"{name} {x!r} is not a finite figure")
+    return v
+
+
 def encode(r: RequestRecord, label: Callable[[str], int]) -> tuple[object, ...]:
     """The row of `r`; `label` maps a label's text to its id. Raises TypeError/ValueError
     for a record that is not one (a data error: it is dropped, logged)."""
@@ -107,25 +127,25 @@ def encode(r: RequestRecord, label: Callable[[str], int]) -> tuple[object, ...]:
         label(r.backend),
         label(r.category),
         label(r.tenant),
-        int(r.status),
-        float(r.duration_s),
-        None if r.prompt_tokens is None else int(r.prompt_tokens),
-        int(r.completion_tokens),
+        _count(r.status, "status"),
+        _figure(r.duration_s, "duration_s"),
+        None if r.prompt_tokens is None else _count(r.prompt_tokens, "prompt_tokens"),
+        _count(r.completion_tokens, "completion_tokens"),
         label(r.tokens_source),
-        float(r.joules),
-        None if r.gpu_joules is None else float(r.gpu_joules),
-        None if r.cpu_joules is None else float(r.cpu_joules),
-        float(r.dynamic_joules),
+        _figure(r.joules, "joules"),
+        None if r.gpu_joules is None else _figure(r.gpu_joules, "gpu_joules"),
+        None if r.cpu_joules is None else _figure(r.cpu_joules, "cpu_joules"),
+        _figure(r.dynamic_joules, "dynamic_joules"),
         label(r.method),
         label(r.attribution),
-        float(r.carbon_intensity_g_per_kwh),
+        _figure(r.carbon_intensity_g_per_kwh, "carbon_intensity_g_per_kwh"),
         label(r.carbon_intensity_source),
         label(r.carbon_intensity_zone),
-        None if r.carbon_intensity_age_s is None else float(r.carbon_intensity_age_s),
-        float(r.co2eq_g),
-        float(r.embodied_g),
+        None if r.carbon_intensity_age_s is None else _figure(r.carbon_intensity_age_s, "age"),
+        _figure(r.co2eq_g, "co2eq_g"),
+        _figure(r.embodied_g, "embodied_g"),
         None if r.client_request_id is None else str(r.client_request_id),
-        None if r.band_rel is None else float(r.band_rel),
+        None if r.band_rel is None else _figure(r.band_rel, "band_rel"),
         label(r.attribution_basis),
         label(r.endpoint),
         _flag(r.shared_with_untracked),

@@ -69,7 +69,12 @@ def parse_since_s(text: str) -> float:
             ) from None
         if when.tzinfo is None:
             when = when.replace(tzinfo=UTC)
-        return when.timestamp()
+        try:
+            # An offset can move a time at the edge of the calendar out of it (year 0).
+            when = when.astimezone(UTC)
+        except (ValueError, OverflowError):
+            raise WindowError(f"since {text!r} is outside the calendar once in UTC") from None
+        return max(0.0, when.timestamp())  # before 1970: every record is after it
     if not math.isfinite(value) or value < 0:
         raise WindowError(f"since {text!r} must be unix seconds, 0 or more")
     return value

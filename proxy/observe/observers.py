@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 from metering.store import RequestRecord, RequestStore
@@ -29,9 +30,14 @@ class StoreRecords:
         self.store = store
 
     def finished(self, event: RequestFinished) -> None:
+        report = event.report
+        if event.model_label == "other" and report.model != "other":
+            # A name no backend lists (its model list unread, or any text a client sent):
+            # stored as "other", as the metrics count it, never as a label of its own.
+            report = dataclasses.replace(report, model="other")
         self.store.add(
             RequestRecord.from_report(
-                event.report,
+                report,
                 backend=event.backend.name,
                 status=event.status,
                 finished_at=event.finished_at,

@@ -156,11 +156,20 @@ def ask_for_usage(payload: dict[str, Any], body: bytes) -> tuple[bytes, bool]:
     return orjson.dumps({**payload, "stream_options": new_opts}), False
 
 
+# More tokens than any request has (the longest contexts are a few million): a figure
+# beyond it is a broken or hostile backend's, read as not said (it would overflow the
+# store's sums).
+MAX_USAGE_TOKENS = 100_000_000
+
+
 def _count(usage: dict[str, Any], *names: str) -> int | None:
-    """The first of `names` that holds a token count."""
+    """The first of `names` that holds a token count: an integer from 0 to
+    MAX_USAGE_TOKENS (a negative, fractional or absurd figure is no count)."""
     for name in names:
         value = usage.get(name)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        if isinstance(value, bool) or not isinstance(value, int):
+            continue
+        if 0 <= value <= MAX_USAGE_TOKENS:
             return value
     return None
 

@@ -389,7 +389,12 @@ class MeteredRoute:
         usage = doc.get("usage") if isinstance(doc, dict) else None
         tokens = tokens_from_usage(usage, None)
         report = self._settle(ex, tokens, timings_from_answer(doc))
-        if isinstance(doc, dict) and doc and data.rstrip().endswith(b"}"):
+        if isinstance(doc, dict) and "energy" in doc:
+            # The backend's own `energy` (another energy-proxy in front of it): replaced by
+            # this proxy's, never a second key of the same name.
+            doc["energy"] = ex.energy
+            data = orjson.dumps(doc)
+        elif isinstance(doc, dict) and doc and data.rstrip().endswith(b"}"):
             # Splice the energy object in without re-encoding the backend's document.
             data = data.rstrip()[:-1] + b',"energy":' + orjson.dumps(ex.energy) + b"}"
         out.extend(id_headers)

@@ -115,6 +115,7 @@ def test_windows_start_at_the_hour(
         (None, "yesterday", "neither unix seconds nor an ISO 8601"),
         (None, "nan", "unix seconds"),
         (None, "-5", "unix seconds"),
+        (None, "0001-01-01T00:00:00+00:01", "outside the calendar"),  # year 0 in UTC
         ("24h", "1795683600", "not both"),
     ],
 )

@@ -440,3 +440,20 @@ def test_a_filesystem_that_refuses_writes_costs_records_not_the_store(tmp_path: 
     assert out["flushed"] and after["ok"] and after["queued"] == 0 and after["error"] is None
     assert out["stored"] + after["dropped"] == 6000
     assert out["counted"] == out["stored"]  # the summary counted what was kept, no more
+
+
+def test_an_absurd_count_is_refused_alone_and_the_store_goes_on(tmp_path: Path) -> None:
+    """2**63 - 1 tokens beside normal records in one batch: that record is refused (its
+    sums would overflow SQLite's INTEGER), the others and every later one are stored."""
+    with RequestStore.open(str(tmp_path / "r.db")) as store:
+        store.add(make_record(rid(1)))
+        store.add(replace(make_record(rid(2)), completion_tokens=2**63 - 1))
+        store.add(replace(make_record(rid(3)), joules=float("inf")))
+        store.add(make_record(rid(4)))
+        assert store.flush()
+        assert store.get(rid(2)) is None and store.get(rid(3)) is None
+        assert store.get(rid(1)) is not None and store.get(rid(4)) is not None
+        assert store.dropped == 2 and store.status().writing
+        store.add(make_record(rid(5)))
+        assert store.flush() and store.get(rid(5)) is not None
+        assert [r["count"] for r in store.summary()] == [3]

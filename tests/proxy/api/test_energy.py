@@ -76,3 +76,16 @@ async def test_stars_and_label_from_the_store(tmp_path: Path) -> None:
         r = await c.get("/v1/energy/label/org%2Fsized.svg")
         assert r.status_code == 200 and "org/sized" in r.text
         assert (await c.get("/v1/energy/label/org/sized.svg")).status_code == 200
+
+
+async def test_a_since_outside_the_calendar_is_a_400_not_a_500(
+    client: httpx.AsyncClient,
+) -> None:
+    # Year 1 at +00:01 is year 0 in UTC: Python cannot hold it.
+    r = await client.get(
+        "/v1/energy/summary", params={"since": "0001-01-01T00:00:00+00:01"}
+    )
+    assert r.status_code == 400
+    assert "outside the calendar" in r.json()["error"]["message"]
+    ok = await client.get("/v1/energy/summary", params={"since": "0001-01-02T00:00:00Z"})
+    assert ok.status_code == 200 and ok.json()["since"] == "1970-01-01T00:00:00Z"

@@ -30,6 +30,11 @@ from proxy.relay.path_rules import PathRules, check_patterns, plain_path
         ({"type": "duration", "seconds": 3}, (None, 4, "proxy")),  # audio: no tokens
         (None, (None, 4, "proxy")),
         ({"prompt_tokens": -1}, (None, 4, "proxy")),
+        # A broken or hostile backend's figures are no counts (they would overflow sums).
+        ({"prompt_tokens": 2**63 - 1, "completion_tokens": 7}, (None, 4, "proxy")),
+        ({"prompt_tokens": 3, "completion_tokens": 2**63}, (3, 0, "backend")),
+        ({"prompt_tokens": 3.5, "completion_tokens": -100}, (None, 4, "proxy")),
+        ({"prompt_tokens": True, "completion_tokens": 2}, (None, 4, "proxy")),
     ],
 )
 def test_tokens_from_each_apis_usage(usage: object, expected: tuple[object, ...]) -> None:

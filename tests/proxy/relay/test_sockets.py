@@ -218,3 +218,25 @@ def test_the_relay_counts_a_stream_s_tokens_for_the_split(
         # finish, usage or [DONE]).
         assert queue.streamed == 5, (queue.streamed, chunks)
         assert queue.decode_streams == 0  # it ended: no stream decodes now
+
+
+def test_an_energy_proxy_behind_another_tells_one_set_of_figures(
+    fake_server: str, tmp_path: Path
+) -> None:
+    """Chained proxies (or a backend that sends its own x-energy-* headers): the client
+    gets this proxy's figures once, never two `x-energy-joules` or two `energy` keys."""
+    (tmp_path / "inner").mkdir()
+    (tmp_path / "outer").mkdir()
+    with (
+        serve_proxy(tmp_path / "inner", fake_server) as inner,
+        serve_proxy(tmp_path / "outer", inner) as outer,
+    ):
+        r = httpx.post(f"{outer}/v1/chat/completions", json={**CHAT, "max_tokens": 3})
+    assert r.status_code == 200
+    for name in ("x-energy-joules", "x-energy-method", "x-co2eq-grams", "x-sci-grams",
+                 "x-carbon-intensity", "x-prompt-category", "x-energy-request-id"):
+        assert len(r.headers.get_list(name)) == 1, name  # fmt: skip
+    assert r.text.count('"energy":') == 1
+    energy = r.json()["energy"]
+    assert r.headers["x-energy-request-id"] == energy["request_id"]
+    assert float(r.headers["x-energy-joules"]) == pytest.approx(energy["joules"], rel=5e-4)
