@@ -27,13 +27,8 @@ from proxy.headers import (
 from proxy.relay.endpoints import METERED
 from proxy.relay.exchange import backend_auth, read_body_within
 from proxy.relay.path_rules import PathRules
-from proxy.relay.route import (
-    RelayContext,
-    backend_for_model,
-    check_key,
-    id_headers_for,
-    upstream_url,
-)
+from proxy.relay.route import RelayContext, id_headers_for
+from proxy.relay.routing import backend_for_model, check_key, upstream_url
 
 log = logging.getLogger("energy_proxy.requests")
 

@@ -39,8 +39,6 @@ from proxy.errors import (
     ClientTooSlow,
     HeadersTooLarge,
     ProxyError,
-    Unauthorized,
-    UnknownModel,
     UpstreamError,
 )
 from proxy.headers import (
@@ -74,7 +72,8 @@ from proxy.relay.exchange import (
 from proxy.relay.inspectors import inspector_for
 from proxy.relay.multipart import boundary_of
 from proxy.relay.prompt_count import PromptCounter
-from proxy.relay.sse import SseSplitter
+from proxy.relay.routing import backend_for_model, check_key, upstream_url
+from proxy.relay.sse import MAX_EVENT_BYTES, SseSplitter
 from proxy.relay.upload import Upload
 from proxy.relay.upstream import UpstreamClient, UpstreamResponse
 
@@ -132,35 +131,6 @@ def id_headers_for(ctx: RelayContext, headers: RawHeaders) -> tuple[str, str | N
     if rejected:
         out.append((b"x-request-id-rejected", rejected.encode("latin-1")))
     return request_id, client_id, out
-
-
-def upstream_url(backend: Backend, scope: Scope) -> str:
-    """The backend's URL for this request: its path as the client sent it (still
-    percent-encoded: a decoded `%3F` must not become a query), and its query string."""
-    raw: bytes | None = scope.get("raw_path")
-    path: str = raw.decode("latin-1") if raw else scope["path"]
-    query: bytes = scope.get("query_string", b"")
-    url = backend.url + path
-    return url + "?" + query.decode("latin-1") if query else url
-
-
-def check_key(keys: KeyRing, headers: RawHeaders) -> ApiKey | None:
-    """The caller's key (None when the proxy has no keys); 401 without a valid one."""
-    if not keys.enabled:
-        return None
-    key = keys.identify(header_value(headers, b"authorization"))
-    if key is None:
-        raise Unauthorized("missing or invalid API key for this proxy")
-    return key
-
-
-async def backend_for_model(registry: BackendRegistry, model: str) -> Backend:
-    """The backend that lists `model`; 404 naming the models served when none does."""
-    backend = await registry.route(model)
-    if backend is None:
-        known = ", ".join(sorted(registry.known_models())) or "none listed yet"
-        raise UnknownModel(f"model {model!r} is not served here (models: {known})")
-    return backend
 
 
 class MeteredRoute:
@@ -466,6 +436,13 @@ class MeteredRoute:
                     body = process(events[0])
                 else:
                     body = b"".join([e for e in map(process, events) if e is not None])
+                    if splitter.unparsed:  # an event past MAX_EVENT_BYTES: see below
+                        body += splitter.overflow
+                        splitter.overflow = b""
+                        msg = {"type": "http.response.body", "body": body, "more_body": True}
+                        await self._send_timed(send, ex, msg)
+                        await self._relay_unparsed(resp, send, ex, decode)
+                        break
                 if measurement.decoding:
                     if inspector.counted_tokens != counted:
                         measurement.streamed(inspector.counted_tokens - counted)
@@ -502,6 +479,26 @@ class MeteredRoute:
         await self._send_timed(
             send, ex, {"type": "http.response.body", "body": final, "more_body": False}
         )
+
+    async def _relay_unparsed(
+        self,
+        resp: UpstreamResponse,
+        send: Send,
+        ex: Exchange,
+        decode: StreamDecoder | None,
+    ) -> None:
+        """The rest of a stream with an event no server sends (past MAX_EVENT_BYTES): its
+        bytes as they come, unparsed (linear, bounded memory); the energy still follows."""
+        log.warning(
+            "request %s: an event of the backend's stream passed %d bytes; the rest is "
+            "relayed unparsed", ex.request_id, MAX_EVENT_BYTES,
+        )  # fmt: skip
+        while chunk := await resp.next_chunk():
+            if decode is not None:
+                chunk = decode(chunk)
+            await self._send_timed(
+                send, ex, {"type": "http.response.body", "body": chunk, "more_body": True}
+            )
 
     # --- accounting ------------------------------------------------------------------------
 

@@ -21,46 +21,61 @@ _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 _USAGE_NULL = (b',"usage":null', b', "usage": null', b'"usage":null,', b'"usage": null, ')
 
 
-class SseSplitter:
-    """Cuts a byte stream into complete events, each with its terminating blank line."""
+# An event longer than this is no event a server sends (one token's chunk is a few
+# hundred bytes; a long tool call's a few kilobytes): from there the stream is relayed as
+# it comes, unparsed, and the energy still sent at its end.
+MAX_EVENT_BYTES = 4 * 1024 * 1024
 
-    __slots__ = ("_buf", "separator")
+
+class SseSplitter:
+    """Cuts a byte stream into complete events, each with its terminating blank line.
+    Linear in the bytes: an event that spans many chunks is searched only where each new
+    chunk begins, and joined once, when it ends. One past MAX_EVENT_BYTES ends the
+    splitting: `unparsed` is set and `overflow` holds its bytes so far, for the caller to
+    relay with the rest of the stream as it comes."""
+
+    __slots__ = ("_parts", "_size", "overflow", "separator", "unparsed")
 
     def __init__(self) -> None:
-        self._buf = b""
+        self._parts: list[bytes] = []  # an unfinished event, in the chunks it came in
+        self._size = 0
         self.separator = b"\n\n"
+        self.unparsed = False
+        self.overflow = b""
 
     def feed(self, chunk: bytes) -> list[bytes]:
-        buf = self._buf + chunk if self._buf else chunk
-        if b"\r" not in buf:
-            return self._feed_lf(buf)
+        if self._parts:
+            return self._feed_pending(chunk)
+        if b"\r" not in chunk:
+            return self._feed_lf(chunk)
+        return self._split_cr(chunk)
+
+    def _split(self, buf: bytes) -> list[bytes]:
+        return self._feed_lf(buf) if b"\r" not in buf else self._split_cr(buf)
+
+    def _split_cr(self, buf: bytes) -> list[bytes]:
         m = _EVENT_END.search(buf)
         if m is None:
-            self._buf = buf
-            return []
+            return self._hold(buf)
         self.separator = m.group()
         if m.end() == len(buf):  # the common case: one whole event per chunk
-            self._buf = b""
             return [buf]
         events = [buf[: m.end()]]
         pos = m.end()
         while (m := _EVENT_END.search(buf, pos)) is not None:
             events.append(buf[pos : m.end()])
             pos = m.end()
-        self._buf = buf[pos:]
-        return events
+        return events + self._hold(buf[pos:])
 
     def _feed_lf(self, buf: bytes) -> list[bytes]:
         # No CR anywhere: the regex reduces to a plain search for LF LF, which `find` does
         # several times faster (most servers end lines with LF alone).
         end = buf.find(b"\n\n")
         if end < 0:
-            self._buf = buf
-            return []
+            return self._hold(buf)
         self.separator = b"\n\n"
         end += 2
         if end == len(buf):
-            self._buf = b""
             return [buf]
         events = []
         pos = 0
@@ -68,12 +83,42 @@ class SseSplitter:
             events.append(buf[pos:end])
             pos = end
             end = buf.find(b"\n\n", pos) + 2
-        self._buf = buf[pos:]
-        return events
+        return events + self._hold(buf[pos:])
+
+    def _hold(self, rest: bytes) -> list[bytes]:
+        """Keep `rest`, the start of an event not yet ended; [] (no event is complete)."""
+        if rest:
+            self._parts = [rest]
+            self._size = len(rest)
+            if self._size > MAX_EVENT_BYTES:
+                return self._give_up()
+        return []
+
+    def _feed_pending(self, chunk: bytes) -> list[bytes]:
+        # The event's end can straddle the chunks: search the new chunk with the three
+        # bytes before it, no further back.
+        last = self._parts[-1]
+        tail = last[-3:] if len(last) >= 3 else b"".join(self._parts)[-3:]
+        if _EVENT_END.search(tail + chunk) is None:
+            self._parts.append(chunk)
+            self._size += len(chunk)
+            if self._size > MAX_EVENT_BYTES:
+                return self._give_up()
+            return []
+        buf = b"".join(self._parts) + chunk
+        self._parts, self._size = [], 0
+        return self._split(buf)
+
+    def _give_up(self) -> list[bytes]:
+        self.overflow = b"".join(self._parts)
+        self._parts, self._size = [], 0
+        self.unparsed = True
+        return []
 
     def rest(self) -> bytes:
         """Whatever is left unterminated when the stream ends."""
-        rest, self._buf = self._buf, b""
+        rest = b"".join(self._parts)
+        self._parts, self._size = [], 0
         return rest
 
 
