@@ -171,6 +171,8 @@ class Settings(BaseModel):
     metrics_listen: str | None = None
     # Seconds a client may take to send its request body, or leave an answer unread.
     client_timeout: float = Field(default=60.0, gt=0.0)
+    # Seconds a connection may take to send a request's line and headers (proxy/http_guard.py).
+    header_timeout: float = Field(default=30.0, gt=0.0)
     upstream_client: Literal["aiohttp", "httpx"] = "aiohttp"
     models_refresh_s: float = Field(default=30.0, gt=0.0)
     # How often the backends' own /metrics are read (their in-flight counts, the cross-check)

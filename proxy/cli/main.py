@@ -182,6 +182,14 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
         help="seconds a client may take to send its body or leave an answer unread (default 60)",
     )
     p.add_argument(
+        "--header-timeout",
+        type=float,
+        default=S,
+        metavar="S",
+        help="seconds a connection may take to send a request's line and headers; then 408 "
+        "and closed (default 30)",
+    )
+    p.add_argument(
         "--categories",
         default=S,
         help="comma-separated prompt categories (default: " + ",".join(DEFAULT_CATEGORIES) + ")",
@@ -416,6 +424,7 @@ def serve(args: dict[str, Any]) -> int:
     from metering.sources.base import SourceUnavailable
     from metering.store import StoreError
     from proxy.app import create_app
+    from proxy.http_guard import HEAD_LIMIT_BYTES
     from proxy.observe.request_log import RequestLog
     from proxy.observe.startup import startup_line
     from proxy.server import ProxyServer
@@ -434,7 +443,18 @@ def serve(args: dict[str, Any]) -> int:
         print(f"energy-proxy: {exc}", file=sys.stderr)
         return 2
     loop = "uvloop" if _has("uvloop") else "asyncio"
-    http = "httptools" if _has("httptools") else "h11"
+    # The parser with the limits an unfinished head needs (proxy/http_guard.py); h11,
+    # where httptools is missing, bounds a head itself.
+    http: Any = "h11"
+    if _has("httptools"):
+        from proxy.http_guard import connection_cap, guarded_protocol, raise_file_limit
+
+        files = raise_file_limit()
+        http = guarded_protocol(connection_cap(files), settings.header_timeout)
+        logging.getLogger("energy_proxy").info(
+            "energy-proxy: accepting at most %d connections (open files: %d; one more is "
+            "answered 503)", connection_cap(files), files,
+        )  # fmt: skip
     # Everything built so far lives as long as the process: keep the garbage collector from
     # scanning it again. A full pass over it holds the GIL for milliseconds, a stall of the
     # event loop (bench/store.py measures the loop's stalls).
@@ -451,6 +471,7 @@ def serve(args: dict[str, Any]) -> int:
         log_level=settings.log_level,
         lifespan="on",
         timeout_graceful_shutdown=30,
+        h11_max_incomplete_event_size=HEAD_LIMIT_BYTES,
     )
     server = ProxyServer(config, on_shutdown=app.close_live_streams)
     # uvicorn raises Ctrl-C again once it has shut down cleanly: that is the normal end.
