@@ -9,7 +9,9 @@ The size limit is SQLite's own: `PRAGMA max_page_count` on the writer's connecti
 the file refuse to grow past `--db-max-mb` with SQLITE_FULL, as a full disk does; the store
 then drops the oldest records (`make_room`) and writes again into the pages they freed. So
 the file never grows past the limit, a full disk is handled the same way, and the rollups
-keep counting what was dropped.
+keep counting what was dropped. The limit holds the write-ahead log as well: a fifth of it
+(64 KiB to 16 MiB) is the log's, checkpointed at half that and cut back after
+(`wal_budget_bytes`); the file's page limit is the rest.
 """
 
 from __future__ import annotations
@@ -69,6 +71,17 @@ MIN_MAX_BYTES = 1_000_000  # --db-max-mb 1
 
 
 # --- the database ------------------------------------------------------------------------
+
+
+# The write-ahead log's share of --db-max-mb: a fifth, from 64 KiB to 16 MiB.
+WAL_SHARE = 0.2
+WAL_MIN_BYTES = 64 * 1024
+WAL_MAX_BYTES = 16 * 1024 * 1024
+
+
+def wal_budget_bytes(max_bytes: int) -> int:
+    """The bytes the write-ahead log may hold of a store limited to `max_bytes`."""
+    return int(min(WAL_MAX_BYTES, max(WAL_MIN_BYTES, WAL_SHARE * max_bytes)))
 
 
 class SqliteDatabase:
@@ -183,7 +196,14 @@ class SqliteDatabase:
 
     def _apply_size_limit(self, conn: sqlite3.Connection) -> None:
         page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
-        max_pages = self.max_bytes // page_size
+        # The limit holds the write-ahead log too: the log is checkpointed once it holds
+        # half its share (a batch's transaction goes on past the mark before it can be)
+        # and cut back to that after; the file gets the rest.
+        wal_bytes = wal_budget_bytes(self.max_bytes)
+        wal_pages = max(1, wal_bytes // 2 // page_size)
+        conn.execute(f"PRAGMA wal_autocheckpoint = {wal_pages}")
+        conn.execute(f"PRAGMA journal_size_limit = {wal_bytes // 2}")
+        max_pages = (self.max_bytes - wal_bytes) // page_size
         pages, free = self._pages(conn)
         if pages > max_pages:
             dropped = 0

@@ -106,7 +106,8 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
         type=float,
         default=S,
         metavar="N",
-        help="the request store's size limit: past it the oldest records are dropped, the "
+        help="the request store's size limit, its write-ahead log included: past it the "
+        "oldest records are dropped, the "
         "summaries keep counting them (default 1024, or half the disk's free space if less)",
     )
     p.add_argument(

@@ -457,3 +457,18 @@ def test_an_absurd_count_is_refused_alone_and_the_store_goes_on(tmp_path: Path) 
         store.add(make_record(rid(5)))
         assert store.flush() and store.get(rid(5)) is not None
         assert [r["count"] for r in store.summary()] == [3]
+
+
+def test_the_size_limit_holds_the_write_ahead_log_too(tmp_path: Path) -> None:
+    """--db-max-mb 1: the file and its WAL together stay under 1 MB while records keep
+    coming (they were 1.00 MB and 4.34 MB); the oldest are dropped for room."""
+    path = tmp_path / "r.db"
+    wal = Path(f"{path}-wal")
+    with RequestStore.open(str(path), max_mb=1.0) as store:
+        for i in range(12_000):
+            store.add(make_record(rid(i + 1), finished_at=1000.0 + i))
+            if i % 400 == 399:
+                assert store.flush()
+                on_disk = path.stat().st_size + (wal.stat().st_size if wal.exists() else 0)
+                assert on_disk <= 1_000_000, (i, on_disk)
+        assert store.status().evicted > 0 and store.get(rid(12_000)) is not None
