@@ -19,6 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 MAX_SHAPES = 256  # (model, shape) pairs kept per backend; beyond, nothing more is learnt
+# Tokenize calls that gave nothing (no endpoint after all, a busy serial server) before a
+# (model, shape) is given up: a backend without a working tokenizer is not asked again on
+# every answer.
+MAX_TRIES = 3
 # A template adds markers, never removes text: a difference outside this is not a
 # template's (another tokenizer, a truncated prompt) and is not learnt.
 MAX_TEMPLATE_TOKENS = 4096
@@ -41,14 +45,20 @@ class TemplateTokens:
     """Per backend: the tokens its template adds, by (model, shape)."""
 
     added: dict[tuple[str, int], int] = field(default_factory=dict)
+    tries: dict[tuple[str, int], int] = field(default_factory=dict)  # counts that failed
 
     def wants(self, model: str, shape: int | None) -> bool:
         """Whether a non-streamed answer of this model and shape has something to teach."""
         return (
             shape is not None
             and (model, shape) not in self.added
-            and len(self.added) < MAX_SHAPES
+            and self.tries.get((model, shape), 0) < MAX_TRIES
+            and len(self.added) + len(self.tries) < MAX_SHAPES
         )
+
+    def failed(self, model: str, shape: int) -> None:
+        """The text could not be counted this time."""
+        self.tries[(model, shape)] = self.tries.get((model, shape), 0) + 1
 
     def learn(self, model: str, shape: int, backend_count: int, text_count: int) -> None:
         """The backend counted `backend_count` for a prompt whose text is `text_count`."""

@@ -168,6 +168,9 @@ def header_number(x: float) -> str:
     is `3.223`, 0.000028412 g is `0.00002841`, 12,345.6 J is `12346`. The JSON body keeps
     the full float."""
     v = float(x)
+    text = f"{v:.4g}"  # the common case: no exponent, trailing zeros already dropped
+    if "e" not in text and (abs(v) < 1000.0 or "." not in text):
+        return text
     if v == 0.0 or not math.isfinite(v):
         return "0" if v == 0.0 else repr(v)
     decimals = max(0, HEADER_SIGNIFICANT_DIGITS - 1 - math.floor(math.log10(abs(v))))

@@ -51,7 +51,9 @@ class PromptCounter:
         if shape is None or not template.wants(ex.model, shape):
             return
         text_n = await self.text_tokens(ex)
-        if text_n is not None:
+        if text_n is None:
+            template.failed(ex.model, shape)
+        else:
             template.learn(ex.model, shape, backend_count, text_n)
 
     async def tally_cut(self, ex: Exchange) -> None:

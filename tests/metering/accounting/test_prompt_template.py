@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from metering.accounting.prompt_template import (
     MAX_SHAPES,
+    MAX_TRIES,
     TemplateTokens,
     prompt_shape,
 )
@@ -33,3 +34,12 @@ def test_a_difference_no_template_makes_is_not_learnt() -> None:
     for shape in range(MAX_SHAPES + 5):
         t.learn("m", shape + 10, backend_count=3, text_count=1)
     assert len(t.added) == MAX_SHAPES  # bounded
+
+
+def test_a_backend_whose_tokenizer_fails_is_not_asked_on_every_answer() -> None:
+    t = TemplateTokens()
+    for _ in range(MAX_TRIES):
+        assert t.wants("m", 1)
+        t.failed("m", 1)
+    assert not t.wants("m", 1)  # given up: no tokenize call per answer from here
+    assert t.wants("m", 2)
