@@ -79,6 +79,7 @@ def run_demo(tmp_path: Path, mode: str) -> subprocess.CompletedProcess[str]:
         "FAKE_LLAMA_MODE": mode,
         "COLUMNS": "200",
         "NO_COLOR": "1",
+        "TMPDIR": str(tmp_path),  # a failed demo keeps its logs' folder: here, not in /tmp
     }
     return subprocess.run(
         [sys.executable, "-m", "proxy.cli", "demo", "--power-source", "constant:50"],
@@ -101,6 +102,9 @@ def test_demo_names_the_signal_of_a_backend_that_dies_mid_run(tmp_path: Path) ->
     assert "./scripts/setup.sh --rebuild-backend" in out
     log = re.search(r"its log: (\S+backend\.log)\)", out)
     assert log is not None and Path(log.group(1)).is_file()
+    # A failed demo keeps its folder for the logs (in $TMPDIR) and names it.
+    assert Path(log.group(1)).parent.parent == tmp_path
+    assert f"logs in {Path(log.group(1)).parent}" in out
     # What the proxy itself says, quoted: the backend it routes to is not ready.
     assert re.search(r"/readyz: backend default \(http://127\.0\.0\.1:\d+\) not ready: ", out)
     # Not a table of 502s: it stopped at the first failure.
@@ -122,3 +126,4 @@ def test_demo_with_a_backend_that_works_prints_the_table(tmp_path: Path) -> None
     assert "Energy per prompt" in done.stdout
     for category in ("code", "sql", "math"):
         assert f"│ {category}" in done.stdout
+    assert list(tmp_path.glob("energy-proxy-demo-*")) == []  # it ended well: removed
