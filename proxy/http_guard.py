@@ -9,7 +9,7 @@ and a thousand of them took the process down at the usual limit of 1,024 files. 
 
 - HEAD_LIMIT_BYTES: the bytes a connection may send while its head is not complete
   (request line and headers; the app's own limit on complete headers is 32 KiB), counted
-  over the reads that end without the head complete: past it, 431 and closed;
+  over the reads that begin and end inside the unfinished head: past it, 431 and closed;
 - HEAD_TIMEOUT_S: the seconds from a connection's start (or a request's first byte) to
   its head complete: past it, 408 and closed;
 - `max_connections`: connections open at once; one more is answered 503 and closed at
@@ -104,8 +104,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return
+        # Counted only when the read began inside an unfinished head: a read that ends one
+        # request's body and begins the next one's head (pipelining) is not all head.
+        in_head = self._awaiting_head
         super().data_received(data)
-        if self._awaiting_head and not self.transport.is_closing():
+        if in_head and self._awaiting_head and not self.transport.is_closing():
             self._head_bytes += len(data)
             if self._head_bytes > HEAD_LIMIT_BYTES:
                 self._refuse(

@@ -5,6 +5,7 @@ and the proxy goes on serving meanwhile."""
 
 from __future__ import annotations
 
+import json
 import resource
 import socket
 import subprocess
@@ -123,3 +124,22 @@ def test_connections_past_the_cap_get_503_and_the_proxy_stays_up(
         health = url + "/healthz"
         # Once the server has seen the closes: the files were never exhausted.
         assert wait_for(lambda: httpx.get(health).status_code == 200)
+
+
+def test_pipelined_requests_with_large_bodies_are_not_taken_for_a_long_head(serve: str) -> None:
+    """One read can end a request's large body and begin the next request's head: that
+    read is not counted as head, and both requests are answered."""
+    body = json.dumps(
+        {"model": "fake-model", "messages": [{"role": "user", "content": "x" * 200_000}]}
+    ).encode()
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\n\r\n" % len(body)
+    )
+    second = b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+    with _connect(serve) as s:
+        s.sendall(head + body + second[:20])  # the next head begins in the same write
+        s.sendall(second[20:])
+        answer = _answer(s)
+    assert answer.count(b"HTTP/1.1 200 ") == 2, answer[:300]
+    assert b" 431 " not in answer
