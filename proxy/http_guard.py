@@ -88,6 +88,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._awaiting_head = True
         self._head_timer: asyncio.TimerHandle | None = None
         self._refused = False  # answered and half-closed: what comes is dropped
+        # Past the head: reads that brought no body (a chunked body's trailer lines, which
+        # the parser gathers as it does headers) are bounded as a head is.
+        self._progress = False
+        self._stalled_bytes = 0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -107,8 +111,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         # Counted only when the read began inside an unfinished head: a read that ends one
         # request's body and begins the next one's head (pipelining) is not all head.
         in_head = self._awaiting_head
+        self._progress = False
         super().data_received(data)
-        if in_head and self._awaiting_head and not self.transport.is_closing():
+        if self.transport.is_closing():
+            return
+        if in_head and self._awaiting_head:
             self._head_bytes += len(data)
             if self._head_bytes > HEAD_LIMIT_BYTES:
                 self._refuse(
@@ -116,6 +123,33 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                     f"the request line and headers are over {HEAD_LIMIT_BYTES} bytes",
                     "headers_too_large",
                 )
+        elif not self._awaiting_head and self.cycle is not None and self.cycle.more_body:
+            self._stalled_bytes = 0 if self._progress else self._stalled_bytes + len(data)
+            if self._stalled_bytes > HEAD_LIMIT_BYTES:
+                self._refuse(
+                    431,
+                    f"the request's trailer lines are over {HEAD_LIMIT_BYTES} bytes",
+                    "headers_too_large",
+                )
+
+    def on_body(self, body: bytes) -> None:
+        self._progress = True
+        super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        self._progress = True
+        super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        # Waiting for the next request's head now (keep-alive): bytes that begin none (a
+        # bare CRLF, which the parser skips) must not hold the connection past the timer.
+        request_done = self.cycle is None or not self.cycle.more_body
+        if request_done and not self.pipeline and not self.transport.is_closing():
+            self._awaiting_head = True
+            self._head_bytes = 0
+            if self._head_timer is None:
+                self._start_head_timer()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -126,6 +160,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._awaiting_head = False
+        self._stalled_bytes = 0
         self._stop_head_timer()
         super().on_headers_complete()
 
@@ -159,6 +194,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._stop_head_timer()
         transport = self.transport
         if transport.is_closing():
+            return
+        if self.cycle is not None and not self.cycle.response_complete:
+            transport.close()  # an answer is under way: no second one written into it
             return
         transport.write(refusal(status, message, code))
         if transport.can_write_eof():

@@ -5,6 +5,7 @@ and the proxy goes on serving meanwhile."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import socket
@@ -143,3 +144,36 @@ def test_pipelined_requests_with_large_bodies_are_not_taken_for_a_long_head(serv
         answer = _answer(s)
     assert answer.count(b"HTTP/1.1 200 ") == 2, answer[:300]
     assert b" 431 " not in answer
+
+
+def test_a_chunked_bodys_trailer_without_end_is_cut_off(serve: str) -> None:
+    """A chunked body's trailer lines are gathered by the parser as headers are: bounded
+    the same way (the connection is closed past the limit), not 128 MB of parser work."""
+    with _connect(serve) as s:
+        s.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json"
+            b"\r\ntransfer-encoding: chunked\r\n\r\n0\r\nx-trailer: "
+        )
+        sent = 0
+        while sent < 32 * HEAD_LIMIT_BYTES:
+            try:
+                s.sendall(b"a" * 8192)
+            except (BrokenPipeError, ConnectionResetError):
+                break  # closed by the server: what is asked
+            sent += 8192
+        with contextlib.suppress(ConnectionResetError):
+            _answer(s)  # returns: the server closed it (a hang would time out here)
+    assert sent < 32 * HEAD_LIMIT_BYTES  # cut off well before all of it was taken
+    assert httpx.get(serve + "/healthz").status_code == 200
+
+
+def test_a_bare_line_end_after_an_answer_does_not_hold_the_connection(serve: str) -> None:
+    """Keep-alive: after an answer, a CRLF (which the parser skips, beginning no request)
+    and silence: the connection is still closed by the head timer."""
+    with _connect(serve) as s:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        first = s.recv(65536)
+        assert first.startswith(b"HTTP/1.1 200 ")
+        s.sendall(b"\r\n")
+        rest = _answer(s)  # closed (--header-timeout 1); it would hang before
+    assert rest.startswith(b"HTTP/1.1 408 ") or rest == b"", rest[:200]
