@@ -29,12 +29,34 @@ MAX_TEMPLATE_TOKENS = 4096
 TEXT_ONLY = "prompt text only"  # the label of a count without the template
 
 
+# Parts of a request the backend counts in its prompt that the tokenizer's text does not
+# hold (a tool's schema, a response format's, an image): such a request's difference is not
+# the template's alone, so it teaches nothing, and a stream with them is counted as text.
+_UNSEEN_FIELDS = ("tools", "functions", "response_format", "documents", "chat_template")
+
+
+def _text_only(messages: list[Any]) -> bool:
+    for m in messages:
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, list) and any(
+            not isinstance(part, dict) or part.get("type") != "text" for part in content
+        ):
+            return False
+        if isinstance(m, dict) and m.get("tool_calls"):
+            return False
+    return True
+
+
 def prompt_shape(payload: Mapping[str, Any]) -> int | None:
-    """What sets the template's share: the number of messages of a chat request, 0 for a
-    completion's prompt string; None for other shapes (not learnt)."""
+    """What sets the template's share: the number of messages of a chat request of text
+    messages, 0 for a completion's prompt string; None for other shapes (not learnt, and
+    not completed: tools, response formats, images, tool calls are counted by the backend
+    but are not in the tokenizer's text)."""
+    if any(payload.get(k) for k in _UNSEEN_FIELDS):
+        return None
     messages = payload.get("messages")
     if isinstance(messages, list):
-        return len(messages)
+        return len(messages) if _text_only(messages) else None
     if isinstance(payload.get("prompt"), str):
         return 0
     return None
@@ -63,8 +85,12 @@ class TemplateTokens:
     def learn(self, model: str, shape: int, backend_count: int, text_count: int) -> None:
         """The backend counted `backend_count` for a prompt whose text is `text_count`."""
         added = backend_count - text_count
-        if 0 <= added <= MAX_TEMPLATE_TOKENS and self.wants(model, shape):
+        if not self.wants(model, shape):
+            return
+        if 0 <= added <= MAX_TEMPLATE_TOKENS:
             self.added[(model, shape)] = added
+        else:
+            self.failed(model, shape)  # not a template's: at most MAX_TRIES such tries
 
     def count(self, model: str, shape: int | None, text_count: int) -> tuple[int, bool]:
         """The prompt's tokens as the backend would count them, and whether the template's

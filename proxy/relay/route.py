@@ -73,7 +73,7 @@ from proxy.relay.inspectors import inspector_for
 from proxy.relay.multipart import boundary_of
 from proxy.relay.prompt_count import PromptCounter
 from proxy.relay.routing import backend_for_model, check_key, upstream_url
-from proxy.relay.sse import MAX_EVENT_BYTES, SseSplitter
+from proxy.relay.sse import SseSplitter, relay_pieces
 from proxy.relay.upload import Upload
 from proxy.relay.upstream import UpstreamClient, UpstreamResponse
 
@@ -432,17 +432,14 @@ class MeteredRoute:
                 if decode is not None:
                     chunk = decode(chunk)
                 events = feed(chunk)
-                if len(events) == 1:  # the usual: one whole event per chunk
-                    body = process(events[0])
+                body: bytes | None
+                if splitter.raw:  # an event past MAX_EVENT_BYTES: its bytes as they came
+                    splitter.raw = False
+                    body = relay_pieces(events, process)
+                elif len(events) == 1:  # the usual: one whole event per chunk
+                    body = process(events[0])  # type: ignore[arg-type]
                 else:
-                    body = b"".join([e for e in map(process, events) if e is not None])
-                    if splitter.unparsed:  # an event past MAX_EVENT_BYTES: see below
-                        body += splitter.overflow
-                        splitter.overflow = b""
-                        msg = {"type": "http.response.body", "body": body, "more_body": True}
-                        await self._send_timed(send, ex, msg)
-                        await self._relay_unparsed(resp, send, ex, decode)
-                        break
+                    body = relay_pieces(events, process)
                 if measurement.decoding:
                     if inspector.counted_tokens != counted:
                         measurement.streamed(inspector.counted_tokens - counted)
@@ -479,26 +476,6 @@ class MeteredRoute:
         await self._send_timed(
             send, ex, {"type": "http.response.body", "body": final, "more_body": False}
         )
-
-    async def _relay_unparsed(
-        self,
-        resp: UpstreamResponse,
-        send: Send,
-        ex: Exchange,
-        decode: StreamDecoder | None,
-    ) -> None:
-        """The rest of a stream with an event no server sends (past MAX_EVENT_BYTES): its
-        bytes as they come, unparsed (linear, bounded memory); the energy still follows."""
-        log.warning(
-            "request %s: an event of the backend's stream passed %d bytes; the rest is "
-            "relayed unparsed", ex.request_id, MAX_EVENT_BYTES,
-        )  # fmt: skip
-        while chunk := await resp.next_chunk():
-            if decode is not None:
-                chunk = decode(chunk)
-            await self._send_timed(
-                send, ex, {"type": "http.response.body", "body": chunk, "more_body": True}
-            )
 
     # --- accounting ------------------------------------------------------------------------
 

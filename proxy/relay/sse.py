@@ -10,6 +10,7 @@ Events are not re-encoded: the bytes the backend sent are the bytes the client g
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -22,52 +23,55 @@ _USAGE_NULL = (b',"usage":null', b', "usage": null', b'"usage":null,', b'"usage"
 
 
 # An event longer than this is no event a server sends (one token's chunk is a few
-# hundred bytes; a long tool call's a few kilobytes): from there the stream is relayed as
-# it comes, unparsed, and the energy still sent at its end.
+# hundred bytes; a long tool call's a few kilobytes): its bytes are relayed as they come,
+# unparsed, up to its end; the events after it are parsed again, the energy still sent.
 MAX_EVENT_BYTES = 4 * 1024 * 1024
+# An event (bytes), or a piece of one given up (memoryview), relayed as it came.
+Piece = bytes | memoryview
 
 
 class SseSplitter:
     """Cuts a byte stream into complete events, each with its terminating blank line.
     Linear in the bytes: an event that spans many chunks is searched only where each new
-    chunk begins, and joined once, when it ends. One past MAX_EVENT_BYTES ends the
-    splitting: `unparsed` is set and `overflow` holds its bytes so far, for the caller to
-    relay with the rest of the stream as it comes."""
+    chunk begins, and joined once, when it ends. An event past MAX_EVENT_BYTES is given
+    up: its bytes so far and up to its end come back as `memoryview`s, to be relayed
+    unparsed, and `raw` is set (the caller clears it); the splitting goes on after it."""
 
-    __slots__ = ("_parts", "_size", "overflow", "separator", "unparsed")
+    __slots__ = ("_parts", "_size", "_skipping", "_tail", "raw", "separator")
 
     def __init__(self) -> None:
         self._parts: list[bytes] = []  # an unfinished event, in the chunks it came in
         self._size = 0
+        self._tail = b""  # its last three bytes: where its end may begin
+        self._skipping = False  # inside an event given up, relayed as it comes
         self.separator = b"\n\n"
-        self.unparsed = False
-        self.overflow = b""
+        self.raw = False
 
-    def feed(self, chunk: bytes) -> list[bytes]:
-        if self._parts:
+    def feed(self, chunk: bytes) -> list[Piece]:
+        if self._parts or self._skipping:
             return self._feed_pending(chunk)
         if b"\r" not in chunk:
             return self._feed_lf(chunk)
         return self._split_cr(chunk)
 
-    def _split(self, buf: bytes) -> list[bytes]:
+    def _split(self, buf: bytes) -> list[Piece]:
         return self._feed_lf(buf) if b"\r" not in buf else self._split_cr(buf)
 
-    def _split_cr(self, buf: bytes) -> list[bytes]:
+    def _split_cr(self, buf: bytes) -> list[Piece]:
         m = _EVENT_END.search(buf)
         if m is None:
             return self._hold(buf)
         self.separator = m.group()
         if m.end() == len(buf):  # the common case: one whole event per chunk
             return [buf]
-        events = [buf[: m.end()]]
+        events: list[Piece] = [buf[: m.end()]]
         pos = m.end()
         while (m := _EVENT_END.search(buf, pos)) is not None:
             events.append(buf[pos : m.end()])
             pos = m.end()
         return events + self._hold(buf[pos:])
 
-    def _feed_lf(self, buf: bytes) -> list[bytes]:
+    def _feed_lf(self, buf: bytes) -> list[Piece]:
         # No CR anywhere: the regex reduces to a plain search for LF LF, which `find` does
         # several times faster (most servers end lines with LF alone).
         end = buf.find(b"\n\n")
@@ -77,7 +81,7 @@ class SseSplitter:
         end += 2
         if end == len(buf):
             return [buf]
-        events = []
+        events: list[Piece] = []
         pos = 0
         while end >= 2:
             events.append(buf[pos:end])
@@ -85,41 +89,67 @@ class SseSplitter:
             end = buf.find(b"\n\n", pos) + 2
         return events + self._hold(buf[pos:])
 
-    def _hold(self, rest: bytes) -> list[bytes]:
-        """Keep `rest`, the start of an event not yet ended; [] (no event is complete)."""
+    def _hold(self, rest: bytes) -> list[Piece]:
+        """Keep `rest`, the start of an event not yet ended; [] (no event is complete), or
+        its bytes to relay if it is already past the limit."""
         if rest:
             self._parts = [rest]
             self._size = len(rest)
+            self._tail = rest[-3:]
             if self._size > MAX_EVENT_BYTES:
                 return self._give_up()
         return []
 
-    def _feed_pending(self, chunk: bytes) -> list[bytes]:
+    def _feed_pending(self, chunk: bytes) -> list[Piece]:
         # The event's end can straddle the chunks: search the new chunk with the three
         # bytes before it, no further back.
-        last = self._parts[-1]
-        tail = last[-3:] if len(last) >= 3 else b"".join(self._parts)[-3:]
-        if _EVENT_END.search(tail + chunk) is None:
+        tail = self._tail
+        m = _EVENT_END.search(tail + chunk)
+        if m is None:
+            self._tail = (tail + chunk)[-3:]
+            if self._skipping:
+                self.raw = True
+                return [memoryview(chunk)]
             self._parts.append(chunk)
             self._size += len(chunk)
             if self._size > MAX_EVENT_BYTES:
                 return self._give_up()
             return []
+        end = m.end() - len(tail)  # where the event ends in `chunk` (at least 1)
+        if self._skipping:
+            self._skipping, self._tail = False, b""
+            self.raw = True
+            out: list[Piece] = [memoryview(chunk)[:end]]
+            return out + self._split(chunk[end:]) if end < len(chunk) else out
         buf = b"".join(self._parts) + chunk
-        self._parts, self._size = [], 0
+        self._parts, self._size, self._tail = [], 0, b""
         return self._split(buf)
 
-    def _give_up(self) -> list[bytes]:
-        self.overflow = b"".join(self._parts)
+    def _give_up(self) -> list[Piece]:
+        held = b"".join(self._parts)
         self._parts, self._size = [], 0
-        self.unparsed = True
-        return []
+        self._skipping = True
+        self.raw = True
+        return [memoryview(held)]
 
     def rest(self) -> bytes:
-        """Whatever is left unterminated when the stream ends."""
+        """Whatever is left unterminated when the stream ends (nothing of an event given
+        up: its bytes went out as they came)."""
         rest = b"".join(self._parts)
-        self._parts, self._size = [], 0
+        self._parts, self._size, self._tail = [], 0, b""
         return rest
+
+
+def relay_pieces(pieces: list[Piece], process: Callable[[bytes], bytes | None]) -> bytes:
+    """The bytes to send for `pieces`: each event as `process` keeps it, each piece of an
+    event given up as it came."""
+    out = []
+    for p in pieces:
+        if isinstance(p, memoryview):
+            out.append(bytes(p))
+        elif (kept := process(p)) is not None:
+            out.append(kept)
+    return b"".join(out)
 
 
 def event_data(event: bytes) -> bytes | None:

@@ -12,9 +12,13 @@ import aiohttp
 
 
 def _where(url: str) -> str:
-    """scheme://host:port of `url`, the part a connection goes to."""
-    parts = urlsplit(url)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
+    """scheme://host:port of `url`, the part a connection goes to (the URL itself where
+    it does not parse: a port out of range, a bracket left open)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return url
     return f"{parts.scheme}://{parts.hostname}:{port}"
 
 
@@ -23,7 +27,9 @@ def _system_reason(error: OSError | None) -> str:
     ("Connect call failed ('127.0.0.1', 8000)")."""
     if error is None:
         return ""
-    if error.errno:
+    if error.strerror and not error.strerror.startswith("Connect call failed"):
+        return error.strerror  # the system's own words (a name that does not resolve)
+    if error.errno and error.errno > 0:
         return os.strerror(error.errno)
     return error.strerror or str(error)
 

@@ -30,19 +30,51 @@ def test_events_cut_anywhere_come_out_whole() -> None:
             b'data: {"b": 2}\n\n',
             b'data: {"c": 3}\r\n\r\n',
         ]
-        assert s.rest() == b"" and not s.unparsed
+        assert s.rest() == b"" and not s.raw
 
 
-def test_a_line_that_never_ends_is_given_up_past_the_limit() -> None:
+def _relayed(pieces: list[bytes | memoryview]) -> bytes:
+    return b"".join(bytes(p) for p in pieces)
+
+
+def test_an_event_past_the_limit_is_relayed_as_it_comes_then_splitting_goes_on() -> None:
     s = SseSplitter()
-    s.feed(b'data: {"ok": 1}\n\n')
+    assert s.feed(b'data: {"ok": 1}\n\n') == [b'data: {"ok": 1}\n\n']
     piece = b"x" * 65536
+    out: list[bytes | memoryview] = []
     fed = 0
-    while not s.unparsed:
-        assert s.feed(piece) == []
+    while not s.raw:
+        out += s.feed(piece)
         fed += len(piece)
         assert fed <= MAX_EVENT_BYTES + len(piece)
-    assert s.overflow == b"x" * fed  # handed back whole, to be relayed as it came
+    s.raw = False
+    out += s.feed(piece)  # still inside it: relayed as it comes, nothing held
+    assert s.raw and all(isinstance(p, memoryview) for p in out)
+    s.raw = False
+    # Its end, then events parsed again (the energy and [DONE] come after it as usual).
+    rest = s.feed(b"yy\n\ndata: {\"b\": 2}\n\ndata: [DONE]\n\n")
+    assert s.raw and isinstance(rest[0], memoryview) and bytes(rest[0]) == b"yy\n\n"
+    assert rest[1:] == [b'data: {"b": 2}\n\n', b"data: [DONE]\n\n"]
+    assert _relayed(out) + bytes(rest[0]) == b"x" * (fed + len(piece)) + b"yy\n\n"
+
+
+def test_an_event_and_an_oversized_one_in_a_single_chunk() -> None:
+    s = SseSplitter()
+    big = b"data: " + b"x" * (MAX_EVENT_BYTES + 10)
+    first = s.feed(b"data: a\n\n" + big)
+    assert s.raw and first[0] == b"data: a\n\n" and bytes(first[1]) == big
+    s.raw = False
+    after = s.feed(b"yyy\n\ndata: b\n\n")
+    assert bytes(after[0]) == b"yyy\n\n" and after[1:] == [b"data: b\n\n"]
+
+
+def test_byte_by_byte_the_events_come_out_whole() -> None:
+    event = b"data: " + b"z" * 5000 + b"\r\n\r\n"
+    s = SseSplitter()
+    out = []
+    for i in range(len(event) * 2):
+        out += s.feed((event * 2)[i : i + 1])
+    assert out == [event, event] and not s.raw
 
 
 async def _endless(_: Request) -> StreamingResponse:
@@ -66,6 +98,8 @@ def test_an_oversized_event_is_relayed_whole_and_the_energy_follows(tmp_path: Pa
         )
     assert r.status_code == 200
     body = r.content
+    # The stream goes on being read after the oversized event: energy, then [DONE].
+    assert body.endswith(b"data: [DONE]\n\n")
     assert b"\"content\": \"" + b"y" * (96 * 65536) + b"\"}}]}\n\n" in body  # every byte sent
     last = [ln for ln in body.split(b"\n") if ln.startswith(b"data: {")][-1]
     energy = json.loads(last[6:])["energy"]

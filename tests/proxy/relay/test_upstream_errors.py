@@ -75,3 +75,8 @@ def test_an_answer_broken_off_says_how_much_had_come() -> None:
         "the backend closed the connection after 30 bytes of its answer; "
         "the answer was not complete"
     )
+
+
+def test_a_url_that_does_not_parse_is_named_as_written() -> None:
+    message = asyncio.run(_send("http://127.0.0.1:99999/v1/chat/completions"))
+    assert "http://127.0.0.1:99999/v1/chat/completions" in message
