@@ -5,6 +5,7 @@ on Ctrl-C."""
 from __future__ import annotations
 
 import signal
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
@@ -40,6 +41,22 @@ def terminated_on_signals() -> Iterator[None]:
             raise Terminated(signum)
 
     before = {signum: signal.signal(signum, handler) for signum in TERMINATING_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, previous in before.items():
+            signal.signal(signum, previous)
+
+
+@contextmanager
+def interrupt_on_signals() -> Iterator[None]:
+    """Within: SIGTERM and SIGHUP are Ctrl-C (KeyboardInterrupt in the main thread), for
+    a command whose Ctrl-C already stops what it started and keeps what it did. Outside
+    the main thread, nothing changes (signals are the main thread's)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = {s: signal.signal(s, signal.default_int_handler) for s in TERMINATING_SIGNALS}
     try:
         yield
     finally:

@@ -44,6 +44,7 @@ from proxy.cli.bench.runner import Hooks, Job, ModelRun, PromptLike, RunOptions,
 from proxy.cli.bench.sweep import run_sweep_command
 from proxy.cli.bench.table import summary_table
 from proxy.cli.output import output_console
+from proxy.cli.signals import interrupt_on_signals
 
 
 @dataclass
@@ -183,6 +184,13 @@ def run_bench_command(options: BenchOptions, console: Console | None = None) -> 
     options = options.with_env()
     if options.sweep:
         return run_sweep_command(options, console)
+    # SIGTERM and SIGHUP as Ctrl-C: the proxy `--backend` started is stopped, exit 130
+    # (during the run, what finished is kept: "interrupted, partial").
+    with interrupt_on_signals():
+        return _run_bench(options, console)
+
+
+def _run_bench(options: BenchOptions, console: Console) -> int:
     problem = options.usage_problem()
     if problem:
         _error(problem)
