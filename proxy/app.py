@@ -50,7 +50,7 @@ from proxy.observe.finished import Observer, Observers
 from proxy.observe.metrics import ProxyMetrics
 from proxy.observe.observers import LiveRequests, RequestLines, StoreRecords, TokenTallies
 from proxy.observe.request_log import RequestLog
-from proxy.observe.startup import Figures, SourceLine, describe_intensity
+from proxy.observe.startup import Figures, SourceLine, figures_of
 from proxy.relay.passthrough import Passthrough
 from proxy.relay.path_rules import PathRules
 from proxy.relay.route import METERED_PATHS, MeteredRoute, RelayContext, id_headers_for
@@ -94,26 +94,15 @@ class EnergyProxyApp:
 
     def figures(self) -> Figures:
         """Every figure the proxy measures and counts with (the startup line)."""
-        s = self.settings
-        return Figures(
-            sources=[
-                SourceLine(
-                    st.source.name, st.source.method, str(getattr(st.source, "hardware", ""))
-                )
-                for st in self.meter.sampler.states
-            ],
-            intensity=describe_intensity(
-                static_g_per_kwh=s.carbon_intensity,
-                zone=s.carbon_zone,
-                lat=s.carbon_lat,
-                lon=s.carbon_lon,
-                refresh_s=s.carbon_refresh_s,
-            ),
+        sources = [
+            SourceLine(st.source.name, st.source.method, str(getattr(st.source, "hardware", "")))
+            for st in self.meter.sampler.states
+        ]
+        return figures_of(
+            self.settings,
+            sources=sources,
             embodied=self.meter.embodied.basis,
-            pue=self.meter.pue,
             store=self.store.where,
-            keys=len(s.api_keys) + len(s.keys),
-            attribution=s.attribution,
             request_log=self.request_log is not None,
         )
 

@@ -28,7 +28,7 @@ from metering.sources.nvml import nvml_factory
 from metering.sources.probe import SourceReport, probe
 from metering.sources.rapl import rapl_factory
 from metering.store.postgres import redact
-from proxy.observe.startup import Figures, SourceLine, describe_intensity, startup_line
+from proxy.observe.startup import SourceLine, figures_of, startup_line
 from proxy.settings import ConfigError, load_settings
 
 
@@ -159,20 +159,11 @@ def serve_figures(reports: list[SourceReport], power_source: str) -> tuple[str, 
         settings.lifespan_years,
     )
     db = settings.db
-    figures = Figures(
+    figures = figures_of(
+        settings,
         sources=[SourceLine(r.name, r.method, r.hardware) for r in working],
-        intensity=describe_intensity(
-            static_g_per_kwh=settings.carbon_intensity,
-            zone=settings.carbon_zone,
-            lat=settings.carbon_lat,
-            lon=settings.carbon_lon,
-            refresh_s=settings.carbon_refresh_s,
-        ),
         embodied=embodied.basis,
-        pue=settings.pue,
         store=redact(db) if db.startswith(("postgresql:", "postgres:")) else db,
-        keys=len(settings.api_keys) + len(settings.keys),
-        attribution=settings.attribution,
         request_log=settings.request_log,
     )
     return startup_line(figures), embodied.to_dict()

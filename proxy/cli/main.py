@@ -451,10 +451,11 @@ def serve(args: dict[str, Any]) -> int:
         from proxy.http_guard import connection_cap, guarded_protocol, raise_file_limit
 
         files = raise_file_limit()
-        http = guarded_protocol(connection_cap(files), settings.header_timeout)
+        cap = connection_cap(files)
+        http = guarded_protocol(cap, settings.header_timeout)
         logging.getLogger("energy_proxy").info(
             "energy-proxy: accepting at most %d connections (open files: %d; one more is "
-            "answered 503)", connection_cap(files), files,
+            "answered 503)", cap, files,
         )  # fmt: skip
     # Everything built so far lives as long as the process: keep the garbage collector from
     # scanning it again. A full pass over it holds the GIL for milliseconds, a stall of the

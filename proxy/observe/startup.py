@@ -7,6 +7,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from proxy.settings import Settings
+
 # What each power source's method means for the joules it gives.
 METHOD_KINDS = {
     "nvml-counter": "measured: the GPU's energy counter",
@@ -62,6 +64,34 @@ def describe_intensity(
     return (
         f"Electricity Maps, {place}, every {refresh_s:g} s ({static} until its first answer "
         "and while it cannot be reached)"
+    )
+
+
+def figures_of(
+    settings: Settings,
+    *,
+    sources: Sequence[SourceLine],
+    embodied: str,
+    store: str,
+    request_log: bool | None,
+) -> Figures:
+    """The figures of a proxy with these settings: the parts that come from elsewhere (the
+    sources that read, the embodied basis for them, the store's name) given."""
+    return Figures(
+        sources=sources,
+        intensity=describe_intensity(
+            static_g_per_kwh=settings.carbon_intensity,
+            zone=settings.carbon_zone,
+            lat=settings.carbon_lat,
+            lon=settings.carbon_lon,
+            refresh_s=settings.carbon_refresh_s,
+        ),
+        embodied=embodied,
+        pue=settings.pue,
+        store=store,
+        keys=len(settings.api_keys) + len(settings.keys),
+        attribution=settings.attribution,
+        request_log=request_log,
     )
 
 

@@ -10,42 +10,19 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import httpx
 import pytest
 
 from backends.local.launch import BUNDLED_MODEL_FILE, llama_cpp_python_server
+from tests.support.marked import alive_with, marked_env
 
 pytestmark = pytest.mark.e2e
 
 DEMO = [sys.executable, "-m", "proxy.cli", "demo"]
 # No COLUMNS: through a pipe, as in a CI log, the demo's table must come out whole.
 ENV = {**{k: v for k, v in os.environ.items() if k != "COLUMNS"}, "NO_COLOR": "1"}
-
-
-def marked_env() -> tuple[dict[str, str], str]:
-    """The demo's environment with a mark of its own, which its servers inherit."""
-    mark = f"ENERGY_PROXY_TEST_MARK={uuid.uuid4().hex}"
-    key, _, value = mark.partition("=")
-    return {**ENV, key: value}, mark
-
-
-def alive_with(mark: str) -> list[str]:
-    """Command lines of live processes whose environment holds `mark`: only the demo and
-    the servers it started, whatever else runs on the machine."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            environ = (proc / "environ").read_bytes().split(b"\0")
-            if mark.encode() in environ and (proc / "stat").read_text().split()[2] != "Z":
-                found.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode())
-        except OSError:  # gone meanwhile, or not ours to read
-            continue
-    return found
 
 
 def read_until(proc: subprocess.Popen[str], marker: str, timeout_s: float) -> str:
@@ -63,7 +40,7 @@ def read_until(proc: subprocess.Popen[str], marker: str, timeout_s: float) -> st
 
 
 def test_demo_prints_a_row_per_prompt_and_stops_its_servers() -> None:
-    env, mark = marked_env()
+    env, mark = marked_env(ENV)
     done = subprocess.run(DEMO, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
@@ -93,7 +70,7 @@ def test_demo_against_a_running_backend(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_or_sigterm_stops_both_servers(tmp_path: Path, signum: signal.Signals) -> None:
-    env, mark = marked_env()
+    env, mark = marked_env(ENV)
     env["TMPDIR"] = str(tmp_path)
     proc = subprocess.Popen(
         DEMO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
@@ -113,7 +90,7 @@ def test_ctrl_c_or_sigterm_stops_both_servers(tmp_path: Path, signum: signal.Sig
 def test_keep_serves_the_live_page_until_stopped(tmp_path: Path, signum: signal.Signals) -> None:
     """`--keep` serves until Ctrl-C, or the SIGTERM of a script, systemd or `docker stop`,
     or the SIGHUP of a closed terminal: each stops both servers and removes its folder."""
-    env, mark = marked_env()
+    env, mark = marked_env(ENV)
     env["TMPDIR"] = str(tmp_path)
     proc = subprocess.Popen(
         [*DEMO, "--keep", "--max-tokens", "8"],
