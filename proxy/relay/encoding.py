@@ -18,6 +18,7 @@ from proxy.asgi import RawHeaders
 _GZIP_OR_ZLIB = 47
 _DECODABLE = frozenset({b"gzip", b"x-gzip", b"deflate"})
 
+
 def content_coding(headers: RawHeaders) -> bytes:
     """The answer's `content-encoding`, lower-cased ("" for none or identity)."""
     for k, v in headers:

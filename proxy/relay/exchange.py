@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -40,6 +41,30 @@ class RequestIds:
         return "req-" + self._pool[at : at + self.ID_BYTES].hex()
 
 
+@dataclass(slots=True)
+class RequestPrompt:
+    """What the answer's accounting may still need of a request's prompt, without
+    holding its parse for the request's life: a large body parses into several times its
+    size in objects (300,000 messages: ~7x), and a request lives as long as its answer.
+    `shape` is read at intake; the text is parsed again from the bytes sent upstream on
+    the rare path that needs it (a stream that brought no usage, a template to learn)."""
+
+    shape: int | None
+    body: bytes | None = None  # the JSON body as sent upstream
+    fields: dict[str, Any] | None = None  # a multipart upload's plain fields
+
+    def payload(self) -> dict[str, Any]:
+        if self.fields is not None:
+            return self.fields
+        if self.body is None:
+            return {}
+        try:
+            doc = orjson.loads(self.body)
+        except orjson.JSONDecodeError:
+            return {}
+        return doc if isinstance(doc, dict) else {}
+
+
 class Exchange:
     """State of one request while it is in flight."""
 
@@ -54,7 +79,7 @@ class Exchange:
         "inspector",
         "measurement",
         "model",
-        "payload",
+        "prompt",
         "report",
         "request_id",
         "response_done",
@@ -72,14 +97,14 @@ class Exchange:
         category: str,
         backend: Backend,
         measurement: Measurement,
-        payload: dict[str, Any],
+        prompt: RequestPrompt,
     ) -> None:
         self.request_id = request_id
         self.model = model
         self.category = category
         self.backend = backend
         self.measurement = measurement
-        self.payload = payload
+        self.prompt = prompt
         self.client_id: str | None = None
         self.tenant = ""
         self.sending_since = 0.0  # clock time a send to the client began; 0: none pending
@@ -149,6 +174,11 @@ def ask_for_usage(payload: dict[str, Any], body: bytes) -> tuple[bytes, bool]:
     opts = payload.get("stream_options")
     if isinstance(opts, dict) and opts.get("include_usage") is True:
         return body, True
+    if "stream_options" not in payload:
+        # Spliced in: a large body is not encoded again (the request carries "stream").
+        end = body.rstrip()
+        if end.endswith(b"}"):
+            return end[:-1] + b',"stream_options":{"include_usage":true}}', False
     new_opts = dict(opts) if isinstance(opts, dict) else {}
     new_opts["include_usage"] = True
     if new_opts.get("continuous_usage_stats"):

@@ -32,6 +32,7 @@ from proxy.relay.routing import backend_for_model, check_key, upstream_url
 
 log = logging.getLogger("energy_proxy.requests")
 
+
 class Passthrough:
     """The relay for unmetered paths (and OPTIONS on metered ones)."""
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from backends.registry import BackendRegistry
-from metering.accounting.prompt_template import TEXT_ONLY, TemplateTokens, prompt_shape
+from metering.accounting.prompt_template import TEXT_ONLY, TemplateTokens
 from metering.accounting.prompt_text import prompt_text
 from metering.accounting.report import Tokens
 from proxy.relay.exchange import Exchange
@@ -27,7 +27,7 @@ class PromptCounter:
         b = ex.backend
         if b.spec.tokenizer is None or (b.spec.serial and b.traffic.inflight > others_inflight):
             return None
-        return await self.registry.count_tokens(b, ex.model, prompt_text(ex.payload))
+        return await self.registry.count_tokens(b, ex.model, prompt_text(ex.prompt.payload()))
 
     async def stream_tokens(self, ex: Exchange, tokens: Tokens) -> Tokens:
         """A stream that brought no usage: its prompt by the tokenizer, plus what the
@@ -38,7 +38,7 @@ class PromptCounter:
         if text_n is None:
             return tokens
         template = self.templates.get(ex.backend.name) or TemplateTokens()
-        n, whole = template.count(ex.model, prompt_shape(ex.payload), text_n)
+        n, whole = template.count(ex.model, ex.prompt.shape, text_n)
         source = tokens.source if whole else f"{tokens.source}; {TEXT_ONLY}"
         return Tokens(n, tokens.completion, source)
 
@@ -46,7 +46,7 @@ class PromptCounter:
         """After a non-streamed answer the backend counted: its text counted by the
         tokenizer once per model and shape, to learn what the template adds (after the
         answer was sent: the client has it already)."""
-        shape = prompt_shape(ex.payload)
+        shape = ex.prompt.shape
         template = self.templates.setdefault(ex.backend.name, TemplateTokens())
         if shape is None or not template.wants(ex.model, shape):
             return

@@ -24,10 +24,9 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
-
 from backends.backend import Backend
 from backends.registry import BackendRegistry
+from metering.accounting.prompt_template import prompt_shape
 from metering.accounting.report import EnergyReport, Timings, Tokens
 from metering.categories.classifier import PromptClassifier
 from metering.meter import Meter
@@ -61,6 +60,7 @@ from proxy.relay.exchange import (
     CLIENT_CLOSED,
     Exchange,
     RequestIds,
+    RequestPrompt,
     ask_for_usage,
     backend_auth,
     parse_payload,
@@ -76,6 +76,7 @@ from proxy.relay.routing import backend_for_model, check_key, upstream_url
 from proxy.relay.sse import SseSplitter, relay_pieces
 from proxy.relay.upload import Upload
 from proxy.relay.upstream import UpstreamClient, UpstreamResponse
+from proxy.relay.whole_answer import read_answer, read_pieces, with_energy
 
 log = logging.getLogger("energy_proxy.requests")
 
@@ -116,6 +117,14 @@ class Intake:
     category: str
     key: ApiKey | None
     stream: bool
+
+
+def prompt_of(payload: dict[str, Any], body: bytes | Upload) -> RequestPrompt:
+    """What the answer may still need of the prompt: its shape now, its text later from
+    the bytes sent (an upload's plain fields as read)."""
+    if isinstance(body, Upload):
+        return RequestPrompt(prompt_shape(payload), fields=payload)
+    return RequestPrompt(prompt_shape(payload), body=body)
 
 
 def id_headers_for(ctx: RelayContext, headers: RawHeaders) -> tuple[str, str | None, RawHeaders]:
@@ -164,11 +173,17 @@ class MeteredRoute:
             serial=backend.spec.serial,
         )
         ex = Exchange(
-            request_id, intake.model, intake.category, backend, measurement, intake.payload
+            request_id,
+            intake.model,
+            intake.category,
+            backend,
+            measurement,
+            prompt_of(intake.payload, body),
         )
+        ex.tenant = intake.key.name if intake.key is not None else ""
+        del intake  # the parse is done with: only the bytes go on (RequestPrompt)
         ex.endpoint = endpoint
         ex.client_id = client_id
-        ex.tenant = intake.key.name if intake.key is not None else ""
         traffic = backend.traffic
         traffic.inflight += 1
         task = asyncio.current_task()
@@ -298,9 +313,7 @@ class MeteredRoute:
         if fields is None:
             return None
         if "model" not in fields and len(ctx.registry.backends) > 1:
-            raise BadRequest(
-                "the upload names no 'model' before its file", code="missing_model"
-            )
+            raise BadRequest("the upload names no 'model' before its file", code="missing_model")
         return dict(fields), upload
 
     def _upstream_headers(
@@ -340,40 +353,37 @@ class MeteredRoute:
         ctype: bytes,
     ) -> None:
         """A non-streamed success: read whole (its headers must carry the energy),
-        decoded if the backend compressed it, the energy spliced into a JSON object."""
-        data = await resp.read()
+        decoded if the backend compressed it, the energy spliced into a JSON object
+        (proxy/relay/whole_answer.py: a large answer is read at its tail only)."""
+        pieces = await read_pieces(resp)
         out = downstream_response_headers(resp.headers)
         coding = content_coding(out)
         if coding and decodable(coding):
             try:
-                data, out, coding = decode_whole(coding, data), without_coding(out), b""
+                pieces = [decode_whole(coding, b"".join(pieces))]
+                out, coding = without_coding(out), b""
             except zlib.error:
                 log.warning("request %s: the backend's %s answer does not decode",
                             ex.request_id, coding.decode("latin-1"))  # fmt: skip
-        doc = None
-        if ctype.startswith(b"application/json") and not coding:
-            try:
-                doc = orjson.loads(data)
-            except orjson.JSONDecodeError:
-                doc = None
-        usage = doc.get("usage") if isinstance(doc, dict) else None
-        tokens = tokens_from_usage(usage, None)
-        report = self._settle(ex, tokens, timings_from_answer(doc))
-        if isinstance(doc, dict) and "energy" in doc:
-            # The backend's own `energy` (another energy-proxy in front of it): replaced by
-            # this proxy's, never a second key of the same name.
-            doc["energy"] = ex.energy
-            data = orjson.dumps(doc)
-        elif isinstance(doc, dict) and doc and data.rstrip().endswith(b"}"):
-            # Splice the energy object in without re-encoding the backend's document.
-            data = data.rstrip()[:-1] + b',"energy":' + orjson.dumps(ex.energy) + b"}"
+        answer = read_answer(pieces, ctype.startswith(b"application/json") and not coding)
+        del pieces
+        tokens = tokens_from_usage(answer.fields.get("usage"), None)
+        report = self._settle(ex, tokens, timings_from_answer(answer.fields))
+        body = with_energy(answer, ex.energy)
+        del answer
         out.extend(id_headers)
         out.extend(report.headers())
-        out.append((b"content-length", str(len(data)).encode()))
+        out.append((b"content-length", str(sum(len(p) for p in body)).encode()))
         ex.started = True
         await send({"type": "http.response.start", "status": resp.status, "headers": out})
         ex.response_done = True
-        await self._send_timed(send, ex, {"type": "http.response.body", "body": data})
+        last = len(body) - 1
+        for i, piece in enumerate(body):
+            message = {"type": "http.response.body", "body": piece, "more_body": i < last}
+            body[i] = b""  # sent: not held
+            await self._send_timed(send, ex, message)
+        if not body:
+            await send({"type": "http.response.body", "body": b""})
         if tokens.prompt is not None and tokens.source == "backend":
             await self._prompts.learn_template(ex, tokens.prompt)
 

@@ -88,9 +88,7 @@ class Upload:
                 try:
                     chunk = await self._next()
                 except TimeoutError:
-                    self.problem = ClientTooSlow(
-                        f"the upload stalled for {self._timeout_s:g} s"
-                    )
+                    self.problem = ClientTooSlow(f"the upload stalled for {self._timeout_s:g} s")
                     raise UploadStopped(self.problem.message) from None
                 except BodyTooLarge as exc:
                     self.problem = exc

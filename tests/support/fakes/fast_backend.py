@@ -8,6 +8,8 @@ Endpoints:
   GET  /health                200 (what vLLM and TGI offer, for readiness probes)
   POST /v1/chat/completions   chat.completion, or an SSE stream of chat.completion.chunk
   POST /v1/completions        text_completion, or an SSE stream of text_completion chunks
+  POST /v1/embeddings         a list of embeddings of about --embeddings-bytes in all (usage
+                              last, as OpenAI and vLLM send it)
 
 Why it is built this way: every microsecond the fake spends is a microsecond the proxy does
 not get on a 2-core machine, so the fake is a raw asyncio.Protocol HTTP/1.1 server (httptools
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import re
 import sys
@@ -139,6 +142,7 @@ class Responses:
     chat_stream_usage: Streamed
     text_stream: Streamed
     text_stream_usage: Streamed
+    embeddings: bytes = b""
 
 
 def build_responses(tokens: int, created: int) -> Responses:
@@ -196,6 +200,21 @@ def build_responses(tokens: int, created: int) -> Responses:
     )
 
 
+def embeddings_answer(size_bytes: int, dims: int = 1024) -> bytes:
+    """An embeddings list of about `size_bytes` of JSON: as many vectors as it takes."""
+    vector = _dumps([0.012345678 * (i % 97 - 48) for i in range(dims)])
+    item_prefix = b'{"object":"embedding","index":'
+    per_item = len(item_prefix) + len(vector) + 24
+    n = max(1, size_bytes // per_item)
+    items = b",".join(
+        item_prefix + str(i).encode() + b',"embedding":' + vector + b"}" for i in range(n)
+    )
+    usage = _dumps({"prompt_tokens": n, "total_tokens": n})
+    body = (b'{"object":"list","data":[' + items + b'],"model":"' + MODEL_ID.encode()
+            + b'","usage":' + usage + b"}")  # fmt: skip
+    return _http_head("200 OK", "application/json", len(body)) + body
+
+
 def _error(message: str, kind: str) -> dict[str, Any]:
     return {"error": {"message": message, "type": kind, "code": None}}
 
@@ -210,6 +229,8 @@ def choose(r: Responses, method: bytes, path: bytes, body: bytes) -> bytes | Str
         if chat:
             return r.chat_stream_usage if usage else r.chat_stream
         return r.text_stream_usage if usage else r.text_stream
+    if method == b"POST" and path == b"/v1/embeddings" and r.embeddings:
+        return r.embeddings
     if method == b"GET" and path == b"/v1/models":
         return r.models
     if method == b"GET" and path == b"/health":
@@ -321,8 +342,12 @@ class FakeBackendProtocol(asyncio.Protocol):
             self._transport.close()
 
 
-async def serve(host: str, port: int, tokens: int, token_delay_ms: float) -> None:
+async def serve(
+    host: str, port: int, tokens: int, token_delay_ms: float, embeddings_bytes: int = 0
+) -> None:
     responses = build_responses(tokens, int(time.time()))
+    if embeddings_bytes > 0:
+        responses = dataclasses.replace(responses, embeddings=embeddings_answer(embeddings_bytes))
     delay_s = token_delay_ms / 1000.0
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
@@ -357,12 +382,18 @@ def main(argv: list[str] | None = None) -> None:
         default=0.0,
         help="time per generated token (streamed: between events)",
     )
+    p.add_argument(
+        "--embeddings-bytes",
+        type=int,
+        default=0,
+        help="answer POST /v1/embeddings with a list of about this many bytes (0: 404)",
+    )
     a = p.parse_args(argv)
     if a.tokens < 1:
         p.error("--tokens must be >= 1")
     try:
         with _runner() as runner:
-            runner.run(serve(a.host, a.port, a.tokens, a.token_delay_ms))
+            runner.run(serve(a.host, a.port, a.tokens, a.token_delay_ms, a.embeddings_bytes))
     except KeyboardInterrupt:
         pass
 

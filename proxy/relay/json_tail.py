@@ -1,0 +1,112 @@
+"""The last top-level members of a large JSON answer, read from its tail alone. Pure.
+
+A non-streamed answer above `LARGE_ANSWER_BYTES` (an embeddings batch of a few thousand
+inputs is hundreds of megabytes) is not parsed whole: its Python objects take several
+times its bytes and the parse stalls the event loop. What the proxy needs of it (`usage`,
+the backend's `metrics`/`timings`, an upstream proxy's `energy`) is at the end of every
+OpenAI-shaped answer, so only the last `TAIL_BYTES` are read.
+
+A member is known to be the top-level object's when, parsed from its start, it is
+followed by members only up to the document's closing brace. A candidate start is a
+comma or brace followed by a quote: that cannot occur inside a JSON string (a quote in a
+string is escaped), so every candidate is a real member of some object, and the chain to
+the end tells which object.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+LARGE_ANSWER_BYTES = 8 * 1024 * 1024
+TAIL_BYTES = 64 * 1024
+# Candidates tried at most: a tail of small nested objects has many; each fails fast.
+MAX_CANDIDATES = 4096
+
+_MEMBER_START = re.compile(r'[,{]\s*"')
+_MEMBER_START_BYTES = re.compile(rb'[,{]\s*"')
+_KEY = re.compile(r'"((?:[^"\\]|\\.)*)"\s*:\s*')
+_DECODER = json.JSONDecoder()
+
+
+@dataclass(slots=True)
+class TailMembers:
+    """The top-level members found in a tail: name -> value, and where each starts (the
+    offset in the tail's bytes of the comma or brace before it) and ends."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+    spans: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+
+def _chain(s: str, i: int) -> list[tuple[str, Any, int, int]] | None:
+    """Members from s[i] (a comma or brace) to the end, each (name, value, start, end);
+    None unless they run, member after member, to the final closing brace."""
+    members: list[tuple[str, Any, int, int]] = []
+    n = len(s)
+    while True:
+        start = i
+        i += 1
+        while i < n and s[i] in " \t\r\n":
+            i += 1
+        m = _KEY.match(s, i)
+        if m is None:
+            return None
+        try:
+            name = json.loads('"' + m.group(1) + '"')
+            value, j = _DECODER.raw_decode(s, m.end())
+        except ValueError:
+            return None
+        while j < n and s[j] in " \t\r\n":
+            j += 1
+        members.append((name, value, start, j))
+        if j == n - 1 and s[j] == "}":
+            return members
+        if j >= n or s[j] != ",":
+            return None
+        i = j
+
+
+def top_members(tail: bytes) -> TailMembers:
+    """The top-level members whose start lies in `tail` (the last bytes of a JSON object,
+    trailing space allowed); none when the tail does not end an object."""
+    found = TailMembers()
+    end = tail.rstrip()
+    if not end.endswith(b"}"):
+        return found
+    # Decode from the first candidate: a comma or brace is a character boundary.
+    first = _MEMBER_START_BYTES.search(end)
+    if first is None:
+        return found
+    base = first.start()
+    try:
+        s = end[base:].decode("utf-8")
+    except UnicodeDecodeError:
+        return found
+    for tries, m in enumerate(_MEMBER_START.finditer(s)):
+        if tries >= MAX_CANDIDATES:
+            break
+        chain = _chain(s, m.start())
+        if chain is None:
+            continue
+        for name, value, start, stop in chain:
+            found.values[name] = value
+            found.spans[name] = (base + _bytes_len(s, start), base + _bytes_len(s, stop))
+        break
+    return found
+
+
+def _bytes_len(s: str, index: int) -> int:
+    return len(s[:index].encode("utf-8")) if not s.isascii() else index
+
+
+def replace_last_member(tail: bytes, members: TailMembers, name: str, encoded: bytes) -> bytes:
+    """`tail` with the top-level member `name` dropped where it is there (an upstream
+    proxy's own), and `"name": encoded` added as the document's last member."""
+    body = tail.rstrip()
+    span = members.spans.get(name)
+    if span is not None and body[span[0] : span[0] + 1] == b",":
+        start, stop = span
+        body = body[:start] + body[stop:]
+    return body[:-1] + b',"' + name.encode() + b'":' + encoded + b"}"
