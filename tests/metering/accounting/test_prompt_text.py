@@ -5,8 +5,17 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from metering.accounting.prompt_text import CHARS_PER_TOKEN, prompt_text, prompt_tokens_estimate
+from metering.accounting.prompt_text import (
+    CHARS_PER_TOKEN,
+    PROMPT_FIELDS,
+    _paired_extra_chars,
+    _texts,
+    prompt_text,
+    prompt_tokens_estimate,
+)
 
 Q = "q" * 40  # 10 tokens at 4 characters a token
 D = "d" * 400  # 100 tokens
@@ -113,3 +122,23 @@ def test_bodies_without_text_weigh_at_least_one_token(payload: dict[str, Any]) -
 def test_the_estimate_is_the_characters_over_four() -> None:
     assert CHARS_PER_TOKEN == 4.0
     assert prompt_tokens_estimate({"input": "x" * 4000}) == 1000.0
+
+
+# Any JSON value a client may send in a prompt field: the estimate's counting loop must
+# count exactly the characters of the pieces `prompt_text` joins.
+_piece_keys = st.sampled_from(["text", "content", "output", "role", "type"])
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(_piece_keys, children, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(st.sampled_from(PROMPT_FIELDS), _json_values, max_size=4))
+def test_the_estimate_counts_exactly_the_text_pieces(payload: dict[str, Any]) -> None:
+    pieces = [t for key in PROMPT_FIELDS for t in _texts(payload.get(key))]
+    expected = sum(len(t) for t in pieces) + _paired_extra_chars(payload)
+    assert prompt_tokens_estimate(payload) == max(1.0, expected / CHARS_PER_TOKEN)

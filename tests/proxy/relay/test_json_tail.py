@@ -1,0 +1,76 @@
+"""The top-level members of a large JSON answer read from its tail alone. Pure."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import orjson
+import pytest
+
+from proxy.relay.json_tail import TAIL_BYTES, replace_last_member, top_members
+
+
+def _item(i: int) -> dict[str, Any]:
+    return {"object": "embedding", "index": i, "usage": {"n": -1}, "embedding": [0.25] * 8}
+
+
+def _answer(extra: dict[str, Any], items: int = 4000, ascii_only: bool = True) -> bytes:
+    doc: dict[str, Any] = {
+        "object": "list",
+        "data": [_item(i) for i in range(items)],
+        "model": "m",
+        **extra,
+    }
+    return json.dumps(doc, ensure_ascii=ascii_only).encode()
+
+
+@pytest.mark.parametrize("separators", [(",", ":"), (", ", ": ")])
+def test_the_top_level_usage_is_found_not_one_nested_in_the_data(
+    separators: tuple[str, str],
+) -> None:
+    doc = {
+        "data": [{"usage": {"prompt_tokens": -1}, "v": [1] * 50} for _ in range(3000)],
+        "usage": {"prompt_tokens": 7, "total_tokens": 7},
+        "metrics": {"queue_time_ms": 3},
+    }
+    data = json.dumps(doc, separators=separators).encode() + b"\n"
+    found = top_members(data[-TAIL_BYTES:])
+    assert found.values["usage"] == {"prompt_tokens": 7, "total_tokens": 7}
+    assert found.values["metrics"] == {"queue_time_ms": 3}
+    assert "data" not in found.values  # it starts before the tail
+
+
+def test_an_upstream_energy_is_replaced_and_ours_is_the_last_member() -> None:
+    data = _answer({"usage": {"prompt_tokens": 3}, "energy": {"joules": 1.0}, "after": [1, 2]})
+    tail = data[-TAIL_BYTES:]
+    found = top_members(tail)
+    new = data[:-TAIL_BYTES] + replace_last_member(tail, found, "energy", b'{"joules":9.5}')
+    doc = orjson.loads(new)
+    assert doc["energy"] == {"joules": 9.5}
+    assert list(doc)[-2:] == ["after", "energy"]
+    assert new.count(b'"energy"') == 1
+    assert len(doc["data"]) == 4000
+
+
+def test_a_tail_cut_inside_multibyte_text_still_reads() -> None:
+    data = _answer({"text": "é" * 40_000, "usage": {"prompt_tokens": 5}}, ascii_only=False)
+    for cut in (TAIL_BYTES, TAIL_BYTES - 1, 1001):
+        found = top_members(data[-cut:])
+        assert found.values.get("usage") == {"prompt_tokens": 5}
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [b"", b"not json", b"[1, 2, 3]", b'"a string"', b'{"open": [1, 2', b'1, "usage": {}}x'],
+)
+def test_what_does_not_end_an_object_gives_nothing(tail: bytes) -> None:
+    assert top_members(tail).values == {}
+
+
+def test_a_member_inside_a_string_is_not_taken() -> None:
+    # Inside a string a quote is escaped: `,"usage":` cannot start a member there.
+    text = json.dumps({"data": "x" * 100, "note": 'say ,"usage": {"prompt_tokens": 9}}'})
+    found = top_members(text.encode())
+    assert "usage" not in found.values
+    assert found.values["note"].startswith("say")
