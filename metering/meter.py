@@ -69,6 +69,7 @@ FIT_EVERY_S = 5.0  # how often each backend's cost model is refitted (on the sam
 
 log = logging.getLogger("energy_proxy.meter")
 
+
 class Meter:
     """Opens, follows and closes each request's measurement; owns the sampler."""
 

@@ -262,7 +262,10 @@ def create_app(
     """
     if store is None:
         store = RequestStore.open(
-            settings.db, max_mb=settings.db_max_mb, max_queue_records=settings.db_queue_records
+            settings.db,
+            max_mb=settings.db_max_mb,
+            max_queue_records=settings.db_queue_records,
+            journal=settings.journal,
         )
     if sources is None:
         sources = parse_power_spec(

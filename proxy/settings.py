@@ -150,6 +150,9 @@ class Settings(BaseModel):
     # Records answered but not yet written that the store holds while its database is
     # away (a PostgreSQL restart); beyond this they are dropped and counted.
     db_queue_records: int = Field(default=100_000, ge=1)
+    # Each record handed to the operating system before its energy is told, replayed at
+    # the next start: "auto" (beside the database), "off", or a path prefix.
+    journal: str = "auto"
     # The default window of /v1/energy/summary and the labels: a duration (24h, 7d) or "all".
     summary_window: str = DEFAULT_WINDOW
     attribution: Literal["model", "queue", "tokens", "equal"] = "model"

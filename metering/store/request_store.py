@@ -20,6 +20,7 @@ Records hold ids, labels and numbers only, never prompt or completion text.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import threading
 import time
@@ -31,6 +32,7 @@ from types import TracebackType
 from typing import Any
 
 from metering.store.database import Database
+from metering.store.journal import Journal, delete, read_segment
 from metering.store.records import RequestRecord, StoreError
 from metering.store.rollup import by_model_category, hour_of, rollup, summary_rows
 
@@ -60,6 +62,31 @@ def default_max_bytes(db: str) -> int:
     return max(1_000_000, min(limit, (free + own) // 2))
 
 
+def journal_prefix(db: str, setting: str | None) -> Path | None:
+    """Where the journal's segments go: for "auto", beside a SQLite file
+    (`requests.db.journal.*.jsonl`) or in the state directory for PostgreSQL
+    (`postgres.journal.*.jsonl`); "off" or None: no journal. None too, with a warning,
+    where that directory cannot be written (the store works, without the journal)."""
+    if setting is None or setting == "off" or db == ":memory:":
+        return None
+    if setting != "auto":
+        prefix = Path(setting).expanduser()
+    elif db.startswith(POSTGRES_SCHEMES):
+        state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+        prefix = Path(state) / "energy-proxy" / "postgres.journal"
+    else:
+        prefix = Path(db).expanduser().with_name(Path(db).name + ".journal")
+    try:
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        log.warning("no journal for the request store (%s): %s", prefix.parent, e)
+        return None
+    if not os.access(prefix.parent, os.W_OK):
+        log.warning("no journal for the request store: %s is not writable", prefix.parent)
+        return None
+    return prefix
+
+
 @dataclass(frozen=True, slots=True)
 class StoreStatus:
     """The store's health, for `/readyz` and the metrics."""
@@ -72,6 +99,8 @@ class StoreStatus:
     writing: bool  # the last write succeeded (or none was needed yet)
     last_error: str | None  # the latest write error, if the last write failed
     max_mb: float | None
+    journal: str | None = None  # where records go before the database has them (None: off)
+    journal_failed: int = 0  # records the journal could not take (disk full, read-only)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -83,6 +112,8 @@ class StoreStatus:
             "evicted": self.evicted,
             "error": self.last_error,
             "max_mb": self.max_mb,
+            "journal": self.journal,
+            "journal_failed": self.journal_failed,
         }
 
 
@@ -105,10 +136,13 @@ class RequestStore:
         maintain_every_s: float = 10.0,
         close_grace_s: float = 10.0,
         max_mb: float | None = None,
+        journal: Journal | None = None,
     ) -> None:
         """Start writing to `db` (opened). The writer commits when `batch_records` are
         queued or `linger_s` after the first one waited, whichever comes first. `clock`
-        gives unix seconds (for `prune`)."""
+        gives unix seconds (for `prune`). `journal`: each record handed to the operating
+        system as it is added (metering/store/journal.py); what an earlier process left
+        in it is written first."""
         if max_queue_records < 1 or batch_records < 1:
             raise ValueError("max_queue_records and batch_records must be at least 1")
         self.db = db
@@ -146,6 +180,11 @@ class RequestStore:
         self._failures = 0  # failed attempts in a row
         self._failure_logged_at = 0.0
         self._stop = threading.Event()
+        self._journal = journal
+        self._journal_warned = False
+        self._lost_at_close = 0
+        if journal is not None:
+            self._replay(journal)
         self._thread = threading.Thread(
             target=self._run, name="energy-proxy-store-writer", daemon=True
         )
@@ -158,11 +197,13 @@ class RequestStore:
         *,
         max_mb: float | None = None,
         busy_timeout_s: float = 5.0,
+        journal: str | None = None,
         **kwargs: Any,
     ) -> RequestStore:
         """Open the store at `db`: a SQLite file path, or a `postgresql://` URL. Raises
         `StoreError` (with what to do) when that is impossible. `max_mb`: the size limit
-        in megabytes (None: `default_max_bytes`)."""
+        in megabytes (None: `default_max_bytes`). `journal`: "auto" (beside the database,
+        `journal_prefix`), "off", or a path prefix; None: off."""
         max_bytes = default_max_bytes(db) if max_mb is None else round(max_mb * 1e6)
         database: Database
         if db.startswith(POSTGRES_SCHEMES):
@@ -173,7 +214,13 @@ class RequestStore:
             from metering.store.sqlite import SqliteDatabase
 
             database = SqliteDatabase(db, max_bytes=max_bytes, busy_timeout_s=busy_timeout_s)
-        return cls(database, max_mb=max_bytes / 1e6, **kwargs)
+        prefix = journal_prefix(db, journal)
+        return cls(
+            database,
+            max_mb=max_bytes / 1e6,
+            journal=None if prefix is None else Journal(prefix),
+            **kwargs,
+        )
 
     # --- writing ---------------------------------------------------------------------
 
@@ -192,10 +239,45 @@ class RequestStore:
             if type(key) is str:  # else not a record: the writer refuses it (logged, counted)
                 self._pending[key] = record
             self._added_seq += 1
+            journal = self._journal
+            if journal is not None and not journal.append(record, self._added_seq):
+                self._warn_journal(journal)
             n = len(self._queue)
             # Wake the writer for a first record (it starts the linger) or a full batch.
             if n == 1 or n == self._batch:
                 self._cond.notify_all()
+
+    def _warn_journal(self, journal: Journal) -> None:
+        if not self._journal_warned:  # once: this runs on the request path
+            self._journal_warned = True
+            log.warning(
+                "request store %s: the journal %s refuses records (disk full or read-only?); "
+                "until it takes them again, records not yet written are lost if the process "
+                "is killed",
+                self.where,
+                journal.prefix,
+            )
+
+    def _replay(self, journal: Journal) -> None:
+        """What a process that ended before writing everything left in the journal:
+        queued first (the database ignores records it has)."""
+        replayed = 0
+        for path in journal.leftovers():
+            records = read_segment(path)
+            for record in records:
+                self._queue.append(record)
+                self._pending[record.request_id] = record
+                self._added_seq += 1
+            replayed += len(records)
+            journal.adopt(path, self._added_seq)
+        if replayed:
+            log.warning(
+                "request store %s: %d records from the journal %s (a process that ended "
+                "before writing them): writing them now",
+                self.where,
+                replayed,
+                journal.prefix,
+            )
 
     @property
     def queued(self) -> int:
@@ -214,6 +296,8 @@ class RequestStore:
                 writing=self._last_error is None,
                 last_error=self._last_error,
                 max_mb=self._max_mb,
+                journal=None if self._journal is None else str(self._journal.prefix),
+                journal_failed=0 if self._journal is None else self._journal.failures,
             )
 
     def flush(self, timeout_s: float = 10.0) -> bool:
@@ -262,9 +346,22 @@ class RequestStore:
         # The writer finishes the attempt under way, makes one more and gives up on the whole
         # queue if that fails.
         self._thread.join(timeout=timeout_s + self._close_grace_s + 1.0)
-        if self._thread.is_alive():
+        alive = self._thread.is_alive()
+        if alive:
             log.error("request store %s: writer thread did not stop", self.where)
         self.db.close_reader()
+        if self._journal is not None:
+            with self._cond:
+                written = not alive and self._lost_at_close == 0 and not self._queue
+                done = self._journal.close(everything_written=written)
+            delete(done)
+            if not written:
+                log.warning(
+                    "request store %s: the records not written are kept in the journal %s, "
+                    "written at the next start",
+                    self.where,
+                    self._journal.prefix,
+                )
 
     def __enter__(self) -> RequestStore:
         return self
@@ -422,7 +519,11 @@ class RequestStore:
             self._done_seq += n
             self.dropped += lost
             self._cond.notify_all()
-            return failures
+            finished = (
+                [] if self._journal is None else self._journal.written_through(self._done_seq)
+            )
+        delete(finished)
+        return failures
 
     def _give_up(self, batch: list[RequestRecord], e: Exception) -> None:
         # Closing and the database still fails: one failed attempt is enough, for the whole
@@ -431,6 +532,7 @@ class RequestStore:
             rest = list(self._queue)
             self._queue.clear()
         lost = [*batch, *rest]
+        self._lost_at_close += len(lost)
         log.error(
             "request store %s: closing with %d records that cannot be written (%s); lost",
             self.where,

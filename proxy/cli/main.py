@@ -119,6 +119,14 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
         "beyond that they are dropped and counted",
     )
     p.add_argument(
+        "--journal",
+        default=S,
+        metavar="PATH|auto|off",
+        help="each record handed to the operating system before its energy is told, so a "
+        "killed proxy loses none (written at the next start): auto puts it beside the "
+        "database (default auto)",
+    )
+    p.add_argument(
         "--summary-window",
         default=S,
         metavar="DURATION",

@@ -383,5 +383,7 @@ def test_status_says_what_the_store_is_and_how_it_goes(db: str) -> None:
             "evicted": 0,
             "error": None,
             "max_mb": 64.0,
+            "journal": None,
+            "journal_failed": 0,
         }
         assert "@" not in st["where"] or ":" not in st["where"].split("@")[0][13:]
