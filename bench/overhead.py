@@ -248,6 +248,11 @@ def comparison_target(
             {},
             "/healthz",
         )
+    if name.startswith("proxy-with:"):
+        # The same proxy with extra flags (`proxy-with:--journal off`): what one costs.
+        extra = shlex.split(name.partition(":")[2])
+        cmd = proxy_command(args.proxy_cmd, backend_url, args.upstream, workdir)
+        return f"proxy[{' '.join(extra)}]", [*cmd, *extra], {}, "/healthz"
     if name == "proxy-nvml":
         # The same proxy, measuring a fake GPU as slow to read as an H100 (through the real
         # nvidia-ml-py): the cost of metering a real GPU, not of a constant.
@@ -287,7 +292,10 @@ def comparison_target(
         cmd = [exe, "--config", str(config), "--host", HOST, "--port", "{port}",
                "--num_workers", "1"]  # fmt: skip
         return "litellm", cmd, env, "/health/liveliness"
-    die(f"--compare takes proxy, proxy-nvml, nginx, litellm, ref:GITREF; not {name!r}")
+    die(
+        "--compare takes proxy, proxy-nvml, proxy-with:FLAGS, nginx, litellm, ref:GITREF; "
+        f"not {name!r}"
+    )
 
 
 def fake_h100_env(workdir: Path) -> dict[str, str]:
@@ -466,7 +474,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="LIST",
         help="what to put beside direct: proxy (constant:100), proxy-nvml (a fake GPU with "
         "H100 read latencies), nginx, litellm, ref:GITREF / ref-nvml:GITREF (this proxy at "
-        "another commit); default proxy",
+        "another commit), proxy-with:FLAGS (this proxy with extra flags); default proxy",
     )
     p.add_argument("--litellm", help="the litellm executable (bench/setup_litellm.sh)")
     p.add_argument(

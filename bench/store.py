@@ -237,7 +237,13 @@ def _label_ids(fetch: Callable[[str, tuple[str, ...]], dict[str, int]]) -> dict[
         "fixed": fetch(
             "fixed",
             (
-                "backend", "nvml-counter,rapl", "model", "electricitymaps", "DE", BASIS, "chat",
+                "backend",
+                "nvml-counter,rapl",
+                "model",
+                "electricitymaps",
+                "DE",
+                BASIS,
+                "chat",
                 EMBODIED_BASIS,
             ),
         ),
