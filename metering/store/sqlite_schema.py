@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import sqlite3
+import urllib.parse
 from collections.abc import Callable, Sequence
 
 from metering.accounting.report import DEFAULT_ENDPOINT
@@ -254,12 +256,36 @@ SELECT_RECORD = f"SELECT {', '.join(COLUMNS)} FROM records"
 # --- connections -------------------------------------------------------------------------
 
 
+# The proxy's own VFS: SQLite's "unix-excl" keeps the WAL index in the process's heap,
+# not in a `-shm` file mapped into memory. A mapped file that shrinks or cannot grow under
+# SQLite (truncated, replaced, a full tmpfs) kills the process with SIGBUS; heap memory
+# cannot. The price: one process at a time holds the file (the proxy's own connections
+# share it); another proxy on the same file is refused at start with a clear error.
+EXCLUSIVE_VFS = "unix-excl"
+
+
+def _uri(path: str, vfs: str) -> str:
+    return f"file:{urllib.parse.quote(os.path.abspath(path))}?vfs={vfs}"
+
+
 def connect(path: str, busy_timeout_s: float) -> sqlite3.Connection:
     # isolation_level=None: no implicit transactions; every write says BEGIN IMMEDIATE itself,
     # which takes the write lock up front so busy_timeout applies (no lock-upgrade deadlock).
-    conn = sqlite3.connect(
-        path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
-    )
+    try:
+        conn = sqlite3.connect(
+            _uri(path, EXCLUSIVE_VFS),
+            uri=True,
+            timeout=busy_timeout_s,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+    except sqlite3.OperationalError as e:
+        if "no such vfs" not in str(e):
+            raise
+        # A SQLite built without it (not a unix build): the shared-memory index, as before.
+        conn = sqlite3.connect(
+            path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+        )
     try:
         if not conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone():
             # A new file: free pages can be given back to the filesystem (only settable
@@ -304,7 +330,10 @@ def explain(e: BaseException) -> str:
     if "not a database" in low or "malformed" in low:
         return f"{msg} (the file is not an energy-proxy database or is damaged)"
     if "locked" in low or "busy" in low:
-        return f"{msg} (another process holds a lock on it)"
+        return (
+            f"{msg} (another process holds it: each energy-proxy needs its own SQLite --db; "
+            "a fleet shares one PostgreSQL store)"
+        )
     if "unable to open" in low or "readonly" in low or "read-only" in low:
         return f"{msg} (check that the path and its directory are writable)"
     if "full" in low:

@@ -29,7 +29,7 @@ _CHILD = textwrap.dedent(
     from metering.store import RequestStore
     from tests.support.storekit import make_record, rid
     db, first, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    store = RequestStore.open(db, journal="auto", linger_s=3600.0, batch_records=10**6)
+    store = RequestStore.open(db, journal=sys.argv[5], linger_s=3600.0, batch_records=10**6)
     for i in range(first, first + n):
         store.add(make_record(rid(i), joules=float(i)))
     print("added", flush=True)
@@ -40,9 +40,9 @@ _CHILD = textwrap.dedent(
 )
 
 
-def _child(db: Path, first: int, n: int, how: str) -> subprocess.Popen[str]:
+def _child(db: Path, first: int, n: int, how: str, journal: str = "auto") -> subprocess.Popen[str]:
     proc = subprocess.Popen(
-        [sys.executable, "-c", _CHILD, str(db), str(first), str(n), how],
+        [sys.executable, "-c", _CHILD, str(db), str(first), str(n), how, journal],
         cwd=REPO_ROOT,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -79,18 +79,21 @@ def test_records_of_a_killed_process_are_written_at_the_next_start(
 
 
 def test_a_second_live_process_keeps_its_own_segments(tmp_path: Path) -> None:
-    db = tmp_path / "requests.db"
-    live = _child(db, 1, 5, "hold")
+    # Two proxies of a fleet on one host share the state directory's journal (their
+    # PostgreSQL store is one): two SQLite files stand in for it here, as a SQLite file
+    # is one process's alone.
+    shared = tmp_path / "fleet.journal"
+    live = _child(tmp_path / "a.db", 1, 5, "hold", journal=str(shared))
     try:
-        theirs = _segments(db)
+        theirs = sorted(tmp_path.glob("fleet.journal.*.jsonl"))
         assert len(theirs) == 1
-        with RequestStore.open(str(db), journal="auto") as store:
+        with RequestStore.open(str(tmp_path / "b.db"), journal=str(shared)) as store:
             assert store.count() == 0  # another process's unwritten records are its own
-        assert _segments(db) == theirs  # and its segment was not taken
+        assert sorted(tmp_path.glob("fleet.journal.*.jsonl")) == theirs  # not taken
     finally:
         live.kill()
         live.communicate(timeout=30)
-    with RequestStore.open(str(db), journal="auto") as store:
+    with RequestStore.open(str(tmp_path / "b.db"), journal=str(shared)) as store:
         assert store.count() == 5  # once it is gone, they are
 
 

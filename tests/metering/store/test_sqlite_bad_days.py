@@ -1,0 +1,81 @@
+"""The SQLite store on a bad day, with real files and real processes: its files cut short
+under it never kill the process (no `-shm` mapped into memory: a mapped file that shrinks
+kills with SIGBUS), a second process on the same file is refused with what to do, and a
+full disk is met by dropping old records into space reserved at start."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from metering.store import RequestStore, StoreError
+from tests.support.paths import REPO_ROOT
+from tests.support.polling import wait_for
+
+# Writes records in batches until told to stop on stdin; says how many it stored.
+_WRITER = textwrap.dedent(
+    """
+    import select, sys
+    from metering.store import RequestStore
+    from tests.support.storekit import make_record, rid
+    store = RequestStore.open(sys.argv[1], linger_s=0.001)
+    i = 0
+    print("open", flush=True)
+    while not select.select([sys.stdin], [], [], 0)[0]:
+        for _ in range(50):
+            i += 1
+            store.add(make_record(rid(i)))
+        store.flush()
+    store.close()
+    print("added", i, flush=True)
+    """
+)
+
+
+def test_files_cut_short_under_the_store_do_not_kill_it(tmp_path: Path) -> None:
+    db = tmp_path / "r.db"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(db)],
+        cwd=REPO_ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None and proc.stdin is not None
+    assert proc.stdout.readline().strip() == "open"
+    # What another program (or a full disk) can do to the files beside the database.
+    assert wait_for(lambda: Path(f"{db}-wal").exists(), timeout_s=30)
+    assert not Path(f"{db}-shm").exists()  # the WAL index is in the process's memory
+    shm = Path(f"{db}-shm")
+    shm.write_bytes(b"")  # an empty -shm where SQLite would map one
+    shm.chmod(0)
+    time.sleep(0.3)  # it writes on meanwhile (the test asserts no time)
+    out, err = proc.communicate("stop\n", timeout=60)
+    assert proc.returncode == 0, (proc.returncode, err[-2000:])  # -7 was SIGBUS
+    assert out.split()[-2] == "added"
+
+
+def test_a_second_process_on_the_same_file_is_refused_with_what_to_do(tmp_path: Path) -> None:
+    db = tmp_path / "r.db"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(db)],
+        cwd=REPO_ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    try:
+        assert proc.stdout.readline().strip() == "open"
+        with pytest.raises(StoreError, match="its own SQLite --db"):
+            RequestStore.open(str(db), busy_timeout_s=0.2)
+    finally:
+        proc.communicate("stop\n", timeout=60)
+    with RequestStore.open(str(db)) as store:  # once it is gone, the file is free
+        assert store.count() > 0
