@@ -91,7 +91,10 @@ class Journal:
                     self._close(seg)
                 seg = self._current = self._open_segment()
             assert seg.fd is not None
-            os.write(seg.fd, line)
+            written = os.write(seg.fd, line)
+            if written != len(line):  # a disk that filled mid-line: end the torn line
+                seg.size += written + os.write(seg.fd, b"\n")
+                raise OSError("the journal's disk is full")
         except (OSError, TypeError, ValueError):
             self.failures += 1
             return False
@@ -112,6 +115,15 @@ class Journal:
         done = [s for s in self._closed if s.last_seq <= done_seq]
         if done:
             self._closed = [s for s in self._closed if s.last_seq > done_seq]
+        seg = self._current
+        if seg is not None and seg.fd is not None and seg.size and seg.last_seq <= done_seq:
+            # Everything in the open segment is written too: emptied (a quiet store's
+            # journal holds nothing, and a full disk gets its space back).
+            try:
+                os.ftruncate(seg.fd, 0)
+                seg.size = 0
+            except OSError as e:
+                log.warning("journal %s could not be emptied: %s", seg.path, e)
         return [s.path for s in done]
 
     def close(self, *, everything_written: bool) -> list[Path]:

@@ -33,6 +33,7 @@ from metering.store.database import (
     screen,
 )
 from metering.store.records import RequestRecord, StoreError, id_key
+from metering.store.reserve import RESERVE_BYTES, Reserve
 from metering.store.rollup import (
     HOURS_PER_DAY,
     SECONDS_PER_HOUR,
@@ -46,6 +47,7 @@ from metering.store.sqlite_schema import (
     MIGRATIONS,
     SCHEMA_VERSION,
     SELECT_RECORD,
+    checkpoint,
     connect,
     explain,
     insert_records_sql,
@@ -66,6 +68,8 @@ _SQL_DATA_ERRORS: tuple[type[Exception], ...] = (
 _PRUNE_CHUNK_ROWS = 10_000  # rows per delete transaction, so the writer never waits long
 _MIN_MAKE_ROOM_ROWS = 1_000
 _MAKE_ROOM_FRACTION = 0.05  # of the records, dropped when the file is full
+_MAKE_ROOM_CHUNK_ROWS = 500  # per transaction, so a full disk's log never needs much
+_VACUUM_STEP_PAGES = 64
 _WRITER_CACHE_KIB = 64 * 1024  # the id index's pages stay in memory up to ~2.5 M records
 MIN_MAX_BYTES = 1_000_000  # --db-max-mb 1
 
@@ -104,6 +108,13 @@ class SqliteDatabase:
         self._texts: dict[int, str] = {}  # label id -> text (the reader's)
         self._text_ids: dict[str, int] = {}  # label text -> id (the reader's)
         self._w, self._r = self._open(busy_timeout_s)
+        # Room, on a full disk, for a checkpoint of the log at its fullest (what it adds
+        # to the file) and the first deletes.
+        self._reserve = Reserve(
+            Path(self.path + ".reserve"), wal_budget_bytes(max_bytes) // 2 + RESERVE_BYTES // 4
+        )
+        if path != ":memory:":
+            self._reserve.take()
 
     # --- opening -------------------------------------------------------------------------
 
@@ -357,8 +368,45 @@ class SqliteDatabase:
         )
 
     def make_room(self) -> int:
-        rollback(self._w)
-        return self._drop_oldest(self._w)
+        """The oldest records dropped, in chunks each checkpointed (on a full disk the
+        log has only the reserve to grow into), after giving the reserve back; their
+        pages given back to the filesystem where the disk is short, then the reserve
+        set aside again."""
+        conn = self._w
+        rollback(conn)
+        self._reserve.release()
+        # The log into the file first (the reserve is room for what that adds to it),
+        # so that the deletes reuse the log's own blocks.
+        checkpoint(conn)
+        lo, hi = conn.execute("SELECT MIN(rowid), MAX(rowid) FROM records").fetchone()
+        if lo is None:
+            return 0
+        target = max(_MIN_MAKE_ROOM_ROWS, math.ceil((hi - lo + 1) * _MAKE_ROOM_FRACTION))
+        dropped = 0
+        while dropped < target:
+            n = transaction(
+                conn,
+                "DELETE FROM records WHERE rowid IN "
+                "(SELECT rowid FROM records ORDER BY rowid LIMIT ?)",
+                (min(_MAKE_ROOM_CHUNK_ROWS, target - dropped),),
+            )
+            if n == 0:
+                break
+            dropped += n
+            checkpoint(conn)
+        if not self._reserve.take():
+            self._give_pages_back(conn)
+            self._reserve.take()
+        return dropped
+
+    def _give_pages_back(self, conn: sqlite3.Connection) -> None:
+        """Free pages returned to the filesystem, a step at a time (each step's moves go
+        through the log, checkpointed before the next)."""
+        for _ in range(100_000):
+            if not int(conn.execute("PRAGMA freelist_count").fetchone()[0]):
+                return
+            conn.execute(f"PRAGMA incremental_vacuum({_VACUUM_STEP_PAGES})").fetchall()
+            checkpoint(conn)
 
     def maintain(self) -> int:
         return 0  # SQLite enforces the size limit itself (max_page_count)

@@ -312,6 +312,13 @@ def rollback(conn: sqlite3.Connection) -> None:
             conn.execute("ROLLBACK")
 
 
+def checkpoint(conn: sqlite3.Connection) -> None:
+    """Copy the log into the database and start it again from its beginning, its file
+    kept: on a full disk the next transactions reuse its blocks (what readers still
+    hold stays: a busy checkpoint is not an error)."""
+    conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
+
+
 def transaction(conn: sqlite3.Connection, sql: str, params: Sequence[object] = ()) -> int:
     """Run one statement in its own write transaction; rows changed."""
     conn.execute("BEGIN IMMEDIATE")

@@ -5,6 +5,7 @@ full disk is met by dropping old records into space reserved at start."""
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import textwrap
@@ -16,6 +17,8 @@ import pytest
 from metering.store import RequestStore, StoreError
 from tests.support.paths import REPO_ROOT
 from tests.support.polling import wait_for
+from tests.support.storekit import STORE_LOG, make_record, rid
+from tests.support.tmpfs import fill, small_tmpfs
 
 # Writes records in batches until told to stop on stdin; says how many it stored.
 _WRITER = textwrap.dedent(
@@ -79,3 +82,31 @@ def test_a_second_process_on_the_same_file_is_refused_with_what_to_do(tmp_path: 
         proc.communicate("stop\n", timeout=60)
     with RequestStore.open(str(db)) as store:  # once it is gone, the file is free
         assert store.count() > 0
+
+
+def test_a_full_disk_drops_old_records_and_goes_on_writing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with small_tmpfs(tmp_path / "disk", 4096) as disk:
+        db = disk / "r.db"
+        # A size limit above the disk: the disk fills first.
+        store = RequestStore.open(str(db), max_mb=6, journal="auto", linger_s=0.001)
+        for i in range(1, 2001):
+            store.add(make_record(rid(i)))
+        assert store.flush()
+        fill(disk)  # another program takes what is left
+        caplog.set_level(logging.WARNING, logger=STORE_LOG)
+        for i in range(2001, 4001):
+            store.add(make_record(rid(i)))
+        assert store.flush(timeout_s=60)
+        status = store.status()
+        assert status.evicted > 0, [r.getMessage() for r in caplog.records][-5:]
+        assert status.writing, status.last_error
+        assert store.get(rid(4000)) is not None
+        store.close()
+        # Closed with everything written: the journal is gone, nothing to replay.
+        assert list(disk.glob("r.db.journal.*")) == []
+        with RequestStore.open(str(db), max_mb=6) as again:
+            got = again.get(rid(4000))
+            assert got is not None  # the newest are kept, the oldest dropped
+            assert again.get(rid(1)) is None
