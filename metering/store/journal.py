@@ -6,9 +6,9 @@ One `os.write` of one JSON line per record, into segment files beside the databa
 (`<prefix>.<pid>.<n>.jsonl`). A write that returned is in the kernel's page cache: it
 survives the process, not a power cut (no fsync: that would put a disk flush on every
 request). A segment is closed past `SEGMENT_BYTES` and deleted once the writer has
-committed every record in it; all of them at a clean close. Each open segment holds an
-exclusive `flock`, so a second proxy on the same journal (a fleet sharing a PostgreSQL
-store from one host) replays only segments no live process holds.
+committed every record in it; all of them at a clean close. Each segment holds an
+exclusive `flock` until its records are written, so a second proxy on the same journal
+(proxies of one fleet on one host) replays only segments no live process holds.
 """
 
 from __future__ import annotations
@@ -74,10 +74,23 @@ class Journal:
         return re.compile(re.escape(self.prefix.name) + r"\.\d+\.\d+\.jsonl")
 
     def _open_segment(self) -> _Segment:
-        self._counter += 1
-        path = self.prefix.with_name(f"{self.prefix.name}.{os.getpid()}.{self._counter}.jsonl")
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        """A new segment, created (never one that exists: a process of the same pid
+        before this one, in a container that restarted, left its own) and locked."""
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        while True:
+            self._counter += 1
+            name = f"{self.prefix.name}.{os.getpid()}.{self._counter}.jsonl"
+            path = self.prefix.with_name(name)
+            try:
+                fd = os.open(path, flags, 0o600)
+            except FileExistsError:
+                continue
+            break
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise
         return _Segment(path, fd)
 
     def append(self, record: RequestRecord, seq: int) -> bool:
@@ -88,12 +101,14 @@ class Journal:
             seg = self._current
             if seg is None or seg.size >= self.segment_bytes:
                 if seg is not None:
-                    self._close(seg)
+                    self._current = None
+                    self._closed.append(seg)  # its lock held until it is written
                 seg = self._current = self._open_segment()
             assert seg.fd is not None
             written = os.write(seg.fd, line)
-            if written != len(line):  # a disk that filled mid-line: end the torn line
-                seg.size += written + os.write(seg.fd, b"\n")
+            if written != len(line):
+                # A disk that filled mid-line: the torn line cut off again.
+                os.ftruncate(seg.fd, seg.size)
                 raise OSError("the journal's disk is full")
         except (OSError, TypeError, ValueError):
             self.failures += 1
@@ -102,11 +117,12 @@ class Journal:
         seg.last_seq = seq
         return True
 
-    def _close(self, seg: _Segment) -> None:
+    @staticmethod
+    def _release(seg: _Segment) -> None:
         if seg.fd is not None:
-            os.close(seg.fd)  # the lock goes with it
+            with contextlib.suppress(OSError):
+                os.close(seg.fd)  # the lock goes with it
             seg.fd = None
-        self._closed.append(seg)
 
     def written_through(self, done_seq: int) -> list[Path]:
         """The writer has committed every record up to `done_seq`: the closed segments
@@ -115,6 +131,8 @@ class Journal:
         done = [s for s in self._closed if s.last_seq <= done_seq]
         if done:
             self._closed = [s for s in self._closed if s.last_seq > done_seq]
+            for s in done:
+                self._release(s)
         seg = self._current
         if seg is not None and seg.fd is not None and seg.size and seg.last_seq <= done_seq:
             # Everything in the open segment is written too: emptied (a quiet store's
@@ -130,8 +148,10 @@ class Journal:
         """Stop writing. With `everything_written`, every segment is done with (returned,
         to delete); else they stay for the next start to replay."""
         if self._current is not None:
-            self._close(self._current)
+            self._closed.append(self._current)
             self._current = None
+        for seg in self._closed:
+            self._release(seg)
         if not everything_written:
             return []
         paths = [s.path for s in self._closed]

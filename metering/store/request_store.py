@@ -19,6 +19,7 @@ Records hold ids, labels and numbers only, never prompt or completion text.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -65,15 +66,21 @@ def default_max_bytes(db: str) -> int:
 def journal_prefix(db: str, setting: str | None) -> Path | None:
     """Where the journal's segments go: for "auto", beside a SQLite file
     (`requests.db.journal.*.jsonl`) or in the state directory for PostgreSQL
-    (`postgres.journal.*.jsonl`); "off" or None: no journal. None too, with a warning,
-    where that directory cannot be written (the store works, without the journal)."""
+    (`postgres-HASH.journal.*.jsonl`, one per database); "off" or None: no journal.
+    None too, with a warning, where that directory cannot be written (the store works,
+    without the journal)."""
     if setting is None or setting == "off" or db == ":memory:":
         return None
     if setting != "auto":
         prefix = Path(setting).expanduser()
     elif db.startswith(POSTGRES_SCHEMES):
+        # One journal per database (the URL without its password): a proxy replays only
+        # what was meant for its own store.
+        from metering.store.postgres import redact
+
         state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-        prefix = Path(state) / "energy-proxy" / "postgres.journal"
+        digest = hashlib.sha256(redact(db).encode()).hexdigest()[:12]
+        prefix = Path(state) / "energy-proxy" / f"postgres-{digest}.journal"
     else:
         prefix = Path(db).expanduser().with_name(Path(db).name + ".journal")
     try:
@@ -502,9 +509,17 @@ class RequestStore:
             n = min(self._batch, len(self._queue))
             return [self._queue.popleft() for _ in range(n)]
 
-    def _done(self, batch: Iterable[RequestRecord], *, lost: int, ok: bool = False) -> int:
+    def _done(
+        self,
+        batch: Iterable[RequestRecord],
+        *,
+        lost: int,
+        ok: bool = False,
+        journaled: bool = True,
+    ) -> int:
         """Account for `batch` as written (`ok`: a write succeeded) or lost; with `ok`, the
-        failed attempts it ended (0: there were none)."""
+        failed attempts it ended (0: there were none). `journaled` false: the journal
+        keeps them (given up at close, for the next start to write)."""
         with self._cond:
             failures = 0
             if ok and self._last_error is not None:
@@ -520,7 +535,9 @@ class RequestStore:
             self.dropped += lost
             self._cond.notify_all()
             finished = (
-                [] if self._journal is None else self._journal.written_through(self._done_seq)
+                self._journal.written_through(self._done_seq)
+                if self._journal is not None and journaled
+                else []
             )
         delete(finished)
         return failures
@@ -539,7 +556,7 @@ class RequestStore:
             len(lost),
             e,
         )
-        self._done(lost, lost=len(lost))
+        self._done(lost, lost=len(lost), journaled=False)
 
     def _log_drops(self) -> None:
         with self._cond:

@@ -100,6 +100,11 @@ class SqliteDatabase:
         impossible (a corrupt file, an unwritable path, a locked database, a newer schema)."""
         if max_bytes < MIN_MAX_BYTES:
             raise ValueError(f"the size limit must be at least {MIN_MAX_BYTES} bytes")
+        if path == ":memory:" or path.startswith("file:"):
+            raise StoreError(
+                f"request store {path!r}: give --db a file path (records must outlive the "
+                "process), or a postgresql:// URL"
+            )
         self.path = self.where = str(Path(path).expanduser())
         self.max_bytes = max_bytes
         self._rlock = threading.Lock()
@@ -113,8 +118,7 @@ class SqliteDatabase:
         self._reserve = Reserve(
             Path(self.path + ".reserve"), wal_budget_bytes(max_bytes) // 2 + RESERVE_BYTES // 4
         )
-        if path != ":memory:":
-            self._reserve.take()
+        self._reserve.take()
 
     # --- opening -------------------------------------------------------------------------
 
@@ -402,11 +406,16 @@ class SqliteDatabase:
     def _give_pages_back(self, conn: sqlite3.Connection) -> None:
         """Free pages returned to the filesystem, a step at a time (each step's moves go
         through the log, checkpointed before the next)."""
-        for _ in range(100_000):
-            if not int(conn.execute("PRAGMA freelist_count").fetchone()[0]):
-                return
+        if int(conn.execute("PRAGMA auto_vacuum").fetchone()[0]) != 2:
+            return  # a file from before incremental vacuum: its free pages are reused
+        free = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+        while free:
             conn.execute(f"PRAGMA incremental_vacuum({_VACUUM_STEP_PAGES})").fetchall()
             checkpoint(conn)
+            left = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+            if left >= free:
+                return  # no progress (a reader holds pages): the next round goes on
+            free = left
 
     def maintain(self) -> int:
         return 0  # SQLite enforces the size limit itself (max_page_count)

@@ -8,9 +8,10 @@ OpenAI-shaped answer, so only the last `TAIL_BYTES` are read.
 
 A member is known to be the top-level object's when, parsed from its start, it is
 followed by members only up to the document's closing brace. A candidate start is a
-comma or brace followed by a quote: that cannot occur inside a JSON string (a quote in a
-string is escaped), so every candidate is a real member of some object, and the chain to
-the end tells which object.
+comma or brace followed by a quote; most are members of nested objects (or, rarely, a
+string's last comma before its closing quote), and the chain to the end tells them
+apart. Candidates are tried from the end: the last top-level member is found first
+(`usage` is among the last), and each one before it must end where the next begins.
 """
 
 from __future__ import annotations
@@ -40,27 +41,41 @@ class TailMembers:
     spans: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
-def _chain(s: str, i: int) -> list[tuple[str, Any, int, int]] | None:
-    """Members from s[i] (a comma or brace) to the end, each (name, value, start, end);
-    None unless they run, member after member, to the final closing brace."""
-    members: list[tuple[str, Any, int, int]] = []
+Member = tuple[str, Any, int, int]  # name, value, start (its comma or brace), end
+
+
+def _member(s: str, i: int) -> Member | None:
+    """The member whose comma or brace is s[i]; its end is the first character after
+    its value and the space after it. None where no member starts there."""
+    n = len(s)
+    start = i
+    i += 1
+    while i < n and s[i] in " \t\r\n":
+        i += 1
+    m = _KEY.match(s, i)
+    if m is None:
+        return None
+    try:
+        name = json.loads('"' + m.group(1) + '"')
+        value, j = _DECODER.raw_decode(s, m.end())
+    except (ValueError, RecursionError):  # not JSON there; nested past Python's stack
+        return None
+    while j < n and s[j] in " \t\r\n":
+        j += 1
+    return name, value, start, j
+
+
+def _chain(s: str, i: int) -> list[Member] | None:
+    """Members from s[i] to the end; None unless they run, member after member, to the
+    final closing brace."""
+    members: list[Member] = []
     n = len(s)
     while True:
-        start = i
-        i += 1
-        while i < n and s[i] in " \t\r\n":
-            i += 1
-        m = _KEY.match(s, i)
-        if m is None:
+        member = _member(s, i)
+        if member is None:
             return None
-        try:
-            name = json.loads('"' + m.group(1) + '"')
-            value, j = _DECODER.raw_decode(s, m.end())
-        except ValueError:
-            return None
-        while j < n and s[j] in " \t\r\n":
-            j += 1
-        members.append((name, value, start, j))
+        members.append(member)
+        j = member[3]
         if j == n - 1 and s[j] == "}":
             return members
         if j >= n or s[j] != ",":
@@ -84,16 +99,20 @@ def top_members(tail: bytes) -> TailMembers:
         s = end[base:].decode("utf-8")
     except UnicodeDecodeError:
         return found
-    for tries, m in enumerate(_MEMBER_START.finditer(s)):
-        if tries >= MAX_CANDIDATES:
-            break
-        chain = _chain(s, m.start())
-        if chain is None:
-            continue
-        for name, value, start, stop in chain:
-            found.values[name] = value
-            found.spans[name] = (base + _bytes_len(s, start), base + _bytes_len(s, stop))
-        break
+    starts = [m.start() for m in _MEMBER_START.finditer(s)]
+    members: list[Member] = []
+    for i in reversed(starts[-MAX_CANDIDATES:]):
+        if not members:
+            members = _chain(s, i) or []
+        elif (
+            s[i] == ","
+            and (member := _member(s, i)) is not None
+            and member[3] == members[0][2]  # it ends where the next top-level one begins
+        ):
+            members.insert(0, member)
+    for name, value, start, stop in members:
+        found.values[name] = value
+        found.spans[name] = (base + _bytes_len(s, start), base + _bytes_len(s, stop))
     return found
 
 

@@ -6,6 +6,7 @@ store without it. Real SQLite files, real child processes, a real SIGKILL."""
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 
 from metering.store import RequestStore
 from metering.store.journal import Journal, decode, encode, read_segment
+from tests.metering.store.test_sqlite import locked as locked_store_file
 from tests.support.paths import REPO_ROOT
 from tests.support.polling import wait_for
 from tests.support.storekit import STORE_LOG, make_record, rid
@@ -145,3 +147,36 @@ def test_segments_of_another_prefix_are_not_read(tmp_path: Path) -> None:
     (tmp_path / "other.db.journal.1.1.jsonl").write_bytes(encode(make_record(rid(1))))
     journal = Journal(tmp_path / "requests.db.journal")
     assert journal.leftovers() == []
+
+
+def test_records_given_up_at_close_stay_in_the_journal_for_the_next_start(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "r.db"
+    store = RequestStore.open(str(db), journal="auto", busy_timeout_s=0.02,
+                              retry_initial_s=0.01, retry_max_s=0.05)  # fmt: skip
+    with locked_store_file(db):
+        for i in range(1, 31):
+            store.add(make_record(rid(i)))
+        store.close(timeout_s=0.1)  # the database refuses: given up
+    assert store.dropped == 30
+    assert _segments(db), "the journal was emptied of records never written"
+    with RequestStore.open(str(db), journal="auto") as again:
+        assert again.count() == 30
+
+
+def test_a_segment_left_by_an_earlier_process_of_the_same_pid_is_not_written_into(
+    tmp_path: Path,
+) -> None:
+    prefix = tmp_path / "r.db.journal"
+    mine = tmp_path / f"r.db.journal.{os.getpid()}.1.jsonl"
+    mine.write_bytes(encode(make_record(rid(1))))  # a container's pid 1, restarted
+    store = RequestStore.open(str(tmp_path / "r.db"), journal=str(prefix), linger_s=3600.0)
+    try:
+        store.add(make_record(rid(2)))
+        segments = sorted(tmp_path.glob("r.db.journal.*.jsonl"))
+        assert len(segments) == 2  # the old one (replayed) and a new one beside it
+        assert mine.read_bytes().count(b"\n") == 1  # nothing appended to the old
+    finally:
+        store.close()
+    assert sorted(tmp_path.glob("r.db.journal.*.jsonl")) == []

@@ -110,3 +110,8 @@ def test_a_full_disk_drops_old_records_and_goes_on_writing(
             got = again.get(rid(4000))
             assert got is not None  # the newest are kept, the oldest dropped
             assert again.get(rid(1)) is None
+
+
+def test_an_in_memory_database_is_refused_with_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="file path"):
+        RequestStore.open(":memory:")

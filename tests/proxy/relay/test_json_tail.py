@@ -74,3 +74,20 @@ def test_a_member_inside_a_string_is_not_taken() -> None:
     found = top_members(text.encode())
     assert "usage" not in found.values
     assert found.values["note"].startswith("say")
+
+
+def test_a_tail_of_many_small_members_still_finds_the_usage() -> None:
+    # Logprobs: thousands of tiny objects in the tail, each a candidate; compact.
+    logprobs = [{"token": ",", "logprob": -0.5, "bytes": [44]} for _ in range(20_000)]
+    doc = {"choices": [{"logprobs": {"content": logprobs}}],
+           "usage": {"prompt_tokens": 3, "completion_tokens": 20_000}}  # fmt: skip
+    data = json.dumps(doc, separators=(",", ":")).encode()
+    found = top_members(data[-TAIL_BYTES:])
+    assert found.values["usage"] == {"prompt_tokens": 3, "completion_tokens": 20_000}
+
+
+def test_nesting_deeper_than_python_can_parse_is_not_an_error() -> None:
+    deep = "[" * 5000 + "]" * 5000
+    tail = ('{"a":' + deep + ',"usage":{"prompt_tokens":1}}').encode()
+    assert top_members(tail).values.get("usage") == {"prompt_tokens": 1}
+    assert top_members(('{"x":1,"b":' + deep + "}").encode()).values.get("x") is None
