@@ -80,6 +80,10 @@ class Measurement:
     untracked_at_open: bool = False
     untracked_episodes: int = 0
 
+    def first_token_wait_s(self) -> float | None:
+        """From its start to its first streamed token (None: none was seen)."""
+        return None if self.first_token_s is None else max(0.0, self.first_token_s - self.t0_s)
+
     @property
     def decoding(self) -> bool:
         """Its first token has been seen (the hot path's check before `first_token`)."""

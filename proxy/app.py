@@ -51,13 +51,25 @@ from proxy.observe.metrics import ProxyMetrics
 from proxy.observe.observers import LiveRequests, RequestLines, StoreRecords, TokenTallies
 from proxy.observe.request_log import RequestLog
 from proxy.observe.startup import Figures, SourceLine, figures_of
+from proxy.observe.tracing import OtelMissing, SpansDropped, Tracing, wanted
 from proxy.relay.passthrough import Passthrough
 from proxy.relay.path_rules import PathRules
 from proxy.relay.route import METERED_PATHS, MeteredRoute, RelayContext, id_headers_for
 from proxy.relay.upstream import UpstreamClient, make_upstream
-from proxy.settings import Settings
+from proxy.settings import ConfigError, Settings
 
 log = logging.getLogger("energy_proxy")
+
+
+def tracing_from(endpoint: str | None) -> Tracing | None:
+    """OpenTelemetry when asked for (`--otlp-endpoint`, or the OTEL_* variables); raises
+    ConfigError where the SDK is not installed."""
+    if not wanted(endpoint):
+        return None
+    try:
+        return Tracing.build(endpoint)
+    except OtelMissing as e:
+        raise ConfigError(str(e)) from e
 
 
 class EnergyProxyApp:
@@ -227,6 +239,8 @@ class EnergyProxyApp:
         sampler.close()
         # Every answered request's record reaches the disk before the process exits.
         await asyncio.to_thread(self.store.close)
+        if self.ctx.tracing is not None:
+            await asyncio.to_thread(self.ctx.tracing.shutdown)
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[EnergyProxyApp]:
@@ -314,6 +328,10 @@ def create_app(
     observers: list[Observer] = [metrics, TokenTallies(), StoreRecords(store), LiveRequests(live)]
     if request_log is not None:
         observers.append(RequestLines(request_log))
+    tracing = tracing_from(settings.otlp_endpoint)
+    if tracing is not None:
+        observers.append(tracing)
+        metrics.registry.register(SpansDropped(tracing.spans))
     keys = KeyRing.from_settings(settings.api_keys, settings.keys)
     ctx = RelayContext(
         registry=registry,
@@ -324,6 +342,7 @@ def create_app(
         max_body_bytes=settings.max_body_bytes,
         classifier=PromptClassifier(settings.categories),
         client_timeout_s=settings.client_timeout,
+        tracing=tracing,
     )
     access = Access(keys)
     api = _api(

@@ -153,6 +153,9 @@ class Settings(BaseModel):
     # Each record handed to the operating system before its energy is told, replayed at
     # the next start: "auto" (beside the database), "off", or a path prefix.
     journal: str = "auto"
+    # OpenTelemetry: spans and metrics to this OTLP/HTTP endpoint (or where the OTEL_*
+    # variables say); None and no variables: off.
+    otlp_endpoint: str | None = None
     # The default window of /v1/energy/summary and the labels: a duration (24h, 7d) or "all".
     summary_window: str = DEFAULT_WINDOW
     attribution: Literal["model", "queue", "tokens", "equal"] = "model"

@@ -119,6 +119,15 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
         "beyond that they are dropped and counted",
     )
     p.add_argument(
+        "--otlp-endpoint",
+        default=S,
+        metavar="URL",
+        help="send a span per request (GenAI names, the energy under energy_proxy.*) and the "
+        "request metrics to this OpenTelemetry collector, OTLP/HTTP "
+        "(http://127.0.0.1:4318); needs pip install 'energy-proxy[otel]' (default: off, "
+        "or where OTEL_EXPORTER_OTLP_ENDPOINT says)",
+    )
+    p.add_argument(
         "--journal",
         default=S,
         metavar="PATH|auto|off",

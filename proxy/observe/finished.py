@@ -32,6 +32,8 @@ class RequestFinished:
     finished_at: float  # wall-clock seconds since the epoch
     tenant: str  # the key's name ("" without keys)
     model_label: str  # the model, or "other" when no backend lists it (a bounded label)
+    span: Any = None  # its OpenTelemetry span, when tracing is on (proxy/observe/tracing.py)
+    first_token_s: float | None = None  # from its start to its first streamed token
 
 
 class Observer(Protocol):

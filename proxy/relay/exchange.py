@@ -84,6 +84,7 @@ class Exchange:
         "request_id",
         "response_done",
         "sending_since",
+        "span",
         "started",
         "status",
         "task",
@@ -108,6 +109,7 @@ class Exchange:
         self.client_id: str | None = None
         self.tenant = ""
         self.sending_since = 0.0  # clock time a send to the client began; 0: none pending
+        self.span: Any = None  # its OpenTelemetry span, when tracing is on
         self.task: asyncio.Task[Any] | None = None
         self.client_gone = False
         self.cancellable = False  # the watcher may cancel the task only inside the try body

@@ -48,6 +48,7 @@ from proxy.headers import (
     upstream_request_headers,
 )
 from proxy.observe.finished import Observers, RequestFinished
+from proxy.observe.tracing import Tracing
 from proxy.relay.encoding import (
     StreamDecoder,
     content_coding,
@@ -104,6 +105,7 @@ class RelayContext:
     client_timeout_s: float = 60.0
     # Requests in flight, for the watchdog of clients that stop reading.
     exchanges: set[Exchange] = field(default_factory=set)
+    tracing: Tracing | None = None  # OpenTelemetry, when on (proxy/observe/tracing.py)
 
 
 @dataclass(slots=True)
@@ -181,6 +183,8 @@ class MeteredRoute:
             prompt_of(intake.payload, body),
         )
         ex.tenant = intake.key.name if intake.key is not None else ""
+        if ctx.tracing is not None:
+            ex.span = ctx.tracing.start(scope["headers"], endpoint.kind, intake.model)
         del intake  # the parse is done with: only the bytes go on (RequestPrompt)
         ex.endpoint = endpoint
         ex.client_id = client_id
@@ -198,6 +202,8 @@ class MeteredRoute:
         ex.cancellable = True
         try:
             up_headers = self._upstream_headers(scope["headers"], backend, client_id or request_id)
+            if ex.span is not None and ctx.tracing is not None:
+                ctx.tracing.propagate(ex.span, up_headers)  # the backend's parent: our span
             if upload is not None and upload.length is not None:
                 up_headers.append((b"content-length", upload.length))
             try:
@@ -519,6 +525,8 @@ class MeteredRoute:
                 finished_at=time.time(),
                 tenant=ex.tenant,
                 model_label=ex.model if ctx.registry.lists(ex.model) else "other",
+                span=ex.span,
+                first_token_s=ex.measurement.first_token_wait_s(),
             )
         )
         return report
