@@ -171,7 +171,7 @@ class Tracing:
         processor = type("SpanQueueProcessor", (SpanQueue, SpanProcessor), {})
         spans = processor(span_exporter)
         tracer_provider = TracerProvider(resource=resource)
-        tracer_provider.add_span_processor(spans)  # type: ignore[arg-type]
+        tracer_provider.add_span_processor(spans)
         metric_exporter = OTLPMetricExporter(
             endpoint=f"{base}/v1/metrics" if base else None, timeout=EXPORT_TIMEOUT_S
         )
