@@ -21,6 +21,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 LARGE_ANSWER_BYTES = 8 * 1024 * 1024
 TAIL_BYTES = 64 * 1024
 # Candidates tried at most: a tail of small nested objects has many; each fails fast.
@@ -129,3 +131,58 @@ def replace_last_member(tail: bytes, members: TailMembers, name: str, encoded: b
         start, stop = span
         body = body[:start] + body[stop:]
     return body[:-1] + b',"' + name.encode() + b'":' + encoded + b"}"
+
+
+def add_members_to_object(
+    tail: bytes, members: TailMembers, name: str, added: dict[str, Any]
+) -> bytes | None:
+    """`tail` with the members `added` put last in the object that the top-level member
+    `name` holds; None where `name` is not an object in the tail, or has one of them."""
+    value = members.values.get(name)
+    span = members.spans.get(name)
+    if not isinstance(value, dict) or span is None or added.keys() & value.keys():
+        return None
+    member = tail[span[0] : span[1]].rstrip()
+    if not member.endswith(b"}"):
+        return None
+    close = span[0] + len(member) - 1  # the object's closing brace
+    return tail[:close] + _members(added, bool(value)) + tail[close:]
+
+
+def _members(added: dict[str, Any], after_others: bool) -> bytes:
+    text = orjson.dumps(added)[1:-1]  # the members without their braces
+    return (b"," if after_others else b"") + text
+
+
+def splice_into_usage(data: bytes, usage: dict[str, Any], added: dict[str, Any]) -> bytes | None:
+    """`data` (a whole answer, parsed as `usage` shows) with the members `added` put last
+    in its `usage` object, the backend's bytes otherwise kept; None where the object
+    found is not that one (the caller then encodes the document again). A few
+    microseconds: `usage` is near the end of every answer."""
+    i = len(data)
+    for _ in range(8):  # the last few: `"usage"` may also be a string somewhere after it
+        i = data.rfind(b'"usage"', 0, i)
+        if i < 0:
+            return None
+        close = _object_close(data, i + len(b'"usage"'), usage)
+        if close is not None:
+            return data[:close] + _members(added, bool(usage)) + data[close:]
+    return None
+
+
+def _object_close(data: bytes, j: int, expected: dict[str, Any]) -> int | None:
+    """Where the closing brace is of the value after a key ending at `j`, if that value
+    is `expected`."""
+    while j < len(data) and data[j : j + 1] in b" \t\r\n":
+        j += 1
+    if data[j : j + 1] != b":":
+        return None
+    try:
+        rest = data[j + 1 :].decode("utf-8")
+        value, end = _DECODER.raw_decode(rest, len(rest) - len(rest.lstrip()))
+    except (ValueError, RecursionError):
+        return None
+    if value != expected:
+        return None
+    close = j + 1 + (end if rest.isascii() else len(rest[:end].encode("utf-8"))) - 1
+    return close if data[close : close + 1] == b"}" else None

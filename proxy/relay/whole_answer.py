@@ -19,7 +19,9 @@ from proxy.relay.json_tail import (
     LARGE_ANSWER_BYTES,
     TAIL_BYTES,
     TailMembers,
+    add_members_to_object,
     replace_last_member,
+    splice_into_usage,
     top_members,
 )
 from proxy.relay.upstream import UpstreamResponse
@@ -98,22 +100,55 @@ def _split_tail(answer: WholeAnswer) -> None:
     pieces.append(joined)
 
 
+def usage_figures(energy: dict[str, Any]) -> dict[str, int]:
+    """What goes into an answer's `usage` beside its tokens: the energy and the emissions
+    as whole numbers (millijoules, micrograms CO2eq). Integers, as the token counts are:
+    client libraries that add the `usage` of several answers (LangChain's batches) add
+    these too, and one that meets a float or an object there warns or fails."""
+    out = {"energy_millijoules": round(float(energy.get("joules", 0.0)) * 1000.0)}
+    co2 = energy.get("co2eq_g")
+    if isinstance(co2, int | float):
+        out["co2eq_micrograms"] = round(float(co2) * 1e6)
+    return out
+
+
 def with_energy(answer: WholeAnswer, energy: dict[str, Any]) -> list[bytes]:
-    """The answer's pieces with this proxy's `energy` as a member of its top-level
-    object: an upstream proxy's own replaced, never a second key of the same name. A
-    large answer whose tail showed no top-level member is relayed as it came (its energy
-    is in the headers)."""
+    """The answer's pieces with this proxy's `energy` as the last member of its
+    top-level object, and its figures in the `usage` object where it has one (client
+    libraries that keep only an answer's `usage`, as LangChain's `response_metadata
+    ["token_usage"]`, keep them with it: `usage_figures`): an upstream proxy's own
+    replaced, never a second key of the same name. A large answer whose tail showed no
+    top-level member is relayed as it came (its energy is in the headers)."""
     pieces = answer.pieces
     encoded = orjson.dumps(energy)
+    figures = usage_figures(energy)
     if answer.doc is not None:
-        data = pieces[0]
-        if "energy" in answer.doc:
-            answer.doc["energy"] = energy
-            return [orjson.dumps(answer.doc)]
-        if answer.doc and data.rstrip().endswith(b"}"):
+        doc, data = answer.doc, pieces[0]
+        usage = doc.get("usage")
+        upstream = isinstance(usage, dict) and bool(figures.keys() & usage.keys())
+        if "energy" in doc or upstream:
+            # The backend's own (another energy-proxy in front of it): replaced by this
+            # proxy's, never a second key of the same name.
+            doc["energy"] = energy
+            if isinstance(usage, dict):
+                usage.update(figures)
+            return [orjson.dumps(doc)]
+        if doc and data.rstrip().endswith(b"}"):
             # Spliced in without encoding the backend's document again.
+            if isinstance(usage, dict):
+                spliced = splice_into_usage(data, usage, figures)
+                if spliced is None:  # not found as parsed: encoded again, to be sure
+                    usage.update(figures)
+                    doc["energy"] = energy
+                    return [orjson.dumps(doc)]
+                data = spliced
             return [data.rstrip()[:-1] + b',"energy":' + encoded + b"}"]
         return pieces
     if answer.tail is not None and answer.tail.values:
-        return [*pieces[:-1], replace_last_member(pieces[-1], answer.tail, "energy", encoded)]
+        tail = pieces[-1]
+        with_usage = add_members_to_object(tail, answer.tail, "usage", figures)
+        if with_usage is not None:
+            tail = with_usage
+            answer.tail = top_members(tail)
+        return [*pieces[:-1], replace_last_member(tail, answer.tail, "energy", encoded)]
     return pieces

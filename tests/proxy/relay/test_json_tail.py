@@ -8,7 +8,12 @@ from typing import Any
 import orjson
 import pytest
 
-from proxy.relay.json_tail import TAIL_BYTES, replace_last_member, top_members
+from proxy.relay.json_tail import (
+    TAIL_BYTES,
+    replace_last_member,
+    splice_into_usage,
+    top_members,
+)
 
 
 def _item(i: int) -> dict[str, Any]:
@@ -91,3 +96,35 @@ def test_nesting_deeper_than_python_can_parse_is_not_an_error() -> None:
     tail = ('{"a":' + deep + ',"usage":{"prompt_tokens":1}}').encode()
     assert top_members(tail).values.get("usage") == {"prompt_tokens": 1}
     assert top_members(('{"x":1,"b":' + deep + "}").encode()).values.get("x") is None
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        {"id": "x", "usage": {"prompt_tokens": 3, "completion_tokens": 4}},
+        {"usage": {"prompt_tokens": 3}, "system_fingerprint": "usage"},  # usage not last
+        {"choices": [{"text": 'say "usage": {"a": 1}'}], "usage": {"n": 1}},  # a decoy
+        {"note": "é" * 50, "usage": {"prompt_tokens": 1, "details": {"cached": 0}}},
+        {"usage": {}},
+    ],
+)
+def test_the_energy_goes_into_usage_and_the_rest_is_the_backends_bytes(
+    doc: dict[str, Any],
+) -> None:
+    data = json.dumps(doc, ensure_ascii=False).encode()
+    out = splice_into_usage(data, doc["usage"], {"energy_millijoules": 2500})
+    assert out is not None
+    back = orjson.loads(out)
+    assert back["usage"] == {**doc["usage"], "energy_millijoules": 2500}
+    assert {k: v for k, v in back.items() if k != "usage"} == {
+        k: v for k, v in doc.items() if k != "usage"
+    }
+    assert (
+        out.replace(b',"energy_millijoules":2500', b"") == data
+        or out.replace(b'"energy_millijoules":2500', b"") == data
+    )
+
+
+def test_a_usage_that_is_not_the_one_parsed_is_left_to_the_caller() -> None:
+    data = b'{"usage": {"prompt_tokens": 1}, "x": "\\"usage\\": 5"}'
+    assert splice_into_usage(data, {"prompt_tokens": 2}, {"a": 1}) is None

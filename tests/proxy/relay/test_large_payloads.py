@@ -103,6 +103,7 @@ def test_a_large_answer_costs_about_its_size_and_keeps_its_energy(tmp_path: Path
     assert energy["joules"] == pytest.approx(float(resp.headers["x-energy-joules"]), rel=1e-3)
     # The usage at the answer's end was read: the backend's count, not an estimate.
     assert energy["prompt_tokens"] == doc["usage"]["prompt_tokens"] == len(doc["data"])
+    assert doc["usage"]["energy_millijoules"] == round(energy["joules"] * 1000)
     assert int(resp.headers["content-length"]) == len(resp.content)
 
 
