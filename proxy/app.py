@@ -51,7 +51,13 @@ from proxy.observe.metrics import ProxyMetrics
 from proxy.observe.observers import LiveRequests, RequestLines, StoreRecords, TokenTallies
 from proxy.observe.request_log import RequestLog
 from proxy.observe.startup import Figures, SourceLine, figures_of
-from proxy.observe.tracing import OtelMissing, SpansDropped, Tracing, wanted
+from proxy.observe.tracing import (
+    OtelMissing,
+    SpansDropped,
+    Tracing,
+    unsupported_protocol,
+    wanted,
+)
 from proxy.relay.passthrough import Passthrough
 from proxy.relay.path_rules import PathRules
 from proxy.relay.route import METERED_PATHS, MeteredRoute, RelayContext, id_headers_for
@@ -66,10 +72,21 @@ def tracing_from(endpoint: str | None) -> Tracing | None:
     ConfigError where the SDK is not installed."""
     if not wanted(endpoint):
         return None
+    protocol = unsupported_protocol()
+    if protocol is not None:
+        log.warning(
+            "OpenTelemetry: %s is not supported: spans and metrics go over OTLP/HTTP "
+            "(protobuf, port 4318); set OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf",
+            protocol,
+        )
     try:
         return Tracing.build(endpoint)
     except OtelMissing as e:
-        raise ConfigError(str(e)) from e
+        if endpoint:
+            raise ConfigError(str(e)) from e
+        # Only the variables (an operator's, or vLLM's own): a warning, not a stop.
+        log.warning("%s; running without tracing", e)
+        return None
 
 
 class EnergyProxyApp:
@@ -231,16 +248,18 @@ class EnergyProxyApp:
                 log.exception("a background task had failed")
         self._tasks = []
         sampler = self.ctx.meter.sampler
-        # A last reading, so energy drawn up to the end is counted.
-        sampler.read_all()
-        if self.request_log is not None:
-            self.request_log.flush()
-        await self.ctx.upstream.aclose()
-        sampler.close()
-        # Every answered request's record reaches the disk before the process exits.
-        await asyncio.to_thread(self.store.close)
-        if self.ctx.tracing is not None:
-            await asyncio.to_thread(self.ctx.tracing.shutdown)
+        try:
+            # A last reading, so energy drawn up to the end is counted.
+            sampler.read_all()
+            if self.request_log is not None:
+                self.request_log.flush()
+            await self.ctx.upstream.aclose()
+            sampler.close()
+            # Every answered request's record reaches the disk before the process exits.
+            await asyncio.to_thread(self.store.close)
+        finally:
+            if self.ctx.tracing is not None:
+                await asyncio.to_thread(self.ctx.tracing.shutdown)
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[EnergyProxyApp]:

@@ -61,6 +61,16 @@ def wanted(endpoint: str | None, environ: Mapping[str, str] = os.environ) -> boo
     return bool(endpoint) or any(environ.get(v) for v in _ENDPOINT_VARS)
 
 
+def unsupported_protocol(environ: Mapping[str, str] = os.environ) -> str | None:
+    """The OTLP protocol the variables ask for where it is not OTLP/HTTP with protobuf
+    (the one exporter installed), else None."""
+    for var in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+        value = environ.get(var, "").strip().lower()
+        if value and value != "http/protobuf":
+            return f"{var}={value}"
+    return None
+
+
 class SpanQueue:
     """A span processor that never blocks the request path: ended spans into a bounded
     queue; a thread exports them in batches. Spans that do not fit are dropped, counted."""
@@ -161,9 +171,12 @@ class Tracing:
                 f"pip install 'energy-proxy[otel]' ({e})"
             ) from e
         base = endpoint.rstrip("/") if endpoint else None
-        resource = Resource.create(
-            {"service.name": os.environ.get("OTEL_SERVICE_NAME") or SERVICE_NAME}
+        env = os.environ
+        named = env.get("OTEL_SERVICE_NAME") or "service.name" in env.get(
+            "OTEL_RESOURCE_ATTRIBUTES", ""
         )
+        # The variables' own name wins (Resource.create reads them); ours otherwise.
+        resource = Resource.create({} if named else {"service.name": SERVICE_NAME})
         span_exporter = OTLPSpanExporter(
             endpoint=f"{base}/v1/traces" if base else None, timeout=EXPORT_TIMEOUT_S
         )
@@ -175,9 +188,15 @@ class Tracing:
         metric_exporter = OTLPMetricExporter(
             endpoint=f"{base}/v1/metrics" if base else None, timeout=EXPORT_TIMEOUT_S
         )
-        meter_provider = MeterProvider(
-            resource=resource, metric_readers=[PeriodicExportingMetricReader(metric_exporter)]
+        # Metrics where an endpoint for them is known (only a traces endpoint set: none).
+        readers = (
+            [PeriodicExportingMetricReader(metric_exporter)]
+            if base
+            or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+            or env.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
+            else []
         )
+        meter_provider = MeterProvider(resource=resource, metric_readers=readers)
         meter = meter_provider.get_meter("energy_proxy")
         instruments = {
             "requests": meter.create_counter(
@@ -204,12 +223,14 @@ class Tracing:
 
     def start(self, headers: RawHeaders, endpoint: str, model: str) -> Any:
         """A server span for a request, its parent the client's `traceparent` if any."""
-        carrier = {
-            k.decode("latin-1").lower(): v.decode("latin-1")
-            for k, v in headers
-            if k.lower() in (b"traceparent", b"tracestate")
-        }
-        parent = self._propagator.extract(carrier) if carrier else None
+        parents = [v for k, v in headers if k.lower() == b"traceparent"]
+        states = [v for k, v in headers if k.lower() == b"tracestate"]
+        parent = None
+        if len(parents) == 1:  # two traceparents are no parent (W3C Trace Context)
+            carrier = {"traceparent": parents[0].decode("latin-1")}
+            if states:  # repeated tracestate headers are one list
+                carrier["tracestate"] = ",".join(v.decode("latin-1") for v in states)
+            parent = self._propagator.extract(carrier)
         operation = OPERATIONS.get(endpoint, endpoint)
         return self._tracer.start_span(
             f"{operation} {model}",

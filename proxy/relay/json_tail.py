@@ -140,8 +140,14 @@ def add_members_to_object(
     `name` holds; None where `name` is not an object in the tail, or has one of them."""
     value = members.values.get(name)
     span = members.spans.get(name)
-    if not isinstance(value, dict) or span is None or added.keys() & value.keys():
+    if not isinstance(value, dict) or span is None:
         return None
+    if added.keys() & value.keys():
+        # An upstream proxy's figures: the member encoded again with this proxy's.
+        if tail[span[0] : span[0] + 1] != b",":
+            return None
+        encoded = orjson.dumps({**value, **added})
+        return tail[: span[0]] + b',"' + name.encode() + b'":' + encoded + tail[span[1] :]
     member = tail[span[0] : span[1]].rstrip()
     if not member.endswith(b"}"):
         return None
@@ -159,6 +165,8 @@ def splice_into_usage(data: bytes, usage: dict[str, Any], added: dict[str, Any])
     in its `usage` object, the backend's bytes otherwise kept; None where the object
     found is not that one (the caller then encodes the document again). A few
     microseconds: `usage` is near the end of every answer."""
+    if data.count(b'"usage"') != 1:
+        return None  # a nested or echoed `usage` as well: which is which needs a parse
     i = len(data)
     for _ in range(8):  # the last few: `"usage"` may also be a string somewhere after it
         i = data.rfind(b'"usage"', 0, i)

@@ -10,6 +10,7 @@ size that stalls every other request while it runs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,10 +106,14 @@ def usage_figures(energy: dict[str, Any]) -> dict[str, int]:
     as whole numbers (millijoules, micrograms CO2eq). Integers, as the token counts are:
     client libraries that add the `usage` of several answers (LangChain's batches) add
     these too, and one that meets a float or an object there warns or fails."""
-    out = {"energy_millijoules": round(float(energy.get("joules", 0.0)) * 1000.0)}
-    co2 = energy.get("co2eq_g")
-    if isinstance(co2, int | float):
-        out["co2eq_micrograms"] = round(float(co2) * 1e6)
+    out: dict[str, int] = {}
+    for key, name, scale in (
+        ("joules", "energy_millijoules", 1e3),
+        ("co2eq_g", "co2eq_micrograms", 1e6),
+    ):
+        value = energy.get(key)
+        if isinstance(value, int | float) and math.isfinite(value * scale):
+            out[name] = round(value * scale)
     return out
 
 
@@ -135,7 +140,7 @@ def with_energy(answer: WholeAnswer, energy: dict[str, Any]) -> list[bytes]:
             return [orjson.dumps(doc)]
         if doc and data.rstrip().endswith(b"}"):
             # Spliced in without encoding the backend's document again.
-            if isinstance(usage, dict):
+            if isinstance(usage, dict) and figures:
                 spliced = splice_into_usage(data, usage, figures)
                 if spliced is None:  # not found as parsed: encoded again, to be sure
                     usage.update(figures)
@@ -146,7 +151,7 @@ def with_energy(answer: WholeAnswer, energy: dict[str, Any]) -> list[bytes]:
         return pieces
     if answer.tail is not None and answer.tail.values:
         tail = pieces[-1]
-        with_usage = add_members_to_object(tail, answer.tail, "usage", figures)
+        with_usage = add_members_to_object(tail, answer.tail, "usage", figures) if figures else None
         if with_usage is not None:
             tail = with_usage
             answer.tail = top_members(tail)

@@ -143,3 +143,29 @@ def test_without_the_sdk_asking_for_tracing_says_what_to_install(tmp_path: Path)
     )  # fmt: skip
     assert done.returncode == 2
     assert "pip install 'energy-proxy[otel]'" in done.stderr
+
+
+def test_only_the_variables_without_the_sdk_is_a_warning_not_a_stop(
+    fake_server: str, tmp_path: Path
+) -> None:
+    # An operator (or vLLM's own setup) set OTEL_EXPORTER_OTLP_ENDPOINT; the proxy was
+    # installed without the [otel] extra: it serves, and says why it does not trace.
+    shadow = tmp_path / "shadow" / "opentelemetry" / "sdk"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('not installed here')\n")
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{shadow.parent.parent}:{os.environ.get('PYTHONPATH', '')}",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318",
+    }
+    log = tmp_path / "proxy.log"
+    server = proxy_server(
+        fake_server,
+        extra_args=["--power-source", "constant:50", "--db", str(tmp_path / "r.db")],
+        log_path=log,
+        env=env,
+    )
+    with server, httpx.Client(base_url=server.url, timeout=30) as client:
+        body = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
+        assert client.post("/v1/chat/completions", json=body).status_code == 200
+    assert "running without tracing" in log.read_text()

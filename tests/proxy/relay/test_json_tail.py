@@ -10,6 +10,7 @@ import pytest
 
 from proxy.relay.json_tail import (
     TAIL_BYTES,
+    add_members_to_object,
     replace_last_member,
     splice_into_usage,
     top_members,
@@ -102,7 +103,7 @@ def test_nesting_deeper_than_python_can_parse_is_not_an_error() -> None:
     "doc",
     [
         {"id": "x", "usage": {"prompt_tokens": 3, "completion_tokens": 4}},
-        {"usage": {"prompt_tokens": 3}, "system_fingerprint": "usage"},  # usage not last
+        {"usage": {"prompt_tokens": 3}, "system_fingerprint": "fp"},  # usage not last
         {"choices": [{"text": 'say "usage": {"a": 1}'}], "usage": {"n": 1}},  # a decoy
         {"note": "é" * 50, "usage": {"prompt_tokens": 1, "details": {"cached": 0}}},
         {"usage": {}},
@@ -128,3 +129,27 @@ def test_the_energy_goes_into_usage_and_the_rest_is_the_backends_bytes(
 def test_a_usage_that_is_not_the_one_parsed_is_left_to_the_caller() -> None:
     data = b'{"usage": {"prompt_tokens": 1}, "x": "\\"usage\\": 5"}'
     assert splice_into_usage(data, {"prompt_tokens": 2}, {"a": 1}) is None
+
+
+@pytest.mark.parametrize(
+    "extra", [{"metadata": {"usage": {"prompt_tokens": 1}}}, {"system_fingerprint": "usage"}]
+)
+def test_an_echoed_usage_elsewhere_is_left_to_a_parse(extra: dict[str, Any]) -> None:
+    usage = {"prompt_tokens": 1}
+    data = json.dumps({"usage": usage, **extra}).encode()
+    assert splice_into_usage(data, usage, {"energy_millijoules": 5}) is None
+
+
+def test_usage_figures_of_an_upstream_proxy_in_a_large_tail_are_replaced() -> None:
+    doc = {
+        "data": [[0.5] * 50] * 2000,
+        "usage": {"prompt_tokens": 2, "energy_millijoules": 999},
+        "energy": {"joules": 9},
+    }
+    data = json.dumps(doc, separators=(",", ":")).encode()
+    tail = data[-TAIL_BYTES:]
+    found = top_members(tail)
+    new_tail = add_members_to_object(tail, found, "usage", {"energy_millijoules": 1234})
+    assert new_tail is not None
+    back = orjson.loads(data[:-TAIL_BYTES] + new_tail)
+    assert back["usage"] == {"prompt_tokens": 2, "energy_millijoules": 1234}

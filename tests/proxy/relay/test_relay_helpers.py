@@ -106,3 +106,14 @@ def test_passthrough_rules() -> None:
     assert check_patterns([" /invocations ", "!/v2/*"]) == ["/invocations", "!/v2/*"]
     with pytest.raises(ValueError, match="starts with /"):
         check_patterns(["invocations"])
+
+
+def test_usage_figures_are_whole_numbers_and_skip_what_is_not_finite() -> None:
+    from proxy.relay.whole_answer import usage_figures
+
+    assert usage_figures({"joules": 1.23456, "co2eq_g": 0.0001234}) == {
+        "energy_millijoules": 1235,
+        "co2eq_micrograms": 123,
+    }
+    assert usage_figures({"joules": float("nan"), "co2eq_g": float("inf")}) == {}
+    assert usage_figures({}) == {}
