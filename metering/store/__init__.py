@@ -6,6 +6,7 @@ rule that the request path never waits on, or fails because of, the database.
 """
 
 from metering.store.records import RequestRecord, StoreError
-from metering.store.request_store import RequestStore, StoreStatus
+from metering.store.request_store import RequestStore
+from metering.store.status import StoreStatus
 
 __all__ = ["RequestRecord", "RequestStore", "StoreError", "StoreStatus"]

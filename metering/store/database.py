@@ -128,6 +128,11 @@ class Database(Protocol):
         `tenant`: only that tenant's."""
         ...
 
+    def tenant_usage(self, tenant: str, since_hour: int) -> tuple[float, float]:
+        """(joules, grams CO2eq) of every request of `tenant` ("": without a key) that
+        finished from the hour `since_hour` on, whatever its status: what budgets count."""
+        ...
+
     def sums(self, since_hour: int | None, tenant: str | None) -> dict[tuple[str, str], Sums]:
         """Rollups from `since_hour` on (None: all), summed per (model group, category)."""
         ...

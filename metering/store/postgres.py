@@ -426,6 +426,20 @@ class PostgresDatabase:
 
         return self._read(find)
 
+    def tenant_usage(self, tenant: str, since_hour: int) -> tuple[float, float]:
+        def query(conn: psycopg.Connection[Any]) -> tuple[float, float]:
+            tenant_id = self._label_id(conn, tenant)
+            if tenant_id is None:
+                return 0.0, 0.0
+            row = conn.execute(
+                f"SELECT COALESCE(sum(joules), 0), COALESCE(sum(co2eq_g), 0) "
+                f"FROM {SCHEMA}.tenant_usage WHERE tenant = %s AND hour >= %s",
+                (tenant_id, since_hour),
+            ).fetchone()
+            return (float(row[0]), float(row[1])) if row else (0.0, 0.0)
+
+        return self._read(query)
+
     def sums(self, since_hour: int | None, tenant: str | None) -> dict[tuple[str, str], Sums]:
         span = Span.of(since_hour)
 

@@ -148,11 +148,34 @@ def _migrate_v4(cur: psycopg.Cursor[Any]) -> None:
     )
 
 
+def _migrate_v5(cur: psycopg.Cursor[Any]) -> None:
+    # Per hour and tenant, the energy of every request whatever its status: what budgets
+    # count (the rollups count successful requests only). Filled from the records kept.
+    cur.execute(
+        f"""
+        CREATE TABLE {SCHEMA}.tenant_usage (
+            hour integer NOT NULL,
+            tenant integer NOT NULL,
+            joules double precision NOT NULL,
+            co2eq_g double precision NOT NULL,
+            PRIMARY KEY (hour, tenant)
+        )
+        """
+    )
+    cur.execute(
+        f"INSERT INTO {SCHEMA}.tenant_usage (hour, tenant, joules, co2eq_g) "
+        f"SELECT (finished_ms / 3600000)::integer, tenant, "
+        f"COALESCE(sum({_finite('joules')}), 0), COALESCE(sum({_finite('co2eq_g')}), 0) "
+        f"FROM {SCHEMA}.records GROUP BY 1, 2"
+    )
+
+
 MIGRATIONS: tuple[Callable[[psycopg.Cursor[Any]], None], ...] = (
     _migrate_v1,
     _migrate_v2,
     _migrate_v3,
     _migrate_v4,
+    _migrate_v5,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -209,6 +232,18 @@ WITH batch AS (
     SELECT * FROM dagg
     ON CONFLICT (day, model, category, backend, tenant) DO UPDATE SET
         {", ".join(f"{c} = r.{c} + excluded.{c}" for c in _ROLLUP_SUMS)}
+), tagg AS (
+    SELECT (finished_ms / 3600000)::integer AS hour, tenant,
+           COALESCE(sum({_finite("joules")}), 0) AS joules,
+           COALESCE(sum({_finite("co2eq_g")}), 0) AS co2eq_g
+    FROM ins
+    GROUP BY 1, 2
+    ORDER BY 1, 2
+), tup AS (
+    INSERT INTO {SCHEMA}.tenant_usage AS u (hour, tenant, joules, co2eq_g)
+    SELECT * FROM tagg
+    ON CONFLICT (hour, tenant) DO UPDATE SET
+        joules = u.joules + excluded.joules, co2eq_g = u.co2eq_g + excluded.co2eq_g
 )
 SELECT count(*) FROM ins
 """

@@ -20,11 +20,11 @@ Records hold ids, labels and numbers only, never prompt or completion text.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -33,40 +33,11 @@ from metering.store.journal import Journal, delete, read_segment
 from metering.store.placement import POSTGRES_SCHEMES, default_max_bytes, journal_prefix
 from metering.store.records import RequestRecord, StoreError
 from metering.store.rollup import by_model_category, hour_of, rollup, summary_rows
+from metering.store.status import StoreStatus
 
 log = logging.getLogger("energy_proxy.store")
 
 FAILURE_LOG_EVERY_S = 60.0
-
-
-@dataclass(frozen=True, slots=True)
-class StoreStatus:
-    """The store's health, for `/readyz` and the metrics."""
-
-    kind: str
-    where: str
-    queued: int  # accepted, not yet written
-    dropped: int  # never stored (queue full, closed, refused for their data)
-    evicted: int  # stored, then dropped to make room (the rollups keep them)
-    writing: bool  # the last write succeeded (or none was needed yet)
-    last_error: str | None  # the latest write error, if the last write failed
-    max_mb: float | None
-    journal: str | None = None  # where records go before the database has them (None: off)
-    journal_failed: int = 0  # records the journal could not take (disk full, read-only)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "where": self.where,
-            "ok": self.writing,
-            "queued": self.queued,
-            "dropped": self.dropped,
-            "evicted": self.evicted,
-            "error": self.last_error,
-            "max_mb": self.max_mb,
-            "journal": self.journal,
-            "journal_failed": self.journal_failed,
-        }
 
 
 class RequestStore:
@@ -577,6 +548,21 @@ class RequestStore:
             else:
                 acc.add(s)
         return summary_rows(groups, min_count)
+
+    def tenant_usage(self, tenant: str, since_s: float) -> tuple[float, float]:
+        """(joules, grams CO2eq) of `tenant`'s requests finished from the hour `since_s`
+        falls in, every status counted, the records still queued included."""
+        self._check_open()
+        since_hour = hour_of(since_s)
+        with self._commit_lock:
+            with self._cond:
+                pending = [r for r in self._pending.values() if r.tenant == tenant]
+            joules, grams = self.db.tenant_usage(tenant, since_hour)
+        for r in pending:
+            if hour_of(r.finished_at) >= since_hour:
+                joules += r.joules if math.isfinite(r.joules) else 0.0
+                grams += r.co2eq_g if math.isfinite(r.co2eq_g) else 0.0
+        return joules, grams
 
     def count(self, *, flush_timeout_s: float = 10.0) -> int:
         """Stored records (the queue is flushed first)."""

@@ -150,3 +150,15 @@ def by_model_category(
             acc = out[(key.model, key.category)] = Sums()
         acc.add(s)
     return out
+
+
+def tenant_hours(records: Iterable[RequestRecord]) -> dict[tuple[int, str], tuple[float, float]]:
+    """Per (hour, tenant): the joules and grams CO2eq of every request, whatever its
+    status (a client that hangs up mid-stream used energy too): what budgets count. NaN
+    and infinite figures count as 0, as in the rollups."""
+    out: dict[tuple[int, str], tuple[float, float]] = {}
+    for r in records:
+        key = (hour_of(r.finished_at), r.tenant)
+        j, g = out.get(key, (0.0, 0.0))
+        out[key] = (j + _finite(r.joules), g + _finite(r.co2eq_g))
+    return out

@@ -42,6 +42,7 @@ from metering.store.rollup import (
     Sums,
     by_day,
     rollup,
+    tenant_hours,
 )
 from metering.store.sqlite_schema import (
     MIGRATIONS,
@@ -54,6 +55,7 @@ from metering.store.sqlite_schema import (
     rollback,
     transaction,
     upsert_rollups_sql,
+    upsert_tenant_usage_sql,
 )
 
 log = logging.getLogger("energy_proxy.store")
@@ -294,6 +296,7 @@ class SqliteDatabase:
             hourly = rollup(inserted)
             self._upsert_rollups(conn, "rollups", "hour", hourly)
             self._upsert_rollups(conn, "rollups_daily", "day", by_day(hourly))
+            self._upsert_tenant_usage(conn, tenant_hours(inserted))
         except BaseException:
             rollback(conn)
             self._staged = {}
@@ -329,6 +332,16 @@ class SqliteDatabase:
                         bad.append(r)
         inserted = [r for row, r in zip(rows, records, strict=True) if row[0] in keys]
         return inserted, bad
+
+    def _upsert_tenant_usage(
+        self, conn: sqlite3.Connection, usage: dict[tuple[int, str], tuple[float, float]]
+    ) -> None:
+        if not usage:
+            return
+        params: list[object] = []
+        for (hour, tenant), (joules, co2eq_g) in usage.items():
+            params += (hour, self._id(tenant), joules, co2eq_g)
+        conn.execute(upsert_tenant_usage_sql(len(usage)), params)
 
     def _upsert_rollups(
         self, conn: sqlite3.Connection, table: str, period: str, sums: dict[RollupKey, Sums]
@@ -470,6 +483,22 @@ class SqliteDatabase:
 
         found = self._read(find)
         assert found is None or isinstance(found, RequestRecord)
+        return found
+
+    def tenant_usage(self, tenant: str, since_hour: int) -> tuple[float, float]:
+        def query(conn: sqlite3.Connection) -> tuple[float, float]:
+            tenant_id = self._label_id(tenant)
+            if tenant_id is None:
+                return 0.0, 0.0
+            row = conn.execute(
+                "SELECT TOTAL(joules), TOTAL(co2eq_g) FROM tenant_usage "
+                "WHERE tenant = ? AND hour >= ?",
+                (tenant_id, since_hour),
+            ).fetchone()
+            return float(row[0]), float(row[1])
+
+        found = self._read(query)
+        assert isinstance(found, tuple)
         return found
 
     def sums(self, since_hour: int | None, tenant: str | None) -> dict[tuple[str, str], Sums]:

@@ -217,6 +217,27 @@ def _migrate_v6(conn: sqlite3.Connection) -> None:
     )
 
 
+def _migrate_v7(conn: sqlite3.Connection) -> None:
+    # Per hour and tenant, the energy of every request whatever its status: what budgets
+    # count (the rollups count successful requests only). Filled from the records kept.
+    conn.execute(
+        """
+        CREATE TABLE tenant_usage (
+            hour INTEGER NOT NULL,
+            tenant INTEGER NOT NULL,
+            joules REAL NOT NULL,
+            co2eq_g REAL NOT NULL,
+            PRIMARY KEY (hour, tenant)
+        ) WITHOUT ROWID
+        """
+    )
+    conn.execute(
+        "INSERT INTO tenant_usage (hour, tenant, joules, co2eq_g) "
+        "SELECT finished_ms / 3600000, tenant, TOTAL(joules), TOTAL(co2eq_g) "
+        "FROM records GROUP BY 1, 2"
+    )
+
+
 # Applied in order: migration i takes the schema from version i to version i + 1
 # (`PRAGMA user_version`). Append only; never edit one that has shipped.
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
@@ -226,6 +247,7 @@ MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     _migrate_v4,
     _migrate_v5,
     _migrate_v6,
+    _migrate_v7,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -251,6 +273,15 @@ def upsert_rollups_sql(table: str, period: str, n: int) -> str:
 
 
 SELECT_RECORD = f"SELECT {', '.join(COLUMNS)} FROM records"
+
+
+@functools.lru_cache(maxsize=16)
+def upsert_tenant_usage_sql(n: int) -> str:
+    return (
+        "INSERT INTO tenant_usage (hour, tenant, joules, co2eq_g) VALUES "
+        f"{', '.join(['(?, ?, ?, ?)'] * n)} ON CONFLICT (hour, tenant) DO UPDATE SET "
+        "joules = joules + excluded.joules, co2eq_g = co2eq_g + excluded.co2eq_g"
+    )
 
 
 # --- connections -------------------------------------------------------------------------

@@ -37,7 +37,14 @@ def test_schema_lives_in_its_own_namespace_and_is_versioned(pg_url: str) -> None
                 (SCHEMA,),
             )
         }
-        assert tables == {"labels", "records", "rollups", "rollups_daily", "schema_version"}
+        assert tables == {
+            "labels",
+            "records",
+            "rollups",
+            "rollups_daily",
+            "schema_version",
+            "tenant_usage",
+        }
         assert c.execute(f"SELECT version FROM {SCHEMA}.schema_version").fetchall() == [
             (SCHEMA_VERSION,)
         ]

@@ -387,3 +387,26 @@ def test_status_says_what_the_store_is_and_how_it_goes(db: str) -> None:
             "journal_failed": 0,
         }
         assert "@" not in st["where"] or ":" not in st["where"].split("@")[0][13:]
+
+
+def test_tenant_usage_counts_every_status_and_outlives_the_process(db: str) -> None:
+    t = 100 * SECONDS_PER_HOUR + 60.0
+    with RequestStore.open(db) as store:
+        store.add(make_record(rid(1), tenant="a", joules=10.0, co2eq_g=1.0, finished_at=t))
+        # A client that hung up mid-stream used energy too: budgets count it.
+        store.add(make_record(rid(2), tenant="a", joules=5.0, co2eq_g=0.5, status=499,
+                              finished_at=t + 1))  # fmt: skip
+        store.add(make_record(rid(3), tenant="b", joules=7.0, co2eq_g=0.7, finished_at=t))
+        store.add(make_record(rid(4), tenant="a", joules=100.0, co2eq_g=9.0,
+                              finished_at=t - 2 * SECONDS_PER_HOUR))  # fmt: skip
+        # Still queued: counted already.
+        assert store.tenant_usage("a", t) == pytest.approx((15.0, 1.5))
+        assert store.flush()
+        assert store.tenant_usage("a", t) == pytest.approx((15.0, 1.5))
+        assert store.tenant_usage("a", t - 2 * SECONDS_PER_HOUR) == pytest.approx((115.0, 10.5))
+        assert store.tenant_usage("b", t) == pytest.approx((7.0, 0.7))
+        # And the rollups still count the successful ones only.
+        assert sum(r["count"] for r in store.summary(tenant="a", since_s=t)) == 1
+    with RequestStore.open(db) as again:
+        assert again.tenant_usage("a", t) == pytest.approx((15.0, 1.5))
+        assert again.tenant_usage("nobody", t) == (0.0, 0.0)

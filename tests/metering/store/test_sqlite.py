@@ -55,10 +55,10 @@ def test_schema_wal_and_no_figure_stored_twice(tmp_path: Path) -> None:
         assert store.flush()
         with closing(sqlite3.connect(db)) as c:
             assert c.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-            assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
+            assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 7
             assert c.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # incremental
             tables = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-            assert tables == {"labels", "records", "rollups", "rollups_daily"}
+            assert tables == {"labels", "records", "rollups", "rollups_daily", "tenant_usage"}
             cols = [r[1] for r in c.execute("PRAGMA table_info(records)")]
             assert tuple(cols) == COLUMNS  # no energy JSON, no SCI, no per-source copy
             row = c.execute("SELECT rid, finished_ms, model, status FROM records").fetchone()
@@ -257,9 +257,7 @@ def test_a_version_4_store_reads_back_its_records_as_chat(tmp_path: Path) -> Non
 def test_every_endpoint_and_untracked_flag_round_trips(
     tmp_path: Path, endpoint: str, with_untracked: bool | None
 ) -> None:
-    record = replace(
-        make_record(rid(1)), endpoint=endpoint, shared_with_untracked=with_untracked
-    )
+    record = replace(make_record(rid(1)), endpoint=endpoint, shared_with_untracked=with_untracked)
     with RequestStore.open(str(tmp_path / "s.db")) as store:
         store.add(record)
         assert store.flush()
