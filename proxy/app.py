@@ -42,10 +42,12 @@ from proxy.api.live import LiveApi
 from proxy.api.models import ModelsApi
 from proxy.asgi import Receive, Scope, Send, send_error
 from proxy.auth import KeyRing
+from proxy.budgets import Budget, BudgetBook
 from proxy.carbon_client import HttpxFetch
 from proxy.errors import HeadersTooLarge, MethodNotAllowed, ProxyError, error_body
 from proxy.headers import client_request_id, header_limit_problem, header_value
 from proxy.live.feed import LiveFeed
+from proxy.observe.budget_metrics import BudgetUse
 from proxy.observe.finished import Observer, Observers
 from proxy.observe.metrics import ProxyMetrics
 from proxy.observe.observers import LiveRequests, RequestLines, StoreRecords, TokenTallies
@@ -65,6 +67,16 @@ from proxy.relay.upstream import UpstreamClient, make_upstream
 from proxy.settings import ConfigError, Settings
 
 log = logging.getLogger("energy_proxy")
+
+
+def budget_book(
+    keys: KeyRing, default: Budget | None, store: RequestStore, refresh_s: float
+) -> BudgetBook | None:
+    """Each key's budget (its own, else the default); None where no key has one."""
+    budgets = {k.name: b for k in keys.keys if (b := k.budget or default) is not None}
+    if not budgets:
+        return None
+    return BudgetBook(budgets, store.tenant_usage, refresh_s=refresh_s)
 
 
 def tracing_from(endpoint: str | None) -> Tracing | None:
@@ -202,6 +214,11 @@ class EnergyProxyApp:
             self._metrics_task = asyncio.create_task(self._metrics_server.serve())
         if self.request_log is not None:
             self._tasks.append(asyncio.create_task(self.request_log.run()))
+        if self.ctx.budgets is not None:
+            # What the store holds first (a restart must not reset anyone's use), then
+            # read again every --budget-refresh-s.
+            await self.ctx.budgets.refresh()
+            self._tasks.append(asyncio.create_task(self.ctx.budgets.run()))
         if isinstance(ctx.meter.intensity, RefreshingIntensity):
             self._tasks.append(asyncio.create_task(ctx.meter.intensity.run()))
         if settings.retention_days > 0:
@@ -352,6 +369,10 @@ def create_app(
         observers.append(tracing)
         metrics.registry.register(SpansDropped(tracing.spans))
     keys = KeyRing.from_settings(settings.api_keys, settings.keys)
+    budgets = budget_book(keys, settings.budget, store, settings.budget_refresh_s)
+    if budgets is not None:
+        observers.append(budgets)
+        metrics.registry.register(BudgetUse(budgets))
     ctx = RelayContext(
         registry=registry,
         upstream=upstream,
@@ -362,6 +383,7 @@ def create_app(
         classifier=PromptClassifier(settings.categories),
         client_timeout_s=settings.client_timeout,
         tracing=tracing,
+        budgets=budgets,
     )
     access = Access(keys)
     api = _api(

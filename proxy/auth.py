@@ -20,6 +20,8 @@ import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from proxy.budgets import Budget
+
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
@@ -29,6 +31,7 @@ class ApiKey:
     name: str  # the tenant: a label value and a store column, so a bounded, plain name
     sha256: bytes
     admin: bool = False
+    budget: Budget | None = None  # its energy/carbon budget (proxy/budgets.py)
 
 
 def hash_key(key: str) -> str:
@@ -50,7 +53,9 @@ def parse_key_spec(spec: str) -> ApiKey:
     return make_key(parts[0], parts[1], admin=len(parts) == 3)
 
 
-def make_key(name: str, sha256_hex: str, *, admin: bool = False) -> ApiKey:
+def make_key(
+    name: str, sha256_hex: str, *, admin: bool = False, budget: Budget | None = None
+) -> ApiKey:
     if not _NAME.fullmatch(name):
         raise ValueError(
             "a key's name is 1-64 letters, digits, '.', '_' or '-' (it becomes a label)"
@@ -58,7 +63,7 @@ def make_key(name: str, sha256_hex: str, *, admin: bool = False) -> ApiKey:
     digest = sha256_hex.strip().lower()
     if not _HEX64.fullmatch(digest):
         raise ValueError(f"key {name!r}: the hash must be 64 hex digits (energy-proxy hash-key)")
-    return ApiKey(name, bytes.fromhex(digest), admin)
+    return ApiKey(name, bytes.fromhex(digest), admin, budget)
 
 
 class KeyRing:

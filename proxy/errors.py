@@ -66,6 +66,14 @@ class UnknownModel(NotFound):
     code = "model_not_found"
 
 
+class BudgetExceeded(ProxyError):
+    """The key's energy or carbon budget for this period is spent (proxy/budgets.py)."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "energy_budget_exceeded"
+
+
 class BodyTooLarge(ProxyError):
     status = 413
     type = "invalid_request_error"

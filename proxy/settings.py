@@ -27,6 +27,7 @@ from metering.carbon.sci import DEFAULT_LIFESPAN_YEARS
 from metering.categories.classifier import DEFAULT_CATEGORIES
 from metering.store.window import DEFAULT_WINDOW, parse_duration_s
 from proxy.auth import ApiKey, KeyRing, make_key, parse_key_spec
+from proxy.budgets import Budget, parse_budget
 from proxy.relay.path_rules import check_patterns
 
 # World average carbon intensity of electricity generation in 2023: 480 gCO2eq/kWh
@@ -153,6 +154,12 @@ class Settings(BaseModel):
     # Each record handed to the operating system before its energy is told, replayed at
     # the next start: "auto" (beside the database), "off", or a path prefix.
     journal: str = "auto"
+    # Every key's energy/carbon budget unless its [[keys]] table sets its own:
+    # "joules=N,co2eq_g=N,per=hour|day|month[,soft]" (proxy/budgets.py); None: none.
+    budget: Budget | None = None
+    # How often each budgeted key's use is read from the store (a fleet's other proxies'
+    # requests are seen that late).
+    budget_refresh_s: float = Field(default=5.0, gt=0.0)
     # OpenTelemetry: spans and metrics to this OTLP/HTTP endpoint (or where the OTEL_*
     # variables say); None and no variables: off.
     otlp_endpoint: str | None = None
@@ -224,16 +231,23 @@ class Settings(BaseModel):
             elif isinstance(item, str):
                 out.append(parse_key_spec(item))
             elif isinstance(item, dict):
-                unknown = set(item) - {"name", "sha256", "admin"}
+                unknown = set(item) - {"name", "sha256", "admin", "budget"}
                 if unknown:
                     raise ValueError(
-                        f"a [[keys]] table takes name, sha256, admin; not {sorted(unknown)}"
+                        f"a [[keys]] table takes name, sha256, admin, budget; not {sorted(unknown)}"
                     )
-                out.append(make_key(str(item.get("name", "")), str(item.get("sha256", "")),
-                                    admin=bool(item.get("admin", False))))  # fmt: skip
+                budget = parse_budget(item["budget"]) if "budget" in item else None
+                name, digest = str(item.get("name", "")), str(item.get("sha256", ""))
+                admin = bool(item.get("admin", False))
+                out.append(make_key(name, digest, admin=admin, budget=budget))
             else:
                 raise ValueError("keys are NAME:SHA256[:admin] or [[keys]] tables")
         return out
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _budget(cls, v: Any) -> Any:
+        return None if v is None or v == "" else parse_budget(v)
 
     @field_validator("metrics_listen")
     @classmethod

@@ -119,6 +119,22 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
         "beyond that they are dropped and counted",
     )
     p.add_argument(
+        "--budget",
+        default=S,
+        metavar="SPEC",
+        help="every key's energy/carbon budget unless its [[keys]] table sets one: "
+        "joules=N,co2eq_g=N,per=hour|day|month[,soft]; past it 429 energy_budget_exceeded "
+        "(soft: a header only) (default: none)",
+    )
+    p.add_argument(
+        "--budget-refresh-s",
+        type=float,
+        default=S,
+        metavar="S",
+        help="how often each budgeted key's use is read from the store, where a fleet's "
+        "other proxies' requests show (default 5)",
+    )
+    p.add_argument(
         "--otlp-endpoint",
         default=S,
         metavar="URL",

@@ -32,6 +32,7 @@ from metering.categories.classifier import PromptClassifier
 from metering.meter import Meter
 from proxy.asgi import Message, RawHeaders, Receive, Scope, Send, send_error
 from proxy.auth import ApiKey, KeyRing
+from proxy.budgets import BudgetBook, refuse_over_budget
 from proxy.errors import (
     BackendUnreachable,
     BadRequest,
@@ -106,6 +107,7 @@ class RelayContext:
     # Requests in flight, for the watchdog of clients that stop reading.
     exchanges: set[Exchange] = field(default_factory=set)
     tracing: Tracing | None = None  # OpenTelemetry, when on (proxy/observe/tracing.py)
+    budgets: BudgetBook | None = None  # keys' energy budgets (proxy/budgets.py)
 
 
 @dataclass(slots=True)
@@ -161,6 +163,14 @@ class MeteredRoute:
             return
         if intake is None:
             return  # the client left before sending its request
+        if ctx.budgets is not None and intake.key is not None:
+            verdict = ctx.budgets.check(intake.key.name)
+            if verdict is not None:
+                id_headers = [*id_headers, *verdict.headers()]
+                if verdict.exceeded and not verdict.budget.soft:
+                    ctx.observers.rejected(429)
+                    await refuse_over_budget(send, verdict, id_headers)
+                    return
         body = intake.body
         client_wants_usage = False
         if intake.stream and endpoint.asks_for_usage:
