@@ -73,10 +73,15 @@ def budget_book(
     keys: KeyRing, default: Budget | None, store: RequestStore, refresh_s: float
 ) -> BudgetBook | None:
     """Each key's budget (its own, else the default); None where no key has one."""
-    budgets = {k.name: b for k in keys.keys if (b := k.budget or default) is not None}
+    budgets = {
+        k.name: b
+        for k in keys.keys
+        # The default is not the operator's: admin keys have only a budget of their own.
+        if (b := k.budget or (None if k.admin else default)) is not None
+    }
     if not budgets:
         return None
-    return BudgetBook(budgets, store.tenant_usage, refresh_s=refresh_s)
+    return BudgetBook(budgets, store.tenants_usage, refresh_s=refresh_s)
 
 
 def tracing_from(endpoint: str | None) -> Tracing | None:
@@ -217,6 +222,9 @@ class EnergyProxyApp:
         if self.ctx.budgets is not None:
             # What the store holds first (a restart must not reset anyone's use), then
             # read again every --budget-refresh-s.
+            # Records replayed from the journal are written first, or the store would
+            # hold them twice (written before, and queued again) for the first read.
+            await asyncio.to_thread(self.store.flush, 10.0)
             await self.ctx.budgets.refresh()
             self._tasks.append(asyncio.create_task(self.ctx.budgets.run()))
         if isinstance(ctx.meter.intensity, RefreshingIntensity):

@@ -74,6 +74,8 @@ def parse_budget(value: Any) -> Budget:
 def _limit(name: str, value: Any) -> float | None:
     if value is None:
         return None
+    if isinstance(value, bool):  # `joules` alone, or `joules = true`: not a number
+        raise ValueError(f"a budget's {name} is a number: {name}=N")
     try:
         n = float(value)
     except (TypeError, ValueError):
@@ -129,24 +131,38 @@ class Verdict:
         b, u = self.budget, self.use
         out = []
         if b.joules is not None:
-            left = max(0.0, b.joules - u.joules)
-            out.append((b"x-energy-budget-remaining-joules", f"{left:.6g}".encode()))
+            left = _plain(max(0.0, b.joules - u.joules))
+            out.append((b"x-energy-budget-remaining-joules", left))
         if b.co2eq_g is not None:
-            left = max(0.0, b.co2eq_g - u.grams)
-            out.append((b"x-energy-budget-remaining-grams", f"{left:.6g}".encode()))
+            left = _plain(max(0.0, b.co2eq_g - u.grams))
+            out.append((b"x-energy-budget-remaining-grams", left))
         out.append((b"x-energy-budget-period", b.per.encode()))
         if self.exceeded:
             out.append((b"x-energy-budget-exceeded", b"true"))
         return out
 
 
+def _plain(x: float) -> bytes:
+    """A header number in plain decimal, to the milli-unit (never an exponent)."""
+    return (f"{x:.3f}".rstrip("0").rstrip(".") or "0").encode()
+
+
+class OverBudget(Exception):
+    """A request of a key whose hard budget is spent (raised to answer 429)."""
+
+    def __init__(self, verdict: Verdict) -> None:
+        super().__init__("energy budget spent")
+        self.verdict = verdict
+
+
 @dataclass
 class BudgetBook:
-    """Each budgeted tenant's use. `usage(tenant, since_s)` reads the store (blocking:
-    called in a thread); `clock` gives unix seconds."""
+    """Each budgeted tenant's use. `usage` reads the store (blocking: called in a
+    thread); `clock` gives unix seconds."""
 
     budgets: dict[str, Budget]
-    usage: Callable[[str, float], tuple[float, float]]
+    # {tenant: since_s} -> {tenant: (joules, grams)}: RequestStore.tenants_usage
+    usage: Callable[[dict[str, float]], dict[str, tuple[float, float]]]
     clock: Callable[[], float] = time.time
     refresh_s: float = REFRESH_S
     uses: dict[str, Use] = field(default_factory=dict)
@@ -188,16 +204,17 @@ class BudgetBook:
             self.charge(event.tenant, event.report.energy_j, event.report.co2eq_g)
 
     async def refresh(self) -> None:
-        """Every tenant's use read from the store again (in a thread)."""
-        for tenant, budget in self.budgets.items():
-            use = self._use(tenant, budget)
-            try:
-                joules, grams = await asyncio.to_thread(self.usage, tenant, use.start_s)
-            except Exception as e:  # a store that cannot be read keeps the last figures
-                log.warning("budget of %s: the store could not be read: %s", tenant, e)
-                continue
-            if self.uses.get(tenant) is use:
-                use.joules, use.grams = joules, grams
+        """Every tenant's use read from the store again, in one call, in a thread."""
+        uses = {t: self._use(t, b) for t, b in self.budgets.items()}
+        since = {t: u.start_s for t, u in uses.items()}
+        try:
+            read = await asyncio.to_thread(self.usage, since)
+        except Exception as e:  # a store that cannot be read keeps the last figures
+            log.warning("budgets: the store could not be read: %s", e)
+            return
+        for tenant, use in uses.items():
+            if self.uses.get(tenant) is use and tenant in read:
+                use.joules, use.grams = read[tenant]
 
     async def run(self) -> None:
         """Forever (cancel to stop): refresh every `refresh_s`."""
@@ -206,10 +223,12 @@ class BudgetBook:
             await self.refresh()
 
 
-async def refuse_over_budget(send: Send, verdict: Verdict, headers: RawHeaders) -> None:
+async def refuse_over_budget(
+    send: Send, verdict: Verdict, headers: RawHeaders, now_s: float
+) -> None:
     """429 `energy_budget_exceeded`, OpenAI-shaped, with Retry-After: the seconds to the
     period's end."""
-    retry_s = verdict.retry_after_s(time.time())
+    retry_s = verdict.retry_after_s(now_s)
     b = verdict.budget
     what = " and ".join(
         f"{limit:g} {unit}"
@@ -219,4 +238,6 @@ async def refuse_over_budget(send: Send, verdict: Verdict, headers: RawHeaders) 
     exc = BudgetExceeded(
         f"this key's energy budget ({what} per {b.per}) is spent; it renews in {retry_s} s"
     )
-    await send_error(send, exc, [*headers, (b"retry-after", str(retry_s).encode())])
+    await send_error(
+        send, exc, [*headers, *verdict.headers(), (b"retry-after", str(retry_s).encode())]
+    )

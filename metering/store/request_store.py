@@ -549,20 +549,29 @@ class RequestStore:
                 acc.add(s)
         return summary_rows(groups, min_count)
 
-    def tenant_usage(self, tenant: str, since_s: float) -> tuple[float, float]:
-        """(joules, grams CO2eq) of `tenant`'s requests finished from the hour `since_s`
-        falls in, every status counted, the records still queued included."""
+    def tenants_usage(self, since_s: dict[str, float]) -> dict[str, tuple[float, float]]:
+        """(joules, grams CO2eq) of each tenant's requests finished from the hour its
+        `since_s` falls in, every status counted, the records still queued included: one
+        pass over the queue, one read per tenant."""
         self._check_open()
-        since_hour = hour_of(since_s)
+        hours = {t: hour_of(s) for t, s in since_s.items()}
+        out: dict[str, tuple[float, float]] = {}
         with self._commit_lock:
             with self._cond:
-                pending = [r for r in self._pending.values() if r.tenant == tenant]
-            joules, grams = self.db.tenant_usage(tenant, since_hour)
+                pending = [r for r in self._pending.values() if r.tenant in hours]
+            for tenant, since_hour in hours.items():
+                out[tenant] = self.db.tenant_usage(tenant, since_hour)
         for r in pending:
-            if hour_of(r.finished_at) >= since_hour:
+            if hour_of(r.finished_at) >= hours[r.tenant]:
+                joules, grams = out[r.tenant]
                 joules += r.joules if math.isfinite(r.joules) else 0.0
                 grams += r.co2eq_g if math.isfinite(r.co2eq_g) else 0.0
-        return joules, grams
+                out[r.tenant] = (joules, grams)
+        return out
+
+    def tenant_usage(self, tenant: str, since_s: float) -> tuple[float, float]:
+        """`tenants_usage` of one tenant."""
+        return self.tenants_usage({tenant: since_s})[tenant]
 
     def count(self, *, flush_timeout_s: float = 10.0) -> int:
         """Stored records (the queue is flushed first)."""

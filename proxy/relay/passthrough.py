@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import orjson
 
 from backends.backend import Backend
 from proxy.asgi import RawHeaders, Receive, Scope, Send, send_error
+from proxy.budgets import OverBudget, refuse_over_budget
 from proxy.errors import HeadersTooLarge, NotFound, ProxyError
 from proxy.headers import (
     downstream_response_headers,
@@ -45,6 +47,9 @@ class Passthrough:
         _, _, id_headers = id_headers_for(ctx, scope["headers"])
         try:
             backend, body = await self._intake(scope, receive)
+        except OverBudget as over:
+            await refuse_over_budget(send, over.verdict, id_headers, time.time())
+            return
         except ProxyError as exc:
             await send_error(send, exc, id_headers)
             return
@@ -90,7 +95,12 @@ class Passthrough:
                 "configured: --passthrough PATTERN)"
             )
         if method != "OPTIONS":  # a browser's preflight carries no credentials
-            check_key(ctx.keys, headers)  # keys apply as on metered paths
+            key = check_key(ctx.keys, headers)  # keys apply as on metered paths
+            if ctx.budgets is not None and key is not None:
+                # A spent budget holds here too: the backend's other paths use it as well.
+                verdict = ctx.budgets.check(key.name)
+                if verdict is not None and verdict.exceeded and not verdict.budget.soft:
+                    raise OverBudget(verdict)
         body = await read_body_within(receive, ctx.max_body_bytes, ctx.client_timeout_s)
         return await self._backend_for(path, headers, body), body
 

@@ -165,12 +165,12 @@ class MeteredRoute:
             return  # the client left before sending its request
         if ctx.budgets is not None and intake.key is not None:
             verdict = ctx.budgets.check(intake.key.name)
+            if verdict is not None and verdict.exceeded and not verdict.budget.soft:
+                ctx.observers.rejected(429)
+                await refuse_over_budget(send, verdict, id_headers, ctx.budgets.clock())
+                return
             if verdict is not None:
                 id_headers = [*id_headers, *verdict.headers()]
-                if verdict.exceeded and not verdict.budget.soft:
-                    ctx.observers.rejected(429)
-                    await refuse_over_budget(send, verdict, id_headers)
-                    return
         body = intake.body
         client_wants_usage = False
         if intake.stream and endpoint.asks_for_usage:

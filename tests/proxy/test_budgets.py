@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -37,6 +38,8 @@ def test_a_budget_spec_reads_as_a_user_writes_it() -> None:
         ("joules=lots", "a number"),
         ("joules=1,per=week", "hour, day or month"),
         ("joules=1,watts=3", "not \\['watts'\\]"),
+        ("joules,per=day", "joules=N"),  # a bare name is not 1 J
+        ({"joules": True}, "joules=N"),
     ]:
         with pytest.raises(ValueError, match=says):
             parse_budget(bad)
@@ -55,6 +58,9 @@ def test_the_verdict_says_what_is_left_and_when_it_renews() -> None:
     assert v.exceeded  # the grams are spent, though joules are left
     headers = dict(v.headers())
     assert headers[b"x-energy-budget-remaining-joules"] == b"60"
+    big = Verdict(Budget(3_600_000.0), Use(0.0, 1.0, joules=0.5))
+    # Plain decimal to the millijoule, never an exponent.
+    assert dict(big.headers())[b"x-energy-budget-remaining-joules"] == b"3599999.5"
     assert headers[b"x-energy-budget-remaining-grams"] == b"0"
     assert headers[b"x-energy-budget-exceeded"] == b"true"
     assert v.retry_after_s(3000.2) == 600
@@ -66,7 +72,7 @@ def test_the_book_adds_what_ends_and_takes_the_stores_figure_at_each_read() -> N
     stored = {"a": (0.0, 0.0)}
     book = BudgetBook(
         {"a": Budget(joules=10.0, per="hour")},
-        lambda tenant, since_s: stored[tenant],
+        lambda since: {t: stored[t] for t in since},
         clock=lambda: now[0],
     )
     assert book.check("b") is None  # no budget: no verdict, no headers
@@ -150,6 +156,15 @@ def test_past_its_budget_a_tenant_gets_429_and_another_does_not(
         other = _ask(server.url, KEY_B)
         assert other.status_code == 200
         assert "x-energy-budget-remaining-joules" not in other.headers
+        # The backend's other paths are refused too: a spent budget is spent there.
+        tokenize = httpx.post(
+            server.url + "/tokenize",
+            json={"model": "fake-model", "prompt": "hi"},
+            headers={"authorization": f"Bearer {KEY_A}"},
+            timeout=30,
+        )
+        assert tokenize.status_code == 429
+        assert tokenize.json()["error"]["code"] == "energy_budget_exceeded"
         metrics = httpx.get(server.url + "/metrics").text
         assert 'energy_proxy_tenant_budget_used_ratio{kind="joules",tenant="a"}' in metrics
     # A restart: what was used is in the store.
@@ -169,3 +184,22 @@ def test_a_budget_holds_across_two_proxies_on_one_postgresql(
         # the first proxy's writer has written it (~0.2 s).
         assert wait_for(lambda: _spent(two.url), timeout_s=20)
         assert _ask(two.url, KEY_B).status_code == 200
+
+
+def test_the_default_budget_is_every_tenants_not_the_operators() -> None:
+    from types import SimpleNamespace
+
+    from proxy.app import budget_book
+    from proxy.auth import KeyRing, make_key
+
+    h = hashlib.sha256
+    keys = KeyRing([
+        make_key("a", h(b"1").hexdigest()),
+        make_key("ops", h(b"2").hexdigest(), admin=True),
+        make_key("c", h(b"3").hexdigest(), budget=Budget(co2eq_g=5.0, per="month")),
+    ])  # fmt: skip
+    store: Any = SimpleNamespace(tenants_usage=lambda since: {})
+    book = budget_book(keys, Budget(joules=100.0), store, 5.0)
+    assert book is not None
+    assert book.budgets == {"a": Budget(joules=100.0), "c": Budget(co2eq_g=5.0, per="month")}
+    assert budget_book(KeyRing([make_key("a", h(b"1").hexdigest())]), None, store, 5.0) is None
