@@ -402,7 +402,8 @@ def create_app(
         ),
         ModelsApi(registry, access),
         EnergyApi(
-            store, access, hardware=meter.hardware(), summary_window=settings.summary_window
+            store, access, hardware=meter.hardware(), summary_window=settings.summary_window,
+            budgets=budgets,
         ),
         LiveApi(live, access),
     )  # fmt: skip

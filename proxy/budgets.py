@@ -189,6 +189,37 @@ class BudgetBook:
             use = self.uses[tenant] = Use(start_s, end_s)
         return use
 
+    def report(self, tenant: str | None) -> list[dict[str, Any]]:
+        """Each budget's state for the API and the live page: `tenant`'s own (None:
+        every key's, for admins)."""
+        out = []
+        for name in sorted(self.budgets):
+            if tenant is not None and name != tenant:
+                continue
+            verdict = self.check(name)
+            assert verdict is not None
+            b, u = verdict.budget, verdict.use
+            entry: dict[str, Any] = {
+                "tenant": name,
+                "per": b.per,
+                "period_start": u.start_s,
+                "period_end": u.end_s,
+                "soft": b.soft,
+                "exceeded": verdict.exceeded,
+            }
+            for kind, limit, used in (
+                ("joules", b.joules, u.joules),
+                ("co2eq_g", b.co2eq_g, u.grams),
+            ):
+                if limit is not None:
+                    entry[kind] = {
+                        "limit": limit,
+                        "used": used,
+                        "remaining": max(0.0, limit - used),
+                    }
+            out.append(entry)
+        return out
+
     def charge(self, tenant: str, joules: float, grams: float) -> None:
         """A request of `tenant` ended: its energy, until the next read has it."""
         budget = self.budgets.get(tenant)

@@ -16,6 +16,7 @@ from metering.ratings.score import MIN_REQUESTS_FOR_RATING, rate
 from metering.store import RequestStore, StoreError
 from metering.store.window import DEFAULT_WINDOW, Window, WindowError, parse_window
 from proxy.api.access import Access
+from proxy.budgets import BudgetBook
 from proxy.errors import BadRequest, NotFound, StoreUnavailable
 
 MAX_REQUEST_ID_CHARS = 256
@@ -29,9 +30,11 @@ class EnergyApi:
         *,
         hardware: str = "",
         summary_window: str = DEFAULT_WINDOW,
+        budgets: BudgetBook | None = None,
     ) -> None:
         self.store = store
         self.access = access
+        self.budgets = budgets
         self.hardware = hardware  # what the energy is measured on, for the labels
         self.summary_window = summary_window
 
@@ -39,6 +42,7 @@ class EnergyApi:
         r = APIRouter()
         r.add_api_route("/v1/energy/requests/{request_id}", self.record, methods=["GET"])
         r.add_api_route("/v1/energy/summary", self.summary, methods=["GET"])
+        r.add_api_route("/v1/energy/budgets", self.budget_use, methods=["GET"])
         # :path, for model ids like org/name
         r.add_api_route("/v1/energy/label/{model:path}.svg", self.label, methods=["GET"])
         return r
@@ -54,6 +58,12 @@ class EnergyApi:
         if found is None:
             raise NotFound(f"no finished request with id {request_id!r}")
         return found
+
+    async def budget_use(self, request: Request) -> dict[str, Any]:
+        """Each budget's use in its current period: the caller's own (every key's for an
+        admin). An empty list where no key has a budget."""
+        tenant = self.access.tenant_of(self.access.caller(request))
+        return {"budgets": [] if self.budgets is None else self.budgets.report(tenant)}
 
     async def summary(self, request: Request) -> dict[str, Any]:
         """Per model x category means over the successful requests of a time window

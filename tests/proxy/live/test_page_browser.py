@@ -228,3 +228,28 @@ def test_with_keys_the_page_asks_for_one_and_keeps_it_out_of_urls(
         # The browser logs each refused request (no key, then a wrong one): expected here.
         page.errors[:] = [e for e in page.errors if "status of 401 (Unauthorized)" not in e]
         finish(page, tmp_path)
+
+
+def test_a_tenant_sees_its_own_budget_on_the_page(
+    fake_server: str, tmp_path: Path, page: Any
+) -> None:
+    with serve_proxy(tmp_path, fake_server, keys=KEYS, budget="joules=0.01,per=day") as url:
+        own = httpx.get(url + "/v1/energy/budgets", headers={"authorization": f"Bearer {KEY_A}"})
+        assert [b["tenant"] for b in own.json()["budgets"]] == ["team-a"]
+        page.goto(url + "/")
+        page.wait_for_selector("#keybox", state="visible")
+        page.fill("#key", KEY_A)
+        page.click("#keyform button")
+        wait_live(page)
+        ask(url, 1, key=KEY_A)  # 100 W for a few milliseconds: past 0.01 J
+        page.wait_for_selector("#budgetbox", state="visible")
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('#budgets tbody tr')]"
+            ".some(r => r.dataset.tenant === 'team-a' && r.textContent.includes('spent'))"
+        )
+        tenants = page.eval_on_selector_all(
+            "#budgets tbody tr", "rows => rows.map(r => r.dataset.tenant)"
+        )
+        assert tenants == ["team-a"]  # never another key's
+        page.errors[:] = [e for e in page.errors if "status of 401 (Unauthorized)" not in e]
+        finish(page, tmp_path)
