@@ -159,6 +159,7 @@ class Meter:
         stream: bool,
         embeddings: bool = False,
         serial: bool = False,
+        prompt_est: float | None = None,
     ) -> Measurement:
         """A request is sent to `backend` now. `serial`: the backend runs one request at a
         time (llama-cpp-python), a capacity known without its metrics."""
@@ -170,7 +171,8 @@ class Meter:
         # The prompt's size matters where a request's prefill can be seen, and in `model`
         # mode, where a non-streamed answer's prefill is spread over its steps.
         sized = stream or embeddings or self.attribution.mode == MODEL
-        prompt_est = prompt_tokens_estimate(payload) if sized else 1.0
+        if prompt_est is None or not sized:  # `prompt_est`: the caller estimated it already
+            prompt_est = prompt_tokens_estimate(payload) if sized else 1.0
         flight = Flight(prompt_est, stream=stream, embeddings=embeddings)
         weight = self.attribution.start(flight, queue, self.sampler.clock())
         ticket, t0_s = self.sampler.start(

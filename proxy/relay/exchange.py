@@ -169,6 +169,8 @@ def parse_payload(body: bytes, *, model_required: bool = True) -> dict[str, Any]
 def ask_for_usage(payload: dict[str, Any], body: bytes) -> tuple[bytes, bool]:
     """Make the backend send a usage chunk; returns the body to send and whether the
     client itself asked for usage (then its chunk is forwarded, else kept back).
+    `payload`: the request's `stream_options`, if it has any (the rest of its parse is
+    not needed).
 
     Usage the client did not ask for stays off its chunks: vLLM's
     `continuous_usage_stats` puts usage on every chunk only with `include_usage`, so
@@ -185,7 +187,9 @@ def ask_for_usage(payload: dict[str, Any], body: bytes) -> tuple[bytes, bool]:
     new_opts["include_usage"] = True
     if new_opts.get("continuous_usage_stats"):
         new_opts["continuous_usage_stats"] = False
-    return orjson.dumps({**payload, "stream_options": new_opts}), False
+    # `payload` may hold only what intake kept of the parse: the body is the request.
+    doc = orjson.loads(body)
+    return orjson.dumps({**doc, "stream_options": new_opts}), False
 
 
 # More tokens than any request has (the longest contexts are a few million): a figure

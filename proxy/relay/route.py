@@ -27,6 +27,7 @@ from typing import Any
 from backends.backend import Backend
 from backends.registry import BackendRegistry
 from metering.accounting.prompt_template import prompt_shape
+from metering.accounting.prompt_text import prompt_tokens_estimate
 from metering.accounting.report import EnergyReport, Timings, Tokens
 from metering.categories.classifier import PromptClassifier
 from metering.meter import Meter
@@ -114,21 +115,23 @@ class RelayContext:
 class Intake:
     """A metered request as read: what to send upstream and where."""
 
-    payload: dict[str, Any]
+    payload: dict[str, Any]  # what is still needed of the parse: `stream_options` (JSON)
     body: bytes | Upload
     model: str
     backend: Backend
     category: str
     key: ApiKey | None
     stream: bool
+    prompt_est: float  # the prompt's size in tokens, estimated (the split's weight)
+    shape: int | None  # prompt_template.prompt_shape
 
 
-def prompt_of(payload: dict[str, Any], body: bytes | Upload) -> RequestPrompt:
+def prompt_of(intake: Intake, body: bytes | Upload) -> RequestPrompt:
     """What the answer may still need of the prompt: its shape now, its text later from
     the bytes sent (an upload's plain fields as read)."""
     if isinstance(body, Upload):
-        return RequestPrompt(prompt_shape(payload), fields=payload)
-    return RequestPrompt(prompt_shape(payload), body=body)
+        return RequestPrompt(intake.shape, fields=intake.payload)
+    return RequestPrompt(intake.shape, body=body)
 
 
 def id_headers_for(ctx: RelayContext, headers: RawHeaders) -> tuple[str, str | None, RawHeaders]:
@@ -180,6 +183,7 @@ class MeteredRoute:
         measurement = ctx.meter.open(
             backend.name,
             intake.payload,
+            prompt_est=intake.prompt_est,
             stream=intake.stream,
             embeddings=endpoint.all_prefill,
             serial=backend.spec.serial,
@@ -190,7 +194,7 @@ class MeteredRoute:
             intake.category,
             backend,
             measurement,
-            prompt_of(intake.payload, body),
+            prompt_of(intake, body),
         )
         ex.tenant = intake.key.name if intake.key is not None else ""
         if ctx.tracing is not None:
@@ -299,13 +303,19 @@ class MeteredRoute:
                 f"'model' is longer than {MAX_MODEL_CHARS} characters", code="invalid_model"
             )
         category = self._category(headers) or ctx.classifier.classify_payload(payload)
+        prompt_est, shape = prompt_tokens_estimate(payload), prompt_shape(payload)
+        if not endpoint.multipart:
+            # Done with the parse before the first await: another request's intake may
+            # run meanwhile, and two large parses alive at once is what memory must not
+            # hold (proxy/relay/exchange.py, RequestPrompt).
+            payload = {k: payload[k] for k in ("stream_options",) if k in payload}
         if model:
             backend = await backend_for_model(ctx.registry, model)
         else:
             # An API whose model is optional: the default backend and its first model.
             backend = ctx.registry.default_backend()
             model = next(iter(backend.state.model_ids), "other")
-        return Intake(payload, body, model, backend, category, key, stream)
+        return Intake(payload, body, model, backend, category, key, stream, prompt_est, shape)
 
     async def _start_upload(
         self, receive: Receive, headers: RawHeaders
