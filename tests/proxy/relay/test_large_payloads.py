@@ -128,6 +128,9 @@ def test_concurrent_large_bodies_cost_a_small_multiple_of_their_bytes(tmp_path: 
         peak = _peak_above_mib(pid, send_all)
     assert codes == [200] * n
     sent_mib = n * len(body) / MIB
-    # Each body's parse was held for its request's life: ~6x the bytes. Now the bytes,
-    # and one parse at a time.
-    assert peak < 3.5 * sent_mib, (peak, sent_mib)
+    # Each body's parse was held for its request's life: ~6x the bytes (8.5x in the
+    # issue's run). Now one parse at a time, beside the bytes themselves: the bodies as
+    # received (1x), what the upstream socket has not taken yet (up to 1x more when the
+    # backend reads slowly, as on a loaded machine: 3.6x was seen in the full suite) and
+    # one body's parse (~7x of one of six).
+    assert peak < 4.5 * sent_mib, (peak, sent_mib)
