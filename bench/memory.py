@@ -42,7 +42,8 @@ from tests.support.paths import REPO_ROOT
 MIB = 1024 * 1024
 
 
-def _status_kb(pid: int, field: str) -> int:
+def status_kb(pid: int, field: str) -> int:
+    """A field of /proc/PID/status in kB (VmRSS, VmHWM)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
@@ -97,14 +98,14 @@ def measure(pid: int, base_url: str, work: object) -> tuple[float, float, float]
     """(peak MiB above the level before, CPU seconds, worst /healthz seconds) of `work`."""
     time.sleep(0.5)
     _reset_peak(pid)
-    before_kb = _status_kb(pid, "VmRSS")
+    before_kb = status_kb(pid, "VmRSS")
     cpu0 = _cpu_s(pid)
     watch = HealthWatch(base_url)
     watch.start()
     work()  # type: ignore[operator]
     watch.done.set()
     watch.join()
-    peak_kb = _status_kb(pid, "VmHWM")
+    peak_kb = status_kb(pid, "VmHWM")
     return (peak_kb - before_kb) / 1024, _cpu_s(pid) - cpu0, watch.worst_s
 
 

@@ -40,8 +40,8 @@ _WRITER = textwrap.dedent(
 )
 
 
-def test_files_cut_short_under_the_store_do_not_kill_it(tmp_path: Path) -> None:
-    db = tmp_path / "r.db"
+def _writer(db: Path) -> subprocess.Popen[str]:
+    """The writer child on `db`, once it has the store open."""
     proc = subprocess.Popen(
         [sys.executable, "-c", _WRITER, str(db)],
         cwd=REPO_ROOT,
@@ -52,6 +52,12 @@ def test_files_cut_short_under_the_store_do_not_kill_it(tmp_path: Path) -> None:
     )
     assert proc.stdout is not None and proc.stdin is not None
     assert proc.stdout.readline().strip() == "open"
+    return proc
+
+
+def test_files_cut_short_under_the_store_do_not_kill_it(tmp_path: Path) -> None:
+    db = tmp_path / "r.db"
+    proc = _writer(db)
     # What another program (or a full disk) can do to the files beside the database.
     assert wait_for(lambda: Path(f"{db}-wal").exists(), timeout_s=30)
     assert not Path(f"{db}-shm").exists()  # the WAL index is in the process's memory
@@ -66,16 +72,8 @@ def test_files_cut_short_under_the_store_do_not_kill_it(tmp_path: Path) -> None:
 
 def test_a_second_process_on_the_same_file_is_refused_with_what_to_do(tmp_path: Path) -> None:
     db = tmp_path / "r.db"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _WRITER, str(db)],
-        cwd=REPO_ROOT,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
+    proc = _writer(db)
     try:
-        assert proc.stdout.readline().strip() == "open"
         with pytest.raises(StoreError, match="its own SQLite --db"):
             RequestStore.open(str(db), busy_timeout_s=0.2)
     finally:

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from backends.local.launch import free_port, proxy_server
+from backends.local.launch import ChildServer, free_port, proxy_server
 from tests.support.fakes.openai_backend import FakeState
 from tests.support.polling import wait_for
 
@@ -28,6 +28,19 @@ def _env() -> dict[str, str]:
     return {**os.environ, "OTEL_METRIC_EXPORT_INTERVAL": "300"}
 
 
+def _traced_proxy(fake_server: str, tmp_path: Path, collector: str) -> ChildServer:
+    """`energy-proxy serve` sending its spans and metrics to `collector` (not started)."""
+    return proxy_server(
+        fake_server,
+        extra_args=[
+            *("--power-source", "constant:50", "--db", str(tmp_path / "r.db")),
+            *("--otlp-endpoint", collector),
+        ],
+        log_path=tmp_path / "proxy.log",
+        env=_env(),
+    )
+
+
 def test_a_span_per_request_between_the_app_and_the_backend(
     fake: tuple[Any, FakeState], fake_server: str, tmp_path: Path
 ) -> None:
@@ -35,19 +48,7 @@ def test_a_span_per_request_between_the_app_and_the_backend(
     trace_id, parent_id = secrets.token_hex(16), secrets.token_hex(8)
     traceparent = f"00-{trace_id}-{parent_id}-01"
     with OtlpReceiver() as receiver:
-        server = proxy_server(
-            fake_server,
-            extra_args=[
-                "--power-source",
-                "constant:50",
-                "--db",
-                str(tmp_path / "r.db"),
-                "--otlp-endpoint",
-                receiver.url,
-            ],
-            log_path=tmp_path / "proxy.log",
-            env=_env(),
-        )
+        server = _traced_proxy(fake_server, tmp_path, receiver.url)
         with server, httpx.Client(base_url=server.url, timeout=30) as client:
             body = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
             plain = client.post("/v1/chat/completions", json=body,
@@ -98,19 +99,7 @@ def test_a_span_per_request_between_the_app_and_the_backend(
 
 def test_a_collector_that_is_down_costs_no_request(fake_server: str, tmp_path: Path) -> None:
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    server = proxy_server(
-        fake_server,
-        extra_args=[
-            "--power-source",
-            "constant:50",
-            "--db",
-            str(tmp_path / "r.db"),
-            "--otlp-endpoint",
-            dead,
-        ],
-        log_path=tmp_path / "proxy.log",
-        env=_env(),
-    )
+    server = _traced_proxy(fake_server, tmp_path, dead)
     with server, httpx.Client(base_url=server.url, timeout=30) as client:
         body = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
         for _ in range(20):

@@ -17,7 +17,7 @@ import orjson
 import pytest
 
 from backends.local.launch import free_port
-from bench.memory import chat_body
+from bench.memory import chat_body, status_kb
 from proxy.relay.json_tail import LARGE_ANSWER_BYTES
 from tests.support.paths import REPO_ROOT
 from tests.support.polling import wait_for
@@ -26,13 +26,6 @@ pytestmark = pytest.mark.skipif(
     not Path("/proc/self/clear_refs").exists(), reason="reads the kernel's peak RSS"
 )
 MIB = 1024 * 1024
-
-
-def _kb(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise AssertionError(f"no {field}")
 
 
 def _up(url: str) -> bool:
@@ -71,9 +64,9 @@ def _stack(tmp_path: Path, embeddings_bytes: int) -> Iterator[tuple[str, int]]:
 
 def _peak_above_mib(pid: int, work: object) -> float:
     Path(f"/proc/{pid}/clear_refs").write_text("5")
-    before = _kb(pid, "VmRSS")
+    before = status_kb(pid, "VmRSS")
     work()  # type: ignore[operator]
-    return (_kb(pid, "VmHWM") - before) / 1024
+    return (status_kb(pid, "VmHWM") - before) / 1024
 
 
 def test_a_large_answer_costs_about_its_size_and_keeps_its_energy(tmp_path: Path) -> None:
