@@ -114,6 +114,11 @@ class Database(Protocol):
         """Drop the oldest records to make room; how many (0: nothing left to drop)."""
         ...
 
+    def room_wanted(self) -> bool:
+        """After a commit: whether the disk is full enough that room should be made now,
+        before the next write fails (asked once: the answer is reset)."""
+        ...
+
     def maintain(self) -> int:
         """Periodic upkeep on the writer's connection (the size limit where the database
         cannot enforce it itself); records dropped."""

@@ -65,7 +65,10 @@ class Journal:
 
     prefix: Path
     segment_bytes: int = SEGMENT_BYTES
-    failures: int = 0  # appends the operating system refused (disk full, read-only)
+    failures: int = 0  # appends refused (disk full, read-only) or skipped while paused
+    # While the store makes room on a full disk: what it frees is for the database (the
+    # journal would take it first, being written on every request).
+    paused: bool = False
     _current: _Segment | None = None
     _closed: list[_Segment] = field(default_factory=list)
     _counter: int = 0
@@ -95,7 +98,11 @@ class Journal:
 
     def append(self, record: RequestRecord, seq: int) -> bool:
         """Hand `record` (the store's `seq`-th) to the operating system; False when it
-        refused (the record is still queued in memory: only a crash would lose it)."""
+        refused or the journal is paused (the record is still queued in memory: only a
+        crash would lose it)."""
+        if self.paused:
+            self.failures += 1
+            return False
         try:
             line = encode(record)
             seg = self._current

@@ -17,9 +17,10 @@ POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
 
 def default_max_bytes(db: str) -> int:
-    """The size limit when none is set: 1024 MB, or half the space the filesystem holding
-    a SQLite file has for it (free space plus the file itself) when that is less, so that
-    the store alone never fills a disk."""
+    """The size limit when none is set: 1024 MB, or what a SQLite store already takes
+    (its file, log and reserve) plus half the free space of its filesystem when that is
+    less: the store alone never fills a disk, and a restart on a disk that others filled
+    keeps what it has."""
     limit = int(DEFAULT_MAX_MB * 1e6)
     if db.startswith(POSTGRES_SCHEMES):
         return limit
@@ -29,10 +30,17 @@ def default_max_bytes(db: str) -> int:
         return limit
     try:
         free = shutil.disk_usage(probe).free
-        own = path.stat().st_size if path.exists() else 0
     except OSError:
         return limit
-    return max(1_000_000, min(limit, (free + own) // 2))
+    own = sum(_size(Path(f"{path}{suffix}")) for suffix in ("", "-wal", ".reserve"))
+    return max(1_000_000, min(limit, own + free // 2))
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def journal_prefix(db: str, setting: str | None) -> Path | None:

@@ -338,6 +338,9 @@ class PostgresDatabase:
             self._after_error()
             raise
 
+    def room_wanted(self) -> bool:
+        return False  # the server has its own disk: `maintain` keeps the size limit
+
     def maintain(self) -> int:
         """The size limit: keep the newest `max_records` records (ids are handed out in
         order, so max(id) - min(id) + 1 is at least the number stored). One proxy of a

@@ -315,6 +315,8 @@ class RequestStore:
                     with self._commit_lock:
                         db.commit()
                         recovered = self._done(batch, lost=len(written.rejected), ok=True)
+                    if db.room_wanted():
+                        self._make_room("the disk is full")
                 except Exception as e:
                     db.rollback()
                     if db.is_full(e) and self._make_room(e):
@@ -350,7 +352,8 @@ class RequestStore:
         finally:
             db.close_writer()
 
-    def _make_room(self, e: Exception) -> bool:
+    def _make_room(self, e: Exception | str) -> bool:
+        self._pause_journal(True)
         try:
             n = self.db.make_room()
         except Exception as e2:
@@ -358,6 +361,8 @@ class RequestStore:
                 "request store %s: no room, and dropping old records failed: %s", self.where, e2
             )
             return False
+        finally:
+            self._pause_journal(False)
         if n:
             with self._cond:
                 self.evicted += n
@@ -369,6 +374,11 @@ class RequestStore:
                 n,
             )
         return n > 0
+
+    def _pause_journal(self, paused: bool) -> None:
+        if self._journal is not None:
+            with self._cond:
+                self._journal.paused = paused
 
     def _maintain(self) -> None:
         try:

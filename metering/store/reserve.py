@@ -20,6 +20,7 @@ from pathlib import Path
 log = logging.getLogger("energy_proxy.store")
 
 RESERVE_BYTES = 1024 * 1024
+_BLOCK_BYTES = 4096
 
 
 @dataclass(slots=True)
@@ -28,17 +29,23 @@ class Reserve:
     size_bytes: int = RESERVE_BYTES
     held: bool = False
 
-    def take(self) -> bool:
-        """Set the space aside (again); False where the disk has no room for it (or the
-        reserve plus as much again, so that taking it does not itself fill the disk)."""
+    def take(self, *, leave_bytes: int | None = None, partly: bool = False) -> bool:
+        """Set the space aside (again); False where the disk has no room for it and
+        `leave_bytes` more (None: as much again as the reserve, so that taking it at start
+        does not itself fill the disk; 0 on a disk already full, where the store writes
+        into the pages it freed). `partly`: what there is, where that is less (at least a
+        block), better than none."""
         if self.held:
             return True
+        leave = self.size_bytes if leave_bytes is None else leave_bytes
         try:
-            if shutil.disk_usage(self.path.parent).free < 2 * self.size_bytes:
+            free = shutil.disk_usage(self.path.parent).free - leave
+            size = min(self.size_bytes, free) if partly else self.size_bytes
+            if free < size or size < _BLOCK_BYTES:
                 return False
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
-                _allocate(fd, self.size_bytes)
+                _allocate(fd, size // _BLOCK_BYTES * _BLOCK_BYTES)
             finally:
                 os.close(fd)
         except OSError as e:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import shutil
 import sqlite3
 import threading
 from collections.abc import Callable, Sequence
@@ -79,15 +80,36 @@ MIN_MAX_BYTES = 1_000_000  # --db-max-mb 1
 # --- the database ------------------------------------------------------------------------
 
 
-# The write-ahead log's share of --db-max-mb: a fifth, from 64 KiB to 16 MiB.
+# The write-ahead log's share of --db-max-mb: a fifth, from 64 KiB to 16 MiB, and at most
+# a 16th of the disk (what a full disk's reserve must hold is half of it: on a small disk
+# a large log would leave too few records to give that back).
 WAL_SHARE = 0.2
 WAL_MIN_BYTES = 64 * 1024
 WAL_MAX_BYTES = 16 * 1024 * 1024
+WAL_DISK_SHARE = 1 / 16
 
 
-def wal_budget_bytes(max_bytes: int) -> int:
-    """The bytes the write-ahead log may hold of a store limited to `max_bytes`."""
-    return int(min(WAL_MAX_BYTES, max(WAL_MIN_BYTES, WAL_SHARE * max_bytes)))
+def wal_budget_bytes(max_bytes: int, disk_bytes: int | None = None) -> int:
+    """The bytes the write-ahead log may hold of a store limited to `max_bytes`, on a
+    disk of `disk_bytes` (None: unknown)."""
+    budget = min(WAL_MAX_BYTES, WAL_SHARE * max_bytes)
+    if disk_bytes is not None:
+        budget = min(budget, WAL_DISK_SHARE * disk_bytes)
+    return int(max(WAL_MIN_BYTES, budget))
+
+
+def _free_bytes(path: str) -> int:
+    try:
+        return shutil.disk_usage(Path(path).parent).free
+    except OSError:
+        return 0
+
+
+def _disk_bytes(path: str) -> int | None:
+    try:
+        return shutil.disk_usage(Path(path).resolve().parent).total
+    except OSError:
+        return None
 
 
 class SqliteDatabase:
@@ -114,12 +136,15 @@ class SqliteDatabase:
         self._staged: dict[str, int] = {}  # label ids of the open transaction
         self._texts: dict[int, str] = {}  # label id -> text (the reader's)
         self._text_ids: dict[str, int] = {}  # label text -> id (the reader's)
+        self._wal_bytes = wal_budget_bytes(max_bytes, _disk_bytes(self.path))
         self._w, self._r = self._open(busy_timeout_s)
         # Room, on a full disk, for a checkpoint of the log at its fullest (what it adds
         # to the file) and the first deletes.
         self._reserve = Reserve(
-            Path(self.path + ".reserve"), wal_budget_bytes(max_bytes) // 2 + RESERVE_BYTES // 4
+            Path(self.path + ".reserve"), self._wal_bytes // 2 + RESERVE_BYTES // 4
         )
+        self._tight = False  # the disk was full: each batch checkpointed
+        self._room_wanted = False
         self._reserve.take()
 
     # --- opening -------------------------------------------------------------------------
@@ -216,7 +241,7 @@ class SqliteDatabase:
         # The limit holds the write-ahead log too: the log is checkpointed once it holds
         # half its share (a batch's transaction goes on past the mark before it can be)
         # and cut back to that after; the file gets the rest.
-        wal_bytes = wal_budget_bytes(self.max_bytes)
+        wal_bytes = self._wal_bytes
         wal_pages = max(1, wal_bytes // 2 // page_size)
         conn.execute(f"PRAGMA wal_autocheckpoint = {wal_pages}")
         conn.execute(f"PRAGMA journal_size_limit = {wal_bytes // 2}")
@@ -373,6 +398,28 @@ class SqliteDatabase:
             raise
         self._ids.update(self._staged)
         self._staged = {}
+        if self._tight:
+            self._checkpoint_while_tight()
+
+    def _checkpoint_while_tight(self) -> None:
+        """On a disk that was full, each batch into the file at once: the next time it is
+        full, the log then holds nothing a checkpoint must grow the file for, and making
+        room needs next to no space. Until the disk has room again."""
+        try:
+            checkpoint(self._w)
+        except sqlite3.OperationalError as e:
+            if not self.is_full(e):
+                raise
+            # Left in the log: room is made now, while it holds one batch (the reserve
+            # is room for what that adds to the file), not once it is full.
+            self._room_wanted = True
+            return
+        if _free_bytes(self.path) >= self._reserve.size_bytes + self._wal_bytes:
+            self._tight = False
+
+    def room_wanted(self) -> bool:
+        wanted, self._room_wanted = self._room_wanted, False
+        return wanted
 
     def rollback(self) -> None:
         rollback(self._w)
@@ -386,54 +433,87 @@ class SqliteDatabase:
 
     def make_room(self) -> int:
         """The oldest records dropped, in chunks each checkpointed (on a full disk the
-        log has only the reserve to grow into), after giving the reserve back; their
-        pages given back to the filesystem where the disk is short, then the reserve
-        set aside again."""
+        log has only the reserve to grow into), after giving the reserve back; then the
+        reserve set aside again from what that freed: pages given back to the filesystem
+        a step at a time (the rest kept for the next records), more records dropped where
+        that is not enough. A disk that another program keeps full must leave the next
+        full disk the room to make room."""
         conn = self._w
         rollback(conn)
+        self._tight = True
         self._reserve.release()
+        try:
+            return self._drop_for_room(conn)
+        finally:
+            # Whatever happened, the space set aside again, what there is of it: else the
+            # next records take it, and the next full disk has none to make room with.
+            self._reserve.take(leave_bytes=0, partly=True)
+
+    def _drop_for_room(self, conn: sqlite3.Connection) -> int:
         # The log into the file first (the reserve is room for what that adds to it),
         # so that the deletes reuse the log's own blocks.
         checkpoint(conn)
         lo, hi = conn.execute("SELECT MIN(rowid), MAX(rowid) FROM records").fetchone()
         if lo is None:
             return 0
-        target = max(_MIN_MAKE_ROOM_ROWS, math.ceil((hi - lo + 1) * _MAKE_ROOM_FRACTION))
+        stored = hi - lo + 1  # ids only grow, and only the oldest are dropped
+        # A share of the records, and never the newest: a small store on a full disk
+        # keeps half of what it has (the reserve's loop below, a quarter).
+        target = min(max(_MIN_MAKE_ROOM_ROWS, math.ceil(stored * _MAKE_ROOM_FRACTION)), stored // 2)
+        most = min(2 * target, stored - stored // 4)
+        dropped = self._drop_chunk(conn, target)
+        # Without incremental vacuum (a file from before it) freed pages stay in the
+        # file: dropping more gives the filesystem nothing.
+        incremental = int(conn.execute("PRAGMA auto_vacuum").fetchone()[0]) == 2
+        while incremental and not self._reserve.take(leave_bytes=0):
+            if self._give_pages_back(conn):
+                continue
+            if dropped >= most:
+                break  # the reserve is taken in part (`make_room`)
+            n = self._drop_chunk(conn, min(_MAKE_ROOM_CHUNK_ROWS, most - dropped))
+            if n == 0:
+                break
+            dropped += n
+        return dropped
+
+    def _drop_chunk(self, conn: sqlite3.Connection, rows: int) -> int:
+        """Up to `rows` of the oldest records deleted, `_MAKE_ROOM_CHUNK_ROWS` per
+        transaction, each checkpointed before the next; how many."""
         dropped = 0
-        while dropped < target:
+        while dropped < rows:
             n = transaction(
                 conn,
                 "DELETE FROM records WHERE rowid IN "
                 "(SELECT rowid FROM records ORDER BY rowid LIMIT ?)",
-                (min(_MAKE_ROOM_CHUNK_ROWS, target - dropped),),
+                (min(_MAKE_ROOM_CHUNK_ROWS, rows - dropped),),
             )
             if n == 0:
                 break
             dropped += n
             checkpoint(conn)
-        if not self._reserve.take():
-            self._give_pages_back(conn)
-            self._reserve.take()
         return dropped
 
-    def _give_pages_back(self, conn: sqlite3.Connection) -> None:
-        """Free pages returned to the filesystem, a step at a time (each step's moves go
-        through the log, checkpointed before the next)."""
-        if int(conn.execute("PRAGMA auto_vacuum").fetchone()[0]) != 2:
-            return  # a file from before incremental vacuum: its free pages are reused
+    def _give_pages_back(self, conn: sqlite3.Connection) -> int:
+        """Up to `_VACUUM_STEP_PAGES` free pages returned to the filesystem (the moves go
+        through the log, checkpointed); how many."""
         free = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
-        while free:
-            conn.execute(f"PRAGMA incremental_vacuum({_VACUUM_STEP_PAGES})").fetchall()
-            checkpoint(conn)
-            left = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
-            if left >= free:
-                return  # no progress (a reader holds pages): the next round goes on
-            free = left
+        if not free:
+            return 0
+        conn.execute(f"PRAGMA incremental_vacuum({_VACUUM_STEP_PAGES})").fetchall()
+        checkpoint(conn)
+        return max(0, free - int(conn.execute("PRAGMA freelist_count").fetchone()[0]))
 
     def maintain(self) -> int:
         return 0  # SQLite enforces the size limit itself (max_page_count)
 
     def close_writer(self) -> None:
+        # The reserve is for a store that writes on: given back, it is room for the last
+        # checkpoint (on a full disk, closing the log into a file that cannot grow fails).
+        self._reserve.release()
+        try:
+            checkpoint(self._w)
+        except sqlite3.Error as e:
+            log.warning("request store %s: the last checkpoint failed: %s", self.path, e)
         self._w.close()
 
     # --- the read side -------------------------------------------------------------------

@@ -82,32 +82,51 @@ def test_a_second_process_on_the_same_file_is_refused_with_what_to_do(tmp_path: 
         assert store.count() > 0
 
 
+@pytest.mark.parametrize(
+    ("disk_kb", "max_mb", "before"),
+    [
+        (16384, None, 3000),  # the default limit (half the free space at start)
+        (4096, 6, 2000),  # a limit above the disk: the disk fills first
+        (65536, None, 1000),  # a store nearly empty when the disk fills
+    ],
+)
 def test_a_full_disk_drops_old_records_and_goes_on_writing(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    disk_kb: int,
+    max_mb: float | None,
+    before: int,
 ) -> None:
-    with small_tmpfs(tmp_path / "disk", 4096) as disk:
+    """Another program takes what the disk has left, and the proxy goes on answering for
+    many times what its store held: every record is written (or, the oldest, dropped to
+    make room and counted), none lost, writing never stops."""
+    after = 30_000
+    with small_tmpfs(tmp_path / "disk", disk_kb) as disk:
         db = disk / "r.db"
-        # A size limit above the disk: the disk fills first.
-        store = RequestStore.open(str(db), max_mb=6, journal="auto", linger_s=0.001)
-        for i in range(1, 2001):
+        store = RequestStore.open(str(db), max_mb=max_mb, journal="auto", linger_s=0.001)
+        for i in range(1, before + 1):
             store.add(make_record(rid(i)))
         assert store.flush()
-        fill(disk)  # another program takes what is left
+        fill(disk)
         caplog.set_level(logging.WARNING, logger=STORE_LOG)
-        for i in range(2001, 4001):
+        last = before + after
+        for i in range(before + 1, last + 1):
             store.add(make_record(rid(i)))
-        assert store.flush(timeout_s=60)
+            if i % 1000 == 0:  # the pressure sustained: flushed every thousand
+                logged = [r.getMessage() for r in caplog.records][-3:]
+                assert store.flush(timeout_s=60), (i, store.status(), logged)
         status = store.status()
-        assert status.evicted > 0, [r.getMessage() for r in caplog.records][-5:]
+        assert status.evicted > 0
         assert status.writing, status.last_error
-        assert store.get(rid(4000)) is not None
+        assert status.dropped == 0 and status.queued == 0
+        assert store.count() + status.evicted == last  # each one stored or counted out
+        assert store.get(rid(last)) is not None
         store.close()
         # Closed with everything written: the journal is gone, nothing to replay.
         assert list(disk.glob("r.db.journal.*")) == []
-        with RequestStore.open(str(db), max_mb=6) as again:
-            got = again.get(rid(4000))
-            assert got is not None  # the newest are kept, the oldest dropped
-            assert again.get(rid(1)) is None
+        with RequestStore.open(str(db), max_mb=max_mb) as again:
+            assert again.get(rid(last)) is not None  # the newest are kept
+            assert again.get(rid(1)) is None  # the oldest dropped
 
 
 def test_an_in_memory_database_is_refused_with_what_to_do(tmp_path: Path) -> None:
