@@ -12,7 +12,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from tests.integration.conftest import VLLM_MODEL, Child
+from tests.integration.conftest import VLLM_MODEL, Child, log_tail
 from tests.integration.test_vllm import EXACT, LONG_STREAM_TOKENS, SETTLE_S, metric_sum, settle
 
 pytestmark = pytest.mark.vllm
@@ -87,6 +87,13 @@ def _watts(energy: dict[str, Any]) -> float:
     return float(energy["joules"]) / float(energy["duration_s"])
 
 
+def _request_gauges(vllm_url: str) -> list[str]:
+    """vLLM's own running and waiting counts, read straight from it (for a failure's
+    message)."""
+    text = httpx.get(vllm_url + "/metrics", timeout=30).text
+    return [line for line in text.splitlines() if line.startswith("vllm:num_requests")]
+
+
 def test_work_sent_around_the_proxy_is_not_charged_to_metered_requests(
     client: OpenAI, proxy: Child, vllm_server: Child
 ) -> None:
@@ -119,7 +126,12 @@ def test_work_sent_around_the_proxy_is_not_charged_to_metered_requests(
             lambda: metric_sum(proxy.url, "energy_proxy_backend_inflight_requests", backend="vllm"),
             lambda v: v is not None and v >= 1,
         )
-        assert seen is not None and seen >= 1, "the proxy never read vLLM's running count"
+        assert seen is not None and seen >= 1, (
+            "the proxy never read vLLM's running count",
+            worker.is_alive(),  # the direct stream still running?
+            _request_gauges(vllm_server.url),
+            log_tail(proxy.log_path, 30),
+        )
         shared = client.completions.create(**ask)
     finally:
         stop.set()
