@@ -1,10 +1,17 @@
 """Server-sent events as they pass through the proxy. Pure: bytes in, bytes out.
 
 The relay forwards every event of the backend's stream as soon as it is complete, with
-three exceptions: the backend's usage chunk is kept back unless the client asked for
-usage, `data: [DONE]` is held until the energy event has gone out before it, and a
-`"usage": null` field the proxy caused (by asking for usage) is removed again.
-Events are not re-encoded: the bytes the backend sent are the bytes the client gets.
+four exceptions: the backend's usage chunk is kept back unless the client asked for
+usage, `data: [DONE]` is held until the energy event has gone out before it, a
+`"usage": null` field the proxy caused (by asking for usage) is removed again, and the
+chunk that ends the last choice (its `finish_reason`), with what follows it that carries
+no output (the usage chunk), waits for the end of the stream to carry the `energy`
+object too: client libraries that rebuild a stream from its choices (litellm) keep a
+chunk's unknown fields only where it has choices. What it waits is the time from the
+backend's last token to the end of its stream (microseconds for vLLM: the usage chunk
+and `[DONE]` follow at once); output after it (another choice, n > 1) sends it on.
+Events are not re-encoded: the bytes the backend sent are the bytes the client gets,
+`"energy": {...}` added last in that one chunk.
 """
 
 from __future__ import annotations
@@ -167,6 +174,10 @@ def event_data(event: bytes) -> bytes | None:
 # Generated output in a chunk: a key whose value is a non-empty string. JSON escapes quotes
 # inside strings, so these patterns cannot match text the model wrote.
 _OUTPUT = re.compile(rb'"(?:content|text|reasoning_content|arguments)"\s*:\s*"(?!")')
+_FINISHED = (b'"finish_reason":"', b'"finish_reason": "')
+# What waits after a finish chunk at most (a usage chunk is under a kilobyte): past it,
+# sent on without the energy.
+MAX_HELD_BYTES = 64 * 1024
 _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
 
 
@@ -179,7 +190,16 @@ class StreamInspector:
     one per token for the servers that send no usage (llama.cpp's servers, some TGI).
     """
 
-    __slots__ = ("client_wants_usage", "counted_tokens", "done", "template", "usage", "usage_chunk")
+    __slots__ = (
+        "client_wants_usage",
+        "counted_tokens",
+        "done",
+        "held",
+        "held_bytes",
+        "template",
+        "usage",
+        "usage_chunk",
+    )
 
     def __init__(self, client_wants_usage: bool) -> None:
         self.client_wants_usage = client_wants_usage
@@ -190,12 +210,41 @@ class StreamInspector:
         self.counted_tokens = 0
         self.done = False
         self.template: dict[str, Any] | None = None
+        # A finish chunk first, then what came after it without output (`_wait`).
+        self.held: list[bytes] = []
+        self.held_bytes = 0
 
     def closing(self, energy: dict[str, Any], failure: dict[str, Any] | None, sep: bytes) -> bytes:
-        return chunk_stream_closing(self, energy, failure, sep)
+        held = self.held
+        if held:
+            self.held = []
+            held[0] = with_energy(held[0], energy)
+        return b"".join(held) + chunk_stream_closing(self, energy, failure, sep)
 
     def process(self, event: bytes) -> bytes | None:
         """What to forward for this event (None: hold it back)."""
+        out = self._forward(event)
+        if out is None:
+            return None
+        return self._wait(event, out)
+
+    def _wait(self, event: bytes, out: bytes) -> bytes | None:
+        """A finish chunk waits for the end (`closing`), and what follows it with no
+        output; output, or another choice's finish, sends what waited on before it."""
+        held = self.held
+        if _FINISHED[0] in event or _FINISHED[1] in event:
+            self.held, self.held_bytes = [out], len(out)
+            return b"".join(held) if held else None
+        if not held:
+            return out
+        if _OUTPUT.search(event) is None and self.held_bytes + len(out) <= MAX_HELD_BYTES:
+            held.append(out)
+            self.held_bytes += len(out)
+            return None
+        self.held, self.held_bytes = [], 0
+        return b"".join(held) + out
+
+    def _forward(self, event: bytes) -> bytes | None:
         data = event_data(event)
         if data is None:
             return event  # comments and keep-alives pass as they are
@@ -247,6 +296,17 @@ def chunk_stream_closing(
     if inspector.done:
         final += done_event(sep)
     return final
+
+
+def with_energy(event: bytes, energy: dict[str, Any]) -> bytes:
+    """A chunk's event with `"energy"` added last in its JSON object, its bytes otherwise
+    as they came; as it came where it is not one `data:` line holding an object."""
+    end = event.rfind(b"}")
+    if end < 0 or not event.startswith(b"data:") or b"\ndata:" in event or b"\rdata:" in event:
+        return event
+    if event[end + 1 :].strip():
+        return event
+    return event[:end] + b',"energy":' + orjson.dumps(energy) + event[end:]
 
 
 def energy_event(template: dict[str, Any] | None, energy: dict[str, Any], sep: bytes) -> bytes:

@@ -2,13 +2,15 @@
 against a real `energy-proxy serve` and the stand-in backend on real sockets: the
 `openai` SDK (the body's `energy`, `usage.energy`, the final stream chunk) and
 LangChain's `ChatOpenAI`, which keeps a non-streamed answer's raw `usage` as
-`response_metadata["token_usage"]`."""
+`response_metadata["token_usage"]` and of a stream only token counts: there the app
+reads the request's id from the headers LangChain keeps and asks the proxy."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 from langchain_core.messages import HumanMessage
@@ -44,6 +46,20 @@ def test_openai_reads_the_energy_in_the_body_and_in_usage(proxy_url: str) -> Non
     assert resp.usage.prompt_tokens > 0  # usage itself is as the backend said
 
 
+def test_openai_streamed_finds_the_energy_on_the_finish_chunk_and_the_last(proxy_url: str) -> None:
+    client = openai.OpenAI(base_url=proxy_url + "/v1", api_key="unused")
+    chunks = list(
+        client.chat.completions.create(
+            model="fake-model", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+    )
+    finished = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finished) == 1
+    on_finish = (finished[0].model_extra or {})["energy"]
+    last = (chunks[-1].model_extra or {})["energy"]
+    assert on_finish == last and last["joules"] > 0  # the same figures, told twice
+
+
 def test_langchain_keeps_the_energy_of_a_non_streamed_answer(proxy_url: str) -> None:
     llm = ChatOpenAI(model="fake-model", base_url=proxy_url + "/v1", api_key="unused")
     message = llm.invoke("hi")
@@ -64,3 +80,25 @@ def test_langchain_batches_still_add_their_usage(proxy_url: str) -> None:
     each = [g[0].message.response_metadata["token_usage"]["energy_millijoules"]
             for g in result.generations]  # type: ignore[attr-defined]  # fmt: skip
     assert usage["energy_millijoules"] == sum(each)
+
+
+def test_langchain_streamed_finds_the_energy_by_the_request_id(proxy_url: str) -> None:
+    # LangChain rebuilds a stream's chunks from the fields it knows (the energy event,
+    # and `usage` past its token counts, are dropped); it keeps the response's headers
+    # when asked, and the proxy's id in them finds the record once the stream ended.
+    llm = ChatOpenAI(
+        model="fake-model",
+        base_url=proxy_url + "/v1",
+        api_key="unused",
+        include_response_headers=True,
+        stream_usage=True,
+    )
+    chunks = list(llm.stream("hi"))
+    request_id = chunks[0].response_metadata["headers"]["x-energy-request-id"]
+    found = httpx.get(f"{proxy_url}/v1/energy/requests/{request_id}", timeout=10)
+    assert found.status_code == 200, found.text
+    energy = found.json()
+    assert energy["request_id"] == request_id
+    assert energy["joules"] > 0
+    output_tokens = sum((c.usage_metadata or {}).get("output_tokens", 0) for c in chunks)
+    assert output_tokens > 0 and energy["completion_tokens"] == output_tokens

@@ -106,3 +106,80 @@ def test_energy_event_shape() -> None:
     assert ev.endswith(b"\r\n\r\n")
     payload = json.loads(ev[6:])
     assert payload == {"id": "c1", "model": "m", "choices": [], "energy": {"joules": 1.5}}
+
+
+def finish(content: str = "", index: int = 0, sep: bytes = b"\n\n") -> bytes:
+    choice = {"index": index, "delta": {"content": content}, "finish_reason": "stop"}
+    d = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "choices": [choice]}
+    return b"data: " + json.dumps(d).encode() + sep
+
+
+def run(inspector: StreamInspector, events: list[bytes], energy: dict[str, object]) -> bytes:
+    """What the client gets: each event's forward, then the closing."""
+    out = b"".join(b for b in map(inspector.process, events) if b is not None)
+    return out + inspector.closing(energy, None, b"\n\n")
+
+
+@pytest.mark.parametrize("wants_usage", [True, False])
+@pytest.mark.parametrize("sep", [b"\n\n", b"\r\n\r\n"])
+def test_the_finish_chunk_waits_for_the_end_and_carries_the_energy(
+    wants_usage: bool, sep: bytes
+) -> None:
+    energy = {"joules": 2.5, "request_id": "req-1"}
+    usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    inspector = StreamInspector(client_wants_usage=wants_usage)
+    end = finish("!", sep=sep)
+    assert inspector.process(chunk({"content": "a"})) is not None  # output goes at once
+    assert inspector.process(end) is None  # waits: the energy is not known yet
+    assert inspector.process(chunk(None, usage=usage)) is None  # after it, in order
+    assert inspector.process(b": keep-alive\n\n") is None
+    assert inspector.process(b"data: [DONE]\n\n") is None
+    last = inspector.closing(energy, None, sep)
+    events = [e for e in re.split(rb"\r\n\r\n|\n\n", last) if e]
+    first = json.loads(event_data(events[0] + sep) or b"")
+    # The backend's chunk, its bytes kept, the energy added last.
+    assert (
+        events[0] + sep
+        == end[: end.rindex(b"}")]
+        + b',"energy":'
+        + json.dumps(energy, separators=(",", ":")).encode()
+        + end[end.rindex(b"}") :]
+    )
+    assert first["choices"][0]["finish_reason"] == "stop" and first["energy"] == energy
+    # Then the usage chunk (if asked), the comment, the energy event and [DONE].
+    assert (b'"usage"' in events[1]) is wants_usage
+    assert events[-3] == b": keep-alive"
+    assert json.loads(event_data(events[-2] + sep) or b"")["energy"] == energy
+    assert events[-1] == b"data: [DONE]"
+
+
+def test_output_after_a_finish_sends_it_on_without_the_energy() -> None:
+    # n = 2: the first choice ends while the second still writes.
+    inspector = StreamInspector(client_wants_usage=False)
+    first_end = finish("x", index=0)
+    assert inspector.process(first_end) is None
+    more = chunk({"content": "y"})
+    assert inspector.process(more) == first_end + more  # in order, as it came
+    second_end = finish("z", index=1)
+    assert inspector.process(second_end) is None  # the last to end carries it
+    out = inspector.closing({"joules": 1.0}, None, b"\n\n")
+    assert out.startswith(second_end[: second_end.rindex(b"}")] + b',"energy":{"joules":1.0}}')
+
+
+def test_what_waits_after_a_finish_is_bounded() -> None:
+    inspector = StreamInspector(client_wants_usage=True)
+    end = finish()
+    assert inspector.process(end) is None
+    comment = b": " + b"p" * 40_000 + b"\n\n"
+    assert inspector.process(comment) is None
+    sent = inspector.process(comment)  # past MAX_HELD_BYTES: sent on, as it came
+    assert sent == end + comment + comment
+    assert inspector.closing({"joules": 1.0}, None, b"\n\n").startswith(b"data: {")
+
+
+def test_a_stream_without_a_finish_chunk_is_relayed_as_before() -> None:
+    inspector = StreamInspector(client_wants_usage=False)
+    events = [chunk({"content": "a"}), chunk({"content": "b"}), b"data: [DONE]\n\n"]
+    out = run(inspector, events, {"joules": 1.0})
+    assert out.startswith(events[0] + events[1])
+    assert out.count(b'"energy"') == 1 and out.endswith(b"data: [DONE]\n\n")
