@@ -100,7 +100,7 @@ def test_streaming_tokens_counted_by_proxy_match_model_output(client: OpenAI) ->
     )
     assert reference.usage is not None
     pieces: list[str] = []
-    energy: dict[str, object] = {}
+    told: list[tuple[bool, dict[str, object]]] = []  # (with choices, the energy)
     for chunk in client.chat.completions.create(
         model=BUNDLED_MODEL_ALIAS,
         messages=PROMPT,
@@ -111,11 +111,14 @@ def test_streaming_tokens_counted_by_proxy_match_model_output(client: OpenAI) ->
     ):
         extra = chunk.model_extra or {}
         if "energy" in extra:
-            energy = extra["energy"]
-            assert chunk.choices == []
+            told.append((bool(chunk.choices), extra["energy"]))
         for choice in chunk.choices:
             if choice.delta.content:
                 pieces.append(choice.delta.content)
+    # On the chunk that ended the answer, then on the final one (no choices): the same.
+    assert [with_choices for with_choices, _ in told] == [True, False]
+    energy = told[-1][1]
+    assert told[0][1] == energy
     # llama-cpp-python sends no usage in streams: the proxy counted the completion tokens
     # itself, and its /extras/tokenize the prompt's text, plus the chat template's tokens
     # learnt from the non-streamed answer above: the same count as the backend's own.

@@ -101,13 +101,16 @@ def untracked(proxy: Child) -> tuple[float | None, float | None]:
 
 
 def stream_energy(chunks: Iterable[Any]) -> tuple[list[Any], dict[str, Any]]:
-    """All chunks of a stream, and the energy object, checked to be on the last one only."""
+    """All chunks of a stream, and the energy object, checked to be on the last one and,
+    the same, on the chunk that ended the answer (its `finish_reason`), nowhere else."""
     got = list(chunks)
     assert got, "empty stream"
     energy = energy_of(got[-1])
     assert energy is not None, "the stream's last chunk has no energy object"
     assert got[-1].choices == []
-    assert all(energy_of(c) is None for c in got[:-1])
+    finished = [c for c in got[:-1] if c.choices and c.choices[0].finish_reason]
+    assert len(finished) == 1 and energy_of(finished[0]) == energy
+    assert all(energy_of(c) is None for c in got[:-1] if c is not finished[0])
     return got, energy
 
 

@@ -148,6 +148,7 @@ def test_openai_client_gets_the_energy_of_a_stream_the_backend_broke_off(
             extra = chunk.model_extra or {}
             if "energy" in extra:
                 energies.append(extra["energy"])
+    # Cut off before the answer ended: no finish chunk, the energy on the final one only.
     assert len(energies) == 1 and energies[0]["joules"] > 0
     assert isinstance(raised.value.body, dict)
     assert raised.value.body["energy"] == energies[0]
