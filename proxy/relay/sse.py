@@ -174,7 +174,6 @@ def event_data(event: bytes) -> bytes | None:
 # Generated output in a chunk: a key whose value is a non-empty string. JSON escapes quotes
 # inside strings, so these patterns cannot match text the model wrote.
 _OUTPUT = re.compile(rb'"(?:content|text|reasoning_content|arguments)"\s*:\s*"(?!")')
-_FINISHED = (b'"finish_reason":"', b'"finish_reason": "')
 # What waits after a finish chunk at most (a usage chunk is under a kilobyte): past it,
 # sent on without the energy.
 MAX_HELD_BYTES = 64 * 1024
@@ -210,7 +209,7 @@ class StreamInspector:
         self.counted_tokens = 0
         self.done = False
         self.template: dict[str, Any] | None = None
-        # A finish chunk first, then what came after it without output (`_wait`).
+        # A finish chunk first, then what came after it without output.
         self.held: list[bytes] = []
         self.held_bytes = 0
 
@@ -226,17 +225,24 @@ class StreamInspector:
         out = self._forward(event)
         if out is None:
             return None
-        return self._wait(event, out)
+        at = event.find(b'"finish_reason":') + 16
+        if at > 15 and (event[at : at + 1] == b'"' or event[at : at + 2] == b' "'):
+            return self._finished(out)  # a reason, not null
+        if self.held:
+            return self._after_finish(event, out)
+        return out  # the usual: a chunk of output, nothing waiting
 
-    def _wait(self, event: bytes, out: bytes) -> bytes | None:
-        """A finish chunk waits for the end (`closing`), and what follows it with no
-        output; output, or another choice's finish, sends what waited on before it."""
+    def _finished(self, out: bytes) -> bytes | None:
+        """A finish chunk waits for the end (`closing`); one that waited already (another
+        choice's) is sent on."""
         held = self.held
-        if _FINISHED[0] in event or _FINISHED[1] in event:
-            self.held, self.held_bytes = [out], len(out)
-            return b"".join(held) if held else None
-        if not held:
-            return out
+        self.held, self.held_bytes = [out], len(out)
+        return b"".join(held) if held else None
+
+    def _after_finish(self, event: bytes, out: bytes) -> bytes | None:
+        """What follows a finish chunk with no output waits with it; output sends what
+        waited on before it."""
+        held = self.held
         if _OUTPUT.search(event) is None and self.held_bytes + len(out) <= MAX_HELD_BYTES:
             held.append(out)
             self.held_bytes += len(out)
