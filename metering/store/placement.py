@@ -17,10 +17,10 @@ POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
 
 def default_max_bytes(db: str) -> int:
-    """The size limit when none is set: 1024 MB, or what a SQLite store already takes
-    (its file, log and reserve) plus half the free space of its filesystem when that is
-    less: the store alone never fills a disk, and a restart on a disk that others filled
-    keeps what it has."""
+    """The size limit when none is set: 1024 MB, or half the space its filesystem has for
+    a SQLite store (the free space and what the store takes: its file, log and reserve)
+    when that is less, so that the store alone never fills a disk; never less than what
+    it takes, so that a restart on a disk that others filled keeps what it has."""
     limit = int(DEFAULT_MAX_MB * 1e6)
     if db.startswith(POSTGRES_SCHEMES):
         return limit
@@ -33,7 +33,7 @@ def default_max_bytes(db: str) -> int:
     except OSError:
         return limit
     own = sum(_size(Path(f"{path}{suffix}")) for suffix in ("", "-wal", ".reserve"))
-    return max(1_000_000, min(limit, own + free // 2))
+    return max(1_000_000, min(limit, max(own, (free + own) // 2)))
 
 
 def _size(path: Path) -> int:

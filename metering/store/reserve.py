@@ -9,7 +9,6 @@ give space back can run; it is made again once there is room.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import os
@@ -28,33 +27,42 @@ class Reserve:
     path: Path
     size_bytes: int = RESERVE_BYTES
     held: bool = False
+    held_bytes: int = 0  # what is set aside now (less than `size_bytes` when taken in part)
 
     def take(self, *, leave_bytes: int | None = None, partly: bool = False) -> bool:
-        """Set the space aside (again); False where the disk has no room for it and
-        `leave_bytes` more (None: as much again as the reserve, so that taking it at start
-        does not itself fill the disk; 0 on a disk already full, where the store writes
-        into the pages it freed). `partly`: what there is, where that is less (at least a
-        block), better than none."""
-        if self.held:
+        """Set the space aside (again, or what was set aside in part made whole); whether
+        it is held in full (`partly`: held at all). Not where the disk has no room for it
+        and `leave_bytes` more (None: as much again as the reserve, so that taking it at
+        start does not itself fill the disk; 0 on a disk already full, where the store
+        writes into the pages it freed). `partly`: what there is, where that is less (a
+        block at least), better than none. A reserve file already there (a store that
+        stopped) is the store's own."""
+        if self.held and self.held_bytes >= self.size_bytes:
+            return True
+        have = _allocated(self.path)
+        if have >= self.size_bytes:
+            self.held, self.held_bytes = True, have
             return True
         leave = self.size_bytes if leave_bytes is None else leave_bytes
         try:
-            free = shutil.disk_usage(self.path.parent).free - leave
+            free = shutil.disk_usage(self.path.parent).free + have - leave
             size = min(self.size_bytes, free) if partly else self.size_bytes
-            if free < size or size < _BLOCK_BYTES:
-                return False
+            size = size // _BLOCK_BYTES * _BLOCK_BYTES
+            if free < size or size < _BLOCK_BYTES or size <= have:
+                if have:  # what is there stays set aside
+                    self.held, self.held_bytes = True, have
+                return partly and self.held
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
-                _allocate(fd, size // _BLOCK_BYTES * _BLOCK_BYTES)
+                _allocate(fd, size)
             finally:
                 os.close(fd)
         except OSError as e:
             log.warning("could not set %d bytes aside at %s: %s", self.size_bytes, self.path, e)
-            with contextlib.suppress(OSError):
-                self.path.unlink()
+            self.release()
             return False
-        self.held = True
-        return True
+        self.held, self.held_bytes = True, size
+        return partly or size >= self.size_bytes
 
     def release(self) -> bool:
         """Give the space back to the disk; whether there was any."""
@@ -64,8 +72,16 @@ class Reserve:
             released = False
         else:
             released = True
-        self.held = False
+        self.held, self.held_bytes = False, 0
         return released
+
+
+def _allocated(path: Path) -> int:
+    """The bytes a file holds on its disk (0: none there)."""
+    try:
+        return os.stat(path).st_blocks * 512
+    except OSError:
+        return 0
 
 
 def _allocate(fd: int, size: int) -> None:

@@ -402,20 +402,23 @@ class SqliteDatabase:
             self._checkpoint_while_tight()
 
     def _checkpoint_while_tight(self) -> None:
-        """On a disk that was full, each batch into the file at once: the next time it is
-        full, the log then holds nothing a checkpoint must grow the file for, and making
-        room needs next to no space. Until the disk has room again."""
+        """On a disk that was full, each batch into the file at once (not waiting for
+        readers): the next time it is full, the log then holds nothing a checkpoint must
+        grow the file for, and making room needs next to no space. Until the disk has
+        room again, when the reserve is made whole again. The batch is committed: a
+        checkpoint that fails is never the batch's failure."""
         try:
-            checkpoint(self._w)
-        except sqlite3.OperationalError as e:
-            if not self.is_full(e):
-                raise
-            # Left in the log: room is made now, while it holds one batch (the reserve
-            # is room for what that adds to the file), not once it is full.
-            self._room_wanted = True
+            checkpoint(self._w, wait=False)
+        except sqlite3.Error as e:
+            if self.is_full(e):
+                # Left in the log: room is made now, while it holds one batch (the
+                # reserve is room for what that adds to the file), not once it is full.
+                self._room_wanted = True
+            else:
+                log.warning("request store %s: checkpoint failed: %s", self.path, e)
             return
         if _free_bytes(self.path) >= self._reserve.size_bytes + self._wal_bytes:
-            self._tight = False
+            self._tight = not self._reserve.take(leave_bytes=0)
 
     def room_wanted(self) -> bool:
         wanted, self._room_wanted = self._room_wanted, False
@@ -458,9 +461,9 @@ class SqliteDatabase:
             return 0
         stored = hi - lo + 1  # ids only grow, and only the oldest are dropped
         # A share of the records, and never the newest: a small store on a full disk
-        # keeps half of what it has (the reserve's loop below, a quarter).
+        # keeps half of what it has (the reserve's loop below, a quarter, at least one).
         target = min(max(_MIN_MAKE_ROOM_ROWS, math.ceil(stored * _MAKE_ROOM_FRACTION)), stored // 2)
-        most = min(2 * target, stored - stored // 4)
+        most = min(2 * target, stored - max(1, stored // 4))
         dropped = self._drop_chunk(conn, target)
         # Without incremental vacuum (a file from before it) freed pages stay in the
         # file: dropping more gives the filesystem nothing.
@@ -507,13 +510,19 @@ class SqliteDatabase:
         return 0  # SQLite enforces the size limit itself (max_page_count)
 
     def close_writer(self) -> None:
-        # The reserve is for a store that writes on: given back, it is room for the last
-        # checkpoint (on a full disk, closing the log into a file that cannot grow fails).
-        self._reserve.release()
+        # The last checkpoint; on a full disk, with the reserve given back for it (the
+        # reserve is for a store that writes on; the next start takes it again).
         try:
             checkpoint(self._w)
         except sqlite3.Error as e:
-            log.warning("request store %s: the last checkpoint failed: %s", self.path, e)
+            if not self.is_full(e):
+                log.warning("request store %s: the last checkpoint failed: %s", self.path, e)
+            else:
+                self._reserve.release()
+                try:
+                    checkpoint(self._w)
+                except sqlite3.Error as e2:
+                    log.warning("request store %s: the last checkpoint failed: %s", self.path, e2)
         self._w.close()
 
     # --- the read side -------------------------------------------------------------------

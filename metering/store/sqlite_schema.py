@@ -343,11 +343,13 @@ def rollback(conn: sqlite3.Connection) -> None:
             conn.execute("ROLLBACK")
 
 
-def checkpoint(conn: sqlite3.Connection) -> None:
+def checkpoint(conn: sqlite3.Connection, *, wait: bool = True) -> None:
     """Copy the log into the database and start it again from its beginning, its file
     kept: on a full disk the next transactions reuse its blocks (what readers still
-    hold stays: a busy checkpoint is not an error)."""
-    conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
+    hold stays: a busy checkpoint is not an error). Without `wait`, what no reader holds
+    is copied at once (no wait for readers; the next write starts the log again)."""
+    mode = "RESTART" if wait else "PASSIVE"
+    conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchall()
 
 
 def transaction(conn: sqlite3.Connection, sql: str, params: Sequence[object] = ()) -> int:

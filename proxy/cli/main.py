@@ -108,8 +108,8 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="the request store's size limit, its write-ahead log included: past it the "
         "oldest records are dropped, the "
-        "summaries keep counting them (default 1024, or what the store takes plus half "
-        "the disk's free space if less)",
+        "summaries keep counting them (default 1024, or half of what the disk has for the "
+        "store if less, never less than it takes)",
     )
     p.add_argument(
         "--db-queue-records",

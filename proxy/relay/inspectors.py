@@ -19,6 +19,10 @@ class Inspector(Protocol):
 
     def process(self, event: bytes) -> bytes | None: ...
 
+    def release(self) -> bytes:
+        """What waits for the energy, to send now without it."""
+        ...
+
     def closing(
         self, energy: dict[str, Any], failure: dict[str, Any] | None, sep: bytes
     ) -> bytes: ...

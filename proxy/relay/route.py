@@ -370,6 +370,10 @@ class MeteredRoute:
         await send(message)
         ex.sending_since = 0.0
 
+    async def _send_more(self, send: Send, ex: Exchange, body: bytes) -> None:
+        message = {"type": "http.response.body", "body": body, "more_body": True}
+        await self._send_timed(send, ex, message)
+
     async def _relay_whole(
         self,
         resp: UpstreamResponse,
@@ -430,13 +434,9 @@ class MeteredRoute:
         out.extend(report.headers())
         ex.started = True
         await send({"type": "http.response.start", "status": resp.status, "headers": out})
-        await self._send_timed(
-            send, ex, {"type": "http.response.body", "body": b"".join(chunks), "more_body": True}
-        )
+        await self._send_more(send, ex, b"".join(chunks))
         while more and (chunk := await resp.next_chunk()):
-            await self._send_timed(
-                send, ex, {"type": "http.response.body", "body": chunk, "more_body": True}
-            )
+            await self._send_more(send, ex, chunk)
         ex.response_done = True
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
@@ -460,7 +460,7 @@ class MeteredRoute:
         splitter = SseSplitter()
         inspector = ex.inspector = inspector_for(ex.endpoint, client_wants_usage)
         failure: dict[str, Any] | None = None
-        process, feed = inspector.process, splitter.feed
+        process, feed, release = inspector.process, splitter.feed, inspector.release
         meter, measurement = self.ctx.meter, ex.measurement
         counted = 0  # the tokens counted when last told to the meter
         try:
@@ -471,11 +471,11 @@ class MeteredRoute:
                 body: bytes | None
                 if splitter.raw:  # an event past MAX_EVENT_BYTES: its bytes as they came
                     splitter.raw = False
-                    body = relay_pieces(events, process)
+                    body = relay_pieces(events, process, release)
                 elif len(events) == 1:  # the usual: one whole event per chunk
                     body = process(events[0])  # type: ignore[arg-type]
                 else:
-                    body = relay_pieces(events, process)
+                    body = relay_pieces(events, process, release)
                 if measurement.decoding:
                     if inspector.counted_tokens != counted:
                         measurement.streamed(inspector.counted_tokens - counted)
@@ -485,9 +485,7 @@ class MeteredRoute:
                     measurement.streamed(inspector.counted_tokens - 1)
                     counted = inspector.counted_tokens
                 if body:
-                    await self._send_timed(
-                        send, ex, {"type": "http.response.body", "body": body, "more_body": True}
-                    )
+                    await self._send_more(send, ex, body)
         except UpstreamError as exc:
             failure = {"message": exc.message, "type": exc.type, "code": exc.code}
             ex.status = exc.status
@@ -500,11 +498,12 @@ class MeteredRoute:
         if tail.strip():
             kept = inspector.process(tail + splitter.separator)
             if kept is not None:
-                await self._send_timed(
-                    send, ex, {"type": "http.response.body", "body": kept, "more_body": True}
-                )
+                await self._send_more(send, ex, kept)
         tokens = tokens_from_usage(inspector.usage, inspector.counted_tokens)
         if tokens.prompt is None and failure is None:
+            # The tokenizer's count takes up to seconds: what waits for the energy goes now.
+            if early := release():
+                await self._send_more(send, ex, early)
             tokens = await self._prompts.stream_tokens(ex, tokens)
         self._settle(ex, tokens, timings_from_answer(inspector.usage_chunk))
         final = inspector.closing(ex.energy, failure, splitter.separator)

@@ -9,7 +9,9 @@ no output (the usage chunk), waits for the end of the stream to carry the `energ
 object too: client libraries that rebuild a stream from its choices (litellm) keep a
 chunk's unknown fields only where it has choices. What it waits is the time from the
 backend's last token to the end of its stream (microseconds for vLLM: the usage chunk
-and `[DONE]` follow at once); output after it (another choice, n > 1) sends it on.
+and `[DONE]` follow at once); output after it (another choice, n > 1) sends it on, and
+so does the relay (`release`) before a piece of an oversized event and before a slow
+count of the prompt's tokens.
 Events are not re-encoded: the bytes the backend sent are the bytes the client gets,
 `"energy": {...}` added last in that one chunk.
 """
@@ -147,12 +149,18 @@ class SseSplitter:
         return rest
 
 
-def relay_pieces(pieces: list[Piece], process: Callable[[bytes], bytes | None]) -> bytes:
+def relay_pieces(
+    pieces: list[Piece],
+    process: Callable[[bytes], bytes | None],
+    release: Callable[[], bytes] | None = None,
+) -> bytes:
     """The bytes to send for `pieces`: each event as `process` keeps it, each piece of an
-    event given up as it came."""
+    event given up as it came (after what `release` gives of what waited: in order)."""
     out = []
     for p in pieces:
         if isinstance(p, memoryview):
+            if release is not None:
+                out.append(release())
             out.append(bytes(p))
         elif (kept := process(p)) is not None:
             out.append(kept)
@@ -226,11 +234,20 @@ class StreamInspector:
         if out is None:
             return None
         at = event.find(b'"finish_reason":') + 16
-        if at > 15 and (event[at : at + 1] == b'"' or event[at : at + 2] == b' "'):
-            return self._finished(out)  # a reason, not null
+        if at > 15 and _reason_follows(event, at):
+            return self._finished(out)
         if self.held:
             return self._after_finish(event, out)
         return out  # the usual: a chunk of output, nothing waiting
+
+    def release(self) -> bytes:
+        """What waits, to send now without the energy (the relay cannot wait longer: a
+        piece of an event given up follows, or the energy needs a slow count first)."""
+        held = self.held
+        if not held:
+            return b""
+        self.held, self.held_bytes = [], 0
+        return b"".join(held)
 
     def _finished(self, out: bytes) -> bytes | None:
         """A finish chunk waits for the end (`closing`); one that waited already (another
@@ -304,14 +321,31 @@ def chunk_stream_closing(
     return final
 
 
+def _reason_follows(event: bytes, at: int) -> bool:
+    """Whether the value at `at` (after `"finish_reason":`) is a reason: a non-empty
+    string, not null."""
+    if event[at : at + 1] == b" ":
+        at += 1
+    return event[at : at + 1] == b'"' and event[at + 1 : at + 2] != b'"'
+
+
 def with_energy(event: bytes, energy: dict[str, Any]) -> bytes:
     """A chunk's event with `"energy"` added last in its JSON object, its bytes otherwise
-    as they came; as it came where it is not one `data:` line holding an object."""
-    end = event.rfind(b"}")
-    if end < 0 or not event.startswith(b"data:") or b"\ndata:" in event or b"\rdata:" in event:
+    as they came (one an upstream energy-proxy put there replaced); as it came where it
+    is not one `data:` line holding an object."""
+    body = event.rstrip(b"\r\n")
+    end = body.rfind(b"}")
+    if not body.startswith(b"data:") or b"\n" in body or b"\r" in body or end != len(body) - 1:
         return event
-    if event[end + 1 :].strip():
-        return event
+    if b'"energy"' in body:
+        try:
+            obj = orjson.loads(body[5:])
+        except orjson.JSONDecodeError:
+            return event
+        if not isinstance(obj, dict):
+            return event
+        obj["energy"] = energy
+        return b"data: " + orjson.dumps(obj) + event[len(body) :]
     return event[:end] + b',"energy":' + orjson.dumps(energy) + event[end:]
 
 

@@ -68,6 +68,9 @@ class ResponsesInspector:
         self.final = obj
         return None
 
+    def release(self) -> bytes:
+        return b""  # nothing waits: the energy goes into the last event, which ends it
+
     def closing(self, energy: dict[str, Any], failure: dict[str, Any] | None, sep: bytes) -> bytes:
         """The held final event with the energy in its `response`; or, when the stream
         failed or ended without one, an `error` event that carries it."""
@@ -126,6 +129,9 @@ class MessagesInspector:
             self.usage = {**self.input_usage, **{k: v for k, v in usage.items() if v is not None}}
         self.delta = obj
         return None
+
+    def release(self) -> bytes:
+        return b""  # nothing waits: the energy goes into the last event, which ends it
 
     def closing(self, energy: dict[str, Any], failure: dict[str, Any] | None, sep: bytes) -> bytes:
         """The held `message_delta` with the energy, then `message_stop`; or, when the

@@ -115,10 +115,11 @@ def test_streaming_tokens_counted_by_proxy_match_model_output(client: OpenAI) ->
         for choice in chunk.choices:
             if choice.delta.content:
                 pieces.append(choice.delta.content)
-    # On the chunk that ended the answer, then on the final one (no choices): the same.
-    assert [with_choices for with_choices, _ in told] == [True, False]
+    # Only on the final chunk (no choices): with no usage from the backend, the prompt is
+    # counted by its tokenizer after the stream, and the chunk that ended the answer does
+    # not wait for that (a backend that sends usage has it there too: tests/integration).
+    assert [with_choices for with_choices, _ in told] == [False]
     energy = told[-1][1]
-    assert told[0][1] == energy
     # llama-cpp-python sends no usage in streams: the proxy counted the completion tokens
     # itself, and its /extras/tokenize the prompt's text, plus the chat template's tokens
     # learnt from the non-streamed answer above: the same count as the backend's own.

@@ -132,3 +132,44 @@ def test_a_full_disk_drops_old_records_and_goes_on_writing(
 def test_an_in_memory_database_is_refused_with_what_to_do(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="file path"):
         RequestStore.open(":memory:")
+
+
+def _on_disk(path: Path) -> int:
+    """The bytes a file holds on its disk; 0 where it is not there."""
+    try:
+        return path.stat().st_blocks * 512
+    except FileNotFoundError:
+        return 0
+
+
+def test_the_reserve_is_whole_again_once_the_disk_has_room(tmp_path: Path) -> None:
+    """A disk kept full leaves the store a reserve in part at best; the day the other
+    program's files go, the store sets the whole of it aside again (else the next full
+    disk would find none to make room with), and a restart keeps it."""
+    with small_tmpfs(tmp_path / "disk", 65536) as disk:
+        db, reserve = disk / "r.db", disk / "r.db.reserve"
+        store = RequestStore.open(str(db), journal="auto", linger_s=0.001)
+        whole = _on_disk(reserve)
+        assert whole > 0
+        added = 0
+
+        def add(n: int) -> None:
+            nonlocal added
+            for _ in range(n):
+                added += 1
+                store.add(make_record(rid(added)))
+            assert store.flush(timeout_s=60)
+
+        add(1000)  # a small store when the disk fills: a reserve in part
+        fill(disk)
+        while store.status().evicted == 0 and added < 60_000:
+            add(1000)
+        assert store.status().evicted > 0
+        (disk / "filler").unlink()  # the disk has room again
+        for _ in range(6):
+            add(500)
+        assert _on_disk(reserve) == whole
+        store.close()
+        with RequestStore.open(str(db), journal="auto") as again:
+            assert again.get(rid(added)) is not None
+            assert _on_disk(reserve) == whole

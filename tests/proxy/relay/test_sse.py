@@ -10,7 +10,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.relay.sse import SseSplitter, StreamInspector, energy_event, event_data
+from proxy.relay.sse import (
+    SseSplitter,
+    StreamInspector,
+    energy_event,
+    event_data,
+    relay_pieces,
+    with_energy,
+)
 
 
 def chunk(delta: dict[str, object] | None = None, **extra: object) -> bytes:
@@ -183,3 +190,38 @@ def test_a_stream_without_a_finish_chunk_is_relayed_as_before() -> None:
     out = run(inspector, events, {"joules": 1.0})
     assert out.startswith(events[0] + events[1])
     assert out.count(b'"energy"') == 1 and out.endswith(b"data: [DONE]\n\n")
+
+
+def test_a_piece_of_an_event_given_up_comes_after_what_waited() -> None:
+    inspector = StreamInspector(client_wants_usage=False)
+    end = finish("x")
+    assert inspector.process(end) is None
+    piece = memoryview(b"data: " + b"y" * 100)
+    out = relay_pieces([piece], inspector.process, inspector.release)
+    assert out == end + bytes(piece)  # in order; the energy then only on the final chunk
+    assert inspector.release() == b""
+
+
+def test_an_empty_or_null_finish_reason_does_not_wait() -> None:
+    inspector = StreamInspector(client_wants_usage=False)
+    for reason in ("", None):
+        d = {
+            "id": "c1",
+            "choices": [{"index": 0, "delta": {"content": "a"}, "finish_reason": reason}],
+        }
+        ev = b"data: " + json.dumps(d).encode() + b"\n\n"
+        assert inspector.process(ev) == ev
+
+
+def test_the_energy_goes_only_into_one_data_line_and_replaces_an_upstream_s() -> None:
+    energy = {"joules": 2.0}
+    with_comment = b'data: {"a":1}\n: x}\n\n'
+    assert with_energy(with_comment, energy) == with_comment  # not into the comment
+    two_lines = b'data: {"a":\ndata: 1}\n\n'
+    assert with_energy(two_lines, energy) == two_lines
+    upstream = b'data: {"a":1,"energy":{"joules":9.0}}\r\n\r\n'
+    spliced = with_energy(upstream, energy)
+    assert spliced.endswith(b"\r\n\r\n") and spliced.count(b'"energy"') == 1
+    assert json.loads(spliced[6:]) == {"a": 1, "energy": energy}
+    plain = b'data:{"a":1}\n\n'  # no space after the colon
+    assert json.loads(with_energy(plain, energy)[5:]) == {"a": 1, "energy": energy}
