@@ -234,7 +234,8 @@ class StreamInspector:
         if out is None:
             return None
         at = event.find(b'"finish_reason":') + 16
-        if at > 15 and _reason_follows(event, at):
+        # Past the key, a quote or a space (a reason, maybe), or the usual `null`.
+        if 15 < at < len(event) and event[at] in b'" ' and _reason_follows(event, at):
             return self._finished(out)
         if self.held:
             return self._after_finish(event, out)

@@ -46,9 +46,23 @@ def test_usage_in_recorded_streams_matches_the_kind(path: Path) -> None:
             continue
         chunk = orjson.loads(data)
         if chunk.get("choices"):
-            assert out is not None  # every chunk with output reaches the client
+            # Every chunk with output reaches the client at once; the one that ends the
+            # answer waits for the energy (below).
+            assert (out is None) is any(c.get("finish_reason") for c in chunk["choices"])
         elif isinstance(chunk.get("usage"), dict):
             assert out is None  # the usage chunk the proxy asked for is kept back
+    energy = {"joules": 1.5}
+    sent = b"".join(k for k in kept if k is not None) + inspector.closing(energy, None, b"\n\n")
+    datas = [event_data(e) for e in SseSplitter().feed(sent)]
+    told = [orjson.loads(d) for d in datas if d is not None and d != b"[DONE]"]
+    # What the client gets parses, every choice in the backend's order; the chunk that
+    # ended the answer carries the energy, and so does the final one.
+    assert [c["choices"] for c in told if c.get("choices")] == [
+        c["choices"] for c in chunks(raw) if c.get("choices")
+    ]
+    ended = [c for c in told if any(ch.get("finish_reason") for ch in c.get("choices") or [])]
+    assert len(ended) == 1 and ended[0]["energy"] == energy
+    assert told[-1]["choices"] == [] and told[-1]["energy"] == energy
 
 
 def test_tgi_chunks_have_empty_ids_and_usage_is_still_found() -> None:
