@@ -12,9 +12,8 @@ written by `flush()` and by `close()`, which the app calls on shutdown.
 
 Reads (`get`, `summary`, `count`, `prune`) may block briefly: call them from a thread
 (`asyncio.to_thread`), never on the event loop. `get` and `summary` see records still
-queued, so an answered request is found, and counted, at once.
-
-Records hold ids, labels and numbers only, never prompt or completion text.
+queued, so an answered request is found, and counted, at once. Records hold ids, labels
+and numbers only, never prompt or completion text.
 """
 
 from __future__ import annotations
@@ -42,9 +41,7 @@ FAILURE_LOG_EVERY_S = 60.0
 
 class RequestStore:
     """Finished-request records in a `Database`, written by a background thread.
-
-    Thread-safe: `add` from any thread or task; reads from worker threads.
-    """
+    Thread-safe: `add` from any thread or task; reads from worker threads."""
 
     def __init__(
         self,
@@ -224,8 +221,7 @@ class RequestStore:
             )
 
     def flush(self, timeout_s: float = 10.0) -> bool:
-        """Wait until every record added before this call is stored (or dropped, logged).
-
+        """Wait until every record added before this call is stored (or dropped, logged);
         False if that did not happen within `timeout_s` (the writer keeps retrying)."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
@@ -353,6 +349,7 @@ class RequestStore:
             db.close_writer()
 
     def _make_room(self, e: Exception | str) -> bool:
+        # The journal pauses: what is freed is the database's (the journal would take it).
         self._pause_journal(True)
         try:
             n = self.db.make_room()
@@ -376,8 +373,8 @@ class RequestStore:
         return n > 0
 
     def _pause_journal(self, paused: bool) -> None:
-        if self._journal is not None:
-            with self._cond:
+        with self._cond:
+            if self._journal is not None:
                 self._journal.paused = paused
 
     def _maintain(self) -> None:

@@ -10,8 +10,9 @@ the file refuse to grow past `--db-max-mb` with SQLITE_FULL, as a full disk does
 then drops the oldest records (`make_room`) and writes again into the pages they freed. So
 the file never grows past the limit, a full disk is handled the same way, and the rollups
 keep counting what was dropped. The limit holds the write-ahead log as well: a fifth of it
-(64 KiB to 16 MiB) is the log's, checkpointed at half that and cut back after
-(`wal_budget_bytes`); the file's page limit is the rest.
+(64 KiB to 16 MiB, at most a 16th of the disk) is the log's, checkpointed at half that and
+cut back after (`wal_budget_bytes`); the file's page limit is the rest. What a full disk
+needs beyond that (a reserve, room made early) is `full_disk.py`'s.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import shutil
 import sqlite3
 import threading
 from collections.abc import Callable, Sequence
@@ -33,8 +33,15 @@ from metering.store.database import (
     encode_all,
     screen,
 )
+from metering.store.full_disk import (
+    MAKE_ROOM_FRACTION,
+    MIN_MAKE_ROOM_ROWS,
+    FullDisk,
+    disk_bytes,
+    is_full,
+    wal_budget_bytes,
+)
 from metering.store.records import RequestRecord, StoreError, id_key
-from metering.store.reserve import RESERVE_BYTES, Reserve
 from metering.store.rollup import (
     HOURS_PER_DAY,
     SECONDS_PER_HOUR,
@@ -49,7 +56,6 @@ from metering.store.sqlite_schema import (
     MIGRATIONS,
     SCHEMA_VERSION,
     SELECT_RECORD,
-    checkpoint,
     connect,
     explain,
     insert_records_sql,
@@ -69,47 +75,11 @@ _SQL_DATA_ERRORS: tuple[type[Exception], ...] = (
     sqlite3.DataError,
 )
 _PRUNE_CHUNK_ROWS = 10_000  # rows per delete transaction, so the writer never waits long
-_MIN_MAKE_ROOM_ROWS = 1_000
-_MAKE_ROOM_FRACTION = 0.05  # of the records, dropped when the file is full
-_MAKE_ROOM_CHUNK_ROWS = 500  # per transaction, so a full disk's log never needs much
-_VACUUM_STEP_PAGES = 64
 _WRITER_CACHE_KIB = 64 * 1024  # the id index's pages stay in memory up to ~2.5 M records
 MIN_MAX_BYTES = 1_000_000  # --db-max-mb 1
 
 
 # --- the database ------------------------------------------------------------------------
-
-
-# The write-ahead log's share of --db-max-mb: a fifth, from 64 KiB to 16 MiB, and at most
-# a 16th of the disk (what a full disk's reserve must hold is half of it: on a small disk
-# a large log would leave too few records to give that back).
-WAL_SHARE = 0.2
-WAL_MIN_BYTES = 64 * 1024
-WAL_MAX_BYTES = 16 * 1024 * 1024
-WAL_DISK_SHARE = 1 / 16
-
-
-def wal_budget_bytes(max_bytes: int, disk_bytes: int | None = None) -> int:
-    """The bytes the write-ahead log may hold of a store limited to `max_bytes`, on a
-    disk of `disk_bytes` (None: unknown)."""
-    budget = min(WAL_MAX_BYTES, WAL_SHARE * max_bytes)
-    if disk_bytes is not None:
-        budget = min(budget, WAL_DISK_SHARE * disk_bytes)
-    return int(max(WAL_MIN_BYTES, budget))
-
-
-def _free_bytes(path: str) -> int:
-    try:
-        return shutil.disk_usage(Path(path).parent).free
-    except OSError:
-        return 0
-
-
-def _disk_bytes(path: str) -> int | None:
-    try:
-        return shutil.disk_usage(Path(path).resolve().parent).total
-    except OSError:
-        return None
 
 
 class SqliteDatabase:
@@ -136,16 +106,9 @@ class SqliteDatabase:
         self._staged: dict[str, int] = {}  # label ids of the open transaction
         self._texts: dict[int, str] = {}  # label id -> text (the reader's)
         self._text_ids: dict[str, int] = {}  # label text -> id (the reader's)
-        self._wal_bytes = wal_budget_bytes(max_bytes, _disk_bytes(self.path))
+        self._wal_bytes = wal_budget_bytes(max_bytes, disk_bytes(self.path))
         self._w, self._r = self._open(busy_timeout_s)
-        # Room, on a full disk, for a checkpoint of the log at its fullest (what it adds
-        # to the file) and the first deletes.
-        self._reserve = Reserve(
-            Path(self.path + ".reserve"), self._wal_bytes // 2 + RESERVE_BYTES // 4
-        )
-        self._tight = False  # the disk was full: each batch checkpointed
-        self._room_wanted = False
-        self._reserve.take()
+        self._room = FullDisk(self.path, self._wal_bytes)  # making room on a full disk
 
     # --- opening -------------------------------------------------------------------------
 
@@ -278,7 +241,7 @@ class SqliteDatabase:
         lo, hi = conn.execute("SELECT MIN(rowid), MAX(rowid) FROM records").fetchone()
         if lo is None:
             return 0
-        n = max(_MIN_MAKE_ROOM_ROWS, math.ceil((hi - lo + 1) * _MAKE_ROOM_FRACTION))
+        n = max(MIN_MAKE_ROOM_ROWS, math.ceil((hi - lo + 1) * MAKE_ROOM_FRACTION))
         return transaction(conn, "DELETE FROM records WHERE rowid < ?", (lo + n,))
 
     # --- the writer side -----------------------------------------------------------------
@@ -398,131 +361,26 @@ class SqliteDatabase:
             raise
         self._ids.update(self._staged)
         self._staged = {}
-        if self._tight:
-            self._checkpoint_while_tight()
-
-    def _checkpoint_while_tight(self) -> None:
-        """On a disk that was full, each batch into the file at once (not waiting for
-        readers): the next time it is full, the log then holds nothing a checkpoint must
-        grow the file for, and making room needs next to no space. Until the disk has
-        room again, when the reserve is made whole again. The batch is committed: a
-        checkpoint that fails is never the batch's failure."""
-        try:
-            checkpoint(self._w, wait=False)
-        except sqlite3.Error as e:
-            if self.is_full(e):
-                # Left in the log: room is made now, while it holds one batch (the
-                # reserve is room for what that adds to the file), not once it is full.
-                self._room_wanted = True
-            else:
-                log.warning("request store %s: checkpoint failed: %s", self.path, e)
-            return
-        if _free_bytes(self.path) >= self._reserve.size_bytes + self._wal_bytes:
-            self._tight = not self._reserve.take(leave_bytes=0)
+        self._room.after_commit(self._w)
 
     def room_wanted(self) -> bool:
-        wanted, self._room_wanted = self._room_wanted, False
-        return wanted
+        return self._room.wanted()
+
+    def make_room(self) -> int:
+        return self._room.make_room(self._w)
 
     def rollback(self) -> None:
         rollback(self._w)
         self._staged = {}
 
     def is_full(self, error: BaseException) -> bool:
-        return (
-            isinstance(error, sqlite3.OperationalError)
-            and getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
-        )
-
-    def make_room(self) -> int:
-        """The oldest records dropped, in chunks each checkpointed (on a full disk the
-        log has only the reserve to grow into), after giving the reserve back; then the
-        reserve set aside again from what that freed: pages given back to the filesystem
-        a step at a time (the rest kept for the next records), more records dropped where
-        that is not enough. A disk that another program keeps full must leave the next
-        full disk the room to make room."""
-        conn = self._w
-        rollback(conn)
-        self._tight = True
-        self._reserve.release()
-        try:
-            return self._drop_for_room(conn)
-        finally:
-            # Whatever happened, the space set aside again, what there is of it: else the
-            # next records take it, and the next full disk has none to make room with.
-            self._reserve.take(leave_bytes=0, partly=True)
-
-    def _drop_for_room(self, conn: sqlite3.Connection) -> int:
-        # The log into the file first (the reserve is room for what that adds to it),
-        # so that the deletes reuse the log's own blocks.
-        checkpoint(conn)
-        lo, hi = conn.execute("SELECT MIN(rowid), MAX(rowid) FROM records").fetchone()
-        if lo is None:
-            return 0
-        stored = hi - lo + 1  # ids only grow, and only the oldest are dropped
-        # A share of the records, and never the newest: a small store on a full disk
-        # keeps half of what it has (the reserve's loop below, a quarter, at least one).
-        target = min(max(_MIN_MAKE_ROOM_ROWS, math.ceil(stored * _MAKE_ROOM_FRACTION)), stored // 2)
-        most = min(2 * target, stored - max(1, stored // 4))
-        dropped = self._drop_chunk(conn, target)
-        # Without incremental vacuum (a file from before it) freed pages stay in the
-        # file: dropping more gives the filesystem nothing.
-        incremental = int(conn.execute("PRAGMA auto_vacuum").fetchone()[0]) == 2
-        while incremental and not self._reserve.take(leave_bytes=0):
-            if self._give_pages_back(conn):
-                continue
-            if dropped >= most:
-                break  # the reserve is taken in part (`make_room`)
-            n = self._drop_chunk(conn, min(_MAKE_ROOM_CHUNK_ROWS, most - dropped))
-            if n == 0:
-                break
-            dropped += n
-        return dropped
-
-    def _drop_chunk(self, conn: sqlite3.Connection, rows: int) -> int:
-        """Up to `rows` of the oldest records deleted, `_MAKE_ROOM_CHUNK_ROWS` per
-        transaction, each checkpointed before the next; how many."""
-        dropped = 0
-        while dropped < rows:
-            n = transaction(
-                conn,
-                "DELETE FROM records WHERE rowid IN "
-                "(SELECT rowid FROM records ORDER BY rowid LIMIT ?)",
-                (min(_MAKE_ROOM_CHUNK_ROWS, rows - dropped),),
-            )
-            if n == 0:
-                break
-            dropped += n
-            checkpoint(conn)
-        return dropped
-
-    def _give_pages_back(self, conn: sqlite3.Connection) -> int:
-        """Up to `_VACUUM_STEP_PAGES` free pages returned to the filesystem (the moves go
-        through the log, checkpointed); how many."""
-        free = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
-        if not free:
-            return 0
-        conn.execute(f"PRAGMA incremental_vacuum({_VACUUM_STEP_PAGES})").fetchall()
-        checkpoint(conn)
-        return max(0, free - int(conn.execute("PRAGMA freelist_count").fetchone()[0]))
+        return is_full(error)
 
     def maintain(self) -> int:
         return 0  # SQLite enforces the size limit itself (max_page_count)
 
     def close_writer(self) -> None:
-        # The last checkpoint; on a full disk, with the reserve given back for it (the
-        # reserve is for a store that writes on; the next start takes it again).
-        try:
-            checkpoint(self._w)
-        except sqlite3.Error as e:
-            if not self.is_full(e):
-                log.warning("request store %s: the last checkpoint failed: %s", self.path, e)
-            else:
-                self._reserve.release()
-                try:
-                    checkpoint(self._w)
-                except sqlite3.Error as e2:
-                    log.warning("request store %s: the last checkpoint failed: %s", self.path, e2)
+        self._room.last_checkpoint(self._w)
         self._w.close()
 
     # --- the read side -------------------------------------------------------------------
