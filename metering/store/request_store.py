@@ -310,9 +310,9 @@ class RequestStore:
                     written = db.write(batch)
                     with self._commit_lock:
                         db.commit()
+                        if db.room_wanted():  # before the batch is done: flush sees it
+                            self._make_room("the disk is full")
                         recovered = self._done(batch, lost=len(written.rejected), ok=True)
-                    if db.room_wanted():
-                        self._make_room("the disk is full")
                 except Exception as e:
                     db.rollback()
                     if db.is_full(e) and self._make_room(e):
