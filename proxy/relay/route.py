@@ -90,6 +90,11 @@ MAX_CATEGORY_CHARS = 64
 MAX_ERROR_BODY_BYTES = 1 << 20
 
 
+def _more(body: bytes) -> Message:
+    """A piece of the answer's body, more to come."""
+    return {"type": "http.response.body", "body": body, "more_body": True}
+
+
 @dataclass(slots=True)
 class RelayContext:
     """What the hot path needs; built by `create_app`, never global."""
@@ -370,10 +375,6 @@ class MeteredRoute:
         await send(message)
         ex.sending_since = 0.0
 
-    async def _send_more(self, send: Send, ex: Exchange, body: bytes) -> None:
-        message = {"type": "http.response.body", "body": body, "more_body": True}
-        await self._send_timed(send, ex, message)
-
     async def _relay_whole(
         self,
         resp: UpstreamResponse,
@@ -434,9 +435,9 @@ class MeteredRoute:
         out.extend(report.headers())
         ex.started = True
         await send({"type": "http.response.start", "status": resp.status, "headers": out})
-        await self._send_more(send, ex, b"".join(chunks))
+        await self._send_timed(send, ex, _more(b"".join(chunks)))
         while more and (chunk := await resp.next_chunk()):
-            await self._send_more(send, ex, chunk)
+            await self._send_timed(send, ex, _more(chunk))
         ex.response_done = True
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
@@ -485,7 +486,7 @@ class MeteredRoute:
                     measurement.streamed(inspector.counted_tokens - 1)
                     counted = inspector.counted_tokens
                 if body:
-                    await self._send_more(send, ex, body)
+                    await self._send_timed(send, ex, _more(body))
         except UpstreamError as exc:
             failure = {"message": exc.message, "type": exc.type, "code": exc.code}
             ex.status = exc.status
@@ -498,12 +499,12 @@ class MeteredRoute:
         if tail.strip():
             kept = inspector.process(tail + splitter.separator)
             if kept is not None:
-                await self._send_more(send, ex, kept)
+                await self._send_timed(send, ex, _more(kept))
         tokens = tokens_from_usage(inspector.usage, inspector.counted_tokens)
         if tokens.prompt is None and failure is None:
             # The tokenizer's count takes up to seconds: what waits for the energy goes now.
             if early := release():
-                await self._send_more(send, ex, early)
+                await self._send_timed(send, ex, _more(early))
             tokens = await self._prompts.stream_tokens(ex, tokens)
         self._settle(ex, tokens, timings_from_answer(inspector.usage_chunk))
         final = inspector.closing(ex.energy, failure, splitter.separator)
