@@ -26,8 +26,11 @@ _BLOCK_BYTES = 4096
 class Reserve:
     path: Path
     size_bytes: int = RESERVE_BYTES
-    held: bool = False
     held_bytes: int = 0  # what is set aside now (less than `size_bytes` when taken in part)
+
+    @property
+    def held(self) -> bool:
+        return self.held_bytes > 0
 
     def take(self, *, leave_bytes: int | None = None, partly: bool = False) -> bool:
         """Set the space aside (again, or what was set aside in part made whole); whether
@@ -37,11 +40,11 @@ class Reserve:
         writes into the pages it freed). `partly`: what there is, where that is less (a
         block at least), better than none. A reserve file already there (a store that
         stopped) is the store's own."""
-        if self.held and self.held_bytes >= self.size_bytes:
+        if self.held_bytes >= self.size_bytes:
             return True
         have = _allocated(self.path)
         if have >= self.size_bytes:
-            self.held, self.held_bytes = True, have
+            self.held_bytes = have
             return True
         leave = self.size_bytes if leave_bytes is None else leave_bytes
         try:
@@ -50,7 +53,7 @@ class Reserve:
             size = size // _BLOCK_BYTES * _BLOCK_BYTES
             if free < size or size < _BLOCK_BYTES or size <= have:
                 if have:  # what is there stays set aside
-                    self.held, self.held_bytes = True, have
+                    self.held_bytes = have
                 return partly and self.held
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
@@ -61,7 +64,7 @@ class Reserve:
             log.warning("could not set %d bytes aside at %s: %s", self.size_bytes, self.path, e)
             self.release()
             return False
-        self.held, self.held_bytes = True, size
+        self.held_bytes = size
         return partly or size >= self.size_bytes
 
     def release(self) -> bool:
@@ -72,7 +75,7 @@ class Reserve:
             released = False
         else:
             released = True
-        self.held, self.held_bytes = False, 0
+        self.held_bytes = 0
         return released
 
 

@@ -222,11 +222,9 @@ class StreamInspector:
         self.held_bytes = 0
 
     def closing(self, energy: dict[str, Any], failure: dict[str, Any] | None, sep: bytes) -> bytes:
-        held = self.held
-        if held:
-            self.held = []
-            held[0] = with_energy(held[0], energy)
-        return b"".join(held) + chunk_stream_closing(self, energy, failure, sep)
+        if self.held:
+            self.held[0] = with_energy(self.held[0], energy)
+        return self.release() + chunk_stream_closing(self, energy, failure, sep)
 
     def process(self, event: bytes) -> bytes | None:
         """What to forward for this event (None: hold it back)."""
@@ -253,9 +251,9 @@ class StreamInspector:
     def _finished(self, out: bytes) -> bytes | None:
         """A finish chunk waits for the end (`closing`); one that waited already (another
         choice's) is sent on."""
-        held = self.held
+        before = self.release()
         self.held, self.held_bytes = [out], len(out)
-        return b"".join(held) if held else None
+        return before or None
 
     def _after_finish(self, event: bytes, out: bytes) -> bytes | None:
         """What follows a finish chunk with no output waits with it; output sends what
@@ -265,8 +263,7 @@ class StreamInspector:
             held.append(out)
             self.held_bytes += len(out)
             return None
-        self.held, self.held_bytes = [], 0
-        return b"".join(held) + out
+        return self.release() + out
 
     def _forward(self, event: bytes) -> bytes | None:
         data = event_data(event)
