@@ -37,6 +37,7 @@ class BackendConfig:
     forward_authorization: bool = False  # pass the client's own Authorization header on
     gpus: tuple[int, ...] | None = None
     max_running: int | None = None  # the most requests it runs at once, when known
+    prefill_chunk_tokens: int | None = None  # prompt tokens it prefills a step, when known
 
     def __post_init__(self) -> None:
         if self.kind != AUTO:

@@ -18,11 +18,13 @@ from metering.accounting.untracked import UntrackedWork
 @dataclass(frozen=True, slots=True)
 class Plan:
     """What the meter needs to know of one backend: its name, the GPU indices it runs on
-    (None: the GPUs no backend claims) and the most requests it runs at once, if known."""
+    (None: the GPUs no backend claims), the most requests it runs at once and the prompt
+    tokens it prefills in one step (chunked prefill), if known."""
 
     name: str
     gpus: Sequence[int] | None = None
     max_running: int | None = None
+    prefill_chunk_tokens: int | None = None
 
 
 @dataclass(slots=True)
@@ -118,5 +120,7 @@ def cost_model_view(lane: Lane, version: str) -> dict[str, object]:
         "prefill_window_s": rates.prefill_window_s,
         "queue_capacity": lane.queue.capacity,
         "queue_capacity_source": lane.queue.capacity_source(),
+        "prefill_chunk_tokens": lane.queue.chunk_tokens,
+        "prefill_chunk_source": lane.queue.chunk_source(),
         "timed_requests": lane.timed,
     }

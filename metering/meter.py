@@ -135,7 +135,10 @@ class Meter:
             p.name: Lane(
                 (*channels[p.name], time_of[p.name]),
                 gpu_share(channels[p.name], sources),
-                EngineQueue(configured=p.max_running),
+                EngineQueue(
+                    configured=p.max_running,
+                    chunk_configured=p.prefill_chunk_tokens and float(p.prefill_chunk_tokens),
+                ),
             )
             for p in plans
         }
@@ -201,6 +204,11 @@ class Meter:
             return False
         suspect = lane.open_starts and self.sampler.clock() < lane.untracked.suspect_until_s
         return lane.queue.may_queue() or bool(suspect)
+
+    def reached(self, m: Measurement) -> None:
+        """The backend began its answer to a streamed request: it has the request (the
+        steps of its prefill are counted from here: attribution.py)."""
+        self.attribution.reached(m.flight, m.lane.queue, self.sampler.clock())
 
     def first_token(self, m: Measurement) -> None:
         """Its first token came out: prefill is over (and it was admitted), it decodes."""

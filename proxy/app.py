@@ -334,7 +334,7 @@ def create_app(
     intensity = intensity or intensity_from(settings)
     meter = Meter.build(
         sources,
-        [Plan(b.name, b.gpus, b.max_running) for b in settings.backends],
+        [Plan(b.name, b.gpus, b.max_running, b.prefill_chunk_tokens) for b in settings.backends],
         intensity,
         idle_watts=settings.idle_watts_fixed,
         clock=clock,

@@ -60,6 +60,10 @@ class BackendEntry(BaseModel):
     # The most requests it runs at once (vLLM --max-num-seqs): the queue model's capacity
     # when the backend's metrics do not tell it (metering/accounting/attribution.py).
     max_running: int | None = Field(default=None, ge=1)
+    # The prompt tokens it prefills in one step across requests (vLLM
+    # --max-num-batched-tokens, chunked prefill): the split prices a prompt by the chunks
+    # it runs in; learnt from the streams where not given.
+    prefill_chunk_tokens: int | None = Field(default=None, ge=1)
     # Pass the client's own Authorization header on to this backend (never by default:
     # the client's key is for the proxy).
     forward_authorization: bool = False
@@ -74,6 +78,7 @@ class BackendEntry(BaseModel):
             forward_authorization=self.forward_authorization,
             gpus=tuple(self.gpus) if self.gpus is not None else None,
             max_running=self.max_running,
+            prefill_chunk_tokens=self.prefill_chunk_tokens,
         )
 
     @field_validator("url")

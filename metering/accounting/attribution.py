@@ -55,7 +55,9 @@ the one request admitted in its place (more only when the capacity grows).
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import math
+import statistics
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,6 +91,53 @@ NEXT_STEP = "next step"
 FOLLOW_FRACTION = 0.25
 INFER_EVIDENCE = 2
 
+# The engine's chunk, from the streams (`ChunkEvidence`): prompts of at least
+# CHUNK_MIN_PROMPT tokens whose prefill is counted in steps where streams decoded through
+# at least CHUNK_COVERED of it; CHUNK_EVIDENCE of them that took CHUNK_MIN_STEPS steps or
+# more make the split price prefill by the chunk.
+CHUNK_MIN_PROMPT = 256.0
+CHUNK_COVERED = 0.9
+CHUNK_MIN_STEPS = 3.0
+CHUNK_EVIDENCE = 3
+CHUNK_KEPT = 32
+
+
+@dataclass(slots=True)
+class ChunkEvidence:
+    """What streamed prompts showed of the engine's chunk: for each prompt whose
+    prefill took CHUNK_MIN_STEPS steps or more (counted by the tokens the decoding
+    streams streamed meanwhile, one a step each), the prompt tokens the engine
+    prefilled a step meanwhile: its own and those of the prompts whose prefill ended
+    inside its window (an engine shares its budget oldest first: a prompt behind others
+    takes their steps too). A prompt of P tokens alone in chunks of C takes
+    n = ceil(P / C) steps, and the count is n + 1 more often than not (the step under
+    way when it was admitted streams its tokens inside its window), n at times (its
+    last step's tokens race its first token): tokens / (count - 1) is what the engine
+    prefilled a step, and the chunk is the median of the last CHUNK_KEPT (a few that
+    waited while the model took them to run do not move it). A whole-prompt engine's
+    prefill counts a step or two; where more are counted (a prompt that waited, tokens
+    relayed late) the tokens a step come out above the prompts' own size, which is no
+    chunk. Measured in bench/fairness.py's engines: chunks of 512 and prompts of 4,000
+    count 9 (and 8); chunks of 2,048, 3 (and 2); whole prompts 1-2. Pure."""
+
+    # (tokens prefilled a step, the prompt's own tokens)
+    seen: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=CHUNK_KEPT))
+
+    def note(self, prompt_tokens: float, steps: float, own_tokens: float) -> float | None:
+        """`prompt_tokens` were prefilled over the `steps` of a prompt of `own_tokens`:
+        the chunk it is now taken to be (prompt tokens a step), or None (whole prompts
+        in a step, as far as the streams show)."""
+        if steps >= CHUNK_MIN_STEPS:
+            self.seen.append((prompt_tokens / (steps - 1.0), own_tokens))
+        return self.chunk_if_any()
+
+    def chunk_if_any(self) -> float | None:
+        """The chunk the prompts seen show, or None (too few, or no prompt split)."""
+        if len(self.seen) < CHUNK_EVIDENCE:
+            return None
+        chunk = statistics.median(s for s, _ in self.seen)
+        return chunk if chunk < statistics.median(p for _, p in self.seen) else None
+
 
 @dataclass(slots=True, eq=False)
 class Flight:
@@ -108,6 +157,14 @@ class Flight:
     # ledger's sensitivities tell it from decode work.
     prefill_work: bool = False
     prefill_from_s: float | None = None  # when its prefill began, as far as known
+    # Prompt tokens it is taken to prefill in each step, where the engine's chunk is known
+    # (`EngineQueue.chunk_tokens`): the prefill budget, shared oldest first.
+    allotted: float = 0.0
+    # The decoding streams' integrals and the prompt tokens prefilled when its prefill
+    # began (`EngineQueue`): the steps its prefill took, and the tokens prefilled in them,
+    # counted at its first token (`Attribution.first_token`).
+    at_prefill: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+    counted_from_s: float | None = None  # when that count began (`Attribution.reached`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +215,14 @@ class EngineQueue:
     decoder_s: float = 0.0
     decoded_s: float = 0.0
     decoders_since_s: float | None = None
+    # Chunked prefill: the prompt tokens the engine prefills in one step, across the
+    # requests prefilling (vLLM's max_num_batched_tokens), configured or learnt from the
+    # steps streamed prompts took (`ChunkEvidence`); None: a prompt in one step.
+    chunk_tokens: float | None = None
+    chunk_configured: float | None = None
+    chunk: ChunkEvidence = field(default_factory=lambda: ChunkEvidence())
+    allotted_tokens: float = 0.0  # the prefilling requests' allotments, summed
+    prefilled_tokens: float = 0.0  # prompt tokens of the seen prefills that ended, summed
 
     def count_decoders(self, delta: int, now_s: float | None) -> None:
         """A stream began (+1) or stopped (-1) decoding at `now_s` (None: not known)."""
@@ -178,6 +243,8 @@ class EngineQueue:
     def __post_init__(self) -> None:
         if self.configured is not None:
             self.capacity = self.configured
+        if self.chunk_configured is not None:
+            self.chunk_tokens = self.chunk_configured
 
     def learn(self, running: float | None, waiting: float | None) -> bool:
         """The backend's own counts (its /metrics). With requests waiting, what runs is at
@@ -215,6 +282,13 @@ class EngineQueue:
             return "unknown"
         return "learnt" if self.gauged else "inferred"
 
+    def chunk_source(self) -> str:
+        """Where the prefill chunk came from: `configured`, `learnt` from the streams, or
+        `none` (a prompt is taken to prefill in one step)."""
+        if self.chunk_configured is not None:
+            return "configured"
+        return "none" if self.chunk_tokens is None else "learnt"
+
     @property
     def decoding(self) -> int:
         """Running requests past their first token (for inspection; O(running))."""
@@ -240,12 +314,18 @@ class Attribution:
         if phase == DECODE and f.stream:
             queue.count_decoders(+1, now_s)
         f.eq = 1.0 if self.mode == MODEL else 0.0
-        f.weight = self._running_weight(f, queue)
+        _leave_prefill(queue, f)
         f.prefill_work = self.mode == MODEL and phase == PREFILL and (f.stream or f.embeddings)
         if f.prefill_work:
+            _count_from(f, queue, now_s)
+            budget = queue.chunk_tokens
+            f.allotted = f.prompt_tokens
+            if budget is not None:
+                f.allotted = min(_per_step(f, queue), max(0.0, budget - queue.allotted_tokens))
+                f.eq = 1.0 if f.allotted > 0.0 else 0.0
+            queue.allotted_tokens += f.allotted
             queue.prefilling[id(f)] = f
-        else:
-            queue.prefilling.pop(id(f), None)
+        f.weight = self._running_weight(f, queue)
         return f.weight
 
     def _running_weight(self, f: Flight, queue: EngineQueue) -> float:
@@ -257,7 +337,7 @@ class Attribution:
         if self.mode == MODEL:
             price = queue.price
             if prefilling:
-                return price.prefill_j_per_token * f.prompt_tokens
+                return price.prefill_j_per_token * f.allotted
             if f.phase == PREFILL and not f.stream:  # its prefill unseen: spread over its steps
                 steps = max(1.0, price.amortize_steps)
                 return price.decode_j_per_step + price.prefill_j_per_token * f.prompt_tokens / steps
@@ -265,6 +345,15 @@ class Attribution:
         if prefilling:
             return 1.0 + f.prompt_tokens / PREFILL_TOKENS_PER_UNIT
         return DECODE_WEIGHT
+
+    def reached(self, f: Flight, queue: EngineQueue, now_s: float) -> None:
+        """The backend answered `f`'s request (its response began, at `now_s`): it has
+        the request now. The steps its prefill takes are counted from here, where it is
+        later than its admission (a burst's requests reach a backend tens of
+        milliseconds after the proxy took them, while the running streams go on)."""
+        began = f.counted_from_s
+        if f.prefill_work and began is not None and now_s > began:
+            _count_from(f, queue, now_s)
 
     def decoding_weight(self, queue: EngineQueue) -> tuple[float, float]:
         """The weight and equal share (`eq`) of one running, decoding request under this
@@ -282,7 +371,7 @@ class Attribution:
             return []
         changed = self._requeue(queue)
         changed += self._admit(queue)
-        return changed
+        return changed + self._reallot(queue)
 
     def start(self, f: Flight, queue: EngineQueue, now_s: float | None = None) -> float:
         """A request arrives (at `now_s`, the caller's clock, if given): its first weight
@@ -296,7 +385,12 @@ class Attribution:
             f.weight, f.eq = 0.0, 0.0
             return 0.0
         queue.running[id(f)] = f
-        if self.mode == MODEL and now_s is not None and _step_under_way(queue, now_s):
+        if (
+            self.mode == MODEL
+            and now_s is not None
+            and queue.chunk_tokens is None  # a chunked engine's steps are short: it joins
+            and _step_under_way(queue, now_s)
+        ):
             # A prefill's step is under way: the engine's step in progress is not its own.
             f.phase, f.weight, f.eq = NEXT_STEP, 0.0, 0.0
             queue.next_step[id(f)] = f
@@ -307,11 +401,32 @@ class Attribution:
         """A step ended at `now_s` (a first token came, or an embeddings answer): the
         requests that were waiting for it join the next one, in prefill. Returns their
         new weights."""
-        if not queue.next_step:
-            return []
         joined = list(queue.next_step.values())
         queue.next_step.clear()
-        return [(f, self._run(f, queue, PREFILL, now_s)) for f in joined]
+        changed = [(f, self._run(f, queue, PREFILL, now_s)) for f in joined]
+        return changed + self._reallot(queue)
+
+    def _reallot(self, queue: EngineQueue) -> list[tuple[Flight, float]]:
+        """Share the engine's chunk again among the requests prefilling, oldest first
+        (a prefill ended, or the chunk is known now): those whose weight changes.
+        O(prefilling) where the engine is chunked; O(1) where it is not."""
+        budget = queue.chunk_tokens
+        if self.mode != MODEL or (budget is None and queue.allotted_tokens == 0.0):
+            return []
+        changed: list[tuple[Flight, float]] = []
+        left, total = budget, 0.0
+        for f in queue.prefilling.values():
+            take = f.prompt_tokens if left is None else min(_per_step(f, queue), max(0.0, left))
+            if left is not None:
+                left -= take
+            total += take
+            if take != f.allotted:
+                f.allotted = take
+                f.eq = 1.0 if take > 0.0 or budget is None else 0.0
+                f.weight = self._running_weight(f, queue)
+                changed.append((f, f.weight))
+        queue.allotted_tokens = total
+        return changed
 
     def first_token(
         self, f: Flight, queue: EngineQueue, now_s: float | None = None
@@ -327,6 +442,10 @@ class Attribution:
             queue.running[id(f)] = f
             if queue.capacity is not None and queue.configured is None:
                 queue.capacity = max(queue.capacity, len(queue.running))
+        if f.prefill_work:
+            if f.stream and now_s is not None:
+                _count_steps(f, queue, now_s)
+            queue.prefilled_tokens += f.prompt_tokens
         was = (f.weight, f.eq)
         new = self._run(f, queue, DECODE, now_s)
         if (new, f.eq) == was:
@@ -376,8 +495,10 @@ class Attribution:
         queue.running.pop(id(f), None)
         if f.phase == DECODE and f.stream:
             queue.count_decoders(-1, now_s)
-        _leave_step(queue, id(f))
-        return self._admit(queue, now_s)
+        if f.prefill_work and f.embeddings:  # its answer ends its prefill
+            queue.prefilled_tokens += f.prompt_tokens
+        _leave_step(queue, f)
+        return self._admit(queue, now_s) + self._reallot(queue)
 
     def infer(self, f: Flight, queue: EngineQueue, now_s: float) -> list[tuple[Flight, float]]:
         """`f`'s first token, at `now_s`, on a backend whose gauges are not read and whose
@@ -404,7 +525,7 @@ class Attribution:
         if queue.capacity is not None and queue.capacity >= queue.inferred:
             return []
         queue.capacity = queue.inferred
-        return self._requeue(queue, keep=f)
+        return self._requeue(queue, keep=f) + self._reallot(queue)
 
     def _requeue(
         self, queue: EngineQueue, keep: Flight | None = None
@@ -443,10 +564,56 @@ def _step_under_way(queue: EngineQueue, now_s: float) -> bool:
     return began is not None and began < now_s - queue.price.step_s
 
 
-def _leave_step(queue: EngineQueue, key: int) -> None:
-    """The request `key` no longer prefills, nor waits for a step to end."""
-    queue.prefilling.pop(key, None)
-    queue.next_step.pop(key, None)
+def _leave_step(queue: EngineQueue, f: Flight) -> None:
+    """`f` no longer prefills, nor waits for a step to end."""
+    _leave_prefill(queue, f)
+    queue.next_step.pop(id(f), None)
+
+
+def _leave_prefill(queue: EngineQueue, f: Flight) -> None:
+    """`f` no longer prefills: its allotment of the chunk is free (shared again by
+    `Attribution._reallot`)."""
+    if queue.prefilling.pop(id(f), None) is not None:
+        queue.allotted_tokens = max(0.0, queue.allotted_tokens - f.allotted)
+    f.allotted = 0.0
+
+
+def _per_step(f: Flight, queue: EngineQueue) -> float:
+    """The prompt tokens `f` prefills a step on a chunked engine, on average over its
+    prefill: a configured chunk C (the engine's budget) takes P / ceil(P / C) (its last
+    chunk is the rest); a learnt one is already what prompts prefilled a step."""
+    prompt, chunk = f.prompt_tokens, queue.chunk_tokens
+    if chunk is None or prompt <= 0.0:
+        return prompt
+    if queue.chunk_configured is None:
+        return min(prompt, chunk)
+    return prompt / math.ceil(prompt / chunk)
+
+
+def _count_from(f: Flight, queue: EngineQueue, now_s: float | None) -> None:
+    """Count the steps of `f`'s prefill from `now_s`: what has streamed and been
+    prefilled so far."""
+    queue.advance_decoders(now_s)
+    f.counted_from_s = now_s
+    f.at_prefill = (float(queue.streamed), queue.decoder_s, queue.decoded_s, queue.prefilled_tokens)
+
+
+def _count_steps(f: Flight, queue: EngineQueue, now_s: float) -> None:
+    """`f`'s first token, at `now_s`, after a seen prefill: the steps it took, counted by
+    the tokens the decoding streams streamed since it began, where they decoded through
+    nearly all of it, go to the evidence of the engine's chunk (unless configured)."""
+    began = f.counted_from_s
+    if began is None or f.prompt_tokens < CHUNK_MIN_PROMPT or queue.chunk_configured:
+        return
+    queue.advance_decoders(now_s)
+    streamed0, decoder0_s, decoded0_s, prefilled0 = f.at_prefill
+    window_s, decoded_s = now_s - began, queue.decoded_s - decoded0_s
+    if window_s <= 0.0 or decoded_s < CHUNK_COVERED * window_s:
+        return
+    decoders = (queue.decoder_s - decoder0_s) / decoded_s
+    steps = (queue.streamed - streamed0) / decoders
+    tokens = f.prompt_tokens + queue.prefilled_tokens - prefilled0
+    queue.chunk_tokens = queue.chunk.note(tokens, steps, f.prompt_tokens)
 
 
 def _arrived_before(queue: EngineQueue, seq: int) -> int:
@@ -472,7 +639,7 @@ def _send_back(queue: EngineQueue, f: Flight) -> None:
     (the front of the line: it was admitted before them)."""
     key = id(f)
     del queue.running[key]
-    _leave_step(queue, key)
+    _leave_step(queue, f)
     queue.waiting[key] = f
     queue.waiting.move_to_end(key, last=False)
     f.phase, f.weight, f.eq, f.prefill_work = WAITING, 0.0, 0.0, False

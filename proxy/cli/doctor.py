@@ -141,6 +141,12 @@ def render_cost_models(backends: list[dict[str, Any]], proxy_url: str, now_s: fl
             f"({m.get('queue_capacity_source')}); {m.get('timed_requests')} answers carried "
             "the backend's own timings"
         )
+        chunk = m.get("prefill_chunk_tokens")
+        lines.append(
+            "    prefill "
+            + ("a prompt a step" if chunk is None else f"in chunks of {_num(chunk):.0f} tokens")
+            + f" ({m.get('prefill_chunk_source', 'none')})"
+        )
     return "\n".join(lines)
 
 

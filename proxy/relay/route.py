@@ -463,6 +463,7 @@ class MeteredRoute:
         failure: dict[str, Any] | None = None
         process, feed, release = inspector.process, splitter.feed, inspector.release
         meter, measurement = self.ctx.meter, ex.measurement
+        meter.reached(measurement)
         counted = 0  # the tokens counted when last told to the meter
         try:
             while chunk := await resp.next_chunk():

@@ -98,6 +98,7 @@ def test_a_backends_max_running_sets_its_queue_models_capacity(tmp_path: Path) -
     cfg.write_text(
         f'db = "{tmp_path / "r.db"}"\npower-source = "constant:10"\n'
         '[[backends]]\nname = "vllm"\nurl = "http://127.0.0.1:1"\nmax_running = 12\n'
+        "prefill_chunk_tokens = 2048\n"
         '[[backends]]\nname = "other"\nurl = "http://127.0.0.1:2"\n'
     )
     s = load_settings({"config": str(cfg)}, {})
@@ -105,6 +106,10 @@ def test_a_backends_max_running_sets_its_queue_models_capacity(tmp_path: Path) -
     app = create_app(s)
     assert app.meter.lane("vllm").queue.capacity == 12
     assert app.meter.lane("other").queue.capacity is None
+    views = app.meter.cost_models()
+    assert views["vllm"]["prefill_chunk_tokens"] == 2048.0
+    assert views["vllm"]["prefill_chunk_source"] == "configured"
+    assert views["other"]["prefill_chunk_source"] == "none"
     app.meter.sampler.close()
     app.store.close()
     bad = tmp_path / "bad.toml"
@@ -112,4 +117,9 @@ def test_a_backends_max_running_sets_its_queue_models_capacity(tmp_path: Path) -
     with pytest.raises(
         ConfigError, match="max-running: Input should be greater than or equal to 1"
     ):
+        load_settings({"config": str(bad)}, {})
+    bad.write_text(
+        '[[backends]]\nname = "x"\nurl = "http://127.0.0.1:1"\nprefill_chunk_tokens = -5\n'
+    )
+    with pytest.raises(ConfigError, match="prefill-chunk-tokens: Input should be greater"):
         load_settings({"config": str(bad)}, {})

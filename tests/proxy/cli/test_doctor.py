@@ -53,8 +53,15 @@ def test_without_a_gpu_it_says_why_nvml_is_absent_and_what_works() -> None:
     assert "usable: " in out
     # Every figure serve would use, and no GPU server's embodied figure on this host.
     line = next(ln for ln in out.splitlines() if ln.startswith("energy-proxy: power "))
-    for part in ("carbon intensity 480 gCO2eq/kWh, static", "PUE 1", "embodied none:",
-                 "store ", "keys off", "attribution model", "request log on"):
+    for part in (
+        "carbon intensity 480 gCO2eq/kWh, static",
+        "PUE 1",
+        "embodied none:",
+        "store ",
+        "keys off",
+        "attribution model",
+        "request log on",
+    ):
         assert part in line, line  # fmt: skip
     doc = json.loads(doctor("--json", "--calls", "10").stdout)
     assert doc["usable"], doc
@@ -138,6 +145,7 @@ def test_it_shows_a_running_proxys_cost_models(fake_server: str, tmp_path: Path)
         assert "fake  cost-v1 defaults (never fitted, 0 intervals" in done.stdout
         assert "fixed 280.0 W, prefill 5.00 mJ/token, decode 5.00 mJ/token" in done.stdout
         assert "queue capacity none known (unknown); 1 answers carried" in done.stdout
+        assert "prefill a prompt a step (none)" in done.stdout
         doc = json.loads(doctor("--power-source", "constant:100", "--json", "--proxy", url).stdout)
         assert doc["proxy"]["cost_models"]["fake"]["timed_requests"] == 1
 

@@ -1,0 +1,233 @@
+"""Chunked prefill in `model` mode (metering/accounting/attribution.py): a prompt priced
+by the chunk it runs in each step, the chunk shared oldest first, and the chunk learnt
+from the steps streamed prompts took."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from metering.accounting.attribution import (
+    DECODE,
+    Attribution,
+    ChunkEvidence,
+    EngineQueue,
+    Flight,
+)
+
+C_PREFILL = 0.005  # the WorkPrice default, joules a prompt token
+
+
+def test_a_configured_chunk_is_shared_oldest_first() -> None:
+    attr, q = Attribution(), EngineQueue(chunk_configured=2048.0)
+    a, b, chat, d = Flight(4000.0), Flight(4000.0), Flight(300.0), Flight(300.0)
+    # 4,000 tokens in chunks of 2,048: two steps, 2,000 a step on average.
+    assert attr.start(a, q, 0.0) == pytest.approx(C_PREFILL * 2000)
+    assert attr.start(b, q, 0.001) == pytest.approx(C_PREFILL * 48)  # what a leaves
+    # The budget is spent: the chat is not in the steps (no work, no fixed cost).
+    assert attr.start(chat, q, 0.002) == 0.0 and chat.eq == 0.0
+    assert q.allotted_tokens == 2048.0 and q.chunk_source() == "configured"
+    attr.first_token(a, q, 0.05)
+    changed = dict((id(f), w) for f, w in attr.step_ended(q, 0.05))
+    # a decodes; b takes its 2,000 a step, the chat the rest.
+    assert changed == {
+        id(b): pytest.approx(C_PREFILL * 2000),
+        id(chat): pytest.approx(C_PREFILL * 48),
+    }
+    assert chat.eq == 1.0 and q.allotted_tokens == 2048.0
+    attr.first_token(b, q, 0.1)
+    changed = dict((id(f), w) for f, w in attr.step_ended(q, 0.1))
+    assert changed == {id(chat): pytest.approx(C_PREFILL * 300)}
+    assert attr.start(d, q, 0.11) == pytest.approx(C_PREFILL * 300)
+    attr.finish(d, q, 0.12)
+    for f in (a, b, chat):
+        attr.finish(f, q, 0.2)
+    assert q.allotted_tokens == 0.0 and not q.prefilling
+
+
+def test_without_a_chunk_a_prompt_is_priced_whole() -> None:
+    attr, q = Attribution(), EngineQueue()
+    a, b = Flight(4000.0), Flight(3000.0)
+    assert attr.start(a, q, 0.0) == pytest.approx(C_PREFILL * 4000)
+    assert attr.start(b, q, 0.0) == pytest.approx(C_PREFILL * 3000)
+    assert q.chunk_source() == "none" and attr.step_ended(q, 0.0) == []
+
+
+def test_a_request_that_ends_while_prefilling_frees_its_allotment() -> None:
+    attr, q = Attribution(), EngineQueue(chunk_configured=1000.0)
+    a, b = Flight(800.0), Flight(800.0)
+    attr.start(a, q, 0.0)
+    assert attr.start(b, q, 0.0) == pytest.approx(C_PREFILL * 200)
+    changed = attr.finish(a, q, 0.01)  # a client hung up during its prefill
+    assert changed == [(b, pytest.approx(C_PREFILL * 800))]
+    assert attr.start(Flight(1500.0), q, 0.02) == pytest.approx(C_PREFILL * 200)
+    assert q.allotted_tokens == 1000.0
+
+
+@pytest.mark.parametrize("chunk", [256, 512, 2048])
+def test_the_chunk_is_learnt_within_a_quarter(chunk: int) -> None:
+    rng = random.Random(chunk)
+    evidence, learnt = ChunkEvidence(), None
+    for _ in range(40):
+        prompt = rng.choice((300.0, 1200.0, 2000.0, 4000.0, 8000.0))
+        # As counted in bench/fairness.py's engines: mostly one step more, at times none.
+        steps = -(-prompt // chunk) + rng.choice((0, 1, 1, 1))
+        learnt = evidence.note(prompt, steps, prompt)
+    assert learnt is not None
+    assert 0.75 * chunk <= learnt <= 1.25 * chunk
+
+
+def test_whole_prompt_engines_teach_no_chunk() -> None:
+    evidence = ChunkEvidence()
+    for i in range(60):  # a step or two each, whatever the prompt
+        assert evidence.note(300.0 + 100.0 * (i % 40), 1.0 + (i % 2), 300.0) is None
+    assert not evidence.seen
+    # Counted a step too many or more (a prompt that waited) yet many prompts' tokens a
+    # step: above the prompts' own size, no chunk.
+    for k in range(1, 6):
+        evidence.note(4000.0 * k * 3, 4.0, 4000.0)
+    assert evidence.chunk_if_any() is None
+
+
+def test_the_count_begins_when_the_backend_has_the_request() -> None:
+    """Through HTTP a burst's requests reach the backend some steps after the proxy took
+    them, while the running streams go on: counted from the proxy's start, a whole
+    prompt (one step) would look like several; from its answer's start it is one."""
+    attr, q = Attribution(), EngineQueue()
+    chat = Flight(100.0)
+    attr.start(chat, q, 0.0)
+    attr.first_token(chat, q, 0.01)
+    t = 0.01
+    for _ in range(5):
+        rag = Flight(4000.0)
+        attr.start(rag, q, t)
+        for _ in range(4):  # relayed to the backend meanwhile
+            t += 0.02
+            _step(attr, q, [chat], t)
+        attr.reached(rag, q, t)
+        t += 0.05
+        _step(attr, q, [chat], t)  # its one step, the chat's token with it
+        attr.first_token(rag, q, t)
+        attr.finish(rag, q, t)
+    assert not q.chunk.seen and q.chunk_tokens is None
+
+
+def test_a_prompt_that_waited_moves_the_chunk_little() -> None:
+    evidence = ChunkEvidence()
+    for _ in range(4):
+        evidence.note(4000.0, 9.0, 4000.0)  # chunks of 512: 8 steps, one more counted
+    learnt = evidence.note(4000.0, 40.0, 4000.0)  # it waited behind others: many steps more
+    assert learnt == pytest.approx(500.0)
+
+
+def _step(attr: Attribution, q: EngineQueue, decoders: list[Flight], t: float) -> None:
+    """One engine step ends at `t`: every decoding stream streams a token."""
+    q.advance_decoders(t)
+    q.streamed += len(decoders)
+
+
+def test_the_streams_teach_the_chunk_and_prefill_is_priced_by_it() -> None:
+    """One chat decodes throughout; RAG prompts of 4,000 tokens run in chunks of 512
+    (8 steps of 20 ms each): after three of them the split prices prompts by the chunk."""
+    attr, q = Attribution(), EngineQueue()
+    chat = Flight(100.0)
+    attr.start(chat, q, 0.0)
+    attr.first_token(chat, q, 0.01)
+    t = 0.01
+    for n in range(3):
+        rag = Flight(4000.0)
+        assert attr.start(rag, q, t) == pytest.approx(C_PREFILL * 4000)  # not known yet
+        for _ in range(8):
+            t += 0.02
+            _step(attr, q, [chat], t)
+        attr.first_token(rag, q, t)
+        attr.step_ended(q, t)
+        assert rag.phase == DECODE
+        attr.finish(rag, q, t)
+        assert q.chunk_source() == ("learnt" if n == 2 else "none")
+    assert q.chunk_tokens == pytest.approx(4000.0 / 7.0)  # 8 counted: 7 steps and one
+    nxt = Flight(4000.0)
+    assert attr.start(nxt, q, t) == pytest.approx(C_PREFILL * 4000.0 / 7.0)
+
+
+def test_a_configured_chunk_is_not_overridden_by_the_streams() -> None:
+    attr, q = Attribution(), EngineQueue(chunk_configured=8192.0)
+    chat = Flight(100.0)
+    attr.start(chat, q, 0.0)
+    attr.first_token(chat, q, 0.01)
+    t = 0.01
+    for _ in range(5):
+        rag = Flight(4000.0)
+        attr.start(rag, q, t)
+        for _ in range(8):
+            t += 0.02
+            _step(attr, q, [chat], t)
+        attr.first_token(rag, q, t)
+        attr.finish(rag, q, t)
+    assert q.chunk_tokens == 8192.0 and not q.chunk.seen
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    chunk=st.one_of(st.none(), st.sampled_from([64.0, 512.0, 2048.0])),
+    ops=st.lists(st.tuples(st.integers(0, 3), st.integers(1, 5000)), max_size=60),
+)
+def test_the_allotments_add_up_whatever_happens(
+    chunk: float | None, ops: list[tuple[int, int]]
+) -> None:
+    """Starts, first tokens, ends and a capacity learnt, in any order: the prefilling
+    requests' allotments sum to the queue's total, none beyond its prompt, and together
+    within the chunk; nothing is left allotted once all have ended."""
+    attr, q = Attribution(), EngineQueue(chunk_configured=chunk)
+    flights: list[Flight] = []
+    t = 0.0
+    for op, n in ops:
+        t += 0.01
+        if op == 0 or not flights:
+            f = Flight(float(n))
+            attr.start(f, q, t)
+            flights.append(f)
+        elif op == 1:
+            f = flights[n % len(flights)]
+            attr.first_token(f, q, t)
+            attr.step_ended(q, t)
+        elif op == 2:
+            attr.finish(flights.pop(n % len(flights)), q, t)
+        else:
+            attr.observe(q, running=float(n % 4 + 1), waiting=1.0)
+        prefilling = list(q.prefilling.values())
+        assert sum(f.allotted for f in prefilling) == pytest.approx(q.allotted_tokens)
+        assert all(0.0 <= f.allotted <= f.prompt_tokens for f in prefilling)
+        if chunk is not None:
+            assert q.allotted_tokens <= chunk + 1e-9
+    for f in flights:
+        attr.finish(f, q, t)
+    assert not q.prefilling and q.allotted_tokens == pytest.approx(0.0)
+
+
+def test_a_prompt_behind_others_counts_their_tokens_too() -> None:
+    """Three prompts of 4,000 at once into chunks of 2,048, prefilled oldest first: the
+    third's first token comes after six steps (and one counted more), in which the
+    engine prefilled all 12,000 tokens: 1,500 a step as counted, not 4,000 / 8."""
+    attr, q = Attribution(), EngineQueue()
+    chat = Flight(100.0)
+    attr.start(chat, q, 0.0)
+    attr.first_token(chat, q, 0.01)
+    t = 0.01
+    for _ in range(3):
+        rags = [Flight(4000.0) for _ in range(3)]
+        for r in rags:
+            attr.start(r, q, t)
+        for r in rags:
+            for _ in range(3):  # 2 steps a prompt; the first counted one more
+                t += 0.02
+                _step(attr, q, [f for f in (chat, *rags) if f.phase == DECODE], t)
+            attr.first_token(r, q, t)
+            attr.step_ended(q, t)
+        for r in rags:
+            attr.finish(r, q, t)
+    # Counted: 3 steps for 4,000, 6 for 8,000, 9 for 12,000: 2,000, 1,600, 1,500 a step.
+    assert q.chunk_tokens == pytest.approx(1600.0)
