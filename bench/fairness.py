@@ -204,7 +204,9 @@ def main() -> int:
         print("  " + " ".join(f"{m} {r[m]:.3f}" for m in modes) + f"  {sc}")
     if "equal" in modes and first != "equal":
         worse = [sc for sc, r in results.items() if r[first] > r["equal"] + 1e-9]
-        print(f"\n{first} worse than equal in {len(worse)} of {len(results)}")
+        by_more = [sc for sc, r in results.items() if r[first] > r["equal"] + 0.01]
+        print(f"\n{first} worse than equal in {len(worse)} of {len(results)}, "
+              f"by more than 0.01 in {len(by_more)}")  # fmt: skip
     for m in modes:
         within = sum(1 for r in results.values() if r[m] <= 0.05)
         print(f"{m}: worst {max(r[m] for r in results.values()):.3f}, within 0.05 in "

@@ -137,7 +137,9 @@ class Meter:
                 gpu_share(channels[p.name], sources),
                 EngineQueue(
                     configured=p.max_running,
-                    chunk_configured=p.prefill_chunk_tokens and float(p.prefill_chunk_tokens),
+                    chunk_configured=(
+                        None if p.prefill_chunk_tokens is None else float(p.prefill_chunk_tokens)
+                    ),
                 ),
             )
             for p in plans

@@ -8,6 +8,7 @@ Four modes (`--attribution`):
 the running requests from the backend's cost model fitted on this host (cost_model.py):
 each running request shares the fixed cost of each step equally with the others running
 (the ledger's `eq` part) and pays its own work in the step, `c_prefill * prompt tokens`
+(on an engine that prefills in chunks, the part of the chunk it holds: `_per_step`)
 while it prefills and `c_decode` while it decodes (`WorkPrice`, set by the meter from the
 fit): the Shapley split of a step, applied over time.
 
@@ -50,7 +51,9 @@ queue), then 1.
 `equal`. Every request in flight weighs 1.
 
 Every event is O(1): arrival, first token and end touch the request itself and at most
-the one request admitted in its place (more only when the capacity grows).
+the one request admitted in its place (more only when the capacity grows). On an engine
+that prefills in chunks, a prefill that ends while holding part of the chunk shares it
+again among the prompts that get a part (`Attribution._reallot`).
 """
 
 from __future__ import annotations
@@ -100,6 +103,7 @@ CHUNK_COVERED = 0.9
 CHUNK_MIN_STEPS = 3.0
 CHUNK_EVIDENCE = 3
 CHUNK_KEPT = 32
+CHUNK_CONTRADICTS = 1.5  # a prompt this many chunks in a step or two says there is none
 
 
 @dataclass(slots=True)
@@ -115,9 +119,11 @@ class ChunkEvidence:
     last step's tokens race its first token): tokens / (count - 1) is what the engine
     prefilled a step, and the chunk is the median of the last CHUNK_KEPT (a few that
     waited while the model took them to run do not move it). A whole-prompt engine's
-    prefill counts a step or two; where more are counted (a prompt that waited, tokens
-    relayed late) the tokens a step come out above the prompts' own size, which is no
-    chunk. Measured in bench/fairness.py's engines: chunks of 512 and prompts of 4,000
+    prefill counts a step or two; where more are counted because prompts ended inside
+    the window, the tokens a step come out above the prompts' own size, which is no
+    chunk; a prompt that waited unseen (no such ends) would show a small one, which
+    prompts of CHUNK_CONTRADICTS times it prefilled in a step or two then outvote.
+    Measured in bench/fairness.py's engines: chunks of 512 and prompts of 4,000
     count 9 (and 8); chunks of 2,048, 3 (and 2); whole prompts 1-2. Pure."""
 
     # (tokens prefilled a step, the prompt's own tokens)
@@ -129,6 +135,13 @@ class ChunkEvidence:
         in a step, as far as the streams show)."""
         if steps >= CHUNK_MIN_STEPS:
             self.seen.append((prompt_tokens / (steps - 1.0), own_tokens))
+        else:
+            chunk = self.chunk_if_any()
+            if chunk is not None and own_tokens >= CHUNK_CONTRADICTS * chunk:
+                # Well over the chunk in a step or two: the chunk is wrong (learnt from
+                # prompts that waited unseen), or this count was one short; this one
+                # says a prompt goes in whole.
+                self.seen.append((own_tokens, own_tokens))
         return self.chunk_if_any()
 
     def chunk_if_any(self) -> float | None:
@@ -171,7 +184,8 @@ class Flight:
 class WorkPrice:
     """The cost model per engine step, for `model` mode: what a running request's own work
     costs in one step, joules. A prefilling request's whole prompt is taken to go through
-    in one step (`prefill_j_per_token` x its prompt tokens); a decoding one makes one token
+    in one step (`prefill_j_per_token` x its prompt tokens, or x its part of the chunk on
+    a chunked engine: `Flight.allotted`); a decoding one makes one token
     a step (`decode_j_per_step`). The fixed cost of a step, shared by all running, is the
     ledger's `fixed_w` in the same unit. One unit for all: every request in a step is
     charged for the same steps, so the step rate cancels out of the split."""
@@ -221,7 +235,10 @@ class EngineQueue:
     chunk_tokens: float | None = None
     chunk_configured: float | None = None
     chunk: ChunkEvidence = field(default_factory=lambda: ChunkEvidence())
-    allotted_tokens: float = 0.0  # the prefilling requests' allotments, summed
+    allotted_tokens: float = 0.0  # the prefilling requests' allotments, summed (if chunked)
+    # An allotment was freed, or the chunk changed: the chunk is shared again at the next
+    # `Attribution._reallot` (else that is a no-op: O(1) events).
+    reshare: bool = False
     prefilled_tokens: float = 0.0  # prompt tokens of the seen prefills that ended, summed
 
     def count_decoders(self, delta: int, now_s: float | None) -> None:
@@ -244,6 +261,8 @@ class EngineQueue:
         if self.configured is not None:
             self.capacity = self.configured
         if self.chunk_configured is not None:
+            if not self.chunk_configured > 0.0:
+                raise ValueError(f"prefill chunk must be > 0 tokens, not {self.chunk_configured}")
             self.chunk_tokens = self.chunk_configured
 
     def learn(self, running: float | None, waiting: float | None) -> bool:
@@ -318,13 +337,13 @@ class Attribution:
         f.prefill_work = self.mode == MODEL and phase == PREFILL and (f.stream or f.embeddings)
         if f.prefill_work:
             _count_from(f, queue, now_s)
-            budget = queue.chunk_tokens
+            queue.prefilling[id(f)] = f
+            budget = _budget(queue)
             f.allotted = f.prompt_tokens
-            if budget is not None:
+            if budget is not None:  # the chunk's allotments are summed only where one is known
                 f.allotted = min(_per_step(f, queue), max(0.0, budget - queue.allotted_tokens))
                 f.eq = 1.0 if f.allotted > 0.0 else 0.0
-            queue.allotted_tokens += f.allotted
-            queue.prefilling[id(f)] = f
+                queue.allotted_tokens += f.allotted
         f.weight = self._running_weight(f, queue)
         return f.weight
 
@@ -409,17 +428,22 @@ class Attribution:
     def _reallot(self, queue: EngineQueue) -> list[tuple[Flight, float]]:
         """Share the engine's chunk again among the requests prefilling, oldest first
         (a prefill ended, or the chunk is known now): those whose weight changes.
-        O(prefilling) where the engine is chunked; O(1) where it is not."""
-        budget = queue.chunk_tokens
-        if self.mode != MODEL or (budget is None and queue.allotted_tokens == 0.0):
+        O(1) unless an allotment was freed or the chunk changed (`EngineQueue.reshare`);
+        then O(the prefilling requests that hold or get an allotment), or once
+        O(prefilling) when a chunk is no longer known (each prompt whole again)."""
+        if self.mode != MODEL or not queue.reshare:
             return []
+        queue.reshare = False
+        budget = _budget(queue)
         changed: list[tuple[Flight, float]] = []
         left, total = budget, 0.0
         for f in queue.prefilling.values():
+            if left is not None and left <= 0.0 and f.allotted == 0.0:
+                break  # the allotments fill the oldest first: the rest hold none either
             take = f.prompt_tokens if left is None else min(_per_step(f, queue), max(0.0, left))
             if left is not None:
                 left -= take
-            total += take
+                total += take
             if take != f.allotted:
                 f.allotted = take
                 f.eq = 1.0 if take > 0.0 or budget is None else 0.0
@@ -573,9 +597,20 @@ def _leave_step(queue: EngineQueue, f: Flight) -> None:
 def _leave_prefill(queue: EngineQueue, f: Flight) -> None:
     """`f` no longer prefills: its allotment of the chunk is free (shared again by
     `Attribution._reallot`)."""
-    if queue.prefilling.pop(id(f), None) is not None:
+    if queue.prefilling.pop(id(f), None) is not None and queue.chunk_tokens is not None:
         queue.allotted_tokens = max(0.0, queue.allotted_tokens - f.allotted)
+        queue.reshare = queue.reshare or f.allotted > 0.0
     f.allotted = 0.0
+
+
+def _budget(queue: EngineQueue) -> float | None:
+    """The prompt tokens the engine prefills a step now: a learnt chunk is what prompts
+    were seen to prefill; a configured one (vLLM's --max-num-batched-tokens) also holds
+    the token of each decoding sequence (the running requests not prefilling)."""
+    chunk = queue.chunk_tokens
+    if chunk is None or queue.chunk_configured is None:
+        return chunk
+    return max(0.0, chunk - (len(queue.running) - len(queue.prefilling)))
 
 
 def _per_step(f: Flight, queue: EngineQueue) -> float:
@@ -601,7 +636,11 @@ def _count_from(f: Flight, queue: EngineQueue, now_s: float | None) -> None:
 def _count_steps(f: Flight, queue: EngineQueue, now_s: float) -> None:
     """`f`'s first token, at `now_s`, after a seen prefill: the steps it took, counted by
     the tokens the decoding streams streamed since it began, where they decoded through
-    nearly all of it, go to the evidence of the engine's chunk (unless configured)."""
+    nearly all of it, go to the evidence of the engine's chunk (unless configured). While
+    the queue's capacity is unknown the model takes every request to run, and one the
+    engine held waiting counts the steps it waited: the small chunk that may show is
+    contradicted later (`ChunkEvidence.note`), and until then prices the prompts the
+    model takes to prefill side by side, most of which wait in truth, nearer their due."""
     began = f.counted_from_s
     if began is None or f.prompt_tokens < CHUNK_MIN_PROMPT or queue.chunk_configured:
         return
@@ -613,7 +652,9 @@ def _count_steps(f: Flight, queue: EngineQueue, now_s: float) -> None:
     decoders = (queue.decoder_s - decoder0_s) / decoded_s
     steps = (queue.streamed - streamed0) / decoders
     tokens = f.prompt_tokens + queue.prefilled_tokens - prefilled0
-    queue.chunk_tokens = queue.chunk.note(tokens, steps, f.prompt_tokens)
+    chunk = queue.chunk.note(tokens, steps, f.prompt_tokens)
+    if chunk != queue.chunk_tokens:
+        queue.chunk_tokens, queue.reshare = chunk, True
 
 
 def _arrived_before(queue: EngineQueue, seq: int) -> int:

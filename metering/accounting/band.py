@@ -84,10 +84,10 @@ STATES = (
 # Calibrated by `python -m bench.band` on its calibration half (each state's factors;
 # docs/fairness.md has the run and the coverage on the other half).
 SCALES: dict[str, BandScale] = {
-    "defaults, capacity known": BandScale(8.32, 8.32, 8.32, 0.52, 2.08, 2.08),
-    "defaults, capacity unsure": BandScale(0.68, 0.68, 0.68, 0.68, 0.09, 0.09),
-    "fitted, capacity known": BandScale(22.63, 0.0, 22.63, 2.83, 5.66, 5.66),
-    "fitted, capacity unsure": BandScale(0.0, 1.29, 1.29, 1.29, 0.16, 0.08),
+    "defaults, capacity known": BandScale(7.02, 0.0, 0.0, 0.88, 1.76, 1.76),
+    "defaults, capacity unsure": BandScale(1.21, 1.21, 0.30, 0.60, 0.0, 0.08),
+    "fitted, capacity known": BandScale(12.34, 0.0, 24.67, 1.54, 6.17, 6.17),
+    "fitted, capacity unsure": BandScale(2.00, 2.00, 4.01, 4.01, 4.01, 0.0),
 }
 
 

@@ -32,15 +32,17 @@ def test_a_configured_chunk_is_shared_oldest_first() -> None:
     assert q.allotted_tokens == 2048.0 and q.chunk_source() == "configured"
     attr.first_token(a, q, 0.05)
     changed = dict((id(f), w) for f, w in attr.step_ended(q, 0.05))
-    # a decodes; b takes its 2,000 a step, the chat the rest.
+    # a decodes (a token of the budget each step); b takes its 2,000 a step, the chat
+    # the rest.
     assert changed == {
         id(b): pytest.approx(C_PREFILL * 2000),
-        id(chat): pytest.approx(C_PREFILL * 48),
+        id(chat): pytest.approx(C_PREFILL * 47),
     }
-    assert chat.eq == 1.0 and q.allotted_tokens == 2048.0
+    assert chat.eq == 1.0 and q.allotted_tokens == 2047.0
     attr.first_token(b, q, 0.1)
     changed = dict((id(f), w) for f, w in attr.step_ended(q, 0.1))
     assert changed == {id(chat): pytest.approx(C_PREFILL * 300)}
+    # Two decode now: the budget holds 2,046 prompt tokens, the chat's 300 and d's 300.
     assert attr.start(d, q, 0.11) == pytest.approx(C_PREFILL * 300)
     attr.finish(d, q, 0.12)
     for f in (a, b, chat):
@@ -65,6 +67,8 @@ def test_a_request_that_ends_while_prefilling_frees_its_allotment() -> None:
     assert changed == [(b, pytest.approx(C_PREFILL * 800))]
     assert attr.start(Flight(1500.0), q, 0.02) == pytest.approx(C_PREFILL * 200)
     assert q.allotted_tokens == 1000.0
+    with pytest.raises(ValueError, match="prefill chunk must be > 0"):
+        EngineQueue(chunk_configured=0.0)
 
 
 @pytest.mark.parametrize("chunk", [256, 512, 2048])
@@ -199,10 +203,13 @@ def test_the_allotments_add_up_whatever_happens(
         else:
             attr.observe(q, running=float(n % 4 + 1), waiting=1.0)
         prefilling = list(q.prefilling.values())
-        assert sum(f.allotted for f in prefilling) == pytest.approx(q.allotted_tokens)
         assert all(0.0 <= f.allotted <= f.prompt_tokens for f in prefilling)
         if chunk is not None:
+            assert sum(f.allotted for f in prefilling) == pytest.approx(q.allotted_tokens)
             assert q.allotted_tokens <= chunk + 1e-9
+        else:  # whole prompts: nothing to share, nothing summed (O(1) events)
+            assert all(f.allotted == f.prompt_tokens for f in prefilling)
+            assert q.allotted_tokens == 0.0
     for f in flights:
         attr.finish(f, q, t)
     assert not q.prefilling and q.allotted_tokens == pytest.approx(0.0)
@@ -231,3 +238,52 @@ def test_a_prompt_behind_others_counts_their_tokens_too() -> None:
             attr.finish(r, q, t)
     # Counted: 3 steps for 4,000, 6 for 8,000, 9 for 12,000: 2,000, 1,600, 1,500 a step.
     assert q.chunk_tokens == pytest.approx(1600.0)
+
+
+def test_a_chunk_no_longer_shown_prices_prompts_whole_again() -> None:
+    attr, q = Attribution(), EngineQueue()
+    q.chunk_tokens = 1000.0  # learnt
+    a, b = Flight(4000.0), Flight(4000.0)
+    attr.start(a, q, 0.0)
+    assert attr.start(b, q, 0.0) == 0.0
+    q.chunk_tokens, q.reshare = None, True  # the evidence window moved on
+    changed = dict((id(f), w) for f, w in attr.step_ended(q, 0.1))
+    assert changed == {
+        id(a): pytest.approx(C_PREFILL * 4000),
+        id(b): pytest.approx(C_PREFILL * 4000),
+    }
+    assert b.eq == 1.0 and q.allotted_tokens == 0.0
+    assert attr.step_ended(q, 0.2) == []  # nothing more to do
+
+
+def test_a_chunk_learnt_from_prompts_that_waited_unseen_is_contradicted() -> None:
+    """A whole-prompt engine with a limit, its capacity not yet known: prompts the engine
+    held waiting count the decode steps they waited, and show a small chunk; prompts
+    well over it, prefilled in a step or two once the queue is known, outvote it."""
+    evidence = ChunkEvidence()
+    for _ in range(3):
+        learnt = evidence.note(4000.0, 21.0, 4000.0)
+    assert learnt == pytest.approx(200.0)
+    for _ in range(4):
+        learnt = evidence.note(4000.0, 2.0, 4000.0)
+    assert learnt is None
+
+
+def test_a_decoding_request_ending_reshares_nothing() -> None:
+    """The chunk is shared again only when an allotment is freed: the end of a decoding
+    request walks no prefilling request (O(1) events)."""
+    attr, q = Attribution(), EngineQueue(chunk_configured=512.0)
+    chat = Flight(100.0)
+    attr.start(chat, q, 0.0)
+    attr.first_token(chat, q, 0.01)
+    attr.step_ended(q, 0.01)
+    rags = [Flight(4000.0) for _ in range(50)]
+    for r in rags:
+        attr.start(r, q, 0.02)
+    # 511 a step for prompts (the chat's token takes one): 500 to the first, 11 to the next.
+    assert [r.allotted for r in rags[:3]] == [500.0, 11.0, 0.0]
+    q.reshare = False
+    assert attr.finish(chat, q, 0.03) == [] and not q.reshare
+    changed = attr.finish(rags[0], q, 0.04)  # a client hung up mid-prefill
+    assert [f for f, _ in changed] == [rags[1], rags[2]]
+    assert q.allotted_tokens == pytest.approx(512.0)
