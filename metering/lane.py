@@ -7,10 +7,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from metering.accounting.attribution import DECODE, EngineQueue, Flight
 from metering.accounting.band import PRIOR_LOG_SD
 from metering.accounting.cost_model import TERMS, CostFit, Rates
 from metering.accounting.ledger import Ticket
+from metering.accounting.queue_model import DECODE, EngineQueue, Flight
 from metering.accounting.report import EnergyReport
 from metering.accounting.untracked import UntrackedWork
 

@@ -20,14 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 
-from metering.accounting.attribution import (
-    MODEL,
-    WAITING,
-    Attribution,
-    EngineQueue,
-    Flight,
-    WorkPrice,
-)
+from metering.accounting.attribution import MODEL, Attribution
 from metering.accounting.band import (
     SCALES,
     BandTerms,
@@ -43,6 +36,7 @@ from metering.accounting.cost_model import (
 from metering.accounting.groups import bind_channels, gpu_share, time_channel
 from metering.accounting.ledger import Ledger, SourceShare
 from metering.accounting.prompt_text import prompt_tokens_estimate
+from metering.accounting.queue_model import WAITING, EngineQueue, Flight, WorkPrice
 from metering.accounting.report import (
     DEFAULT_ENDPOINT,
     EnergyReport,

@@ -60,9 +60,9 @@ class BackendEntry(BaseModel):
     # The most requests it runs at once (vLLM --max-num-seqs): the queue model's capacity
     # when the backend's metrics do not tell it (metering/accounting/attribution.py).
     max_running: int | None = Field(default=None, ge=1)
-    # The prompt tokens it prefills in one step across requests (vLLM
-    # --max-num-batched-tokens, chunked prefill): the split prices a prompt by the chunks
-    # it runs in; learnt from the streams where not given.
+    # The tokens it runs in one step across requests, prompts' and decoding sequences'
+    # (vLLM --max-num-batched-tokens, chunked prefill): the split prices a prompt by the
+    # chunks it runs in; learnt from the streams where not given.
     prefill_chunk_tokens: int | None = Field(default=None, ge=1)
     # Pass the client's own Authorization header on to this backend (never by default:
     # the client's key is for the proxy).

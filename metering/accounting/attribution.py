@@ -58,17 +58,19 @@ again among the prompts that get a part (`Attribution._reallot`).
 
 from __future__ import annotations
 
-import math
-import statistics
-from collections import OrderedDict, deque
-from dataclasses import dataclass, field
-from typing import Any
-
-from metering.accounting.cost_model import (
-    DEFAULT_DECODE_J_PER_TOKEN,
-    DEFAULT_DECODE_TOKENS_PER_S,
-    DEFAULT_NONSTREAM_TOKENS,
-    DEFAULT_PREFILL_J_PER_TOKEN,
+from metering.accounting.chunk import (
+    CHUNK_MIN_PROMPT,
+    budget_tokens,
+    per_step_tokens,
+    steps_in_window,
+)
+from metering.accounting.queue_model import (
+    DECODE,
+    NEXT_STEP,
+    PREFILL,
+    WAITING,
+    EngineQueue,
+    Flight,
 )
 
 MODEL = "model"
@@ -82,239 +84,12 @@ PREFILL_TOKENS_PER_UNIT = 100.0
 # A decoding sequence is one unit of a step's work: one token per step, whatever its prompt.
 DECODE_WEIGHT = 1.0
 
-WAITING, PREFILL, DECODE = "waiting", "prefill", "decode"
-# Admitted, but the engine is in a step it cannot join: another request's prefill, seen
-# (streamed, or embeddings), is under way. It joins at the step's end, which the next
-# first token (or an embeddings answer) shows: `model` mode.
-NEXT_STEP = "next step"
 
 # Capacity from the answers alone (no gauges): a first token that comes within this
 # fraction of the request's time in flight after another request ended was an admission
 # into the place that end freed; INFER_EVIDENCE of them make the queue model limit.
 FOLLOW_FRACTION = 0.25
 INFER_EVIDENCE = 2
-
-# The engine's chunk, from the streams (`ChunkEvidence`): prompts of at least
-# CHUNK_MIN_PROMPT tokens whose prefill is counted in steps where streams decoded through
-# at least CHUNK_COVERED of it; CHUNK_EVIDENCE of them that took CHUNK_MIN_STEPS steps or
-# more make the split price prefill by the chunk.
-CHUNK_MIN_PROMPT = 256.0
-CHUNK_COVERED = 0.9
-CHUNK_MIN_STEPS = 3.0
-CHUNK_EVIDENCE = 3
-CHUNK_KEPT = 32
-CHUNK_CONTRADICTS = 1.5  # a prompt this many chunks in a step or two says there is none
-
-
-@dataclass(slots=True)
-class ChunkEvidence:
-    """What streamed prompts showed of the engine's chunk: for each prompt whose
-    prefill took CHUNK_MIN_STEPS steps or more (counted by the tokens the decoding
-    streams streamed meanwhile, one a step each), the prompt tokens the engine
-    prefilled a step meanwhile: its own and those of the prompts whose prefill ended
-    inside its window (an engine shares its budget oldest first: a prompt behind others
-    takes their steps too). A prompt of P tokens alone in chunks of C takes
-    n = ceil(P / C) steps, and the count is n + 1 more often than not (the step under
-    way when it was admitted streams its tokens inside its window), n at times (its
-    last step's tokens race its first token): tokens / (count - 1) is what the engine
-    prefilled a step, and the chunk is the median of the last CHUNK_KEPT (a few that
-    waited while the model took them to run do not move it). A whole-prompt engine's
-    prefill counts a step or two; where more are counted because prompts ended inside
-    the window, the tokens a step come out above the prompts' own size, which is no
-    chunk; a prompt that waited unseen (no such ends) would show a small one, which
-    prompts of CHUNK_CONTRADICTS times it prefilled in a step or two then outvote.
-    Measured in bench/fairness.py's engines: chunks of 512 and prompts of 4,000
-    count 9 (and 8); chunks of 2,048, 3 (and 2); whole prompts 1-2. Pure."""
-
-    # (tokens prefilled a step, the prompt's own tokens)
-    seen: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=CHUNK_KEPT))
-
-    def note(self, prompt_tokens: float, steps: float, own_tokens: float) -> float | None:
-        """`prompt_tokens` were prefilled over the `steps` of a prompt of `own_tokens`:
-        the chunk it is now taken to be (prompt tokens a step), or None (whole prompts
-        in a step, as far as the streams show)."""
-        if steps >= CHUNK_MIN_STEPS:
-            self.seen.append((prompt_tokens / (steps - 1.0), own_tokens))
-        else:
-            chunk = self.chunk_if_any()
-            if chunk is not None and own_tokens >= CHUNK_CONTRADICTS * chunk:
-                # Well over the chunk in a step or two: the chunk is wrong (learnt from
-                # prompts that waited unseen), or this count was one short; this one
-                # says a prompt goes in whole.
-                self.seen.append((own_tokens, own_tokens))
-        return self.chunk_if_any()
-
-    def chunk_if_any(self) -> float | None:
-        """The chunk the prompts seen show, or None (too few, or no prompt split)."""
-        if len(self.seen) < CHUNK_EVIDENCE:
-            return None
-        chunk = statistics.median(s for s, _ in self.seen)
-        return chunk if chunk < statistics.median(p for _, p in self.seen) else None
-
-
-@dataclass(slots=True, eq=False)
-class Flight:
-    """One request in flight, as attribution sees it. `handle` is the caller's (the
-    ledger ticket, or whatever it reweighs through)."""
-
-    prompt_tokens: float
-    stream: bool = True
-    embeddings: bool = False
-    handle: Any = None
-    phase: str = WAITING
-    weight: float = 0.0
-    eq: float = 0.0  # 1 while it shares the fixed cost of the steps (`model`, running)
-    t0_s: float = 0.0  # when it was sent (the caller's clock; for inferring the capacity)
-    seq: int = 0  # its place in the order of arrival at its backend
-    # Its weight is prefill work priced by the cost model (`model` mode, prefilling): the
-    # ledger's sensitivities tell it from decode work.
-    prefill_work: bool = False
-    prefill_from_s: float | None = None  # when its prefill began, as far as known
-    # Prompt tokens it is taken to prefill in each step, where the engine's chunk is known
-    # (`EngineQueue.chunk_tokens`): the prefill budget, shared oldest first.
-    allotted: float = 0.0
-    # The decoding streams' integrals and the prompt tokens prefilled when its prefill
-    # began (`EngineQueue`): the steps its prefill took, and the tokens prefilled in them,
-    # counted at its first token (`Attribution.first_token`).
-    at_prefill: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
-    counted_from_s: float | None = None  # when that count began (`Attribution.reached`)
-
-
-@dataclass(frozen=True, slots=True)
-class WorkPrice:
-    """The cost model per engine step, for `model` mode: what a running request's own work
-    costs in one step, joules. A prefilling request's whole prompt is taken to go through
-    in one step (`prefill_j_per_token` x its prompt tokens, or x its part of the chunk on
-    a chunked engine: `Flight.allotted`); a decoding one makes one token
-    a step (`decode_j_per_step`). The fixed cost of a step, shared by all running, is the
-    ledger's `fixed_w` in the same unit. One unit for all: every request in a step is
-    charged for the same steps, so the step rate cancels out of the split."""
-
-    prefill_j_per_token: float = DEFAULT_PREFILL_J_PER_TOKEN
-    decode_j_per_step: float = DEFAULT_DECODE_J_PER_TOKEN
-    # A non-streamed answer shows no first token: its prefill is spread over the steps it
-    # is expected to run (the tokens such answers generate on this backend, learnt).
-    amortize_steps: float = DEFAULT_NONSTREAM_TOKENS
-    # One engine step: requests that arrive within it of a prefill's start share its step.
-    step_s: float = 1.0 / DEFAULT_DECODE_TOKENS_PER_S
-
-
-@dataclass(slots=True)
-class EngineQueue:
-    """The proxy's model of one backend's admission queue."""
-
-    configured: int | None = None  # max_running from the config, if given
-    capacity: int | None = None  # None: no limit known
-    # In arrival order, the oldest first; O(1) to take the oldest or newest, or drop any.
-    running: OrderedDict[int, Flight] = field(default_factory=OrderedDict)
-    waiting: OrderedDict[int, Flight] = field(default_factory=OrderedDict)
-    price: WorkPrice = field(default_factory=WorkPrice)  # `model` mode's weights
-    # Running requests whose prefill is seen and under way, and those waiting for the
-    # step it is in to end (NEXT_STEP).
-    prefilling: dict[int, Flight] = field(default_factory=dict)
-    next_step: dict[int, Flight] = field(default_factory=dict)
-    # Until the gauges show it: what the answers showed of the capacity (`Attribution.infer`).
-    gauged: bool = False  # the backend's own counts showed the capacity (a queue): they decide
-    last_end_s: float | None = None  # when a request last ended (freeing a place)
-    evidence: int = 0  # first tokens that followed an end as an admission does
-    inferred: int = 0  # the most requests seen running at such an admission
-    arrivals: int = 0  # requests started, for each one's `seq`
-    # Tokens streamed by its decoding streams after their first (the relay counts them)
-    # and how many streams decode now.
-    streamed: int = 0
-    decode_streams: int = 0
-    # Over time (the caller's clock): streams decoding x seconds, the seconds any stream
-    # decoded, and when the count last changed. With `streamed`, the engine's steps in an
-    # interval (the fit's, cost_model.py): tokens streamed over the streams decoding.
-    decoder_s: float = 0.0
-    decoded_s: float = 0.0
-    decoders_since_s: float | None = None
-    # Chunked prefill: the prompt tokens the engine prefills in one step, across the
-    # requests prefilling (vLLM's max_num_batched_tokens), configured or learnt from the
-    # steps streamed prompts took (`ChunkEvidence`); None: a prompt in one step.
-    chunk_tokens: float | None = None
-    chunk_configured: float | None = None
-    chunk: ChunkEvidence = field(default_factory=lambda: ChunkEvidence())
-    allotted_tokens: float = 0.0  # the prefilling requests' allotments, summed (if chunked)
-    # An allotment was freed, or the chunk changed: the chunk is shared again at the next
-    # `Attribution._reallot` (else that is a no-op: O(1) events).
-    reshare: bool = False
-    prefilled_tokens: float = 0.0  # prompt tokens of the seen prefills that ended, summed
-
-    def count_decoders(self, delta: int, now_s: float | None) -> None:
-        """A stream began (+1) or stopped (-1) decoding at `now_s` (None: not known)."""
-        self.advance_decoders(now_s)
-        self.decode_streams += delta
-
-    def advance_decoders(self, now_s: float | None) -> None:
-        """Bring the decoding integrals up to `now_s`."""
-        if now_s is None:
-            return
-        since = self.decoders_since_s
-        if since is not None and now_s > since and self.decode_streams > 0:
-            self.decoder_s += self.decode_streams * (now_s - since)
-            self.decoded_s += now_s - since
-        if since is None or now_s > since:
-            self.decoders_since_s = now_s
-
-    def __post_init__(self) -> None:
-        if self.configured is not None:
-            self.capacity = self.configured
-        if self.chunk_configured is not None:
-            if not self.chunk_configured > 0.0:
-                raise ValueError(f"prefill chunk must be > 0 tokens, not {self.chunk_configured}")
-            self.chunk_tokens = self.chunk_configured
-
-    def learn(self, running: float | None, waiting: float | None) -> bool:
-        """The backend's own counts (its /metrics). With requests waiting, what runs is at
-        the capacity; a count above the capacity known raises it. True when it changed."""
-        if running is None or self.configured is not None:
-            return False
-        r = round(running)
-        # Requests wait a moment for the next step even with room (a scrape can catch
-        # that): the capacity is the most seen running while others waited, never less.
-        with_queue = waiting is not None and waiting >= 1 and r >= 1
-        # Gauges read while nothing waited say nothing of the limit: the answers' starts
-        # go on inferring it until a read shows a queue (a burst right after start is
-        # over before a read every few seconds sees one).
-        self.gauged = self.gauged or with_queue
-        if (with_queue or self.capacity is not None) and r > (self.capacity or 0):
-            self.capacity = r
-            return True
-        return False
-
-    def may_queue(self) -> bool:
-        """Whether the requests in flight may be more than the backend runs at once: more
-        than the capacity known, or two or more while none is known. Then its gauges are
-        worth reading often (they show the queue, and the capacity with it)."""
-        inflight = len(self.running) + len(self.waiting)
-        if self.capacity is None:
-            return inflight >= 2
-        return inflight > self.capacity
-
-    def capacity_source(self) -> str:
-        """Where the capacity came from: `configured`, `learnt` from the backend's gauges,
-        `inferred` from when its answers started, or `unknown` (no limit known)."""
-        if self.configured is not None:
-            return "configured"
-        if self.capacity is None:
-            return "unknown"
-        return "learnt" if self.gauged else "inferred"
-
-    def chunk_source(self) -> str:
-        """Where the prefill chunk came from: `configured`, `learnt` from the streams, or
-        `none` (a prompt is taken to prefill in one step)."""
-        if self.chunk_configured is not None:
-            return "configured"
-        return "none" if self.chunk_tokens is None else "learnt"
-
-    @property
-    def decoding(self) -> int:
-        """Running requests past their first token (for inspection; O(running))."""
-        return sum(1 for f in self.running.values() if f.phase == DECODE)
-
-    def full(self) -> bool:
-        return self.capacity is not None and len(self.running) >= self.capacity
 
 
 class Attribution:
@@ -389,8 +164,8 @@ class Attribution:
         if not queue.learn(running, waiting) or self.mode not in QUEUED_MODES:
             return []
         changed = self._requeue(queue)
-        changed += self._admit(queue)
-        return changed + self._reallot(queue)
+        changed += self._reallot(queue)  # before admitting: the oldest prompts first
+        return changed + self._admit(queue)
 
     def start(self, f: Flight, queue: EngineQueue, now_s: float | None = None) -> float:
         """A request arrives (at `now_s`, the caller's clock, if given): its first weight
@@ -420,17 +195,16 @@ class Attribution:
         """A step ended at `now_s` (a first token came, or an embeddings answer): the
         requests that were waiting for it join the next one, in prefill. Returns their
         new weights."""
+        changed = self._reallot(queue)  # the prompts prefilling first, then those joining
         joined = list(queue.next_step.values())
         queue.next_step.clear()
-        changed = [(f, self._run(f, queue, PREFILL, now_s)) for f in joined]
-        return changed + self._reallot(queue)
+        return changed + [(f, self._run(f, queue, PREFILL, now_s)) for f in joined]
 
     def _reallot(self, queue: EngineQueue) -> list[tuple[Flight, float]]:
         """Share the engine's chunk again among the requests prefilling, oldest first
         (a prefill ended, or the chunk is known now): those whose weight changes.
         O(1) unless an allotment was freed or the chunk changed (`EngineQueue.reshare`);
-        then O(the prefilling requests that hold or get an allotment), or once
-        O(prefilling) when a chunk is no longer known (each prompt whole again)."""
+        then O(prefilling): on a chunked engine, once per prefill that ends."""
         if self.mode != MODEL or not queue.reshare:
             return []
         queue.reshare = False
@@ -438,8 +212,6 @@ class Attribution:
         changed: list[tuple[Flight, float]] = []
         left, total = budget, 0.0
         for f in queue.prefilling.values():
-            if left is not None and left <= 0.0 and f.allotted == 0.0:
-                break  # the allotments fill the oldest first: the rest hold none either
             take = f.prompt_tokens if left is None else min(_per_step(f, queue), max(0.0, left))
             if left is not None:
                 left -= take
@@ -522,7 +294,7 @@ class Attribution:
         if f.prefill_work and f.embeddings:  # its answer ends its prefill
             queue.prefilled_tokens += f.prompt_tokens
         _leave_step(queue, f)
-        return self._admit(queue, now_s) + self._reallot(queue)
+        return self._reallot(queue) + self._admit(queue, now_s)
 
     def infer(self, f: Flight, queue: EngineQueue, now_s: float) -> list[tuple[Flight, float]]:
         """`f`'s first token, at `now_s`, on a backend whose gauges are not read and whose
@@ -604,25 +376,15 @@ def _leave_prefill(queue: EngineQueue, f: Flight) -> None:
 
 
 def _budget(queue: EngineQueue) -> float | None:
-    """The prompt tokens the engine prefills a step now: a learnt chunk is what prompts
-    were seen to prefill; a configured one (vLLM's --max-num-batched-tokens) also holds
-    the token of each decoding sequence (the running requests not prefilling)."""
-    chunk = queue.chunk_tokens
-    if chunk is None or queue.chunk_configured is None:
-        return chunk
-    return max(0.0, chunk - (len(queue.running) - len(queue.prefilling)))
+    """The prompt tokens the engine prefills a step now (chunk.budget_tokens)."""
+    decoding = len(queue.running) - len(queue.prefilling)
+    return budget_tokens(queue.chunk_tokens, queue.chunk_configured is not None, decoding)
 
 
 def _per_step(f: Flight, queue: EngineQueue) -> float:
-    """The prompt tokens `f` prefills a step on a chunked engine, on average over its
-    prefill: a configured chunk C (the engine's budget) takes P / ceil(P / C) (its last
-    chunk is the rest); a learnt one is already what prompts prefilled a step."""
-    prompt, chunk = f.prompt_tokens, queue.chunk_tokens
-    if chunk is None or prompt <= 0.0:
-        return prompt
-    if queue.chunk_configured is None:
-        return min(prompt, chunk)
-    return prompt / math.ceil(prompt / chunk)
+    """The prompt tokens `f` prefills a step on a chunked engine (chunk.per_step_tokens)."""
+    configured = queue.chunk_configured is not None
+    return per_step_tokens(f.prompt_tokens, queue.chunk_tokens, configured)
 
 
 def _count_from(f: Flight, queue: EngineQueue, now_s: float | None) -> None:
@@ -646,11 +408,14 @@ def _count_steps(f: Flight, queue: EngineQueue, now_s: float) -> None:
         return
     queue.advance_decoders(now_s)
     streamed0, decoder0_s, decoded0_s, prefilled0 = f.at_prefill
-    window_s, decoded_s = now_s - began, queue.decoded_s - decoded0_s
-    if window_s <= 0.0 or decoded_s < CHUNK_COVERED * window_s:
+    steps = steps_in_window(
+        now_s - began,
+        queue.streamed - streamed0,
+        queue.decoder_s - decoder0_s,
+        queue.decoded_s - decoded0_s,
+    )
+    if steps is None:
         return
-    decoders = (queue.decoder_s - decoder0_s) / decoded_s
-    steps = (queue.streamed - streamed0) / decoders
     tokens = f.prompt_tokens + queue.prefilled_tokens - prefilled0
     chunk = queue.chunk.note(tokens, steps, f.prompt_tokens)
     if chunk != queue.chunk_tokens:

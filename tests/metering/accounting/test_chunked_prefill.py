@@ -10,13 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from metering.accounting.attribution import (
-    DECODE,
-    Attribution,
-    ChunkEvidence,
-    EngineQueue,
-    Flight,
-)
+from metering.accounting.attribution import Attribution
+from metering.accounting.chunk import ChunkEvidence
+from metering.accounting.queue_model import DECODE, EngineQueue, Flight
 
 C_PREFILL = 0.005  # the WorkPrice default, joules a prompt token
 
@@ -174,7 +170,7 @@ def test_a_configured_chunk_is_not_overridden_by_the_streams() -> None:
     assert q.chunk_tokens == 8192.0 and not q.chunk.seen
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=400, deadline=None)
 @given(
     chunk=st.one_of(st.none(), st.sampled_from([64.0, 512.0, 2048.0])),
     ops=st.lists(st.tuples(st.integers(0, 3), st.integers(1, 5000)), max_size=60),
