@@ -84,3 +84,15 @@ def test_the_band_covers_the_truth_through_the_whole_stack(outcomes: Outcomes) -
     without, warm or right after start, most of the 18 requests' truths are inside."""
     for name in ("model", "model, no gauges", "model, cold"):
         assert outcomes[name].covered >= 0.75, (name, outcomes[name].covered)
+
+
+def test_a_chunk_learnt_through_the_whole_stack_is_near_the_engines(outcomes: Outcomes) -> None:
+    """The engine prefills in chunks of 2,048: where the streams showed the chunk (three
+    prompts counted at three steps or more; with six RAG prompts a run most often has
+    them), it is within a factor of two of it, and said to be learnt, never configured."""
+    seen = [o.cost_model for o in outcomes.values() if o.cost_model.get("prefill_chunk_tokens")]
+    for cm in seen:
+        assert cm["prefill_chunk_source"] == "learnt", cm
+        assert 1024.0 <= cm["prefill_chunk_tokens"] <= 4096.0, cm
+    for o in outcomes.values():
+        assert o.cost_model["prefill_chunk_source"] in ("learnt", "none"), o.cost_model
