@@ -97,7 +97,7 @@ def _row(name: str, mode: str, outs: list[HttpOutcome], per_kind: int) -> str:
 
 
 def _fmt(value: object) -> str:
-    return "-" if value is None else f"{float(str(value)):.0f}"
+    return f"{value:.0f}" if isinstance(value, int | float) else "-"
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ Four modes (`--attribution`):
 the running requests from the backend's cost model fitted on this host (cost_model.py):
 each running request shares the fixed cost of each step equally with the others running
 (the ledger's `eq` part) and pays its own work in the step, `c_prefill * prompt tokens`
-(on an engine that prefills in chunks, the part of the chunk it holds: `_per_step`)
+(on an engine that prefills in chunks, the part of the chunk it holds: `_take`)
 while it prefills and `c_decode` while it decodes (`WorkPrice`, set by the meter from the
 fit): the Shapley split of a step, applied over time.
 
@@ -114,9 +114,9 @@ class Attribution:
             _count_from(f, queue, now_s)
             queue.prefilling[id(f)] = f
             budget = _budget(queue)
-            f.allotted = f.prompt_tokens
-            if budget is not None:  # the chunk's allotments are summed only where one is known
-                f.allotted = min(_per_step(f, queue), max(0.0, budget - queue.allotted_tokens))
+            left = None if budget is None else budget - queue.allotted_tokens
+            f.allotted = _take(f, queue, left)
+            if left is not None:  # the chunk's allotments are summed only where one is known
                 f.eq = 1.0 if f.allotted > 0.0 else 0.0
                 queue.allotted_tokens += f.allotted
         f.weight = self._running_weight(f, queue)
@@ -212,7 +212,7 @@ class Attribution:
         changed: list[tuple[Flight, float]] = []
         left, total = budget, 0.0
         for f in queue.prefilling.values():
-            take = f.prompt_tokens if left is None else min(_per_step(f, queue), max(0.0, left))
+            take = _take(f, queue, left)
             if left is not None:
                 left -= take
                 total += take
@@ -381,10 +381,13 @@ def _budget(queue: EngineQueue) -> float | None:
     return budget_tokens(queue.chunk_tokens, queue.chunk_configured is not None, decoding)
 
 
-def _per_step(f: Flight, queue: EngineQueue) -> float:
-    """The prompt tokens `f` prefills a step on a chunked engine (chunk.per_step_tokens)."""
+def _take(f: Flight, queue: EngineQueue, left: float | None) -> float:
+    """The prompt tokens `f` is allotted a step when `left` of the budget remains after
+    the prompts before it (None: no chunk, its whole prompt; chunk.per_step_tokens)."""
+    if left is None:
+        return f.prompt_tokens
     configured = queue.chunk_configured is not None
-    return per_step_tokens(f.prompt_tokens, queue.chunk_tokens, configured)
+    return min(per_step_tokens(f.prompt_tokens, queue.chunk_tokens, configured), max(0.0, left))
 
 
 def _count_from(f: Flight, queue: EngineQueue, now_s: float | None) -> None:

@@ -97,19 +97,14 @@ def test_the_count_begins_when_the_backend_has_the_request() -> None:
     them, while the running streams go on: counted from the proxy's start, a whole
     prompt (one step) would look like several; from its answer's start it is one."""
     attr, q = Attribution(), EngineQueue()
-    chat = Flight(100.0)
-    attr.start(chat, q, 0.0)
-    attr.first_token(chat, q, 0.01)
-    t = 0.01
+    chat, t = _decoding_chat(attr, q), 0.01
     for _ in range(5):
         rag = Flight(4000.0)
         attr.start(rag, q, t)
-        for _ in range(4):  # relayed to the backend meanwhile
-            t += 0.02
-            _step(attr, q, [chat], t)
+        t = _steps(q, [chat], t, 4)  # relayed to the backend meanwhile
         attr.reached(rag, q, t)
         t += 0.05
-        _step(attr, q, [chat], t)  # its one step, the chat's token with it
+        _step(q, [chat], t)  # its one step, the chat's token with it
         attr.first_token(rag, q, t)
         attr.finish(rag, q, t)
     assert not q.chunk.seen and q.chunk_tokens is None
@@ -123,26 +118,37 @@ def test_a_prompt_that_waited_moves_the_chunk_little() -> None:
     assert learnt == pytest.approx(500.0)
 
 
-def _step(attr: Attribution, q: EngineQueue, decoders: list[Flight], t: float) -> None:
+def _step(q: EngineQueue, decoders: list[Flight], t: float) -> None:
     """One engine step ends at `t`: every decoding stream streams a token."""
     q.advance_decoders(t)
     q.streamed += len(decoders)
+
+
+def _steps(q: EngineQueue, decoders: list[Flight], t: float, n: int) -> float:
+    """`n` engine steps of 20 ms from `t`: the time the last ends."""
+    for _ in range(n):
+        t += 0.02
+        _step(q, decoders, t)
+    return t
+
+
+def _decoding_chat(attr: Attribution, q: EngineQueue) -> Flight:
+    """A chat that starts at 0 and decodes from 10 ms on."""
+    chat = Flight(100.0)
+    attr.start(chat, q, 0.0)
+    attr.first_token(chat, q, 0.01)
+    return chat
 
 
 def test_the_streams_teach_the_chunk_and_prefill_is_priced_by_it() -> None:
     """One chat decodes throughout; RAG prompts of 4,000 tokens run in chunks of 512
     (8 steps of 20 ms each): after three of them the split prices prompts by the chunk."""
     attr, q = Attribution(), EngineQueue()
-    chat = Flight(100.0)
-    attr.start(chat, q, 0.0)
-    attr.first_token(chat, q, 0.01)
-    t = 0.01
+    chat, t = _decoding_chat(attr, q), 0.01
     for n in range(3):
         rag = Flight(4000.0)
         assert attr.start(rag, q, t) == pytest.approx(C_PREFILL * 4000)  # not known yet
-        for _ in range(8):
-            t += 0.02
-            _step(attr, q, [chat], t)
+        t = _steps(q, [chat], t, 8)
         attr.first_token(rag, q, t)
         attr.step_ended(q, t)
         assert rag.phase == DECODE
@@ -155,16 +161,11 @@ def test_the_streams_teach_the_chunk_and_prefill_is_priced_by_it() -> None:
 
 def test_a_configured_chunk_is_not_overridden_by_the_streams() -> None:
     attr, q = Attribution(), EngineQueue(chunk_configured=8192.0)
-    chat = Flight(100.0)
-    attr.start(chat, q, 0.0)
-    attr.first_token(chat, q, 0.01)
-    t = 0.01
+    chat, t = _decoding_chat(attr, q), 0.01
     for _ in range(5):
         rag = Flight(4000.0)
         attr.start(rag, q, t)
-        for _ in range(8):
-            t += 0.02
-            _step(attr, q, [chat], t)
+        t = _steps(q, [chat], t, 8)
         attr.first_token(rag, q, t)
         attr.finish(rag, q, t)
     assert q.chunk_tokens == 8192.0 and not q.chunk.seen
@@ -216,18 +217,14 @@ def test_a_prompt_behind_others_counts_their_tokens_too() -> None:
     third's first token comes after six steps (and one counted more), in which the
     engine prefilled all 12,000 tokens: 1,500 a step as counted, not 4,000 / 8."""
     attr, q = Attribution(), EngineQueue()
-    chat = Flight(100.0)
-    attr.start(chat, q, 0.0)
-    attr.first_token(chat, q, 0.01)
-    t = 0.01
+    chat, t = _decoding_chat(attr, q), 0.01
     for _ in range(3):
         rags = [Flight(4000.0) for _ in range(3)]
         for r in rags:
             attr.start(r, q, t)
         for r in rags:
-            for _ in range(3):  # 2 steps a prompt; the first counted one more
-                t += 0.02
-                _step(attr, q, [f for f in (chat, *rags) if f.phase == DECODE], t)
+            decoding = [f for f in (chat, *rags) if f.phase == DECODE]
+            t = _steps(q, decoding, t, 3)  # 2 steps a prompt; the first counted one more
             attr.first_token(r, q, t)
             attr.step_ended(q, t)
         for r in rags:
@@ -269,9 +266,7 @@ def test_a_decoding_request_ending_reshares_nothing() -> None:
     """The chunk is shared again only when an allotment is freed: the end of a decoding
     request walks no prefilling request (O(1) events)."""
     attr, q = Attribution(), EngineQueue(chunk_configured=512.0)
-    chat = Flight(100.0)
-    attr.start(chat, q, 0.0)
-    attr.first_token(chat, q, 0.01)
+    chat = _decoding_chat(attr, q)
     attr.step_ended(q, 0.01)
     rags = [Flight(4000.0) for _ in range(50)]
     for r in rags:
