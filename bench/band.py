@@ -38,7 +38,7 @@ from metering.accounting.band import SCALES, STATES, BandScale, BandTerms, band_
 TARGET = 0.9
 MARGIN = 0.01  # calibrate to TARGET + MARGIN: the scoring half is other scenarios
 DIMS = ("engine", "cost", "load", "mix", "sensor", "gauges", "warm")
-FACTORS = ("coefficients", "resolution", "own_work", "residual", "queue", "crowd")
+FACTORS = ("coefficients", "resolution", "own_work", "residual", "queue", "crowd", "placement")
 GRID = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
 SWEEPS = 3
 

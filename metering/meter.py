@@ -489,6 +489,7 @@ class Meter:
             # channel to fit against (a backend no plan named): it must not grow.
             self._take_work(lane)
             self._forget_stale_untracked(lane, now_s)
+            self._admitted(self.attribution.stalled(lane.queue, now_s), now_s)
             # The interval's energy is all known work only if nothing untracked ran in it.
             untracked = lane.untracked
             clean = not untracked.seen_since_tick

@@ -62,6 +62,7 @@ from metering.accounting.chunk import (
     CHUNK_MIN_PROMPT,
     budget_tokens,
     per_step_tokens,
+    prefill_overdue,
     steps_in_window,
 )
 from metering.accounting.queue_model import (
@@ -322,6 +323,40 @@ class Attribution:
             return []
         queue.capacity = queue.inferred
         return self._requeue(queue, keep=f) + self._reallot(queue)
+
+    def stalled(self, queue: EngineQueue, now_s: float) -> list[tuple[Flight, float]]:
+        """At `now_s`, on a backend whose gauges are not read (or have shown no queue yet)
+        and whose capacity is not configured: whether the oldest streamed prompt the model
+        takes to prefill has gone far longer than its prefill could take without a first
+        token (chunk.prefill_overdue: the steps the decoding streams streamed since the
+        backend had it, against the tokens prefilled meanwhile and its own). Then it
+        waits in truth, and under FIFO admission the requests ahead of it are the
+        capacity: a burst right after start shows its limit before any request ends. The
+        requests past the capacity go back to waiting; returns those whose weight
+        changes. O(1) unless it finds one; a capacity too small is raised by the first
+        tokens of requests it holds waiting (`first_token`)."""
+        if self.mode != MODEL or queue.configured is not None or queue.gauged:
+            return []
+        f = next((g for g in queue.prefilling.values() if g.stream), None)
+        if f is None or f.counted_from_s is None:
+            return []
+        queue.advance_decoders(now_s)
+        streamed0, decoder0_s, decoded0_s, prefilled0 = f.at_prefill
+        steps = steps_in_window(
+            now_s - f.counted_from_s,
+            queue.streamed - streamed0,
+            queue.decoder_s - decoder0_s,
+            queue.decoded_s - decoded0_s,
+        )
+        ahead = queue.prefilled_tokens - prefilled0
+        if steps is None or not prefill_overdue(steps, ahead, f.prompt_tokens, queue.chunk_tokens):
+            return []
+        before = sum(1 for g in queue.running.values() if g.seq < f.seq)
+        capacity = max(before, queue.decoding, 1)
+        if queue.capacity is not None and queue.capacity <= capacity:
+            return []
+        queue.capacity = capacity
+        return self._requeue(queue) + self._reallot(queue)
 
     def _requeue(
         self, queue: EngineQueue, keep: Flight | None = None

@@ -58,6 +58,10 @@ class BandTerms:
     residual_j: float = 0.0
     queue_j: float = 0.0
     crowd_j: float = 0.0  # the others' joules beside it, while the capacity is unsure
+    # Others' joules the sensor may have placed in its time, or its own in theirs: their
+    # energy beside it over its time, for up to a period of the sensor (in joules, not a
+    # fraction of its own: a 5 J chat beside a 100 J prefill is off by the prefill's).
+    placement_j: float = 0.0
     state: str = "defaults, capacity known"
 
 
@@ -71,6 +75,7 @@ class BandScale:
     residual: float = 1.0
     queue: float = 1.0
     crowd: float = 1.0
+    placement: float = 0.0
 
 
 # The states a request can be split in: the defaults or the fit, and the backend's
@@ -139,6 +144,8 @@ def band_terms(
         coarse *= min(1.0, max(0.0, exposure_j - dynamic_j) / exposure_j)
     else:
         coarse = 0.0
+    others_j = max(0.0, exposure_j - dynamic_j)
+    placement_j = others_j * min(1.0, period_s / duration_s) if duration_s > 0.0 else others_j
     queue_j = crowd_j = 0.0
     if not queue_known:
         if 0.0 < waited_s < duration_s:
@@ -155,6 +162,7 @@ def band_terms(
         residual_j=residual_rel * joules,
         queue_j=queue_j,
         crowd_j=crowd_j,
+        placement_j=placement_j,
         state=state_of(fitted, queue_known),
     )
 
@@ -168,6 +176,7 @@ def band_j(terms: BandTerms, scale: BandScale) -> float:
         + (scale.residual * terms.residual_j) ** 2
         + (scale.queue * terms.queue_j) ** 2
         + (scale.crowd * terms.crowd_j) ** 2
+        + (scale.placement * terms.placement_j) ** 2
     )
 
 

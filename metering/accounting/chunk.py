@@ -104,3 +104,27 @@ def steps_in_window(
     if window_s <= 0.0 or decoded_s < CHUNK_COVERED * window_s or decoder_s <= 0.0:
         return None
     return streamed / (decoder_s / decoded_s)
+
+
+# A prompt prefilling is overdue (waiting in truth, not prefilling) once the steps since
+# the backend had it pass this many times those its prefill could take, and this many
+# more. The chunk may be learnt high (2,408 for 2,048 through HTTP) and prompts whose
+# prefill is unseen (non-streamed) take budget that is not counted: twice, and more.
+OVERDUE_FACTOR = 2.0
+OVERDUE_STEPS = 4.0
+# Where no chunk is known, a prompt is taken to go through in chunks this small (the
+# smallest budget vLLM is run with in practice): whole-prompt engines show no stall,
+# and a chunked one is only found waiting late, never early.
+OVERDUE_MIN_CHUNK = 512.0
+
+
+def prefill_overdue(
+    steps: float, prefilled_ahead: float, prompt: float, chunk: float | None
+) -> bool:
+    """Whether `steps` engine steps are far more than a prompt of `prompt` tokens needs
+    to prefill, when `prefilled_ahead` prompt tokens of others were prefilled in them
+    (the engine shares its chunk oldest first): (ahead + own) / chunk steps, and one for
+    the step under way when it came."""
+    per_step = OVERDUE_MIN_CHUNK if chunk is None else chunk
+    needed = (max(0.0, prefilled_ahead) + prompt) / per_step + 1.0
+    return steps > OVERDUE_FACTOR * needed + OVERDUE_STEPS

@@ -278,3 +278,53 @@ def test_a_decoding_request_ending_reshares_nothing() -> None:
     changed = attr.finish(rags[0], q, 0.04)  # a client hung up mid-prefill
     assert [f for f, _ in changed] == [rags[1], rags[2]]
     assert q.allotted_tokens == pytest.approx(512.0)
+
+
+def test_a_burst_shows_the_engines_limit_before_any_request_ends() -> None:
+    """Twelve requests at once, no gauges, nothing configured: the engine runs four (two
+    chats and two RAG prompts of 2,000 tokens in chunks of 1,024) and holds the rest. No
+    request ends for a long while, so no start follows an end; but the fifth, a prompt of
+    2,000 tokens, shows no first token through many more steps than its prefill and the
+    others' could take: the model finds the limit, four, and holds the rest waiting."""
+    attr, q = Attribution(), EngineQueue()
+    flights = [Flight(100.0 if k % 2 == 0 else 2000.0) for k in range(12)]
+    for k, f in enumerate(flights):
+        attr.start(f, q, 0.001 * k)
+        attr.reached(f, q, 0.02)
+    assert q.capacity is None and all(f.phase != "waiting" for f in flights)
+    # The chats run first (a step), then the RAG prompts in four steps of 1,024.
+    attr.first_token(flights[0], q, 0.04)
+    attr.first_token(flights[2], q, 0.04)
+    attr.step_ended(q, 0.04)
+    t = _steps(q, [flights[0], flights[2]], 0.04, 4)
+    for f in (flights[1], flights[3]):
+        attr.first_token(f, q, t)
+    attr.step_ended(q, t)
+    decoders = flights[:4]
+    assert attr.stalled(q, t) == []  # the fifth has had no more steps than it may need
+    # Forty steps more: the fifth (2,000 tokens, 4,000 prefilled in its window) needed
+    # six at most.
+    t = _steps(q, decoders, t, 40)
+    changed = attr.stalled(q, t)
+    assert q.capacity == 4 and q.capacity_source() == "inferred"
+    assert {id(f) for f, w in changed} == {id(f) for f in flights[4:]}
+    assert all(w == 0.0 for _, w in changed) and all(f.phase == "waiting" for f in flights[4:])
+    # When one ends the oldest waiting is admitted in its place, as FIFO does.
+    admitted = attr.finish(flights[0], q, t + 0.01)
+    assert [f for f, _ in admitted] == [flights[4]]
+    # A capacity found too small is raised by a first token of one held waiting.
+    attr.first_token(flights[5], q, t + 0.05)
+    assert q.capacity == 5 and flights[5].phase == DECODE
+
+
+def test_a_whole_prompt_engine_that_admits_all_is_never_found_stalled() -> None:
+    # Prompts of 4,000 tokens, first tokens slow to come on a busy engine (a long prefill
+    # queue in one step each): below the smallest chunk's count, nothing is inferred.
+    attr, q = Attribution(), EngineQueue()
+    chat = _decoding_chat(attr, q)
+    rags = [Flight(4000.0) for _ in range(8)]
+    for f in rags:
+        attr.start(f, q, 0.02)
+        attr.reached(f, q, 0.02)
+    t = _steps(q, [chat], 0.02, 17)  # 4,000 / 512 + 1 = 8.8 steps, twice and four more: 21.6
+    assert attr.stalled(q, t) == [] and q.capacity is None

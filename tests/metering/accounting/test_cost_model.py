@@ -6,7 +6,12 @@ import random
 
 import pytest
 
-from metering.accounting.cost_model import Coefficients, CostFit, fit_coefficients
+from metering.accounting.cost_model import (
+    TRUST_EARLY_GAIN,
+    Coefficients,
+    CostFit,
+    fit_coefficients,
+)
 from metering.accounting.ledger import Ledger
 
 
@@ -125,9 +130,22 @@ def test_a_noisy_fit_no_better_than_the_defaults_leaves_them_in_use() -> None:
     assert fit.band_in_use == fit.defaults_band_rel
 
 
-def test_too_few_intervals_are_never_trusted() -> None:
-    fit = fitted((70.0, 0.02, 0.005), noise=0.01, n=30)
-    assert fit.band_rel < 0.15 and not fit.trusted
+def test_a_few_intervals_are_trusted_only_when_they_rule_the_defaults_out() -> None:
+    # A host a third dearer in fixed cost than the defaults, through a noisy sensor:
+    # thirty intervals explain it a little better than the defaults do, not enough to
+    # split by yet.
+    near = fitted((380.0, 0.005, 0.005), noise=0.3, n=30)
+    assert near.defaults_band_rel is not None
+    assert near.band_rel > TRUST_EARLY_GAIN * near.defaults_band_rel
+    assert not near.trusted and near.in_use == near.prior
+    # Fixed cost four times, prefill a quarter of the defaults': ten intervals through the
+    # same sensor leave the defaults explaining under half of each, and the split takes
+    # the fit at once.
+    far = fitted((1120.0, 0.00125, 0.005), noise=0.3, n=10)
+    assert far.defaults_band_rel is not None
+    assert far.band_rel <= TRUST_EARLY_GAIN * far.defaults_band_rel
+    assert far.trusted and far.in_use == far.coefficients
+    assert far.in_use.fixed_w == pytest.approx(1120.0, rel=0.15)
 
 
 # --- what the data identify ----------------------------------------------------------------
