@@ -1,15 +1,18 @@
 """Does the band cover the truth? Calibrated on one half of the fairness scenarios,
 scored on the other.
 
-    python -m bench.band [--quick] [--per-kind 8] [--jobs N]
+    python -m bench.band [--quick] [--per-kind 8] [--jobs N] [--save FILE | --load FILE]
 
 Every scenario of bench/fairness.py is served in the default mode, and a group that
 reaches the fit (`fitted`: 60 s of traffic before the scored round, gauges read, on every
-cost, engine, load and sensor). For each scored request: how far the dynamic joules it
-was told are from the truth's (the engine's Shapley share), in joules, beside the band's
-sources of error (metering/accounting/band.py: the coefficients, the sensor's resolution,
-its own work, the fit's residual, the queue), and whether the fit or the defaults split
-it. Scenarios go to the calibration half or the scoring half by a hash of their name.
+cost, engine, load and sensor). A request's state (metering/accounting/band.py STATES):
+the defaults, a fit used early (fewer than 60 intervals, once it ruled the defaults out)
+or a settled fit; the queue's capacity known or unsure; the class of the sensor. For
+each scored request: how far the dynamic joules it was told are from the truth's (the
+engine's Shapley share), in joules, beside the band's sources of error
+(metering/accounting/band.py: the coefficients, the sensor's resolution and placement,
+its own work, the fit's residual, the queue), and the state it was split in. Scenarios go
+to the calibration half or the scoring half by a hash of their name.
 
 On the calibration half, for each state of the fit, the factors of the sources that make
 the band cover TARGET of the requests in every row of the tables (each value of each
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import pickle
 import sys
 import zlib
 from collections import defaultdict
@@ -39,8 +43,14 @@ TARGET = 0.9
 MARGIN = 0.01  # calibrate to TARGET + MARGIN: the scoring half is other scenarios
 DIMS = ("engine", "cost", "load", "mix", "sensor", "gauges", "warm")
 FACTORS = ("coefficients", "resolution", "own_work", "residual", "queue", "crowd", "placement")
-GRID = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
-SWEEPS = 3
+# The coefficients' term is each coefficient's own spread (a standard deviation of its
+# logarithm: the hosts' around the defaults, or the fit's error) in joules: however well
+# other terms covered the bench's hosts, a band never counts less of it than a 90 %
+# interval of that spread (1.645 of it) under the defaults, nor less than one spread once
+# fitted. Calibrated lower, the band held the bench's truths and missed real time's.
+COEFFICIENTS_FLOOR_FIT = 1.0
+GRID = (0.0, 0.125, 0.25, 0.35, 0.5, 0.7, 1.0, 1.4, 2.0, 2.8, 4.0, 8.0)
+SWEEPS = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,8 +107,9 @@ def _needed(rows: list[Row], groups: list[list[int]], scale: BandScale) -> tuple
     return k, quantile(rel, 0.5)
 
 
-def calibrate(rows: list[Row]) -> BandScale:
-    """The narrowest factors (median half-width) that cover TARGET in every group."""
+def calibrate(rows: list[Row], state: str = "") -> BandScale:
+    """The narrowest factors (median half-width) that cover TARGET in every group, the
+    coefficients' at least their floor for the `state` (below)."""
     if not rows:
         return BandScale()
     groups = _groups(rows)
@@ -113,7 +124,9 @@ def calibrate(rows: list[Row]) -> BandScale:
                     best, k, width = trial, tk, tw
     if k == float("inf"):
         return best
-    return BandScale(*(k * getattr(best, n) for n in FACTORS))
+    floor = COEFFICIENTS_FLOOR_FIT if state.startswith(("fitted", "early fit")) else 1.645
+    scaled = BandScale(*(k * getattr(best, n) for n in FACTORS))
+    return replace(scaled, coefficients=max(floor, scaled.coefficients))
 
 
 def coverage(rows: list[Row], scales: dict[str, BandScale]) -> tuple[float, float]:
@@ -138,14 +151,24 @@ def main() -> int:
     p.add_argument("--per-kind", type=int, default=8, help="requests of each kind per round")
     p.add_argument("--quick", action="store_true", help="a fixed sample of the scenarios")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="processes")
+    p.add_argument("--save", help="also keep every scored request's row in this file")
+    p.add_argument("--load", help="calibrate and score the rows kept by --save, not a new run")
     args = p.parse_args()
-    scs = scenarios(args.quick, fitted=True)
-    with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
-        results = pool.map(_rows, [(sc, args.per_kind) for sc in scs], chunksize=4)
-    pairs = list(zip(scs, results, strict=True))
+    if args.load:
+        with open(args.load, "rb") as f:
+            pairs = pickle.load(f)  # a file this bench wrote
+        scs = [sc for sc, _ in pairs]
+    else:
+        scs = scenarios(args.quick, fitted=True)
+        with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
+            results = pool.map(_rows, [(sc, args.per_kind) for sc in scs], chunksize=4)
+        pairs = list(zip(scs, results, strict=True))
+    if args.save:
+        with open(args.save, "wb") as f:
+            pickle.dump(pairs, f)
     calib = [r for sc, rs in pairs if calibration_half(sc) for r in rs]
     scored = [r for sc, rs in pairs if not calibration_half(sc) for r in rs]
-    found = {st: calibrate([r for r in calib if r.terms.state == st]) for st in STATES}
+    found = {st: calibrate([r for r in calib if r.terms.state == st], st) for st in STATES}
     print(f"{len(scs)} scenarios; calibration half {len(calib)} requests, scoring half "
           f"{len(scored)}; target {TARGET:.0%} in every row")  # fmt: skip
     print("\nfactors found on the calibration half (metering/accounting/band.py SCALES):")
@@ -169,13 +192,15 @@ def main() -> int:
             ct, wt = coverage(rs, SCALES)
             cc, wc = coverage(rs, found)
             print(f"  {key:<28}{ct:>7.3f} ({wt:.3f}) /{cc:>6.3f} ({wc:.3f})")
-    fitted = [r for r in scored if r.terms.state.startswith("fitted")]
-    for sensor in sorted({r.keys[DIMS.index("sensor")] for r in fitted}):
-        mine = [r for r in fitted if r.keys[DIMS.index("sensor")] == sensor]
-        ct, wt = coverage(mine, SCALES)
-        cc, wc = coverage(mine, found)
-        print(f"\nfitted, sensor {sensor}: {len(mine)} requests, coverage as told {ct:.3f} "
-              f"(median half-width {wt:.3f}), calibrated {cc:.3f} ({wc:.3f})")  # fmt: skip
+    print()
+    for fit in ("fitted", "early fit"):  # settled (60 intervals or more), or early
+        fitted = [r for r in scored if r.terms.state.startswith(fit)]
+        for sensor in sorted({r.keys[DIMS.index("sensor")] for r in fitted}):
+            mine = [r for r in fitted if r.keys[DIMS.index("sensor")] == sensor]
+            ct, wt = coverage(mine, SCALES)
+            cc, wc = coverage(mine, found)
+            print(f"{fit}, sensor {sensor}: {len(mine)} requests, coverage as told {ct:.3f} "
+                  f"(median half-width {wt:.3f}), calibrated {cc:.3f} ({wc:.3f})")  # fmt: skip
     return 0
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from metering.accounting.band import PRIOR_LOG_SD
+from metering.accounting.band import EXACT, PRIOR_LOG_SD
 from metering.accounting.cost_model import TERMS, CostFit, Rates
 from metering.accounting.ledger import Ticket
 from metering.accounting.queue_model import DECODE, EngineQueue, Flight
@@ -50,7 +50,10 @@ class Lane:
     # Finished requests' work, (start, first token or None, end, prompt, generated), taken
     # into the fit at the next tick: the request path only appends.
     pending_work: list[tuple[float, float | None, float, float, int]] = field(default_factory=list)
-    period_s: float = 0.0  # the longest counter period of its sources (the band's resolution)
+    # The time within which its sources place energy (the longest counter period, or power
+    # averaging window, among them) and their class (band.py `sensor_class`).
+    period_s: float = 0.0
+    sensor: str = EXACT
     # How unsure the log of each coefficient in use is (band.py), set with the prices.
     log_sds: tuple[float, float, float] = (PRIOR_LOG_SD, PRIOR_LOG_SD, PRIOR_LOG_SD)
     basis: str = ""  # what its split rests on now (the energy object's attribution_basis)

@@ -27,9 +27,11 @@ from metering.accounting.band import (
     band_rel,
     band_terms,
     coefficient_log_sds,
+    sensor_class,
 )
 from metering.accounting.cost_model import (
     DEFAULT_DECODE_TOKENS_PER_S,
+    TRUST_INTERVALS,
     Coefficients,
     steps_seen,
 )
@@ -53,6 +55,7 @@ from metering.carbon.sci import (
     embodied_g,
 )
 from metering.lane import Lane, Measurement, Plan, cost_model_view
+from metering.sources.background import DEFAULT_COUNTER_PERIOD_S
 from metering.sources.base import PowerSource
 from metering.sources.hardware import describe_hardware
 
@@ -336,6 +339,8 @@ class Meter:
             exposure_j=exposure_j,
             dynamic_j=dynamic_j,
             fitted=fit.trusted,
+            sensor=lane.sensor,
+            early=fit.intervals_used < TRUST_INTERVALS,
         )
 
     def _describe(self, lane: Lane) -> None:
@@ -343,13 +348,16 @@ class Meter:
         of the backend's gauges, not per request): its sensors' counter period and the
         `attribution_basis`: the cost model's version and whether it is fitted on this
         host or still the defaults, where the queue's capacity came from, whose timings."""
-        period_s = 0.0
+        period_s = window_s = 0.0
         for name in lane.energy_channels:
             st = self.sampler.by_name.get(name)
-            schedule = getattr(st.source, "schedule", None) if st is not None else None
-            if schedule is not None and getattr(schedule, "period_s", None):
-                period_s = max(period_s, float(schedule.period_s))
-        lane.period_s = period_s
+            if st is None:
+                continue
+            schedule = getattr(st.source, "schedule", None)
+            if schedule is not None:  # read in the background: its period, once learnt
+                period_s = max(period_s, float(schedule.period_s or DEFAULT_COUNTER_PERIOD_S))
+            window_s = max(window_s, float(getattr(st.source, "power_window_s", 0.0) or 0.0))
+        lane.period_s, lane.sensor = max(period_s, window_s), sensor_class(period_s, window_s)
         if self.attribution.mode != MODEL:
             model = "no cost model"
         else:

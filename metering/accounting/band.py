@@ -12,8 +12,10 @@ its own sources, each turned into joules for this request:
   has much). Each is multiplied by how uncertain that logarithm is: the spread of hosts
   around the defaults (`PRIOR_LOG_SD`) while the defaults split, and for a coefficient the
   fit does not identify; the fit's relative standard error for one it does;
-- the sensor's resolution: half a counter period over the request's own time (a short
-  request beside others is placed within the period at best);
+- the sensor's resolution: half its period (a counter's, or the window a power reading
+  averages over) over the request's own time (a short request beside others is placed
+  within the period at best), and the energy drawn while it ran over up to a period of
+  its time, which may have fallen on the wrong side of its start or end;
 - what the cost model leaves unexplained in the intervals (the fit's relative residual);
 - the queue: while the backend's capacity is not known for sure (inferred from answers,
   or unknown), a request that waited may have been charged for time it waited, or not
@@ -21,7 +23,9 @@ its own sources, each turned into joules for this request:
   have shared with requests that in truth waited (the others' joules beside it).
 
 They are combined in quadrature, each with its factor (`BandScale`), and capped at 1. The
-factors are calibrated by bench/band.py on one half of a wide bench of simulated hosts
+factors, one set per state (defaults or fitted, capacity known or unsure, and the class of
+the backend's sensors: `sensor_class`), are calibrated by bench/band.py on one half of a
+wide bench of simulated hosts
 (fixed cost x0.25 to x4, prefill x0.25 to x4, decode x0.5 to x4; six engines; three loads;
 three sensors; gauges or none; cold or warm) and its coverage reported on the other half:
 docs/fairness.md has the tables.
@@ -58,11 +62,11 @@ class BandTerms:
     residual_j: float = 0.0
     queue_j: float = 0.0
     crowd_j: float = 0.0  # the others' joules beside it, while the capacity is unsure
-    # Others' joules the sensor may have placed in its time, or its own in theirs: their
-    # energy beside it over its time, for up to a period of the sensor (in joules, not a
-    # fraction of its own: a 5 J chat beside a 100 J prefill is off by the prefill's).
+    # Joules the sensor may have placed on the wrong side of its start or end: the energy
+    # drawn while it ran over up to a period of its time (in joules, not a fraction of its
+    # own: a 5 J chat beside a 100 J prefill is off by a part of the prefill's).
     placement_j: float = 0.0
-    state: str = "defaults, capacity known"
+    state: str = "defaults, capacity known, exact counter"
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,26 +82,46 @@ class BandScale:
     placement: float = 0.0
 
 
-# The states a request can be split in: the defaults or the fit, and the backend's
-# capacity known (configured, or learnt from its gauges) or not (inferred, or unknown).
-STATES = (
-    "defaults, capacity known",
-    "defaults, capacity unsure",
-    "fitted, capacity known",
-    "fitted, capacity unsure",
+# How the backend's sensors place energy in time (`sensor_class`): a counter read often
+# enough to be exact, instant power samples between a coarse counter's moves (an H100's
+# NVML), or a power reading that is a one-second mean (NVML without the instant field).
+EXACT, SAMPLED, AVERAGED = "exact counter", "power sampled", "power averaged"
+SENSOR_CLASSES = (EXACT, SAMPLED, AVERAGED)
+# The states a request can be split in: the defaults or the fit, the backend's capacity
+# known (configured, or learnt from its gauges) or not (inferred, or unknown), and its
+# sensors' class: each has its own calibrated factors.
+STATES = tuple(
+    f"{fit}, capacity {queue}, {sensor}"
+    for fit in ("defaults", "early fit", "fitted")
+    for queue in ("known", "unsure")
+    for sensor in SENSOR_CLASSES
 )
 # Calibrated by `python -m bench.band` on its calibration half (each state's factors;
 # docs/fairness.md has the run and the coverage on the other half).
-SCALES: dict[str, BandScale] = {
+_BY_FIT: dict[str, BandScale] = {
     "defaults, capacity known": BandScale(7.02, 0.0, 0.0, 0.88, 1.76, 1.76),
     "defaults, capacity unsure": BandScale(1.21, 1.21, 0.30, 0.60, 0.0, 0.08),
     "fitted, capacity known": BandScale(12.34, 0.0, 24.67, 1.54, 6.17, 6.17),
     "fitted, capacity unsure": BandScale(2.00, 2.00, 4.01, 4.01, 4.01, 0.0),
 }
+SCALES: dict[str, BandScale] = {
+    st: _BY_FIT[st.rsplit(", ", 1)[0].replace("early fit", "fitted")] for st in STATES
+}
 
 
-def state_of(fitted: bool, queue_known: bool) -> str:
-    return f"{'fitted' if fitted else 'defaults'}, capacity {'known' if queue_known else 'unsure'}"
+def state_of(fitted: bool, queue_known: bool, sensor: str = EXACT, early: bool = False) -> str:
+    """The state's name; `early`: the fit is used on fewer intervals than a settled one
+    (cost_model.TRUST_INTERVALS), since it ruled the defaults out."""
+    fit = ("early fit" if early else "fitted") if fitted else "defaults"
+    return f"{fit}, capacity {'known' if queue_known else 'unsure'}, {sensor}"
+
+
+def sensor_class(counter_period_s: float, power_window_s: float) -> str:
+    """The class of a backend's sensors from the longest counter period among them and
+    the longest window their power readings average over (0: instant samples)."""
+    if power_window_s >= 0.5:
+        return AVERAGED
+    return SAMPLED if counter_period_s > 0.0 else EXACT
 
 
 def coefficient_log_sds(
@@ -132,9 +156,13 @@ def band_terms(
     exposure_j: float = 0.0,
     dynamic_j: float = 0.0,
     fitted: bool = False,
+    sensor: str = EXACT,
+    early: bool = False,
 ) -> BandTerms:
     """The request's sources of error in joules (module docstring). `own_work_j`: what
-    the cost model prices its own work at (its prompt and its tokens)."""
+    the cost model prices its own work at (its prompt and its tokens); `period_s`: the
+    time within which the sensors place energy (their counter's period, or the window
+    their power readings average over)."""
     coef_j = math.sqrt(sum((s * sd) ** 2 for s, sd in zip(sensitivity_j, log_sds, strict=True)))
     # A request shorter than the sensor's period may see its own work land outside its
     # time, and others' inside it: up to half a period's worth of its time, in so far as
@@ -144,8 +172,10 @@ def band_terms(
         coarse *= min(1.0, max(0.0, exposure_j - dynamic_j) / exposure_j)
     else:
         coarse = 0.0
-    others_j = max(0.0, exposure_j - dynamic_j)
-    placement_j = others_j * min(1.0, period_s / duration_s) if duration_s > 0.0 else others_j
+    # Energy the sensor may have placed on the wrong side of its start or end: all that
+    # ran beside it (its own included: a request alone is off by its neighbours' in time)
+    # over up to a period of its time.
+    placement_j = exposure_j * min(1.0, period_s / duration_s) if duration_s > 0.0 else 0.0
     queue_j = crowd_j = 0.0
     if not queue_known:
         if 0.0 < waited_s < duration_s:
@@ -163,7 +193,7 @@ def band_terms(
         queue_j=queue_j,
         crowd_j=crowd_j,
         placement_j=placement_j,
-        state=state_of(fitted, queue_known),
+        state=state_of(fitted, queue_known, sensor, early),
     )
 
 

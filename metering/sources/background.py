@@ -196,6 +196,11 @@ class BackgroundSource:
     def method(self) -> str:
         return str(self.inner.method)
 
+    @property
+    def power_window_s(self) -> float:
+        """The window the inner source's power readings average over (0: instant)."""
+        return float(getattr(self.inner, "power_window_s", 0.0) or 0.0)
+
     # --- the loop's side: no sensor is touched ----------------------------------------------
 
     def _update_limits(self) -> None:

@@ -314,6 +314,9 @@ class NvmlGpuSource:
         if instant_mw is None:
             self._use_instant_field = False
             instant_mw = float(session.power_usage_mw(self._handle))
+        # The window its power readings average over (0: instant samples): how finely it
+        # places energy in time between counter moves (the band's resolution).
+        self.power_window_s = 0.0 if self._use_instant_field else POWER_USAGE_AVERAGE_S
         # The latest power sample (W) and when it was taken.
         self._power_w = instant_mw / 1000.0
         self._power_t_s = start_s

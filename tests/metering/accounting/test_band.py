@@ -9,9 +9,14 @@ from dataclasses import replace
 import pytest
 
 from metering.accounting.band import (
+    AVERAGED,
+    EXACT,
     FIT_FLOOR_LOG_SD,
     MAX_BAND_REL,
     PRIOR_LOG_SD,
+    SAMPLED,
+    SCALES,
+    SENSOR_CLASSES,
     STATES,
     BandScale,
     BandTerms,
@@ -19,6 +24,7 @@ from metering.accounting.band import (
     band_rel,
     band_terms,
     coefficient_log_sds,
+    sensor_class,
     state_of,
 )
 from tests.support.fairness import MIXES, requests_for
@@ -95,10 +101,35 @@ def test_sources_add_in_quadrature_scaled_and_bounded() -> None:
     assert band_rel(BandTerms(joules=1e-9, coefficients_j=1.0), ones) == MAX_BAND_REL
 
 
-def test_the_state_names_the_fit_and_the_queue() -> None:
-    assert set(STATES) == {state_of(f, q) for f in (False, True) for q in (False, True)}
-    assert _terms(queue_known=False).state == "defaults, capacity unsure"
-    assert _terms(fitted=True).state == "fitted, capacity known"
+def test_the_state_names_the_fit_the_queue_and_the_sensor() -> None:
+    fits = ((False, False), (True, True), (True, False))  # defaults, early fit, settled fit
+    assert set(STATES) == {
+        state_of(f, q, c, e) for f, e in fits for q in (False, True) for c in SENSOR_CLASSES
+    }
+    assert set(SCALES) == set(STATES)
+    assert _terms(queue_known=False).state == "defaults, capacity unsure, exact counter"
+    assert _terms(fitted=True, sensor=SAMPLED).state == "fitted, capacity known, power sampled"
+    early = _terms(fitted=True, early=True, queue_known=False, sensor=AVERAGED)
+    assert early.state == "early fit, capacity unsure, power averaged"
+    assert _terms(early=True).state.startswith("defaults")  # no fit in use: no early one
+    # An H100's NVML: a counter that moves every 100 ms and instant power samples; an
+    # older GPU's: power readings that average the last second.
+    assert sensor_class(0.1, 0.0) == SAMPLED
+    assert sensor_class(0.1, 1.0) == AVERAGED
+    assert sensor_class(0.0, 0.0) == EXACT
+
+
+def test_energy_near_its_edges_is_a_short_requests_placement_error() -> None:
+    # 40 J drawn while a 50 ms request ran, read by a sensor whose period is 100 ms: all
+    # of it may have fallen on the wrong side of its start or end; over 2 s, 2 % of it.
+    short = _terms(period_s=0.1, duration_s=0.05, exposure_j=40.0, dynamic_j=10.0)
+    assert short.placement_j == pytest.approx(40.0)
+    long = _terms(period_s=0.1, duration_s=2.0, exposure_j=40.0, dynamic_j=10.0)
+    assert long.placement_j == pytest.approx(2.0)
+    # A request alone is off by its neighbours in time too: its own energy counts.
+    alone = _terms(period_s=0.1, duration_s=0.5, exposure_j=10.0, dynamic_j=10.0)
+    assert alone.placement_j == pytest.approx(2.0) and alone.resolution_j == 0.0
+    assert _terms(period_s=0.0, exposure_j=40.0).placement_j == 0.0  # an exact counter
 
 
 def test_a_request_alone_is_told_a_narrow_band_and_one_in_a_crowd_a_wider_one() -> None:

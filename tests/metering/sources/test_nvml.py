@@ -331,6 +331,7 @@ def test_power_mode_prefers_the_instant_field(fake: Fake) -> None:
     source = open_one(fake, "device 0 counter=0 instant_mw=50000 power_mw=70000\n")
     try:
         assert source.read(1.0).power_w == 50.0
+        assert source.power_window_s == 0.0  # instant samples: the band's finer class
         # The field now carries NOT_SUPPORTED of its own: this read uses GetPowerUsage.
         fake.write("device 0 counter=0 power_mw=70000\n")
         reading = source.read(2.0)
@@ -344,6 +345,8 @@ def test_field_with_own_not_supported_falls_back_to_power_usage(fake: Fake) -> N
         source = open_one(fake, script)
         try:
             assert source.read(1.0).power_w == 80.0
+            # GetPowerUsage: a one-second mean, which places energy only so finely.
+            assert source.power_window_s == 1.0
         finally:
             source.close()
 
