@@ -116,6 +116,7 @@ OVERDUE_STEPS = 4.0
 # smallest budget vLLM is run with in practice): whole-prompt engines show no stall,
 # and a chunked one is only found waiting late, never early.
 OVERDUE_MIN_CHUNK = 512.0
+OVERDUE_LEAST_BUDGET = 16.0  # a chunk the decoders all but fill still prefills a little
 
 
 def prefill_overdue(
@@ -125,6 +126,6 @@ def prefill_overdue(
     to prefill, when `prefilled_ahead` prompt tokens of others were prefilled in them
     (the engine shares its chunk oldest first): (ahead + own) / chunk steps, and one for
     the step under way when it came."""
-    per_step = OVERDUE_MIN_CHUNK if chunk is None else chunk
+    per_step = OVERDUE_MIN_CHUNK if chunk is None else max(chunk, OVERDUE_LEAST_BUDGET)
     needed = (max(0.0, prefilled_ahead) + prompt) / per_step + 1.0
     return steps > OVERDUE_FACTOR * needed + OVERDUE_STEPS

@@ -59,12 +59,14 @@ TRUST_INTERVALS = 60
 # defaults' ratios, or a sensor too coarse for any model to explain each interval well,
 # still splits by what was learnt there rather than by figures from another machine.
 TRUST_GAIN = 0.8
-# ...or, from its first fit, once the intervals rule the defaults out: their residual at
-# least this many times the fit's. A host whose fixed cost is four times the defaults'
-# shows it in the first seconds (the defaults then explain under half of each interval),
-# and splitting by them meanwhile prices a prompt up to sixteen times its work; a fit
-# over a few intervals that merely explains them a little better waits for TRUST_INTERVALS.
-TRUST_EARLY_GAIN = 0.5
+# ...or, from its first fit, once the intervals rule the defaults out: the defaults
+# explain them badly (their residual over TRUST_BAND_REL) and 2.5 times as badly as
+# the fit, its residual counted for the coefficients it fitted (x sqrt(n / (n - 3)): over
+# eight intervals a fit of three explains noise too). A host whose fixed cost is four
+# times the defaults' shows it in the first seconds (the defaults then explain under half
+# of each interval), and splitting by them meanwhile prices a prompt up to sixteen times
+# its work; a fit that merely explains them a little better waits for TRUST_INTERVALS.
+TRUST_EARLY_GAIN = 0.4
 PRIOR_WEIGHT = 2.0  # pseudo-observations per coefficient: a ridge for what the data cannot tell
 # Once the data identify a coefficient, the ridge only keeps the solve well posed: with
 # PRIOR_WEIGHT it pulled a fixed cost four times the default's back towards it, and the
@@ -179,9 +181,11 @@ class CostFit:
         defaults out."""
         if self.fitted_at_s is None:
             return False
-        defaults = self.defaults_band_rel
-        if defaults is not None and self.band_rel <= TRUST_EARLY_GAIN * defaults:
-            return True
+        defaults, n = self.defaults_band_rel, self.intervals_used
+        if defaults is not None and defaults > TRUST_BAND_REL and n > len(TERMS):
+            counted = self.band_rel * math.sqrt(n / (n - len(TERMS)))  # for what it fitted
+            if counted <= TRUST_EARLY_GAIN * defaults:
+                return True
         if self.intervals_used < TRUST_INTERVALS:
             return False
         if self.band_rel <= TRUST_BAND_REL:

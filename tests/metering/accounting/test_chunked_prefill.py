@@ -312,9 +312,66 @@ def test_a_burst_shows_the_engines_limit_before_any_request_ends() -> None:
     # When one ends the oldest waiting is admitted in its place, as FIFO does.
     admitted = attr.finish(flights[0], q, t + 0.01)
     assert [f for f, _ in admitted] == [flights[4]]
-    # A capacity found too small is raised by a first token of one held waiting.
+    # The one admitted prefills and decodes; then one held waiting shows a token while
+    # every running request decodes (the meter asks `make_room` first: none to displace):
+    # the capacity was larger, and is raised.
+    attr.first_token(flights[4], q, t + 0.04)
+    assert attr.make_room(flights[5], q) is None
     attr.first_token(flights[5], q, t + 0.05)
     assert q.capacity == 5 and flights[5].phase == DECODE
+
+
+def test_prefills_that_no_token_shows_ahead_leave_the_limit_unknown() -> None:
+    # An engine that admits all: eight non-streamed prompts of 4,000 tokens ahead of a
+    # streamed chat, whose prefill they delay far beyond its own. No first token shows
+    # theirs ending, so the chat's wait tells nothing of a limit.
+    attr, q = Attribution(), EngineQueue()
+    chat = _decoding_chat(attr, q)
+    for _ in range(8):
+        attr.start(Flight(4000.0, stream=False), q, 0.02)
+    late = Flight(300.0)
+    attr.start(late, q, 0.02)
+    attr.reached(late, q, 0.02)
+    t = _steps(q, [chat], 0.02, 60)
+    assert attr.stalled(q, t) == [] and q.capacity is None
+
+
+def test_a_configured_chunk_counts_the_decoders_budget() -> None:
+    # Chunks of 512 with 400 sequences decoding leave 112 prompt tokens a step: a prompt
+    # of 4,000 takes 36 steps, not 8, and is not overdue at 30.
+    attr, q = Attribution(), EngineQueue(chunk_configured=512.0)
+    decoders = [Flight(10.0) for _ in range(400)]
+    for f in decoders:
+        attr.start(f, q, 0.0)
+        attr.first_token(f, q, 0.001)
+    rag = Flight(4000.0)
+    attr.start(rag, q, 0.002)
+    attr.reached(rag, q, 0.002)
+    t = _steps(q, decoders, 0.002, 30)
+    assert attr.stalled(q, t) == [] and q.capacity is None
+    # Far past it (twice 36 and four more), it is overdue.
+    t = _steps(q, decoders, t, 60)
+    assert [f for f, _ in attr.stalled(q, t)] == [rag] and q.capacity == 400
+
+
+def test_the_limit_found_is_never_below_those_decoding() -> None:
+    # A newer request decodes while the oldest prompt shows nothing: it raced it to the
+    # engine (a burst's arrivals reach it in another order), or the oldest waits on
+    # something of its own (a grammar compiling), costing nothing meanwhile either way.
+    attr, q = Attribution(), EngineQueue()
+    chat = _decoding_chat(attr, q)
+    slow, newer = Flight(300.0), Flight(300.0)
+    attr.start(slow, q, 0.02)
+    attr.reached(slow, q, 0.02)
+    attr.start(newer, q, 0.03)
+    attr.first_token(newer, q, 0.05)
+    t = _steps(q, [chat, newer], 0.05, 60)
+    assert [f for f, _ in attr.stalled(q, t)] == [slow]
+    assert q.capacity == 2 and newer.phase == DECODE and slow.phase == "waiting"
+    # Its first token shows the engine had room: the capacity is raised.
+    assert attr.make_room(slow, q) is None
+    attr.first_token(slow, q, t + 0.01)
+    assert q.capacity == 3
 
 
 def test_a_whole_prompt_engine_that_admits_all_is_never_found_stalled() -> None:

@@ -204,3 +204,21 @@ def test_no_prompt_work_gives_no_error_and_keeps_the_default() -> None:
     fit = _fit_on(xs, ys)
     assert fit.std_errors[1] is None and not fit.identified[1]
     assert fit.coefficients.prefill_j_per_token == Coefficients().prefill_j_per_token
+
+
+def test_a_few_noisy_intervals_on_a_host_like_the_defaults_rarely_replace_them() -> None:
+    # Eight intervals through a sensor whose noise is 30 % of each: a fit of three
+    # coefficients explains some of the noise too, which the early rule counts for.
+    trusted = 0
+    for seed in range(100):
+        fit = CostFit()
+        fit.refit(intervals(Coefficients().as_tuple(), 8, seed=seed, noise=0.3), now_s=1.0)
+        trusted += fit.trusted
+    assert trusted <= 10
+    # Through a sensor a third as noisy, almost never.
+    quiet = 0
+    for seed in range(100):
+        fit = CostFit()
+        fit.refit(intervals(Coefficients().as_tuple(), 8, seed=seed, noise=0.1), now_s=1.0)
+        quiet += fit.trusted
+    assert quiet <= 2
