@@ -1,4 +1,4 @@
-"""The configured backends, the models each one lists, and routing by model name.
+"""The configured backends, the models each one lists, and the backends serving each model.
 
 Model lists come from each backend's model listing (`GET /v1/models`, or what its kind
 offers), fetched at start-up, refreshed on a period in the background, and re-fetched (at
@@ -57,7 +57,7 @@ class BackendRegistry:
         # Token counting needs a POST; a getter without one simply counts nothing.
         self._poster = getter if isinstance(getter, JsonPoster) else None
         self._clock = clock
-        self._routes: dict[str, Backend] = {}
+        self._routes: dict[str, tuple[Backend, ...]] = {}
         self._on_own_metrics = on_own_metrics
         self._last_refresh_s = -1e9
         self._refresh_lock = asyncio.Lock()
@@ -66,26 +66,29 @@ class BackendRegistry:
 
     # --- routing (the hot path: one dict lookup) ---------------------------------------
 
-    def lookup(self, model: str) -> Backend | None:
-        backend = self._routes.get(model)
-        if backend is not None:
-            return backend
+    def lookup(self, model: str) -> tuple[Backend, ...]:
+        """The backends that list `model`, in configured order (empty: none does)."""
+        found = self._routes.get(model)
+        if found is not None:
+            return found
         if len(self.backends) == 1 and not self.backends[0].state.listed:
             # A single backend whose list we could not read yet: let it answer for itself.
-            return self.backends[0]
-        return None
+            return (self.backends[0],)
+        return ()
 
     def default_backend(self) -> Backend:
         """Where a request that names no model goes (an API whose model is optional, a
         passed-through path): the first configured backend."""
         return self.backends[0]
 
-    async def route(self, model: str) -> Backend | None:
-        backend = self.lookup(model)
-        if backend is None and self._clock() - self._last_refresh_s > self.MISS_REFRESH_S:
+    async def route(self, model: str) -> tuple[Backend, ...]:
+        """The backends serving `model`; a model nobody lists makes the lists read again
+        (at most every MISS_REFRESH_S), so one loaded after start-up is found."""
+        found = self.lookup(model)
+        if not found and self._clock() - self._last_refresh_s > self.MISS_REFRESH_S:
             await self.refresh()
-            backend = self.lookup(model)
-        return backend
+            found = self.lookup(model)
+        return found
 
     def inflight(self) -> int:
         """Requests the proxy has in flight to all its backends."""
@@ -107,12 +110,12 @@ class BackendRegistry:
             # it now would cut off the stream it is sending (see Kind.serial).
             idle = [b for b in self.backends if not (b.spec.serial and b.traffic.inflight)]
             await asyncio.gather(*(self._refresh_one(b) for b in idle))
-            routes: dict[str, Backend] = {}
+            routes: dict[str, list[Backend]] = {}
             for b in self.backends:
-                for mid in b.state.model_ids:
-                    # First configured backend wins a model two backends both list.
-                    routes.setdefault(mid, b)
-            self._routes = routes
+                for mid in dict.fromkeys(b.state.model_ids):
+                    # In configured order: the routing policy chooses among them.
+                    routes.setdefault(mid, []).append(b)
+            self._routes = {mid: tuple(bs) for mid, bs in routes.items()}
 
     async def _refresh_one(self, b: Backend) -> None:
         if b.state.kind_source == UNDETECTED:
@@ -264,6 +267,15 @@ class BackendRegistry:
             busy = wanted is not None and any(wanted(b.name) for b in self.backends)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._gauges_wanted.wait(), fast_s if busy else period_s)
+
+    async def metrics_text(self, b: Backend) -> str | None:
+        """`b`'s own Prometheus text as it serves it, for `/metrics` to carry unchanged
+        (--pass-backend-metrics); None when it cannot be read now (logged)."""
+        try:
+            return await self._getter_for(b).get_text(b.url + b.spec.metrics_path, 2.0)
+        except Exception as exc:  # down, or no /metrics: the proxy's own series still go
+            log.warning("backend %s's own metrics could not be read: %s", b.name, exc)
+            return None
 
     def merged_models(self) -> dict[str, Any]:
         """`/v1/models`: every backend's entries, first listing of an id wins."""

@@ -13,6 +13,7 @@ from metering.accounting.ledger import Ticket
 from metering.accounting.queue_model import DECODE, EngineQueue, Flight
 from metering.accounting.report import EnergyReport
 from metering.accounting.untracked import UntrackedWork
+from metering.carbon.intensity import IntensityProvider
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +60,8 @@ class Lane:
     basis: str = ""  # what its split rests on now (the energy object's attribution_basis)
     timed: int = 0  # finished requests whose backend reported their phases (Timings)
     untracked: UntrackedWork = field(default_factory=UntrackedWork)  # work it did not send
+    # Its own grid intensity (a backend in another zone); None: the meter's.
+    intensity: IntensityProvider | None = None
 
     @property
     def energy_channels(self) -> tuple[str, ...]:

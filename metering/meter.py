@@ -281,7 +281,7 @@ class Meter:
             shares=shares,
             domains=domains,
             methods=sampler.methods_for([c for c in m.lane.channels if c in domains]),
-            intensity=self.intensity.current(),
+            intensity=(m.lane.intensity or self.intensity).current(),
             pue=self.pue,
             embodied_g=embodied_g(self.embodied, busy_s, m.lane.gpu_share, 1.0),
             embodied_basis=self.embodied.basis,

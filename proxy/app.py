@@ -37,7 +37,7 @@ from metering.sources.spec import parse_power_spec
 from metering.store import RequestStore, StoreError
 from proxy.api.access import Access
 from proxy.api.energy import EnergyApi
-from proxy.api.health import HealthApi, metrics_app
+from proxy.api.health import HealthApi, metrics_app, sidecar_metrics
 from proxy.api.live import LiveApi
 from proxy.api.models import ModelsApi
 from proxy.asgi import Receive, Scope, Send, send_error
@@ -52,6 +52,7 @@ from proxy.observe.finished import Observer, Observers
 from proxy.observe.metrics import ProxyMetrics
 from proxy.observe.observers import LiveRequests, RequestLines, StoreRecords, TokenTallies
 from proxy.observe.request_log import RequestLog
+from proxy.observe.route_metrics import MarginalCost, RoutedRequests
 from proxy.observe.startup import Figures, SourceLine, figures_of
 from proxy.observe.tracing import (
     OtelMissing,
@@ -60,9 +61,11 @@ from proxy.observe.tracing import (
     unsupported_protocol,
     wanted,
 )
+from proxy.relay.exchange import id_headers_for
 from proxy.relay.passthrough import Passthrough
 from proxy.relay.path_rules import PathRules
-from proxy.relay.route import METERED_PATHS, MeteredRoute, RelayContext, id_headers_for
+from proxy.relay.route import METERED_PATHS, MeteredRoute, RelayContext
+from proxy.relay.router import Router
 from proxy.relay.upstream import UpstreamClient, make_upstream
 from proxy.settings import ConfigError, Settings
 
@@ -187,7 +190,7 @@ class EnergyProxyApp:
         return any(r.matches(scope)[0] != Match.NONE for r in self._own_routes)
 
     async def _method_not_allowed(self, scope: Scope, send: Send) -> None:
-        _, _, id_headers = id_headers_for(self.ctx, scope["headers"])
+        _, _, id_headers = id_headers_for(self.ctx.ids, scope["headers"])
         self.ctx.observers.rejected(405)
         exc = MethodNotAllowed(f"{scope['path']} takes POST, not {scope['method']}")
         await send_error(send, exc, [*id_headers, (b"allow", b"POST, OPTIONS")])
@@ -212,7 +215,11 @@ class EnergyProxyApp:
         if settings.metrics_listen is not None:
             host, _, port = settings.metrics_listen.rpartition(":")
             config = uvicorn.Config(
-                metrics_app(ctx.meter, self.metrics.registry), host=host.strip("[]"),
+                metrics_app(
+                    ctx.meter, self.metrics.registry,
+                    sidecar_metrics(ctx.registry) if settings.pass_backend_metrics else None,
+                ),
+                host=host.strip("[]"),
                 port=int(port), lifespan="off", access_log=False, log_level="warning",
             )  # fmt: skip
             self._metrics_server = _QuietServer(config)
@@ -227,8 +234,9 @@ class EnergyProxyApp:
             await asyncio.to_thread(self.store.flush, 10.0)
             await self.ctx.budgets.refresh()
             self._tasks.append(asyncio.create_task(self.ctx.budgets.run()))
-        if isinstance(ctx.meter.intensity, RefreshingIntensity):
-            self._tasks.append(asyncio.create_task(ctx.meter.intensity.run()))
+        for provider in (ctx.meter.intensity, *ctx.router.intensities.values()):
+            if isinstance(provider, RefreshingIntensity):
+                self._tasks.append(asyncio.create_task(provider.run()))
         if settings.retention_days > 0:
             self._tasks.append(asyncio.create_task(self._prune_forever()))
 
@@ -357,6 +365,17 @@ def create_app(
         on_own_metrics=meter.learn,
     )
     meter.on_gauges_wanted = registry.wake_gauges
+    zones = backend_intensities(settings)
+    for name, provider in zones.items():
+        meter.lane(name).intensity = provider
+    router = Router(
+        meter,
+        policy=settings.route,
+        per_model=settings.routes,
+        explore=settings.route_explore,
+        max_waiting=settings.route_max_waiting,
+        intensities=zones,
+    )
     metrics = ProxyMetrics(
         CollectorRegistry(auto_describe=True),
         meter.sampler,
@@ -369,7 +388,11 @@ def create_app(
     live = LiveFeed(meter.sampler, intensity, inflight=registry.inflight)
     metrics.watch_live_streams(live.hub)
     # In this order: the metrics first, the slowest (the log) last.
-    observers: list[Observer] = [metrics, TokenTallies(), StoreRecords(store), LiveRequests(live)]
+    metrics.registry.register(MarginalCost(router, registry.backends))
+    observers: list[Observer] = [
+        metrics, RoutedRequests(metrics.registry), router, TokenTallies(), StoreRecords(store),
+        LiveRequests(live),
+    ]  # fmt: skip
     if request_log is not None:
         observers.append(RequestLines(request_log))
     tracing = tracing_from(settings.otlp_endpoint)
@@ -388,6 +411,7 @@ def create_app(
         observers=Observers(observers),
         keys=keys,
         max_body_bytes=settings.max_body_bytes,
+        router=router,
         classifier=PromptClassifier(settings.categories),
         client_timeout_s=settings.client_timeout,
         tracing=tracing,
@@ -399,6 +423,7 @@ def create_app(
             registry, meter, store, metrics.registry, access,
             protect_metrics=settings.protect_metrics,
             metrics_elsewhere=settings.metrics_listen is not None,
+            backend_text=sidecar_metrics(registry) if settings.pass_backend_metrics else None,
         ),
         ModelsApi(registry, access),
         EnergyApi(
@@ -424,13 +449,36 @@ def intensity_from(settings: Settings) -> IntensityProvider:
     """Electricity Maps when a place and key are configured, else the static figure."""
     if not settings.live_carbon:
         return StaticIntensity(settings.carbon_intensity)
+    return _electricitymaps(
+        settings, zone=settings.carbon_zone, lat=settings.carbon_lat, lon=settings.carbon_lon
+    )
+
+
+def backend_intensities(settings: Settings) -> dict[str, IntensityProvider]:
+    """The grid intensity of each backend that names its own zone or figure."""
+    out: dict[str, IntensityProvider] = {}
+    for b in settings.backends:
+        if b.carbon_intensity is not None:
+            out[b.name] = StaticIntensity(b.carbon_intensity)
+        elif b.carbon_zone is not None:
+            out[b.name] = _electricitymaps(settings, zone=b.carbon_zone)
+    return out
+
+
+def _electricitymaps(
+    settings: Settings,
+    *,
+    zone: str | None = None,
+    lat: float | None = None,
+    lon: float | None = None,
+) -> IntensityProvider:
     assert settings.electricitymaps_api_key is not None  # Settings checks it
     return ElectricityMapsIntensity(
         settings.electricitymaps_url,
         settings.electricitymaps_api_key,
-        zone=settings.carbon_zone,
-        lat=settings.carbon_lat,
-        lon=settings.carbon_lon,
+        zone=zone,
+        lat=lat,
+        lon=lon,
         static_g_per_kwh=settings.carbon_intensity,
         refresh_s=settings.carbon_refresh_s,
         max_backoff_s=min(settings.carbon_refresh_s, 900.0),

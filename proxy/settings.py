@@ -22,6 +22,7 @@ from pydantic import (
 )
 
 from backends.backend import BackendConfig
+from backends.choice import DEFAULT_EXPLORE, DEFAULT_MAX_WAITING, MEASURED, POLICIES
 from backends.kinds import AUTO, KIND_NAMES
 from metering.carbon.sci import DEFAULT_LIFESPAN_YEARS
 from metering.categories.classifier import DEFAULT_CATEGORIES
@@ -67,6 +68,11 @@ class BackendEntry(BaseModel):
     # Pass the client's own Authorization header on to this backend (never by default:
     # the client's key is for the proxy).
     forward_authorization: bool = False
+    # Where its power comes from, when not where the proxy's is (hosts in several grid
+    # zones): an Electricity Maps zone, or a static gCO2eq/kWh. Its answers carry this
+    # figure, and the `carbon` routing policy weighs its energy by it.
+    carbon_zone: str | None = None
+    carbon_intensity: float | None = Field(default=None, ge=0.0)
 
     def to_config(self) -> BackendConfig:
         """The registry's frozen configuration of this backend."""
@@ -80,6 +86,14 @@ class BackendEntry(BaseModel):
             max_running=self.max_running,
             prefill_chunk_tokens=self.prefill_chunk_tokens,
         )
+
+    @model_validator(mode="after")
+    def _carbon(self) -> BackendEntry:
+        if self.carbon_zone is not None and not self.carbon_zone.strip():
+            raise ValueError(f"backend {self.name}: carbon_zone must not be empty")
+        if self.carbon_zone is not None and self.carbon_intensity is not None:
+            raise ValueError(f"backend {self.name}: give carbon_zone or carbon_intensity, not both")
+        return self
 
     @field_validator("url")
     @classmethod
@@ -171,6 +185,17 @@ class Settings(BaseModel):
     # The default window of /v1/energy/summary and the labels: a duration (24h, 7d) or "all".
     summary_window: str = DEFAULT_WINDOW
     attribution: Literal["model", "queue", "tokens", "equal"] = "model"
+    # Which backend serving a model takes a request (backends/choice.py): first,
+    # least-loaded, energy or carbon; `routes` sets it per model (config file).
+    route: str = "first"
+    routes: dict[str, str] = Field(default_factory=dict)
+    # The share of requests `energy` and `carbon` send elsewhere to keep every figure fresh.
+    route_explore: float = Field(default=DEFAULT_EXPLORE, ge=0.0, le=0.5)
+    # Requests that may wait at a backend while another has room (the routing guard).
+    route_max_waiting: int = Field(default=DEFAULT_MAX_WAITING, ge=0)
+    # /metrics also carries the backend's own series, unchanged (one backend: a sidecar
+    # whose router reads one metrics path per endpoint).
+    pass_backend_metrics: bool = False
     pue: float = Field(default=1.0, ge=1.0)
     # Embodied emissions of the host and its lifespan, for SCI's M (metering/carbon/sci.py).
     # None: the default for the hardware measured (318 kg per GPU; none without a GPU).
@@ -204,6 +229,23 @@ class Settings(BaseModel):
     # Paths of the backend's API passed through unmetered beyond the defaults
     # (proxy/relay/passthrough.py), e.g. "/invocations"; "!PATTERN" refuses one.
     passthrough: list[str] = Field(default_factory=list)
+
+    @field_validator("route")
+    @classmethod
+    def _route(cls, v: str) -> str:
+        return _policy(v, "--route")
+
+    @field_validator("routes", mode="before")
+    @classmethod
+    def _routes(cls, v: Any) -> Any:
+        if isinstance(v, str):  # MODEL=POLICY,... from the environment
+            pairs = [p.partition("=") for p in v.replace(",", " ").split() if p]
+            if any(not sep for _, sep, _ in pairs):
+                raise ValueError("routes take MODEL=POLICY pairs")
+            v = {m.strip(): p.strip() for m, _, p in pairs}
+        if isinstance(v, dict):
+            return {str(m): _policy(str(p), f"routes: {m}") for m, p in v.items()}
+        return v
 
     @field_validator("summary_window")
     @classmethod
@@ -312,7 +354,28 @@ class Settings(BaseModel):
                 "--protect-metrics needs an admin key (--api-key or NAME:SHA256:admin)"
             )
         KeyRing.from_settings(self.api_keys, self.keys)  # names and hashes unique
+        self._check_routing()
         return self
+
+    def _check_routing(self) -> None:
+        measured = sorted({self.route, *self.routes.values()} & MEASURED)
+        if measured and len(self.backends) > 1:
+            problem = shared_gpus(self.backends)
+            if problem:
+                raise ValueError(
+                    f"routing by {' and '.join(measured)} needs each backend's energy measured "
+                    f"apart: give every backend its own GPUs (gpus = [..], disjoint); {problem}"
+                )
+        if any(b.carbon_zone for b in self.backends) and not self.electricitymaps_api_key:
+            raise ValueError(
+                "a backend's carbon_zone needs an Electricity Maps API key in "
+                "ELECTRICITYMAPS_API_KEY"
+            )
+        if self.pass_backend_metrics and len(self.backends) > 1:
+            raise ValueError(
+                "--pass-backend-metrics takes one backend (a sidecar): with several, their "
+                "series would mix on one path"
+            )
 
     @property
     def live_carbon(self) -> bool:
@@ -322,6 +385,27 @@ class Settings(BaseModel):
     @property
     def idle_watts_fixed(self) -> float | None:
         return None if self.idle_watts == "auto" else float(self.idle_watts)
+
+
+def _policy(v: str, where: str) -> str:
+    v = v.strip().lower()
+    if v not in POLICIES:
+        raise ValueError(f"{where}: a routing policy is one of {', '.join(POLICIES)}, got {v!r}")
+    return v
+
+
+def shared_gpus(backends: list[BackendEntry]) -> str:
+    """Why the backends' energy is not measured apart ("" when it is): a backend without
+    its own `gpus`, or two that list the same GPU."""
+    owner: dict[int, str] = {}
+    for b in backends:
+        if not b.gpus:
+            return f"backend {b.name} names no gpus"
+        for g in b.gpus:
+            if g in owner:
+                return f"backends {owner[g]} and {b.name} share GPU {g}"
+            owner[g] = b.name
+    return ""
 
 
 FIELDS = tuple(Settings.model_fields)

@@ -49,7 +49,9 @@ COLUMNS_V4 = (*COLUMNS_FIRST, "band_rel", "attribution_basis")
 # shared the backend with work the proxy did not send (0/1, NULL: unknown).
 COLUMNS_V5 = (*COLUMNS_V4, "endpoint", "shared_with_untracked")
 # Added by SQLite v6 / PostgreSQL v4: what the embodied figure behind `embodied_g` is (a label).
-COLUMNS = (*COLUMNS_V5, "embodied_basis")
+COLUMNS_V6 = (*COLUMNS_V5, "embodied_basis")
+# Added by SQLite v8 / PostgreSQL v6: the routing policy and why that backend (a label).
+COLUMNS = (*COLUMNS_V6, "route")
 LABEL_COLUMNS = frozenset(
     {
         "model",
@@ -65,6 +67,7 @@ LABEL_COLUMNS = frozenset(
         "attribution_basis",
         "endpoint",
         "embodied_basis",
+        "route",
     }
 )
 # Columns that hold a float the record cannot be without: a NULL there (SQLite stores a
@@ -91,6 +94,7 @@ def label_texts(r: RequestRecord) -> tuple[str, ...]:
         r.attribution_basis,
         r.endpoint,
         r.embodied_basis,
+        r.route,
     )
 
 
@@ -150,6 +154,7 @@ def encode(r: RequestRecord, label: Callable[[str], int]) -> tuple[object, ...]:
         label(r.endpoint),
         _flag(r.shared_with_untracked),
         label(r.embodied_basis),
+        label(r.route),
     )
 
 
@@ -199,6 +204,7 @@ def decode(row: Sequence[Any], text: Callable[[int], str]) -> RequestRecord:
         endpoint,
         shared_with_untracked,
         embodied_basis,
+        route,
     ) = row
     model_text = text(model)
     group_text = text(model_group)
@@ -233,4 +239,5 @@ def decode(row: Sequence[Any], text: Callable[[int], str]) -> RequestRecord:
         endpoint=text(endpoint),
         shared_with_untracked=_truth(shared_with_untracked),
         embodied_basis=text(embodied_basis),
+        route=text(route),
     )

@@ -170,12 +170,25 @@ def _migrate_v5(cur: psycopg.Cursor[Any]) -> None:
     )
 
 
+def _migrate_v6(cur: psycopg.Cursor[Any]) -> None:
+    # The routing policy and why each record's request went to its backend (a label; ""
+    # for the records written before, which were not routed among backends).
+    cur.execute(f"INSERT INTO {SCHEMA}.labels (text) VALUES ('') ON CONFLICT (text) DO NOTHING")
+    cur.execute(f"SELECT id FROM {SCHEMA}.labels WHERE text = ''")
+    row = cur.fetchone()
+    assert row is not None
+    cur.execute(
+        f"ALTER TABLE {SCHEMA}.records ADD COLUMN route integer NOT NULL DEFAULT {int(row[0])}"
+    )
+
+
 MIGRATIONS: tuple[Callable[[psycopg.Cursor[Any]], None], ...] = (
     _migrate_v1,
     _migrate_v2,
     _migrate_v3,
     _migrate_v4,
     _migrate_v5,
+    _migrate_v6,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -67,6 +67,7 @@ class RequestRecord:
     # It shared the backend with work the proxy did not send (None: no gauges told).
     shared_with_untracked: bool | None = None
     embodied_basis: str = ""  # what the embodied figure was ("" for records from before)
+    route: str = ""  # the routing policy and why this backend, `policy/reason` ("": before)
 
     @classmethod
     def from_report(
@@ -78,6 +79,7 @@ class RequestRecord:
         finished_at: float,
         tenant: str = "",
         model_group: str = "",
+        route: str = "",
     ) -> RequestRecord:
         """The record of `report` (which carries the client's own id, if any)."""
         return cls(
@@ -111,6 +113,7 @@ class RequestRecord:
             endpoint=report.endpoint,
             shared_with_untracked=report.shared_with_untracked,
             embodied_basis=report.embodied_basis,
+            route=route,
         )
 
     @property
@@ -151,7 +154,6 @@ class RequestRecord:
     def energy(self) -> dict[str, Any]:
         """The energy object the client was told."""
         return self.report().to_dict()
-
     @property
     def rated_tokens(self) -> int:
         """The tokens a per-token figure divides by: completion tokens, or prompt tokens

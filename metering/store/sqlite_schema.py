@@ -238,6 +238,14 @@ def _migrate_v7(conn: sqlite3.Connection) -> None:
     )
 
 
+def _migrate_v8(conn: sqlite3.Connection) -> None:
+    # The routing policy and why each record's request went to its backend (a label; ""
+    # for the records written before, which were not routed among backends).
+    conn.execute("INSERT OR IGNORE INTO labels (text) VALUES ('')")
+    (empty,) = conn.execute("SELECT id FROM labels WHERE text = ''").fetchone()
+    conn.execute(f"ALTER TABLE records ADD COLUMN route INTEGER NOT NULL DEFAULT {int(empty)}")
+
+
 # Applied in order: migration i takes the schema from version i to version i + 1
 # (`PRAGMA user_version`). Append only; never edit one that has shipped.
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
@@ -248,6 +256,7 @@ MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     _migrate_v5,
     _migrate_v6,
     _migrate_v7,
+    _migrate_v8,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

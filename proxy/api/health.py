@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
@@ -15,20 +16,43 @@ from metering.store import RequestStore
 from proxy.api.access import Access
 from proxy.errors import NotFound
 
+# The backend's own series, read when /metrics is (--pass-backend-metrics); None: not.
+BackendText = Callable[[], Awaitable[str | None]]
 
-def metrics_response(meter: Meter, registry: CollectorRegistry) -> Response:
+
+def sidecar_metrics(registry: BackendRegistry) -> BackendText:
+    """The one backend's own series, read at each scrape (a sidecar's router reads one
+    metrics path per endpoint: its queue and KV-cache scorers need the backend's)."""
+    (backend,) = registry.backends
+
+    async def read() -> str | None:
+        return await registry.metrics_text(backend)
+
+    return read
+
+
+async def metrics_response(
+    meter: Meter, registry: CollectorRegistry, backend_text: BackendText | None = None
+) -> Response:
     """`/metrics`: energy totals and power as of now, not the last tick (a read costs
-    microseconds)."""
+    microseconds); then the backend's own series as it serves them, when passed through."""
     meter.sampler.read_all()
-    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    body = generate_latest(registry)
+    if backend_text is not None:
+        own = await backend_text()
+        if own:
+            body += own.encode("utf-8") + (b"" if own.endswith("\n") else b"\n")
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
-def metrics_app(meter: Meter, registry: CollectorRegistry) -> FastAPI:
+def metrics_app(
+    meter: Meter, registry: CollectorRegistry, backend_text: BackendText | None = None
+) -> FastAPI:
     """`/metrics` alone, for `--metrics-listen` (a port that only Prometheus reaches)."""
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
 
     async def metrics() -> Response:
-        return metrics_response(meter, registry)
+        return await metrics_response(meter, registry, backend_text)
 
     app.add_api_route("/metrics", metrics, methods=["GET"])
     return app
@@ -45,6 +69,7 @@ class HealthApi:
         *,
         protect_metrics: bool = False,
         metrics_elsewhere: bool = False,
+        backend_text: BackendText | None = None,
     ) -> None:
         self.backends = backends
         self.meter = meter
@@ -53,6 +78,7 @@ class HealthApi:
         self.access = access
         self.protect_metrics = protect_metrics
         self.metrics_elsewhere = metrics_elsewhere
+        self.backend_text = backend_text
 
     def router(self) -> APIRouter:
         r = APIRouter()
@@ -116,4 +142,4 @@ class HealthApi:
             raise NotFound("/metrics is served on its own address (--metrics-listen)")
         if self.protect_metrics:
             self.access.caller(request, admin=True)
-        return metrics_response(self.meter, self.metrics_registry)
+        return await metrics_response(self.meter, self.metrics_registry, self.backend_text)

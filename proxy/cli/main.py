@@ -280,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the proxy in front of one or more backends")
     _serve_flags(serve)
+    from proxy.cli.routing_flags import routing_flags
+
+    routing_flags(serve)
     demo = sub.add_parser(
         "demo", help="start a bundled CPU backend and the proxy, send prompts, print a table"
     )

@@ -34,6 +34,7 @@ class RequestFinished:
     model_label: str  # the model, or "other" when no backend lists it (a bounded label)
     span: Any = None  # its OpenTelemetry span, when tracing is on (proxy/observe/tracing.py)
     first_token_s: float | None = None  # from its start to its first streamed token
+    route: str = ""  # the routing policy and why this backend (`policy/reason`)
 
 
 class Observer(Protocol):

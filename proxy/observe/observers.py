@@ -43,6 +43,7 @@ class StoreRecords:
                 finished_at=event.finished_at,
                 tenant=event.tenant,
                 model_group=event.model_label,
+                route=event.route,
             )
         )
 

@@ -12,8 +12,9 @@ import orjson
 from backends.backend import Backend
 from metering.accounting.report import EnergyReport, Timings, Tokens
 from metering.meter import Measurement
-from proxy.asgi import Receive
+from proxy.asgi import RawHeaders, Receive
 from proxy.errors import BadRequest, BodyTooLarge, ClientTooSlow
+from proxy.headers import client_request_id, header_value
 from proxy.relay.endpoints import METERED
 from proxy.relay.inspectors import Inspector
 
@@ -83,6 +84,7 @@ class Exchange:
         "report",
         "request_id",
         "response_done",
+        "route",
         "sending_since",
         "span",
         "started",
@@ -120,6 +122,7 @@ class Exchange:
         self.status = 0
         self.report: EnergyReport | None = None
         self.energy: dict[str, Any] = {}
+        self.route = ""  # the routing policy and why this backend (router.py `Route.label`)
 
 
 async def read_body(receive: Receive, limit: int) -> bytes | None:
@@ -288,3 +291,18 @@ async def watch_disconnect(
                 ex.client_gone = True
                 task.cancel()
             return
+
+
+def id_headers_for(ids: RequestIds, headers: RawHeaders) -> tuple[str, str | None, RawHeaders]:
+    """The proxy's id of a request, the client's usable own id, and the id headers of
+    the answer. The store's key is always an id the proxy made; the client's own
+    x-request-id, when usable, is kept beside it, forwarded and echoed."""
+    request_id = ids.new()
+    client_id, rejected = client_request_id(header_value(headers, b"x-request-id"))
+    out = [
+        (b"x-request-id", (client_id or request_id).encode("latin-1")),
+        (b"x-energy-request-id", request_id.encode("latin-1")),
+    ]
+    if rejected:
+        out.append((b"x-request-id-rejected", rejected.encode("latin-1")))
+    return request_id, client_id, out

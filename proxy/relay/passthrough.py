@@ -27,10 +27,10 @@ from proxy.headers import (
     upstream_request_headers,
 )
 from proxy.relay.endpoints import METERED
-from proxy.relay.exchange import backend_auth, read_body_within
+from proxy.relay.exchange import backend_auth, id_headers_for, read_body_within
 from proxy.relay.path_rules import PathRules
-from proxy.relay.route import RelayContext, id_headers_for
-from proxy.relay.routing import backend_for_model, check_key, upstream_url
+from proxy.relay.route import RelayContext
+from proxy.relay.routing import backends_for_model, check_key, first_ready, upstream_url
 
 log = logging.getLogger("energy_proxy.requests")
 
@@ -44,7 +44,7 @@ class Passthrough:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ctx = self.ctx
-        _, _, id_headers = id_headers_for(ctx, scope["headers"])
+        _, _, id_headers = id_headers_for(ctx.ids, scope["headers"])
         try:
             backend, body = await self._intake(scope, receive)
         except OverBudget as over:
@@ -111,7 +111,7 @@ class Passthrough:
         model = _model_in(path, headers, body)
         if model is None:
             return registry.default_backend()
-        return await backend_for_model(registry, model)
+        return first_ready(await backends_for_model(registry, model))
 
 
 def _model_in(path: str, headers: RawHeaders, body: bytes | None) -> str | None:

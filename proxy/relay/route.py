@@ -43,7 +43,6 @@ from proxy.errors import (
     UpstreamError,
 )
 from proxy.headers import (
-    client_request_id,
     downstream_response_headers,
     header_limit_problem,
     header_value,
@@ -66,6 +65,7 @@ from proxy.relay.exchange import (
     RequestPrompt,
     ask_for_usage,
     backend_auth,
+    id_headers_for,
     parse_payload,
     read_body_within,
     timings_from_answer,
@@ -75,7 +75,8 @@ from proxy.relay.exchange import (
 from proxy.relay.inspectors import inspector_for
 from proxy.relay.multipart import boundary_of
 from proxy.relay.prompt_count import PromptCounter
-from proxy.relay.routing import backend_for_model, check_key, upstream_url
+from proxy.relay.router import Route, Router, output_limit
+from proxy.relay.routing import backends_for_model, check_key, upstream_url
 from proxy.relay.sse import SseSplitter, relay_pieces
 from proxy.relay.upload import Upload
 from proxy.relay.upstream import UpstreamClient, UpstreamResponse
@@ -105,6 +106,7 @@ class RelayContext:
     observers: Observers
     keys: KeyRing
     max_body_bytes: int
+    router: Router  # which backend serving a model takes each request
     # decides a request's category when the client sent no x-prompt-category
     classifier: PromptClassifier = field(default_factory=PromptClassifier)
     ids: RequestIds = field(default_factory=RequestIds)
@@ -123,7 +125,7 @@ class Intake:
     payload: dict[str, Any]  # what is still needed of the parse: `stream_options` (JSON)
     body: bytes | Upload
     model: str
-    backend: Backend
+    route: Route  # the backend chosen and why
     category: str
     key: ApiKey | None
     stream: bool
@@ -139,21 +141,6 @@ def prompt_of(intake: Intake, body: bytes | Upload) -> RequestPrompt:
     return RequestPrompt(intake.shape, body=body)
 
 
-def id_headers_for(ctx: RelayContext, headers: RawHeaders) -> tuple[str, str | None, RawHeaders]:
-    """The proxy's id of a request, the client's usable own id, and the id headers of
-    the answer. The store's key is always an id the proxy made; the client's own
-    x-request-id, when usable, is kept beside it, forwarded and echoed."""
-    request_id = ctx.ids.new()
-    client_id, rejected = client_request_id(header_value(headers, b"x-request-id"))
-    out = [
-        (b"x-request-id", (client_id or request_id).encode("latin-1")),
-        (b"x-energy-request-id", request_id.encode("latin-1")),
-    ]
-    if rejected:
-        out.append((b"x-request-id-rejected", rejected.encode("latin-1")))
-    return request_id, client_id, out
-
-
 class MeteredRoute:
     def __init__(self, ctx: RelayContext) -> None:
         self.ctx = ctx
@@ -162,7 +149,7 @@ class MeteredRoute:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ctx = self.ctx
         endpoint = METERED[scope["path"]]
-        request_id, client_id, id_headers = id_headers_for(ctx, scope["headers"])
+        request_id, client_id, id_headers = id_headers_for(ctx.ids, scope["headers"])
         try:
             intake = await self._intake(scope, receive, endpoint)
         except ProxyError as exc:
@@ -184,7 +171,8 @@ class MeteredRoute:
         if intake.stream and endpoint.asks_for_usage:
             assert isinstance(body, bytes)
             body, client_wants_usage = ask_for_usage(intake.payload, body)
-        backend = intake.backend
+        backend = intake.route.backend
+        id_headers = [*id_headers, intake.route.header()]
         measurement = ctx.meter.open(
             backend.name,
             intake.payload,
@@ -202,6 +190,7 @@ class MeteredRoute:
             prompt_of(intake, body),
         )
         ex.tenant = intake.key.name if intake.key is not None else ""
+        ex.route = intake.route.label
         if ctx.tracing is not None:
             ex.span = ctx.tracing.start(scope["headers"], endpoint.kind, intake.model)
         del intake  # the parse is done with: only the bytes go on (RequestPrompt)
@@ -309,18 +298,20 @@ class MeteredRoute:
             )
         category = self._category(headers) or ctx.classifier.classify_payload(payload)
         prompt_est, shape = prompt_tokens_estimate(payload), prompt_shape(payload)
+        asked = output_limit(payload)
         if not endpoint.multipart:
             # Done with the parse before the first await: another request's intake may
             # run meanwhile, and two large parses alive at once is what memory must not
             # hold (proxy/relay/exchange.py, RequestPrompt).
             payload = {k: payload[k] for k in ("stream_options",) if k in payload}
         if model:
-            backend = await backend_for_model(ctx.registry, model)
+            backends = await backends_for_model(ctx.registry, model)
         else:
             # An API whose model is optional: the default backend and its first model.
-            backend = ctx.registry.default_backend()
-            model = next(iter(backend.state.model_ids), "other")
-        return Intake(payload, body, model, backend, category, key, stream, prompt_est, shape)
+            backends = (ctx.registry.default_backend(),)
+            model = next(iter(backends[0].state.model_ids), "other")
+        route = ctx.router.pick(backends, model, prompt_est, asked)
+        return Intake(payload, body, model, route, category, key, stream, prompt_est, shape)
 
     async def _start_upload(
         self, receive: Receive, headers: RawHeaders
@@ -548,6 +539,7 @@ class MeteredRoute:
                 model_label=ex.model if ctx.registry.lists(ex.model) else "other",
                 span=ex.span,
                 first_token_s=ex.measurement.first_token_wait_s(),
+                route=ex.route,
             )
         )
         return report

@@ -31,10 +31,15 @@ def check_key(keys: KeyRing, headers: RawHeaders) -> ApiKey | None:
     return key
 
 
-async def backend_for_model(registry: BackendRegistry, model: str) -> Backend:
-    """The backend that lists `model`; 404 naming the models served when none does."""
-    backend = await registry.route(model)
-    if backend is None:
+async def backends_for_model(registry: BackendRegistry, model: str) -> tuple[Backend, ...]:
+    """The backends that list `model`; 404 naming the models served when none does."""
+    found = await registry.route(model)
+    if not found:
         known = ", ".join(sorted(registry.known_models())) or "none listed yet"
         raise UnknownModel(f"model {model!r} is not served here (models: {known})")
-    return backend
+    return found
+
+
+def first_ready(backends: tuple[Backend, ...]) -> Backend:
+    """The first that is ready (the first, when none is: it answers for itself)."""
+    return next((b for b in backends if b.state.ready), backends[0])

@@ -59,7 +59,7 @@ async def test_every_kind_is_detected_and_ready(client: FakeClient) -> None:
         assert b.state.model_ids == MODELS[b.name]
         for model in MODELS[b.name]:
             if model != "meta-llama/Llama-3.1-8B-Instruct" or b.name == "vllm":
-                assert reg.lookup(model) is b  # vllm is configured before tgi: first wins
+                assert reg.lookup(model)[0] is b  # vllm is configured before tgi: first
     doc = reg.backends[1].describe()
     assert doc == {
         "name": "tgi",
@@ -105,7 +105,7 @@ async def test_down_backend_stays_undetected_until_it_comes_up(
     await reg.refresh()
     assert (b.state.kind, b.state.kind_source, b.state.ready) == ("tgi", "detected", False)
     assert b.state.model_ids == MODELS["tgi"]  # the last list is kept for routing
-    assert reg.lookup(MODELS["tgi"][0]) is b
+    assert reg.lookup(MODELS["tgi"][0]) == (b,)
 
 
 async def test_ready_needs_the_health_check_too(

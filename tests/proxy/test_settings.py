@@ -123,3 +123,22 @@ def test_a_backends_max_running_sets_its_queue_models_capacity(tmp_path: Path) -
     )
     with pytest.raises(ConfigError, match="prefill-chunk-tokens: Input should be greater"):
         load_settings({"config": str(bad)}, {})
+
+
+def test_routing_settings_are_checked() -> None:
+    two = ["a=http://127.0.0.1:1", "b=http://127.0.0.1:2"]
+    with pytest.raises(ConfigError, match="--route: a routing policy is one of"):
+        load_settings({"backend": two, "route": "cheapest"}, {})
+    with pytest.raises(ConfigError, match="pass-backend-metrics takes one backend"):
+        load_settings({"backend": two, "pass_backend_metrics": True}, {})
+    zoned = [{"name": "a", "url": "http://127.0.0.1:1", "carbon_zone": "FR"}]
+    with pytest.raises(ConfigError, match="carbon_zone needs an Electricity Maps API key"):
+        load_settings({"backend": zoned}, {})
+    both = [{"name": "a", "url": "http://127.0.0.1:1", "carbon_zone": "FR",
+             "carbon_intensity": 50.0}]  # fmt: skip
+    with pytest.raises(ConfigError, match="not both"):
+        load_settings({"backend": both}, {"ELECTRICITYMAPS_API_KEY": "k"})
+    routes = load_settings({"backend": two}, {"ENERGY_PROXY_ROUTES": "m1=Least-Loaded,m2=first"})
+    assert routes.routes == {"m1": "least-loaded", "m2": "first"}
+    with pytest.raises(ConfigError, match="routes: m1"):
+        load_settings({"backend": two}, {"ENERGY_PROXY_ROUTES": "m1=fastest"})

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from metering.store import RequestRecord, RequestStore, StoreError
-from metering.store.columns import COLUMNS, COLUMNS_V4, COLUMNS_V5, encode
+from metering.store.columns import COLUMNS, COLUMNS_V4, COLUMNS_V5, COLUMNS_V6, encode
 from metering.store.sqlite import SqliteDatabase
 from metering.store.sqlite_schema import MIGRATIONS, SCHEMA_VERSION, rebuild_rollups
 from tests.support.paths import REPO_ROOT
@@ -55,7 +55,7 @@ def test_schema_wal_and_no_figure_stored_twice(tmp_path: Path) -> None:
         assert store.flush()
         with closing(sqlite3.connect(db)) as c:
             assert c.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-            assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 7
+            assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 8
             assert c.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # incremental
             tables = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='table'")}
             assert tables == {"labels", "records", "rollups", "rollups_daily", "tenant_usage"}
@@ -223,6 +223,26 @@ def test_a_version_5_store_reads_back_its_records_without_an_embodied_basis(
         assert store.flush()
         got = store.get(rid(3))
         assert got is not None and got["embodied_basis"] == "318 kgCO2eq over 4 years: ..."
+    with closing(sqlite3.connect(db)) as c:
+        assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        cols = [r[1] for r in c.execute("PRAGMA table_info(records)")]
+        assert tuple(cols) == COLUMNS
+
+
+def test_a_version_7_store_reads_back_its_records_as_not_routed(tmp_path: Path) -> None:
+    db = tmp_path / "v7.db"
+    old = [make_record(rid(1)), make_record(rid(2), status=502)]
+    _old_database(db, old, 7, COLUMNS_V6)
+    with RequestStore.open(str(db)) as store:
+        for r in old:
+            got = store.get(r.request_id)
+            assert got == r.energy()
+            back = store.db.get(r.request_id, None)
+            assert back is not None and back.route == ""
+        store.add(replace(make_record(rid(3)), route="energy/lowest"))
+        assert store.flush()
+        back = store.db.get(rid(3), None)
+        assert back is not None and back.route == "energy/lowest"
     with closing(sqlite3.connect(db)) as c:
         assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         cols = [r[1] for r in c.execute("PRAGMA table_info(records)")]

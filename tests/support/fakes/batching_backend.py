@@ -49,12 +49,15 @@ class SimState:
 class SimulatedGpu:
     """The engine's GPU as a power source: cumulative joules at any instant."""
 
-    name = "sim-gpu"
     method = "trace"
     domain = "gpu"
 
-    def __init__(self, state: SimState) -> None:
+    def __init__(
+        self, state: SimState, name: str = "sim-gpu", gpu_index: int | None = None
+    ) -> None:
         self._state = state
+        self.name = name
+        self.gpu_index = gpu_index  # which `gpus` entry of a backend it is
 
     def read(self, now_s: float) -> Reading:
         st = self._state
