@@ -34,6 +34,7 @@ from pathlib import Path
 
 import httpx
 
+from proxy.relay.router import Router
 from tests.support.fakes.batching_backend import scaled
 from tests.support.fakes.batching_engine import EngineConfig
 from tests.support.routing import MODEL, Fleet, Site, costlier
@@ -113,7 +114,6 @@ def decision_cost(n: int = 20_000) -> None:
     from metering.carbon.intensity import StaticIntensity
     from metering.meter import Meter, Plan
     from metering.sources.constant import ConstantSource
-    from proxy.relay.router import Router
 
     backends = [Backend(BackendConfig(f"b{i}", f"http://127.0.0.1:{9000 + i}")) for i in range(3)]
     for b in backends:
@@ -134,6 +134,23 @@ def decision_cost(n: int = 20_000) -> None:
         one.pick(backends[:1], MODEL, 100.0, 64.0)
     costs.append(f"one backend {(time.process_time() - t0) / n * 1e6:.1f}")
     print("a routing decision among three backends, CPU µs: " + ", ".join(costs))
+
+
+def agree(router: Router, policy: str, tally: Tally) -> list[str]:
+    """Each busy backend's estimate against what its requests in the phase were told."""
+    out = []
+    for name, told in sorted(tally.told.items()):
+        if len(told) < 20:
+            continue
+        mean = statistics.fmean(told)
+        est = router.estimate(name, PROMPT_CHARS // 4, OUTPUT_TOKENS).energy
+        (low, high), mid = est.band_per_token(), est.j_per_token
+        inside = "inside" if low <= mean <= high else "OUTSIDE"
+        out.append(
+            f"{policy:<13}{name}: estimate {mid:.3f} [{low:.3f}, {high:.3f}], told {mean:.3f} "
+            f"over {len(told)}: {inside} (batch {router.batch_of(name):.1f})"
+        )
+    return out
 
 
 def main() -> int:
@@ -168,7 +185,7 @@ def main() -> int:
             f"{'mgCO2/tok':>10}{'p50 s':>7}{'p99 s':>7}{'failed':>7}  reasons"
         )
         print(header)
-        last: Tally | None = None
+        agreement: list[str] = []
         for i, policy in enumerate(args.policies.split(",")):
             router.policy = policy
             before = drawn(f)
@@ -187,27 +204,20 @@ def main() -> int:
                 f"{statistics.median(lat) if lat else float('nan'):>7.2f}{p99:>7.2f}"
                 f"{tally.failed:>7}  {dict(tally.reasons)}"
             )
-            last = tally
-        models = f.app.ctx.meter.cost_models()
+            agreement.extend(agree(router, policy, tally))
         print(
-            "marginal estimate for this shape (J per output token, 90 % band) against what "
-            "the last policy's requests were told:"
+            "marginal estimate for this shape at each phase's end (J per output token, 90 % "
+            "band) against the mean its requests were told, where a backend served >= 20:"
         )
+        for line in agreement:
+            print("  " + line)
+        models = f.app.ctx.meter.cost_models()
         for name in ("old", "new"):
-            told = (last.told.get(name) if last else None) or []
-            mean = statistics.fmean(told) if told else float("nan")
-            est = router.estimate(name, PROMPT_CHARS // 4, OUTPUT_TOKENS).energy
-            (low, high), mid = est.band_per_token(), est.j_per_token
-            inside = "inside" if low <= mean <= high else "OUTSIDE"
-            print(
-                f"  {name}: estimate {mid:.3f} [{low:.3f}, {high:.3f}], told {mean:.3f} over "
-                f"{len(told)} requests: {inside}; batch {router.batch_of(name):.1f}"
-            )
             m = models[name]
             print(
-                f"    cost model {m['in_use']} over {m['intervals']} intervals: fixed "
-                f"{m['fixed_w']:.0f} W, prefill {m['prefill_j_per_token'] * 1e3:.2f} mJ, decode "
-                f"{m['decode_j_per_token'] * 1e3:.2f} mJ a token; capacity "
+                f"  {name}'s cost model: {m['in_use']} over {m['intervals']} intervals, fixed "
+                f"{m['fixed_w']:.0f} W, prefill {float(m['prefill_j_per_token']) * 1e3:.2f} mJ, "
+                f"decode {float(m['decode_j_per_token']) * 1e3:.2f} mJ a token; capacity "
                 f"{m['queue_capacity']} ({m['queue_capacity_source']})"
             )
     return 0

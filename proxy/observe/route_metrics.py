@@ -5,6 +5,7 @@ outside it (llm-d's endpoint picker) can score endpoints on (docs/routing.md).""
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily
@@ -78,8 +79,14 @@ class RoutedRequests:
             registry=registry,
         )
 
+        self._children: dict[tuple[str, str, str], Any] = {}
+
     def finished(self, event: RequestFinished) -> None:
         if not event.route:
             return
-        policy, _, reason = event.route.partition("/")
-        self.counter.labels(event.model_label, event.backend.name, policy, reason).inc()
+        key = (event.model_label, event.backend.name, event.route)
+        child = self._children.get(key)
+        if child is None:
+            policy, _, reason = event.route.partition("/")
+            child = self._children[key] = self.counter.labels(key[0], key[1], policy, reason)
+        child.inc()

@@ -105,22 +105,35 @@ def standard_log_errors(fit: CostFit, shared: Sequence[bool]) -> tuple[float, fl
     return out[0], out[1], out[2]
 
 
+def queued_at(running: float | None, waiting: float | None, most: int | None) -> float | None:
+    """A backend's queue by its gauges: their waiting count while it runs as many as it
+    can; while it runs fewer, a request shown waiting is one that arrived between two
+    steps and joins the next (none queued). None: its gauges tell no waiting count."""
+    if waiting is None:
+        return None
+    if most is not None and running is not None and running < most:
+        return 0.0
+    return waiting
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
-    """Where one request went and why: the `x-energy-route` header, the record's `route`."""
+    """Where one request went and why: the `x-energy-route` header, the record's `route`
+    (`policy/reason`). Made once per backend, policy and reason (`Router.route`)."""
 
     backend: Backend
     policy: str
     reason: str
+    label: str = ""
+    _header: tuple[bytes, bytes] = (b"", b"")
 
-    @property
-    def label(self) -> str:
-        """`policy/reason`: the stored record's `route`."""
-        return f"{self.policy}/{self.reason}"
+    def __post_init__(self) -> None:
+        value = f"policy={self.policy}; backend={self.backend.name}; reason={self.reason}"
+        object.__setattr__(self, "label", f"{self.policy}/{self.reason}")
+        object.__setattr__(self, "_header", (b"x-energy-route", value.encode("latin-1")))
 
     def header(self) -> tuple[bytes, bytes]:
-        value = f"policy={self.policy}; backend={self.backend.name}; reason={self.reason}"
-        return (b"x-energy-route", value.encode("latin-1"))
+        return self._header
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +167,9 @@ class Router:
     draw: Callable[[], float] = field(default_factory=lambda: random.Random().random)
     # The batch each backend's requests run in (`Batch`).
     batches: dict[str, Batch] = field(default_factory=dict)
+    # The most requests each backend's gauges have shown running at once.
+    peaks: dict[str, int] = field(default_factory=dict)
+    _routes: dict[tuple[str, str, str], Route] = field(default_factory=dict)
 
     def policy_for(self, model: str) -> str:
         return self.per_model.get(model, self.policy)
@@ -174,7 +190,7 @@ class Router:
         policy = self.policy_for(model)
         if len(backends) == 1:
             self._count(backends[0], +1)
-            return Route(backends[0], policy, ONLY)
+            return self.route(backends[0], policy, ONLY)
         measured = policy in MEASURED
         reference = self._reference_batch(backends) if measured else 1.0
         shared = held_by_all([self.meter.lane(b.name).fit for b in backends]) if measured else ()
@@ -191,7 +207,15 @@ class Router:
         )
         chosen = backends[choice.index]
         self._count(chosen, +1)
-        return Route(chosen, policy, choice.reason)
+        return self.route(chosen, policy, choice.reason)
+
+    def route(self, backend: Backend, policy: str, reason: str) -> Route:
+        """The `Route` of this choice (made once: the hot path builds no strings)."""
+        key = (backend.name, policy, reason)
+        found = self._routes.get(key)
+        if found is None or found.backend is not backend:
+            found = self._routes[key] = Route(backend, policy, reason)
+        return found
 
     def finished(self, event: RequestFinished) -> None:
         """A request it routed has finished (an observer: its backend runs one fewer)."""
@@ -262,13 +286,28 @@ class Router:
                 per_token, se = est.co2eq_g_per_token, est.co2eq_se_per_token
         running = own.inflight if own is not None else None
         waiting = own.waiting if own is not None else None
+        most = self._most_running(b.name, queue.configured, queue.capacity, running)
         return Candidate(
             b.name,
             ready=b.state.ready,
             inflight=float(b.traffic.inflight),
             own_inflight=None if running is None else running + (waiting or 0.0),
-            waiting=waiting,
-            capacity=queue.capacity,
+            waiting=queued_at(running, waiting, most),
+            # What the meter knows of its capacity, never below what it was seen to run.
+            capacity=None if queue.capacity is None else max(queue.capacity, most or 0),
             per_token=per_token,
             per_token_se=se,
         )
+
+    def _most_running(
+        self, name: str, configured: int | None, known: int | None, running: float | None
+    ) -> int | None:
+        """The most it can run at once, as far as is known: as configured, else the most
+        of the meter's capacity and what its gauges have shown running (it ran that many,
+        so it can). None: nothing known."""
+        if configured is not None:
+            return configured
+        peak = max(self.peaks.get(name, 0), int(running or 0))
+        self.peaks[name] = peak
+        best = max(known or 0, peak)
+        return best or None

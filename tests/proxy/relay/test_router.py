@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 
 from backends.backend import Backend, BackendConfig
+from backends.own_metrics import OwnMetrics
 from metering.accounting.cost_model import Coefficients, CostFit
 from metering.carbon.intensity import StaticIntensity
 from metering.meter import Meter, Plan
 from metering.sources.constant import ConstantSource
-from proxy.relay.router import Batch, Router, held_by_all, output_limit
+from proxy.relay.router import Batch, Router, held_by_all, output_limit, queued_at
 from tests.support.clock import StepClock
 
 MODEL = "m"
@@ -148,3 +149,25 @@ def test_the_output_limit_a_request_asks_for() -> None:
     assert output_limit({"max_output_tokens": 16}) == 16.0
     for bad in ({}, {"max_tokens": True}, {"max_tokens": "9"}, {"max_tokens": -1}):
         assert output_limit(bad) is None
+
+
+def test_one_shown_waiting_while_it_runs_fewer_than_it_can_is_not_a_queue() -> None:
+    assert queued_at(running=9, waiting=1, most=16) == 0.0  # joins the next step
+    assert queued_at(running=16, waiting=3, most=16) == 3.0
+    assert queued_at(running=4, waiting=2, most=None) == 2.0  # nothing known: a queue
+    assert queued_at(running=4, waiting=None, most=16) is None
+
+
+def test_a_backend_shown_waiting_between_steps_stays_allowed() -> None:
+    backends, meter, _ = fleet()
+    fitted(meter, "b0", CHEAP)
+    fitted(meter, "b1", DEAR)
+    router = Router(meter, policy="energy", draw=lambda: 0.9)
+    cheap = backends[0]
+    cheap.state.own = OwnMetrics(inflight=16, waiting=0)  # it has run 16 at once
+    assert router.pick(backends, MODEL, 100.0, 64.0).backend is cheap
+    cheap.state.own = OwnMetrics(inflight=9, waiting=1)  # one arrived between two steps
+    assert router.pick(backends, MODEL, 100.0, 64.0).backend is cheap
+    cheap.state.own = OwnMetrics(inflight=16, waiting=2)  # full, and two wait: a queue
+    route = router.pick(backends, MODEL, 100.0, 64.0)
+    assert (route.backend.name, route.reason) == ("b1", "lowest")
