@@ -37,8 +37,8 @@ from proxy.observe.finished import RequestFinished
 
 J_PER_KWH = 3.6e6
 # The batch a backend's requests run in: the mean of its requests in flight while any
-# is, over about the last minute (older time weighs less by e per BATCH_MEMORY_S).
-BATCH_MEMORY_S = 60.0
+# is, over about the last 20 s (older time weighs less by e per BATCH_MEMORY_S).
+BATCH_MEMORY_S = 20.0
 
 
 @dataclass(slots=True)

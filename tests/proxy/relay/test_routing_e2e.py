@@ -4,6 +4,7 @@ mid-run), the proxy on a socket, the real `openai` client, a fake Electricity Ma
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from metering.store import RequestStore
 from proxy.settings import ConfigError, load_settings
+from tests.support.fakes.batching_backend import scaled
 from tests.support.fakes.batching_engine import EngineConfig
 from tests.support.fakes.electricitymaps import (
     FAKE_API_KEY,
@@ -190,3 +192,51 @@ def test_energy_and_carbon_refuse_backends_that_share_gpus() -> None:
         )  # fmt: skip
     # first and least-loaded need nothing measured apart
     assert load_settings({**flags, "route": "least-loaded"}, {}).route == "least-loaded"
+
+
+def test_energy_learns_the_cheaper_backends_and_fails_over(tmp_path: Path) -> None:
+    """Three backends on their own GPUs, none on the defaults' costs: the energy policy
+    shares them while it cannot tell them apart, then sends the traffic to the two cheap
+    ones (the dear one keeps only the exploration share), and when one of those goes down
+    the rest goes to the other."""
+    base = scaled(CHEAP, 2.0)
+    sites = [
+        Site("dear", costlier(base, 1.6)),  # configured first: `first` would pick it
+        Site("cheap", costlier(base, 0.6)),
+        Site("spare", costlier(base, 0.6)),
+    ]
+    with (
+        Fleet(tmp_path, sites, route="energy", route_explore=0.05) as fleet,
+        openai.OpenAI(base_url=f"{fleet.proxy_url}/v1", api_key="x", max_retries=0) as client,
+    ):
+        url = fleet.proxy_url
+
+        def fitted() -> bool:
+            models = [b["cost_model"] for b in httpx.get(f"{url}/readyz").json()["backends"]]
+            return all(m["in_use"] == "fitted" for m in models)
+
+        wait_until(lambda: httpx.get(f"{url}/readyz").status_code == 200, 20)
+
+        def load(n: int) -> list[dict[str, str]]:
+            with ThreadPoolExecutor(6) as pool:
+                return [route_of(h) for h, _ in pool.map(lambda _: ask(client, 48), range(n))]
+
+        deadline = time.monotonic() + 60
+        while not fitted() and time.monotonic() < deadline:
+            load(12)
+        assert fitted(), httpx.get(f"{url}/readyz").json()
+        settled = load(60)
+        dear = [r for r in settled if r["backend"] == "dear"]
+        assert len(dear) <= 8, Counter(r["backend"] for r in settled)  # ~5 % + chance
+        assert all(r["reason"] == "explore" for r in dear), dear
+        fleet.stop("spare")
+        after: list[dict[str, str]] = []
+        failures = 0
+        for _ in range(20):
+            try:
+                after.append(route_of(ask(client, 16)[0]))
+            except openai.APIError:
+                failures += 1
+        assert failures <= 1
+        assert not any(r["backend"] == "spare" for r in after[1:]), after
+        assert sum(r["backend"] == "cheap" for r in after) >= 15, after
