@@ -2,10 +2,11 @@
 
 Every policy chooses among the backends the guard allows:
 - never one that is down (unless all are: the first then answers for itself);
-- never one whose queue is past its bound while another has room. A backend's queue is
-  its own waiting count where its gauges tell one, else the requests the proxy has in
-  flight there beyond the capacity learnt for it (none known: no queue is assumed). The
-  bound (`max_waiting`, default 0) is how many may wait there.
+- while another has room, never one where this request would wait beyond the bound
+  (`max_waiting`, default 0: none may wait). A backend's queue is its own waiting count
+  where its gauges tell one, or the requests the proxy has in flight there beyond the
+  capacity known for it (none known: no queue is assumed); it has room when nothing waits
+  and it runs fewer than its capacity. When none has room, the least loaded takes it.
 
 Then:
 - `first`: the first configured backend the guard allows (today's behaviour);
@@ -55,6 +56,7 @@ class Candidate:
     own_inflight: float | None = None  # its own count of requests running and waiting
     waiting: float | None = None  # its own count waiting (gauges), when told
     capacity: int | None = None  # the most it runs at once, when known or learnt
+    capacity_configured: bool = False  # ... as its configuration says (not learnt)
     per_token: float | None = None
     per_token_se: float | None = None
 
@@ -63,17 +65,28 @@ class Candidate:
         """Requests in flight there: its own count where told (others' work counts too)."""
         return max(self.inflight, self.own_inflight or 0.0)
 
+    @property
+    def limit(self) -> int | None:
+        """The capacity the guard counts the proxy's requests against: a configured one;
+        a learnt one only where no gauges tell the queue (one learnt from the gauges is
+        the most seen so far, often below what the backend runs; the gauges say better)."""
+        if self.capacity_configured or self.waiting is None:
+            return self.capacity
+        return None
+
     def queued(self) -> float:
-        """Requests waiting there: its gauges' count, or the proxy's beyond its capacity
+        """Requests waiting there: its gauges' count, or the proxy's beyond its `limit`
         (the gauges are read now and then; the proxy's own count is always current)."""
-        mine = 0.0 if self.capacity is None else max(0.0, self.inflight - self.capacity)
+        limit = self.limit
+        mine = 0.0 if limit is None else max(0.0, self.inflight - limit)
         return max(mine, self.waiting or 0.0)
 
     def has_room(self) -> bool:
         """Nothing waits there and one more would not wait."""
         if self.queued() > 0.0:
             return False
-        return self.capacity is None or self.load < self.capacity
+        limit = self.limit
+        return limit is None or self.load < limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,12 +96,15 @@ class Choice:
 
 
 def allowed(candidates: Sequence[Candidate], max_waiting: int) -> list[int]:
-    """The candidates the guard lets a policy choose from (indices, in order): ready, and
-    not past the queue bound while another has room. Empty when none is ready."""
+    """The candidates the guard lets a policy choose from (indices, in order): ready, and,
+    while another has room, with room, or with this request's wait within the bound.
+    Empty when none is ready."""
     up = [i for i, c in enumerate(candidates) if c.ready]
     if not any(candidates[i].has_room() for i in up):
-        return up  # all are queued: the policy picks among them (CROWDED)
-    return [i for i in up if candidates[i].queued() <= max_waiting]
+        return up  # all are queued: the least loaded takes it (CROWDED)
+    return [
+        i for i in up if candidates[i].has_room() or candidates[i].queued() + 1.0 <= max_waiting
+    ]
 
 
 def least_loaded(candidates: Sequence[Candidate], among: Sequence[int]) -> int:
@@ -100,19 +116,23 @@ def cheapest(candidates: Sequence[Candidate], among: Sequence[int]) -> tuple[lis
     """The candidates tied for the lowest estimate: those whose estimate, less its error,
     is not above the lowest's plus its error; and whether the lowest stands alone. A
     candidate without an estimate ties with all (it is unknown, not dear)."""
-    known = [i for i in among if candidates[i].per_token is not None]
+    figures = {i: _figure(candidates[i]) for i in among}
+    known = [i for i in among if figures[i] is not None]
     if not known:
         return list(among), False
-    best = min(known, key=lambda i: (candidates[i].per_token or 0.0, i))
-    b = candidates[best]
-    top = (b.per_token or 0.0) + (b.per_token_se or 0.0)
-    ties = [
-        i
-        for i in among
-        if candidates[i].per_token is None
-        or (candidates[i].per_token or 0.0) - (candidates[i].per_token_se or 0.0) <= top
-    ]
+    best = min(known, key=lambda i: (figures[i] or (0.0, 0.0), i))
+    value, err = figures[best] or (0.0, 0.0)
+    top = value + err
+    ties = [i for i in among if (f := figures[i]) is None or f[0] - f[1] <= top]
     return ties, len(ties) == 1
+
+
+def _figure(c: Candidate) -> tuple[float, float] | None:
+    """Its estimate and error; None when it has none, or one that is not a number."""
+    if c.per_token is None or not math.isfinite(c.per_token):
+        return None
+    err = c.per_token_se if c.per_token_se is not None and math.isfinite(c.per_token_se) else 0.0
+    return c.per_token, abs(err)
 
 
 def choose(
@@ -132,17 +152,17 @@ def choose(
     among = allowed(candidates, max_waiting)
     if not among:
         return Choice(0, DOWN)
-    if not any(candidates[i].has_room() for i in among) and policy != FIRST:
+    if not any(candidates[i].has_room() for i in among):
         return Choice(least_loaded(candidates, among), CROWDED)
     if policy == FIRST:
         return Choice(among[0], ORDER)
     if policy == LEAST_LOADED:
         return Choice(least_loaded(candidates, among), FEWEST)
-    if explore > 0.0 and draw < explore and len(among) > 1:
-        # The draw, rescaled to [0, 1), picks uniformly among the allowed.
-        pick = min(len(among) - 1, math.floor(draw / explore * len(among)))
-        return Choice(among[pick], EXPLORE)
     ties, alone = cheapest(candidates, among)
-    if alone:
-        return Choice(ties[0], LOWEST)
-    return Choice(least_loaded(candidates, ties), TIE)
+    best = Choice(ties[0], LOWEST) if alone else Choice(least_loaded(candidates, ties), TIE)
+    others = [i for i in among if i != best.index]
+    if explore > 0.0 and draw < explore and others:
+        # The draw, rescaled to [0, 1), picks uniformly among the others allowed.
+        pick = min(len(others) - 1, math.floor(draw / explore * len(others)))
+        return Choice(others[pick], EXPLORE)
+    return best

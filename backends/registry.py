@@ -41,6 +41,10 @@ class BackendRegistry:
     LIST_TIMEOUT_S = 5.0
     PROBE_TIMEOUT_S = 2.0  # each detection probe (all run at once)
     TOKENIZE_TIMEOUT_S = 2.0  # the final event of a stream waits on it
+    # --pass-backend-metrics: a read shared by scrapes this close, its deadline, its size.
+    PASS_METRICS_KEEP_S = 1.0
+    PASS_METRICS_TIMEOUT_S = 2.0
+    PASS_METRICS_MAX_CHARS = 8_000_000
 
     def __init__(
         self,
@@ -63,6 +67,8 @@ class BackendRegistry:
         self._refresh_lock = asyncio.Lock()
         self._went_down = asyncio.Event()  # a request found a ready backend unreachable
         self._gauges_wanted = asyncio.Event()  # read the gauges now (wake_gauges)
+        # The last read of each backend's own metrics text: (clock, text or None).
+        self._metrics_kept: dict[str, tuple[float, str | None]] = {}
 
     # --- routing (the hot path: one dict lookup) ---------------------------------------
 
@@ -270,12 +276,26 @@ class BackendRegistry:
 
     async def metrics_text(self, b: Backend) -> str | None:
         """`b`'s own Prometheus text as it serves it, for `/metrics` to carry unchanged
-        (--pass-backend-metrics); None when it cannot be read now (logged)."""
+        (--pass-backend-metrics): read at most once a PASS_METRICS_KEEP_S (scrapes close
+        together share one read), within PASS_METRICS_TIMEOUT_S in all, at most
+        PASS_METRICS_MAX_CHARS. None when it cannot be read now (logged once an outage)."""
+        now = self._clock()
+        kept = self._metrics_kept.get(b.name)
+        if kept is not None and now - kept[0] < self.PASS_METRICS_KEEP_S:
+            return kept[1]
         try:
-            return await self._getter_for(b).get_text(b.url + b.spec.metrics_path, 2.0)
+            async with asyncio.timeout(self.PASS_METRICS_TIMEOUT_S):
+                text: str | None = await self._getter_for(b).get_text(
+                    b.url + b.spec.metrics_path, self.PASS_METRICS_TIMEOUT_S
+                )
+            if text is not None and len(text) > self.PASS_METRICS_MAX_CHARS:
+                raise ValueError(f"longer than {self.PASS_METRICS_MAX_CHARS} characters")
         except Exception as exc:  # down, or no /metrics: the proxy's own series still go
-            log.warning("backend %s's own metrics could not be read: %s", b.name, exc)
-            return None
+            if kept is None or kept[1] is not None:
+                log.warning("backend %s's own metrics could not be read: %s", b.name, exc)
+            text = None
+        self._metrics_kept[b.name] = (now, text)
+        return text
 
     def merged_models(self) -> dict[str, Any]:
         """`/v1/models`: every backend's entries, first listing of an id wins."""

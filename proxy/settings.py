@@ -72,7 +72,7 @@ class BackendEntry(BaseModel):
     # zones): an Electricity Maps zone, or a static gCO2eq/kWh. Its answers carry this
     # figure, and the `carbon` routing policy weighs its energy by it.
     carbon_zone: str | None = None
-    carbon_intensity: float | None = Field(default=None, ge=0.0)
+    carbon_intensity: float | None = Field(default=None, ge=0.0, allow_inf_nan=False)
 
     def to_config(self) -> BackendConfig:
         """The registry's frozen configuration of this backend."""
@@ -112,8 +112,10 @@ class BackendEntry(BaseModel):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not v or not all(c.isalnum() or c in "-_." for c in v):
-            raise ValueError(f"backend name must be letters, digits, '-', '_' or '.', got {v!r}")
+        if not v or not all((c.isascii() and c.isalnum()) or c in "-_." for c in v):
+            raise ValueError(
+                f"backend name must be ASCII letters, digits, '-', '_' or '.', got {v!r}"
+            )
         return v
 
 
@@ -151,7 +153,9 @@ class Settings(BaseModel):
     # "auto" learns the idle draw per source (a low percentile of power while nothing is
     # in flight); a number fixes it in watts for every source.
     idle_watts: float | Literal["auto"] = "auto"
-    carbon_intensity: float = Field(default=DEFAULT_CARBON_INTENSITY_G_PER_KWH, ge=0.0)
+    carbon_intensity: float = Field(
+        default=DEFAULT_CARBON_INTENSITY_G_PER_KWH, ge=0.0, allow_inf_nan=False
+    )
     # Electricity Maps: a zone (e.g. "DE"), or a latitude and longitude, plus the API key
     # from ELECTRICITYMAPS_API_KEY. Without them the static figure above is used.
     carbon_zone: str | None = None

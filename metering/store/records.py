@@ -154,6 +154,7 @@ class RequestRecord:
     def energy(self) -> dict[str, Any]:
         """The energy object the client was told."""
         return self.report().to_dict()
+
     @property
     def rated_tokens(self) -> int:
         """The tokens a per-token figure divides by: completion tokens, or prompt tokens

@@ -197,6 +197,7 @@ class MeteredRoute:
         ex.endpoint = endpoint
         ex.client_id = client_id
         traffic = backend.traffic
+        ctx.router.started(backend)
         traffic.inflight += 1
         task = asyncio.current_task()
         assert task is not None

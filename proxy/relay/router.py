@@ -106,12 +106,13 @@ def standard_log_errors(fit: CostFit, shared: Sequence[bool]) -> tuple[float, fl
 
 
 def queued_at(running: float | None, waiting: float | None, most: int | None) -> float | None:
-    """A backend's queue by its gauges: their waiting count while it runs as many as it
-    can; while it runs fewer, a request shown waiting is one that arrived between two
-    steps and joins the next (none queued). None: its gauges tell no waiting count."""
+    """A backend's queue by its gauges: their waiting count; but one request shown waiting
+    while it runs fewer than it can is one that arrived between two steps and joins the
+    next (none queued). More than one is a queue even then (vLLM may be out of KV-cache
+    room before it reaches its most). None: its gauges tell no waiting count."""
     if waiting is None:
         return None
-    if most is not None and running is not None and running < most:
+    if waiting <= 1.0 and most is not None and running is not None and running < most:
         return 0.0
     return waiting
 
@@ -189,7 +190,6 @@ class Router:
         asks for at most; None: what that backend's answers have generated)."""
         policy = self.policy_for(model)
         if len(backends) == 1:
-            self._count(backends[0], +1)
             return self.route(backends[0], policy, ONLY)
         measured = policy in MEASURED
         reference = self._reference_batch(backends) if measured else 1.0
@@ -205,9 +205,7 @@ class Router:
             max_waiting=self.max_waiting,
             draw=self.draw() if measured else 1.0,
         )
-        chosen = backends[choice.index]
-        self._count(chosen, +1)
-        return self.route(chosen, policy, choice.reason)
+        return self.route(backends[choice.index], policy, choice.reason)
 
     def route(self, backend: Backend, policy: str, reason: str) -> Route:
         """The `Route` of this choice (made once: the hot path builds no strings)."""
@@ -216,6 +214,10 @@ class Router:
         if found is None or found.backend is not backend:
             found = self._routes[key] = Route(backend, policy, reason)
         return found
+
+    def started(self, backend: Backend) -> None:
+        """A request is sent to `backend` now (before the relay counts it in flight)."""
+        self._count(backend, +1)
 
     def finished(self, event: RequestFinished) -> None:
         """A request it routed has finished (an observer: its backend runs one fewer)."""
@@ -295,6 +297,7 @@ class Router:
             waiting=queued_at(running, waiting, most),
             # What the meter knows of its capacity, never below what it was seen to run.
             capacity=None if queue.capacity is None else max(queue.capacity, most or 0),
+            capacity_configured=queue.configured is not None,
             per_token=per_token,
             per_token_se=se,
         )

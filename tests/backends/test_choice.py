@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 
 from backends.choice import (
@@ -15,6 +17,7 @@ from backends.choice import (
     POLICIES,
     TIE,
     Candidate,
+    Choice,
     allowed,
     choose,
 )
@@ -70,8 +73,11 @@ def test_exploration_sends_the_share_asked_for_spread_over_the_allowed() -> None
     picks = [choose("carbon", cands, explore=0.05, draw=d) for d in draws]
     explored = [p for p in picks if p.reason == EXPLORE]
     assert len(explored) == 50
-    assert {p.index for p in explored} == {0, 1}
-    assert sum(1 for p in picks if p.index == 1) == 25  # half the explored ones
+    assert {p.index for p in explored} == {1}  # always elsewhere than the policy's choice
+    assert sum(1 for p in picks if p.index == 1) == 50
+    three = [*cands, c("c", per_token=3.0, per_token_se=0.0)]
+    spread = Counter(choose("energy", three, explore=0.05, draw=d).index for d in draws[:50])
+    assert spread == Counter({1: 25, 2: 25})
     # first and least-loaded never explore
     assert all(choose("first", cands, draw=d).reason == ORDER for d in draws[:60])
 
@@ -84,8 +90,9 @@ def test_the_guard_skips_a_backend_whose_queue_is_past_its_bound() -> None:
     assert allowed(cands, 0) == [1]
     assert choose("energy", cands, draw=0.9).index == 1
     assert choose("first", cands).index == 1
-    # a bound of 3 lets it wait there
-    assert choose("energy", cands, draw=0.9, max_waiting=3).index == 0
+    # a bound of 4 lets this one be the fourth to wait there
+    assert choose("energy", cands, draw=0.9, max_waiting=3).index == 1
+    assert choose("energy", cands, draw=0.9, max_waiting=4).index == 0
 
 
 def test_without_gauges_the_queue_is_the_proxys_own_beyond_the_learnt_capacity() -> None:
@@ -95,8 +102,9 @@ def test_without_gauges_the_queue_is_the_proxys_own_beyond_the_learnt_capacity()
     assert choose("energy", cands, draw=0.9).index == 1
     at_capacity = c("cheap", per_token=1.0, per_token_se=0.0, inflight=8, capacity=8)
     assert at_capacity.queued() == 0.0 and not at_capacity.has_room()
-    # At capacity but nothing waiting: still allowed (the next one would wait).
-    assert allowed([at_capacity, cands[1]], 0) == [0, 1]
+    # At capacity, nothing waiting yet: this one would wait, while the other has room.
+    assert allowed([at_capacity, cands[1]], 0) == [1]
+    assert allowed([at_capacity, cands[1]], 1) == [0, 1]
 
 
 def test_all_queued_goes_to_the_least_loaded() -> None:
@@ -111,6 +119,14 @@ def test_all_queued_goes_to_the_least_loaded() -> None:
 def test_an_unknown_policy_is_refused() -> None:
     with pytest.raises(ValueError, match="routing policy"):
         choose("cheapest", [c("a"), c("b")])
+
+
+def test_an_estimate_that_is_not_a_number_is_no_estimate() -> None:
+    nan, inf = float("nan"), float("inf")
+    cands = [c("a", per_token=nan, per_token_se=0.0, inflight=2), c("b", per_token=1.0)]
+    assert choose("energy", cands, draw=0.9) == Choice(1, TIE)  # a ties, b is less loaded
+    every = [c("a", per_token=inf), c("b", per_token=inf, per_token_se=nan, inflight=1)]
+    assert choose("carbon", every, draw=0.9) == Choice(0, TIE)
 
 
 def test_a_backend_without_an_estimate_ties_rather_than_looks_dear() -> None:

@@ -35,6 +35,7 @@ class Site:
     zone: str | None = None
     intensity: float | None = None
     gauges: bool = True
+    max_running: int | None = None  # told to the proxy (its config's max_running)
 
     def entry(self, url: str, gpu: int) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "url": url, "kind": "vllm", "gpus": [gpu]}
@@ -42,6 +43,8 @@ class Site:
             out["carbon_zone"] = self.zone
         if self.intensity is not None:
             out["carbon_intensity"] = self.intensity
+        if self.max_running is not None:
+            out["max_running"] = self.max_running
         return out
 
 

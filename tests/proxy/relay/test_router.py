@@ -129,7 +129,7 @@ def test_exploration_is_drawn_only_by_the_measured_policies() -> None:
     router = Router(meter, policy="energy", draw=lambda: next(draws))
     got = [router.pick(backends, MODEL, 100.0, 64.0) for _ in range(3)]
     assert [(r.backend.name, r.reason) for r in got] == [
-        ("b0", "explore"), ("b1", "explore"), ("b0", "lowest"),
+        ("b1", "explore"), ("b1", "explore"), ("b0", "lowest"),
     ]  # fmt: skip
     first = Router(meter, policy="first", draw=lambda: pytest.fail("first draws nothing"))
     assert first.pick(backends, MODEL, 100.0, 64.0).backend.name == "b0"
@@ -153,6 +153,7 @@ def test_the_output_limit_a_request_asks_for() -> None:
 
 def test_one_shown_waiting_while_it_runs_fewer_than_it_can_is_not_a_queue() -> None:
     assert queued_at(running=9, waiting=1, most=16) == 0.0  # joins the next step
+    assert queued_at(running=9, waiting=50, most=16) == 50.0  # out of KV cache: a queue
     assert queued_at(running=16, waiting=3, most=16) == 3.0
     assert queued_at(running=4, waiting=2, most=None) == 2.0  # nothing known: a queue
     assert queued_at(running=4, waiting=None, most=16) is None

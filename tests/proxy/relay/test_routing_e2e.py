@@ -115,7 +115,7 @@ def test_carbon_follows_the_zones_and_a_change_within_one_refresh(tmp_path: Path
         sites = [Site("de", CHEAP, zone="DE"), Site("fr", CHEAP, zone="FR")]
         with (
             Fleet(
-                tmp_path, sites, route="carbon", electricitymaps_url=em,
+                tmp_path, sites, route="carbon", route_explore=0.0, electricitymaps_url=em,
                 electricitymaps_api_key=FAKE_API_KEY, carbon_refresh_s=1.0,
             ) as fleet,
             openai.OpenAI(base_url=f"{fleet.proxy_url}/v1", api_key="x", max_retries=0) as c,
@@ -124,7 +124,7 @@ def test_carbon_follows_the_zones_and_a_change_within_one_refresh(tmp_path: Path
             wait_until(lambda: httpx.get(f"{url}/readyz").status_code == 200, 20)
             first = [ask(c) for _ in range(12)]
             picked = Counter(route_of(h)["backend"] for h, _ in first)
-            assert picked["fr"] >= 10, picked  # explored at most by chance
+            assert picked["fr"] == 12, picked
             # Each answer carries its own backend's zone.
             for header, energy in first:
                 zone = energy["carbon_intensity_zone"]
@@ -137,7 +137,7 @@ def test_carbon_follows_the_zones_and_a_change_within_one_refresh(tmp_path: Path
             changed = {"policy": "carbon", "backend": "de", "reason": "lowest"}
             wait_until(lambda: route_of(ask(c)[0]) == changed, 10)
             later = Counter(route_of(ask(c)[0])["backend"] for _ in range(10))
-            assert later["de"] >= 8, later
+            assert later["de"] == 10, later
 
 
 def test_the_marginal_gauges_parse_and_agree_with_the_records(tmp_path: Path) -> None:
@@ -221,7 +221,7 @@ def test_energy_learns_the_cheaper_backends_and_fails_over(tmp_path: Path) -> No
             with ThreadPoolExecutor(6) as pool:
                 return [route_of(h) for h, _ in pool.map(lambda _: ask(client, 48), range(n))]
 
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 150  # about 15 s here; a slow machine fits later
         while not fitted() and time.monotonic() < deadline:
             load(12)
         assert fitted(), httpx.get(f"{url}/readyz").json()
@@ -240,3 +240,23 @@ def test_energy_learns_the_cheaper_backends_and_fails_over(tmp_path: Path) -> No
         assert failures <= 1
         assert not any(r["backend"] == "spare" for r in after[1:]), after
         assert sum(r["backend"] == "cheap" for r in after) >= 15, after
+
+
+def test_the_guard_sends_a_burst_on_when_the_best_backend_is_full(tmp_path: Path) -> None:
+    """Carbon prefers the clean grid, but it runs two at once (configured): of a burst of
+    eight, it takes two (a third would wait there); the rest go to the other backend."""
+    sites = [
+        Site("clean", EngineConfig(max_running=2), intensity=30.0, max_running=2),
+        Site("dirty", CHEAP, intensity=600.0),
+    ]
+    with (
+        Fleet(tmp_path, sites, route="carbon", route_explore=0.0) as fleet,
+        openai.OpenAI(base_url=f"{fleet.proxy_url}/v1", api_key="x", max_retries=0) as client,
+    ):
+        wait_until(lambda: httpx.get(f"{fleet.proxy_url}/readyz").status_code == 200, 20)
+        alone = route_of(ask(client)[0])
+        assert alone == {"policy": "carbon", "backend": "clean", "reason": "lowest"}
+        with ThreadPoolExecutor(8) as pool:
+            burst = [route_of(h) for h, _ in pool.map(lambda _: ask(client, 192), range(8))]
+        got = Counter(r["backend"] for r in burst)
+        assert got == Counter({"clean": 2, "dirty": 6}), burst
