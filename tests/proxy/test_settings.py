@@ -142,3 +142,10 @@ def test_routing_settings_are_checked() -> None:
     assert routes.routes == {"m1": "least-loaded", "m2": "first"}
     with pytest.raises(ConfigError, match="routes: m1"):
         load_settings({"backend": two}, {"ENERGY_PROXY_ROUTES": "m1=fastest"})
+
+
+def test_a_backend_name_is_ascii_it_goes_in_a_header() -> None:
+    with pytest.raises(ConfigError, match="ASCII letters"):
+        load_settings({"backend": ["名前=http://127.0.0.1:1"]}, {})
+    with pytest.raises(ConfigError, match="carbon-intensity"):
+        load_settings({"backend": ["a=http://127.0.0.1:1"], "carbon_intensity": "inf"}, {})
