@@ -289,12 +289,17 @@ class Router:
         running = own.inflight if own is not None else None
         waiting = own.waiting if own is not None else None
         most = self._most_running(b.name, queue.configured, queue.capacity, running)
+        queued = queued_at(running, waiting, most)
+        if queued and self.meter.on_gauges_wanted is not None:
+            # A queue the guard may skip it for: read its gauges again soon (within the
+            # fast period), not at the end of the slow one, so a queue gone is seen gone.
+            self.meter.on_gauges_wanted(b.name)
         return Candidate(
             b.name,
             ready=b.state.ready,
             inflight=float(b.traffic.inflight),
             own_inflight=None if running is None else running + (waiting or 0.0),
-            waiting=queued_at(running, waiting, most),
+            waiting=queued,
             # What the meter knows of its capacity, never below what it was seen to run.
             capacity=None if queue.capacity is None else max(queue.capacity, most or 0),
             capacity_configured=queue.configured is not None,

@@ -172,3 +172,16 @@ def test_a_backend_shown_waiting_between_steps_stays_allowed() -> None:
     cheap.state.own = OwnMetrics(inflight=16, waiting=2)  # full, and two wait: a queue
     route = router.pick(backends, MODEL, 100.0, 64.0)
     assert (route.backend.name, route.reason) == ("b1", "lowest")
+
+
+def test_a_queue_the_guard_sees_has_the_gauges_read_again_soon() -> None:
+    backends, meter, _ = fleet()
+    woken: list[str] = []
+    meter.on_gauges_wanted = woken.append
+    router = Router(meter, policy="least-loaded")
+    backends[0].state.own = OwnMetrics(inflight=4, waiting=0)
+    router.pick(backends, MODEL, 10.0, None)
+    assert woken == []
+    backends[0].state.own = OwnMetrics(inflight=4, waiting=3)
+    assert router.pick(backends, MODEL, 10.0, None).backend.name == "b1"
+    assert woken == ["b0"]
