@@ -4,8 +4,10 @@ mid-run), the proxy on a socket, the real `openai` client, a fake Electricity Ma
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -32,9 +34,7 @@ CHEAP = EngineConfig()
 DEAR = costlier(CHEAP, 1.5)
 
 
-def ask(
-    client: openai.OpenAI, tokens: int = 8, chars: int = 400
-) -> tuple[str, dict[str, Any]]:
+def ask(client: openai.OpenAI, tokens: int = 8, chars: int = 400) -> tuple[str, dict[str, Any]]:
     """One streamed request: the `x-energy-route` header and the final event's energy."""
     raw = client.chat.completions.with_raw_response.create(
         model=MODEL, stream=True, max_tokens=tokens,
@@ -48,6 +48,17 @@ def ask(
 
 def route_of(header: str) -> dict[str, str]:
     return dict(part.strip().split("=", 1) for part in header.split(";"))
+
+
+@contextlib.contextmanager
+def serving(tmp_path: Path, sites: list[Site], **settings: Any) -> Iterator[tuple[Fleet, Any]]:
+    """The backends and the proxy, ready, and the real `openai` client pointed at it."""
+    with (
+        Fleet(tmp_path, sites, **settings) as fleet,
+        openai.OpenAI(base_url=f"{fleet.proxy_url}/v1", api_key="x", max_retries=0) as client,
+    ):
+        wait_until(lambda: httpx.get(f"{fleet.proxy_url}/readyz").status_code == 200, 20)
+        yield fleet, client
 
 
 def metrics(url: str) -> dict[str, list[Any]]:
@@ -65,11 +76,7 @@ def routed(url: str) -> Counter[tuple[str, str, str]]:
 
 def test_first_takes_the_first_and_fails_over_when_it_goes_down(tmp_path: Path) -> None:
     sites = [Site("a", CHEAP), Site("b", DEAR), Site("c", CHEAP)]
-    with (
-        Fleet(tmp_path, sites, route="first") as fleet,
-        openai.OpenAI(base_url=f"{fleet.proxy_url}/v1", api_key="x", max_retries=0) as client,
-    ):
-        wait_until(lambda: httpx.get(f"{fleet.proxy_url}/readyz").status_code == 200, 20)
+    with serving(tmp_path, sites, route="first") as (fleet, client):
         for _ in range(4):
             header, energy = ask(client)
             assert route_of(header) == {"policy": "first", "backend": "a", "reason": "first"}
@@ -96,11 +103,7 @@ def test_first_takes_the_first_and_fails_over_when_it_goes_down(tmp_path: Path) 
 
 def test_least_loaded_spreads_a_burst(tmp_path: Path) -> None:
     sites = [Site("a", CHEAP), Site("b", DEAR), Site("c", CHEAP)]
-    with (
-        Fleet(tmp_path, sites, route="least-loaded") as fleet,
-        openai.OpenAI(base_url=f"{fleet.proxy_url}/v1", api_key="x", max_retries=0) as client,
-    ):
-        wait_until(lambda: httpx.get(f"{fleet.proxy_url}/readyz").status_code == 200, 20)
+    with serving(tmp_path, sites, route="least-loaded") as (_fleet, client):
         with ThreadPoolExecutor(9) as pool:
             headers = [h for h, _ in pool.map(lambda _: ask(client, 64), range(9))]
         got = Counter(route_of(h)["backend"] for h in headers)
@@ -142,20 +145,14 @@ def test_carbon_follows_the_zones_and_a_change_within_one_refresh(tmp_path: Path
 
 def test_the_marginal_gauges_parse_and_agree_with_the_records(tmp_path: Path) -> None:
     sites = [Site("a", CHEAP), Site("b", DEAR)]
-    with (
-        Fleet(tmp_path, sites, route="least-loaded") as fleet,
-        openai.OpenAI(base_url=f"{fleet.proxy_url}/v1", api_key="x", max_retries=0) as client,
-    ):
-        wait_until(lambda: httpx.get(f"{fleet.proxy_url}/readyz").status_code == 200, 20)
+    with serving(tmp_path, sites, route="least-loaded") as (fleet, client):
         per_token: dict[str, list[float]] = {"a": [], "b": []}
         for _ in range(6):
             with ThreadPoolExecutor(4) as pool:
                 # the gauges' reference shape: 512 prompt tokens, 128 output
                 for header, energy in pool.map(lambda _: ask(client, 128, 2048), range(4)):
                     tokens = energy["completion_tokens"]
-                    per_token[route_of(header)["backend"]].append(
-                        energy["dynamic_joules"] / tokens
-                    )
+                    per_token[route_of(header)["backend"]].append(energy["dynamic_joules"] / tokens)
         found = metrics(fleet.proxy_url)
         for name in (
             "energy_proxy_backend_marginal_joules_per_token",
@@ -249,11 +246,7 @@ def test_the_guard_sends_a_burst_on_when_the_best_backend_is_full(tmp_path: Path
         Site("clean", EngineConfig(max_running=2), intensity=30.0, max_running=2),
         Site("dirty", CHEAP, intensity=600.0),
     ]
-    with (
-        Fleet(tmp_path, sites, route="carbon", route_explore=0.0) as fleet,
-        openai.OpenAI(base_url=f"{fleet.proxy_url}/v1", api_key="x", max_retries=0) as client,
-    ):
-        wait_until(lambda: httpx.get(f"{fleet.proxy_url}/readyz").status_code == 200, 20)
+    with serving(tmp_path, sites, route="carbon", route_explore=0.0) as (_fleet, client):
         alone = route_of(ask(client)[0])
         assert alone == {"policy": "carbon", "backend": "clean", "reason": "lowest"}
         with ThreadPoolExecutor(8) as pool:
