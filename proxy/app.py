@@ -424,6 +424,7 @@ def create_app(
             protect_metrics=settings.protect_metrics,
             metrics_elsewhere=settings.metrics_listen is not None,
             backend_text=sidecar_metrics(registry) if settings.pass_backend_metrics else None,
+            routing=router.describe,
         ),
         ModelsApi(registry, access),
         EnergyApi(

@@ -70,6 +70,7 @@ class HealthApi:
         protect_metrics: bool = False,
         metrics_elsewhere: bool = False,
         backend_text: BackendText | None = None,
+        routing: Callable[[str], dict[str, object]] | None = None,
     ) -> None:
         self.backends = backends
         self.meter = meter
@@ -79,6 +80,7 @@ class HealthApi:
         self.protect_metrics = protect_metrics
         self.metrics_elsewhere = metrics_elsewhere
         self.backend_text = backend_text
+        self.routing = routing
 
     def router(self) -> APIRouter:
         r = APIRouter()
@@ -104,6 +106,7 @@ class HealthApi:
             b.describe()
             | ({"cost_model": models[b.name]} if b.name in models else {})
             | {"untracked": self._untracked(b.name)}
+            | ({"routing": self.routing(b.name)} if self.routing is not None else {})
             for b in self.backends.backends
         ]
         sources: list[dict[str, Any]] = [

@@ -247,6 +247,20 @@ class Router:
         )
         return Estimate(energy, self.intensity_g_per_kwh(backend))
 
+    def describe(self, backend: str) -> dict[str, object]:
+        """What `/readyz` shows of a backend's routing figures."""
+        est = self.estimate(backend)
+        low, high = est.energy.band_per_token()
+        provider = self.intensities.get(backend, self.meter.intensity)
+        return {
+            "marginal_j_per_token": est.energy.j_per_token,
+            "marginal_j_per_token_low": low,
+            "marginal_j_per_token_high": high,
+            "batch": self.batch_of(backend),
+            "most_running_seen": self.peaks.get(backend),
+            "carbon": provider.current().to_dict(),
+        }
+
     def batch_of(self, backend: str) -> float:
         """The mean batch its requests have run in (1 before any)."""
         found = self.batches.get(backend)

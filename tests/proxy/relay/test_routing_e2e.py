@@ -125,6 +125,10 @@ def test_carbon_follows_the_zones_and_a_change_within_one_refresh(tmp_path: Path
         ):  # fmt: skip
             url = fleet.proxy_url
             wait_until(lambda: httpx.get(f"{url}/readyz").status_code == 200, 20)
+            ready = httpx.get(f"{url}/readyz").json()["backends"]
+            zones = {b["name"]: b["routing"]["carbon"]["zone"] for b in ready}
+            assert zones == {"de": "DE", "fr": "FR"}
+            assert all(b["routing"]["marginal_j_per_token"] > 0 for b in ready)
             first = [ask(c) for _ in range(12)]
             picked = Counter(route_of(h)["backend"] for h, _ in first)
             assert picked["fr"] == 12, picked
