@@ -61,6 +61,7 @@ TARGET_STALL_MS = 2.0
 STORE_MB = 100_000.0  # the bench measures the store, not its size limit
 BASIS = "cost-v1 fitted; queue capacity learnt; timings proxy"  # as the meter writes it
 EMBODIED_BASIS = embodied_for_host(8, None, 4.0).basis  # an 8-GPU host's default
+ROUTE = "first/only"  # one backend serving each model, as most hosts run
 
 
 def record(i: int, now_s: float, n: int, rng: random.Random) -> RequestRecord:
@@ -95,6 +96,7 @@ def record(i: int, now_s: float, n: int, rng: random.Random) -> RequestRecord:
         status=200 if i % 50 else 499,
         finished_at=now_s - SPAN_S + SPAN_S * i / n,
         tenant=TENANTS[(i // 36) % 2],
+        route=ROUTE,
     )
 
 
@@ -245,6 +247,7 @@ def _label_ids(fetch: Callable[[str, tuple[str, ...]], dict[str, int]]) -> dict[
                 BASIS,
                 "chat",
                 EMBODIED_BASIS,
+                ROUTE,
             ),
         ),
     }
@@ -267,7 +270,7 @@ def _select_columns(ids: dict[str, Any], i: str, n: int, now_ms: int, rid: str, 
         {f["nvml-counter,rapl"]}, {f["model"]}, 350.0, {f["electricitymaps"]}, {f["DE"]},
         ({rand} % 3600000) / 1000.0, (5.0 + ({rand} % 395000) / 1000.0) * 350.0 / 3600000.0,
         ({rand} % 100000) / 1000000000.0, NULL, 0.05 + ({rand} % 400) / 1000.0, {f[BASIS]},
-        {f["chat"]}, NULL, {f[EMBODIED_BASIS]}
+        {f["chat"]}, NULL, {f[EMBODIED_BASIS]}, {f[ROUTE]}
     """
 
 
