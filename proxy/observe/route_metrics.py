@@ -12,7 +12,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from backends.backend import Backend
-from metering.accounting.marginal import REFERENCE_OUTPUT_TOKENS, REFERENCE_PROMPT_TOKENS, Z90
+from metering.accounting.marginal import REFERENCE_OUTPUT_TOKENS, REFERENCE_PROMPT_TOKENS
 from proxy.observe.finished import RequestFinished
 from proxy.relay.router import Router
 
@@ -51,15 +51,15 @@ class MarginalCost(Collector):
         }
         for b in self._backends:
             est = self._router.estimate(b.name)
-            j_low, j_high = est.energy.band_per_token(Z90)
-            scale = est.g_per_kwh / 3.6e6
+            j_low, j_high = est.energy.band_per_token()
+            g_low, g_high = est.co2eq_band_per_token()
             values = {
                 ("j", "mid"): est.energy.j_per_token,
                 ("j", "low"): j_low,
                 ("j", "high"): j_high,
                 ("g", "mid"): est.co2eq_g_per_token,
-                ("g", "low"): j_low * scale,
-                ("g", "high"): j_high * scale,
+                ("g", "low"): g_low,
+                ("g", "high"): g_high,
             }
             for model in b.state.model_ids or ["other"]:
                 for key, family in families.items():

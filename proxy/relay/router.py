@@ -153,6 +153,11 @@ class Estimate:
     def co2eq_se_per_token(self) -> float:
         return self.energy.se_per_token * self.g_per_kwh / J_PER_KWH
 
+    def co2eq_band_per_token(self) -> tuple[float, float]:
+        """(low, high): the energy's 90 % interval at its grid intensity."""
+        low, high = self.energy.band_per_token()
+        return low * self.g_per_kwh / J_PER_KWH, high * self.g_per_kwh / J_PER_KWH
+
 
 @dataclass
 class Router:

@@ -19,7 +19,7 @@ from tests.support.fakes.batching_backend import (
     SimulatedGpu,
     make_batching_backend,
 )
-from tests.support.fakes.batching_engine import CostModel, EngineConfig
+from tests.support.fakes.batching_engine import EngineConfig
 from tests.support.servers import ServerThread
 
 __all__ = ["MODEL", "Fleet", "Site", "costlier"]
@@ -52,14 +52,11 @@ def costlier(config: EngineConfig, factor: float) -> EngineConfig:
     """The same engine drawing `factor` times the energy for the same work (an older GPU,
     a worse power limit): every term of its steps' cost, the same time."""
     c = config.cost
-    cost = CostModel(
-        idle_w=c.idle_w,
+    cost = replace(
+        c,
         fixed_j=c.fixed_j * factor,
-        fixed_s=c.fixed_s,
         prefill_j_per_token=c.prefill_j_per_token * factor,
-        prefill_s_per_token=c.prefill_s_per_token,
         decode_j_per_seq=c.decode_j_per_seq * factor,
-        decode_s_per_seq=c.decode_s_per_seq,
         kv_j_per_token=c.kv_j_per_token * factor,
     )
     return replace(config, cost=cost)
